@@ -1,0 +1,59 @@
+//! Names and capacities of md's maps and programs: the pin directory layout.
+//!
+//! Map names are the names of the statics in md-ebpf (the ELF section names aya finds them by)
+//! and the file names they are pinned under in `MD_BPF_PIN_DIR/maps/`.
+
+/// Container interfaces by IPv4 address ([`crate::Endpoint`]).
+pub const ENDPOINTS: &str = "ENDPOINTS";
+pub const ENDPOINTS_MAX: usize = 65536;
+
+/// Networks (bridges) by network id ([`crate::Network`]).
+pub const NETWORKS: &str = "NETWORKS";
+pub const NETWORKS_MAX: usize = 256;
+
+/// The host namespace's own IPv4 addresses: published ports answer on these.
+pub const HOST_ADDRS: &str = "HOST_ADDRS";
+pub const HOST_ADDRS_MAX: usize = 256;
+
+/// Host-wide settings, one slot ([`crate::Config`]).
+pub const CONFIG: &str = "CONFIG";
+
+/// Published ports ([`crate::PortKey`] → [`crate::PortTarget`]).
+pub const PORT_MAP: &str = "PORT_MAP";
+pub const PORT_MAP_MAX: usize = 65536;
+
+/// Connection tracker and NAT bindings, two entries per flow ([`crate::CtKey`] → [`crate::CtEntry`]).
+pub const CONNTRACK: &str = "CONNTRACK";
+pub const CONNTRACK_MAX: usize = 131072;
+
+/// Inter-container policy rules by (source identity, destination identity).
+pub const POLICY: &str = "POLICY";
+pub const POLICY_MAX: usize = 65536;
+
+/// Per-interface counters, per CPU ([`crate::IfStats`]).
+pub const IF_STATS: &str = "IF_STATS";
+pub const IF_STATS_MAX: usize = 65536;
+
+/// Socket-level reverse translation for host UDP sockets (recvmsg4).
+pub const SOCK_REV: &str = "SOCK_REV";
+pub const SOCK_REV_MAX: usize = 65536;
+
+/// Datapath events for `md-user monitor` ([`crate::Event`]).
+pub const EVENTS: &str = "EVENTS";
+pub const EVENTS_BYTES: usize = 1 << 20;
+
+/// Every map md pins, in the order `down` removes them.
+pub const ALL_MAPS: &[&str] = &[
+    ENDPOINTS, NETWORKS, HOST_ADDRS, CONFIG, PORT_MAP, CONNTRACK, POLICY, IF_STATS, SOCK_REV, EVENTS,
+];
+
+/// TC programs: one per attach point.
+pub const PROG_VETH_INGRESS: &str = "md_veth_ingress";
+pub const PROG_VETH_EGRESS: &str = "md_veth_egress";
+pub const PROG_UPLINK_INGRESS: &str = "md_uplink_ingress";
+pub const PROG_UPLINK_EGRESS: &str = "md_uplink_egress";
+/// Socket programs at the cgroup-v2 root (host processes reaching published ports).
+pub const PROG_SOCK_CONNECT4: &str = "md_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "md_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "md_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "md_sock_getpeername4";

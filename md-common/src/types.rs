@@ -1,0 +1,277 @@
+use bytemuck::{Pod, Zeroable};
+
+/// An IPv4 address in network byte order, as it appears in the packet.
+pub type Ip4 = [u8; 4];
+
+macro_rules! pod {
+    ($($(#[$m:meta])* pub struct $name:ident $body:tt = $size:expr;)*) => {$(
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+        pub struct $name $body
+        const _: () = assert!(core::mem::size_of::<$name>() == $size);
+        #[cfg(feature = "user")]
+        unsafe impl aya::Pod for $name {}
+    )*};
+}
+
+pod! {
+    /// A container interface on an md bridge. Key: the container's IPv4 address.
+    pub struct Endpoint {
+        /// Host-side veth: where packets for this container are redirected.
+        pub ifindex: u32,
+        /// Policy identity, stable per container name across restarts.
+        pub identity: u32,
+        /// The md network (bridge) the interface is on.
+        pub net_id: u32,
+        /// Container-side MAC; frames from the container must carry it.
+        pub mac: [u8; 6],
+        pub _pad: [u8; 2],
+    } = 20;
+
+    /// An md network (one bridge and subnet). Key: network id.
+    pub struct Network {
+        pub gateway: Ip4,
+        pub subnet: Ip4,
+        pub prefix_len: u8,
+        pub _pad: [u8; 1],
+        /// Gateway (bridge) MAC: the source MAC of frames md redirects into a container.
+        pub gateway_mac: [u8; 6],
+        pub bridge_ifindex: u32,
+    } = 20;
+
+    /// Host-wide settings, the single slot of `CONFIG`.
+    pub struct Config {
+        /// netns cookie of md's host namespace: socket programs act only there.
+        pub host_netns_cookie: u64,
+        pub uplink_ifindex: u32,
+        /// Source address of masqueraded traffic.
+        pub uplink_ip: Ip4,
+        /// Source ports SNAT allocates from, inclusive (outside the host's ephemeral range).
+        pub nat_port_min: u16,
+        pub nat_port_max: u16,
+        /// [`POLICY_ALLOW`] or [`POLICY_DENY`] for container pairs without a rule.
+        pub policy_default: u8,
+        pub _pad: [u8; 3],
+        /// Tracker lifetimes in seconds.
+        pub ct_tcp_syn_secs: u32,
+        pub ct_tcp_established_secs: u32,
+        pub ct_tcp_closing_secs: u32,
+        pub ct_udp_secs: u32,
+        pub ct_icmp_secs: u32,
+        pub _pad2: [u8; 4],
+    } = 48;
+
+    /// A published port. `ip` is `[0; 4]` for "every host address".
+    pub struct PortKey {
+        pub ip: Ip4,
+        pub port: u16,
+        pub proto: u8,
+        pub _pad: u8,
+    } = 8;
+
+    /// Where a published port leads.
+    pub struct PortTarget {
+        pub ip: Ip4,
+        pub port: u16,
+        pub _pad: u16,
+        /// Identity of the publishing container.
+        pub identity: u32,
+        pub _pad2: u32,
+        /// New connections (or UDP flows) translated through this port.
+        pub hits: u64,
+    } = 24;
+
+    /// A flow tuple in one direction. ICMP echo puts the identifier in `sport` for requests and in
+    /// `dport` for replies, so a reply's tuple is the request's reversed.
+    pub struct CtKey {
+        pub saddr: Ip4,
+        pub daddr: Ip4,
+        pub sport: u16,
+        pub dport: u16,
+        pub proto: u8,
+        pub _pad: [u8; 3],
+    } = 16;
+
+    /// One direction of a tracked flow: what a packet with the key's tuple becomes.
+    pub struct CtEntry {
+        pub nat_saddr: Ip4,
+        pub nat_daddr: Ip4,
+        pub nat_sport: u16,
+        pub nat_dport: u16,
+        /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`] or [`CT_KIND_HAIRPIN`].
+        pub kind: u8,
+        /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
+        pub dir: u8,
+        /// [`TCP_SYN_SENT`], [`TCP_ESTABLISHED`], [`TCP_CLOSING`]; 0 for UDP/ICMP.
+        pub tcp_state: u8,
+        /// Where the entry is applied: [`CT_HOOK_VETH`] or [`CT_HOOK_UPLINK`].
+        pub hook: u8,
+        /// CLOCK_MONOTONIC nanoseconds after which the entry is dead.
+        pub expires_ns: u64,
+        pub packets: u64,
+        pub bytes: u64,
+        /// Host-side veth of the container the flow belongs to (for cleanup and stats).
+        pub ifindex: u32,
+        pub _pad: u32,
+    } = 48;
+
+    /// A policy rule between two container identities.
+    pub struct PolicyKey {
+        pub src_identity: u32,
+        pub dst_identity: u32,
+    } = 8;
+
+    pub struct PolicyRule {
+        /// [`POLICY_ALLOW`] or [`POLICY_DENY`].
+        pub verdict: u8,
+        pub _pad: [u8; 7],
+        /// Packets dropped by this rule.
+        pub drops: u64,
+    } = 16;
+
+    /// Counters for one md-managed interface (a container's host-side veth, or the uplink).
+    /// "egress" is traffic leaving the container, "ingress" traffic entering it.
+    pub struct IfStats {
+        pub egress_packets: u64,
+        pub egress_bytes: u64,
+        pub ingress_packets: u64,
+        pub ingress_bytes: u64,
+        pub snat: u64,
+        pub dnat: u64,
+        pub drop_policy: u64,
+        pub drop_spoof: u64,
+        pub drop_isolation: u64,
+        pub drop_unsupported: u64,
+        pub drop_nat_ports: u64,
+        pub drop_malformed: u64,
+    } = 96;
+
+    /// Reverse translation for a host UDP socket whose destination connect4/sendmsg4 rewrote.
+    pub struct SockRevKey {
+        pub cookie: u64,
+        pub ip: Ip4,
+        pub port: u16,
+        pub _pad: u16,
+    } = 16;
+
+    pub struct SockRevValue {
+        pub ip: Ip4,
+        pub port: u16,
+        pub _pad: u16,
+    } = 8;
+
+    /// A datapath event for `md-user monitor`.
+    pub struct Event {
+        pub ts_ns: u64,
+        /// [`EVENT_DROP`], [`EVENT_NAT`], [`EVENT_POLICY`].
+        pub kind: u8,
+        /// Drop reason ([`DROP_POLICY`] …) or NAT kind ([`CT_KIND_SNAT`] …).
+        pub reason: u8,
+        pub proto: u8,
+        pub _pad: u8,
+        pub ifindex: u32,
+        pub saddr: Ip4,
+        pub daddr: Ip4,
+        pub sport: u16,
+        pub dport: u16,
+        pub nat_addr: Ip4,
+        pub nat_port: u16,
+        pub _pad2: u16,
+        pub _pad3: u32,
+    } = 40;
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+pub const CT_KIND_NONE: u8 = 0;
+pub const CT_KIND_SNAT: u8 = 1;
+pub const CT_KIND_DNAT: u8 = 2;
+/// Container → host address → same container: DNAT plus SNAT to the gateway.
+pub const CT_KIND_HAIRPIN: u8 = 3;
+
+pub const CT_DIR_ORIGINAL: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+pub const CT_HOOK_VETH: u8 = 0;
+pub const CT_HOOK_UPLINK: u8 = 1;
+
+pub const TCP_NONE: u8 = 0;
+pub const TCP_SYN_SENT: u8 = 1;
+pub const TCP_ESTABLISHED: u8 = 2;
+pub const TCP_CLOSING: u8 = 3;
+
+pub const POLICY_ALLOW: u8 = 1;
+pub const POLICY_DENY: u8 = 2;
+
+pub const EVENT_DROP: u8 = 1;
+pub const EVENT_NAT: u8 = 2;
+pub const EVENT_POLICY: u8 = 3;
+
+pub const DROP_POLICY: u8 = 1;
+pub const DROP_SPOOF: u8 = 2;
+pub const DROP_ISOLATION: u8 = 3;
+pub const DROP_UNSUPPORTED: u8 = 4;
+pub const DROP_NAT_PORTS: u8 = 5;
+pub const DROP_MALFORMED: u8 = 6;
+
+/// Human name of a drop reason (stats, monitor).
+pub fn drop_reason_name(reason: u8) -> &'static str {
+    match reason {
+        DROP_POLICY => "policy",
+        DROP_SPOOF => "spoofed-source",
+        DROP_ISOLATION => "network-isolation",
+        DROP_UNSUPPORTED => "unsupported-protocol",
+        DROP_NAT_PORTS => "nat-ports-exhausted",
+        DROP_MALFORMED => "malformed",
+        _ => "unknown",
+    }
+}
+
+impl Config {
+    /// md's defaults: NAT ports above Linux's default ephemeral range (32768–60999), tracker
+    /// lifetimes in the range production datapaths use.
+    pub const fn defaults() -> Self {
+        Config {
+            host_netns_cookie: 0,
+            uplink_ifindex: 0,
+            uplink_ip: [0; 4],
+            nat_port_min: 61000,
+            nat_port_max: 65535,
+            policy_default: POLICY_ALLOW,
+            _pad: [0; 3],
+            ct_tcp_syn_secs: 60,
+            ct_tcp_established_secs: 6 * 3600,
+            ct_tcp_closing_secs: 10,
+            ct_udp_secs: 60,
+            ct_icmp_secs: 10,
+            _pad2: [0; 4],
+        }
+    }
+}
+
+impl CtKey {
+    pub const fn new(saddr: Ip4, daddr: Ip4, sport: u16, dport: u16, proto: u8) -> Self {
+        CtKey { saddr, daddr, sport, dport, proto, _pad: [0; 3] }
+    }
+
+    /// The tuple of packets flowing the other way.
+    pub const fn reversed(&self) -> Self {
+        CtKey::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+    }
+}
+
+impl CtEntry {
+    /// The tuple a packet matching this entry leaves with.
+    pub const fn nat_tuple(&self, proto: u8) -> CtKey {
+        CtKey::new(self.nat_saddr, self.nat_daddr, self.nat_sport, self.nat_dport, proto)
+    }
+}
+
+impl PortKey {
+    pub const fn new(ip: Ip4, port: u16, proto: u8) -> Self {
+        PortKey { ip, port, proto, _pad: 0 }
+    }
+}
