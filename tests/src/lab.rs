@@ -99,6 +99,7 @@ fn cmd(program: &str, args: &[&str]) -> Command {
     c
 }
 
+#[track_caller]
 fn ok(out: Output, what: &str) -> String {
     assert!(
         out.status.success(),
@@ -110,6 +111,7 @@ fn ok(out: Output, what: &str) -> String {
 
 impl Lab {
     /// Creates the lab (see the module docs). `name` labels logs and messages.
+    #[track_caller]
     pub fn new(name: &str) -> Lab {
         sweep_stale_labs();
         let lab = Lab::with_key(name, &unique_key(), md_user_bin());
@@ -189,6 +191,7 @@ impl Lab {
         );
     }
 
+    #[track_caller]
     fn sh(&self, args: &[&str]) -> String {
         let mut c = cmd(args[0], &args[1..]);
         let what = show_cmd(&c);
@@ -252,15 +255,18 @@ impl Lab {
     }
 
     /// Runs md-user in the host namespace (deadline [`MD_TIMEOUT`]).
+    #[track_caller]
     pub fn md(&self, args: &[&str]) -> Output {
         self.md_timeout(args, MD_TIMEOUT)
     }
 
+    #[track_caller]
     pub fn md_timeout(&self, args: &[&str], timeout: Duration) -> Output {
         run_timeout(&mut self.host_md_cmd(&self.md_bin, args), timeout)
     }
 
     /// Runs md-user, asserts success, returns stdout.
+    #[track_caller]
     pub fn md_ok(&self, args: &[&str]) -> String {
         ok(self.md(args), &format!("md-user {}", args.join(" ")))
     }
@@ -272,6 +278,7 @@ impl Lab {
     }
 
     /// `md-user exec CONTAINER -- args...`.
+    #[track_caller]
     pub fn exec(&self, container: &str, args: &[&str]) -> Output {
         let mut a = vec!["exec", container, "--"];
         a.extend_from_slice(args);
@@ -279,6 +286,7 @@ impl Lab {
     }
 
     /// [`Lab::exec`], asserting success; returns stdout.
+    #[track_caller]
     pub fn exec_ok(&self, container: &str, args: &[&str]) -> String {
         let out = self.exec(container, args);
         ok(
@@ -289,6 +297,7 @@ impl Lab {
 
     /// `md-user ps --json`, parsed. Also remembers the containers' processes and namespaces so
     /// that the lab's cleanup can kill whatever md-user would leave behind.
+    #[track_caller]
     pub fn ps(&self) -> Vec<Value> {
         let out = self.md_ok(&["ps", "--json"]);
         let v: Value = serde_json::from_str(&out)
@@ -305,6 +314,7 @@ impl Lab {
     }
 
     /// Names listed by `ps`, sorted.
+    #[track_caller]
     pub fn ps_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .ps()
@@ -316,6 +326,7 @@ impl Lab {
     }
 
     /// The `ps` entry of `name`, if listed.
+    #[track_caller]
     pub fn container(&self, name: &str) -> Option<Value> {
         self.ps()
             .into_iter()
@@ -323,6 +334,7 @@ impl Lab {
     }
 
     /// Waits until `ps` lists `name` with status "running"; returns its entry.
+    #[track_caller]
     pub fn wait_running(&self, name: &str, timeout: Duration) -> Value {
         wait_for(&format!("ps shows {name} running"), timeout, || {
             self.container(name)
@@ -330,7 +342,26 @@ impl Lab {
         })
     }
 
+    /// [`Lab::wait_running`] for a container whose md-user runs in the foreground as `fg`:
+    /// fails at once, with its output, if `fg` exits first.
+    #[track_caller]
+    pub fn wait_running_fg(&self, name: &str, fg: &mut Bg, timeout: Duration) -> Value {
+        wait_for(&format!("ps shows {name} running"), timeout, || {
+            if let Some(st) = fg.try_status() {
+                panic!(
+                    "md-user for {name} exited ({st}) before ps showed it running\n\
+                     --- stdout ---\n{}--- stderr ---\n{}",
+                    fg.stdout(),
+                    fg.stderr()
+                );
+            }
+            self.container(name)
+                .filter(|c| c["status"].as_str() == Some("running"))
+        })
+    }
+
     /// The IP `ps` shows for `name` (panics if not listed).
+    #[track_caller]
     pub fn ip_of(&self, name: &str) -> String {
         let c = self
             .container(name)
@@ -342,6 +373,7 @@ impl Lab {
     }
 
     /// The host-side veth of a container: the peer index of its `eth0`, looked up in the host ns.
+    #[track_caller]
     pub fn host_veth_of(&self, container: &str) -> String {
         let out = self.exec_ok(container, &["ip", "-o", "link", "show", "eth0"]);
         // "2: eth0@if7: <BROADCAST,..."
@@ -372,19 +404,23 @@ impl Lab {
     }
 
     /// Runs a (non-md) command in the host namespace via `ip netns exec`.
+    #[track_caller]
     pub fn host(&self, args: &[&str]) -> Output {
         run_timeout(&mut self.netns_exec(&self.host_ns, args), MD_TIMEOUT)
     }
 
+    #[track_caller]
     pub fn host_ok(&self, args: &[&str]) -> String {
         ok(self.host(args), &format!("[host] {}", args.join(" ")))
     }
 
     /// Runs a command in the outside namespace via `ip netns exec`.
+    #[track_caller]
     pub fn outside(&self, args: &[&str]) -> Output {
         run_timeout(&mut self.netns_exec(&self.outside_ns, args), MD_TIMEOUT)
     }
 
+    #[track_caller]
     pub fn outside_ok(&self, args: &[&str]) -> String {
         ok(self.outside(args), &format!("[outside] {}", args.join(" ")))
     }
@@ -406,6 +442,7 @@ impl Lab {
     }
 
     /// Waits until something listens on `proto` ("tcp"/"udp") port `port` in the outside ns.
+    #[track_caller]
     pub fn wait_listening_outside(&self, proto: &str, port: u16) {
         let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
         let filter = format!("sport = :{port}");
@@ -420,6 +457,7 @@ impl Lab {
     }
 
     /// `(ifindex, name)` of every link in the host namespace.
+    #[track_caller]
     pub fn link_table(&self) -> Vec<(u32, String)> {
         let out = self.sh(&["ip", "-n", &self.host_ns, "-o", "link", "show"]);
         out.lines()
@@ -433,6 +471,7 @@ impl Lab {
     }
 
     /// Link names in the host namespace, sorted.
+    #[track_caller]
     pub fn links(&self) -> Vec<String> {
         let mut v: Vec<String> = self.link_table().into_iter().map(|(_, n)| n).collect();
         v.sort();
@@ -440,11 +479,13 @@ impl Lab {
     }
 
     /// Host-side container veths (`md` + hex) in the host namespace, sorted.
+    #[track_caller]
     pub fn md_veths(&self) -> Vec<String> {
         self.links().into_iter().filter(|n| is_md_veth(n)).collect()
     }
 
     /// True if the bridge (md0) exists in the host namespace.
+    #[track_caller]
     pub fn has_bridge(&self) -> bool {
         self.links().iter().any(|n| n == BRIDGE)
     }

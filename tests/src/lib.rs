@@ -52,6 +52,7 @@ pub fn require_e2e() -> bool {
 }
 
 /// The md-user binary under test (env `MD_USER_BIN`); panics if unset.
+#[track_caller]
 pub fn md_user_bin() -> PathBuf {
     match std::env::var_os("MD_USER_BIN") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
@@ -60,6 +61,7 @@ pub fn md_user_bin() -> PathBuf {
 }
 
 /// Panics unless every tool is on PATH (a missing tool must fail the run, not skip it).
+#[track_caller]
 pub fn require_tools(tools: &[&str]) {
     let missing: Vec<&str> = tools
         .iter()
@@ -86,6 +88,7 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// Absolute path of a file under `tests/fixtures/`.
+#[track_caller]
 pub fn fixture(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
@@ -95,11 +98,13 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Polls `check` until it returns true; panics with `what` after `timeout`.
+#[track_caller]
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     wait_for(what, timeout, || check().then_some(()))
 }
 
 /// Polls `check` until it returns `Some`; panics with `what` after `timeout`.
+#[track_caller]
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(20);

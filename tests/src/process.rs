@@ -58,6 +58,7 @@ fn reader(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
 /// Runs `cmd` (stdin from /dev/null, stdout and stderr captured) and waits at most `timeout`.
 /// Panics when the deadline passes (after killing the process), when the program cannot be
 /// started, or when the output pipes stay open long after the process exited.
+#[track_caller]
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     try_run_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -164,6 +165,7 @@ impl Bg {
     }
 
     /// Waits at most `timeout` for the process to exit; panics (with its logs) otherwise.
+    #[track_caller]
     pub fn wait_timeout(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
