@@ -44,7 +44,8 @@ pub const EVENTS_BYTES: usize = 1 << 20;
 
 /// Every map md pins, in the order `down` removes them.
 pub const ALL_MAPS: &[&str] = &[
-    ENDPOINTS, NETWORKS, HOST_ADDRS, CONFIG, PORT_MAP, CONNTRACK, POLICY, IF_STATS, SOCK_REV, EVENTS,
+    ENDPOINTS, NETWORKS, HOST_ADDRS, CONFIG, PORT_MAP, CONNTRACK, POLICY, IF_STATS, SOCK_REV,
+    EVENTS,
 ];
 
 /// TC programs: one per attach point.

@@ -111,9 +111,10 @@ pod! {
         pub expires_ns: u64,
         pub packets: u64,
         pub bytes: u64,
-        /// Host-side veth of the container the flow belongs to (for cleanup and stats).
+        /// Host-side veth of the container the flow belongs to (for stats).
         pub ifindex: u32,
-        pub _pad: u32,
+        /// Policy identity of the container the original direction is headed to (0: none).
+        pub identity: u32,
     } = 48;
 
     /// A policy rule between two container identities.
@@ -254,7 +255,14 @@ impl Config {
 
 impl CtKey {
     pub const fn new(saddr: Ip4, daddr: Ip4, sport: u16, dport: u16, proto: u8) -> Self {
-        CtKey { saddr, daddr, sport, dport, proto, _pad: [0; 3] }
+        CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
     }
 
     /// The tuple of packets flowing the other way.
@@ -266,12 +274,23 @@ impl CtKey {
 impl CtEntry {
     /// The tuple a packet matching this entry leaves with.
     pub const fn nat_tuple(&self, proto: u8) -> CtKey {
-        CtKey::new(self.nat_saddr, self.nat_daddr, self.nat_sport, self.nat_dport, proto)
+        CtKey::new(
+            self.nat_saddr,
+            self.nat_daddr,
+            self.nat_sport,
+            self.nat_dport,
+            proto,
+        )
     }
 }
 
 impl PortKey {
     pub const fn new(ip: Ip4, port: u16, proto: u8) -> Self {
-        PortKey { ip, port, proto, _pad: 0 }
+        PortKey {
+            ip,
+            port,
+            proto,
+            _pad: 0,
+        }
     }
 }

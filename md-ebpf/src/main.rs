@@ -1,22 +1,171 @@
+//! md's datapath: maps and entry points. Entry points only dispatch; the logic lives in one
+//! module per attach point (`veth`, `uplink`, `sock`) and shared libraries (`parse`, `csum`,
+//! `ct`, `nat`, `policy`, `stats`).
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{btf_maps::PerCpuHashMap, macros::{btf_map, classifier}, programs::TcContext};
-use md_common::IfStats;
+mod csum;
+mod ct;
+mod nat;
+mod parse;
+mod policy;
+mod sock;
+mod stats;
+mod uplink;
+mod veth;
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+    macros::{btf_map, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use md_common::{
+    maps as m, Config, CtEntry, CtKey, Endpoint, Event, IfStats, Ip4, Network, PolicyKey,
+    PolicyRule, PortKey, PortTarget, SockRevKey, SockRevValue, DROP_ISOLATION, DROP_MALFORMED,
+    DROP_NAT_PORTS, DROP_POLICY, DROP_SPOOF, DROP_UNSUPPORTED, EVENT_DROP, EVENT_POLICY,
+};
+use nat::Verdict;
 
 #[btf_map]
-static IF_STATS: PerCpuHashMap<u32, IfStats, 65536> = PerCpuHashMap::new();
+static ENDPOINTS: HashMap<Ip4, Endpoint, { m::ENDPOINTS_MAX }> = HashMap::new();
+#[btf_map]
+static NETWORKS: HashMap<u32, Network, { m::NETWORKS_MAX }> = HashMap::new();
+#[btf_map]
+static HOST_ADDRS: HashMap<Ip4, u32, { m::HOST_ADDRS_MAX }> = HashMap::new();
+#[btf_map]
+static CONFIG: Array<Config, 1> = Array::new();
+#[btf_map]
+static PORT_MAP: HashMap<PortKey, PortTarget, { m::PORT_MAP_MAX }> = HashMap::new();
+#[btf_map]
+static CONNTRACK: LruHashMap<CtKey, CtEntry, { m::CONNTRACK_MAX }> = LruHashMap::new();
+#[btf_map]
+static POLICY: HashMap<PolicyKey, PolicyRule, { m::POLICY_MAX }> = HashMap::new();
+#[btf_map]
+static IF_STATS: PerCpuHashMap<u32, IfStats, { m::IF_STATS_MAX }> = PerCpuHashMap::new();
+#[btf_map]
+static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { m::SOCK_REV_MAX }> = LruHashMap::new();
+#[btf_map]
+static EVENTS: RingBuf<Event, { m::EVENTS_BYTES }> = RingBuf::new();
 
-#[classifier]
-pub fn md_veth_ingress(ctx: TcContext) -> i32 {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if let Some(s) = IF_STATS.get_ptr_mut(ifindex) {
-        unsafe {
-            (*s).egress_packets += 1;
-            (*s).egress_bytes += ctx.len() as u64;
+/// TCX: hand the packet on (to the next program, then the stack).
+const TCX_NEXT: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+
+#[inline(always)]
+pub(crate) fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Turns a verdict into a TC return code, counting drops and reporting them.
+#[inline(always)]
+fn finish(ctx: &TcContext, ifindex: u32, v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => TCX_NEXT,
+        Verdict::Redirect(code) => code,
+        Verdict::Drop(reason) => {
+            stats::count(ifindex, |s| match reason {
+                DROP_POLICY => s.drop_policy += 1,
+                DROP_SPOOF => s.drop_spoof += 1,
+                DROP_ISOLATION => s.drop_isolation += 1,
+                DROP_UNSUPPORTED => s.drop_unsupported += 1,
+                DROP_NAT_PORTS => s.drop_nat_ports += 1,
+                _ => s.drop_malformed += 1,
+            });
+            if let parse::Parsed::Ipv4(p) = parse::parse(ctx) {
+                let kind = if reason == DROP_POLICY {
+                    EVENT_POLICY
+                } else {
+                    EVENT_DROP
+                };
+                stats::emit(kind, reason, ifindex, &p, [0; 4], 0);
+            }
+            TC_ACT_SHOT
         }
     }
-    -1
+}
+
+/// Ingress of a container's host-side veth: packets the container sends.
+#[classifier]
+pub fn md_veth_ingress(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
+    let len = ctx.len() as u64;
+    stats::count(ifindex, |s| {
+        s.egress_packets += 1;
+        s.egress_bytes += len;
+    });
+    let v = match config() {
+        Some(cfg) => veth::ingress(&ctx, ifindex, cfg),
+        None => Verdict::Drop(DROP_MALFORMED),
+    };
+    finish(&ctx, ifindex, v)
+}
+
+/// Egress of a container's host-side veth: packets the container receives.
+#[classifier]
+pub fn md_veth_egress(ctx: TcContext) -> i32 {
+    let len = ctx.len() as u64;
+    stats::count(ifindex(&ctx), |s| {
+        s.ingress_packets += 1;
+        s.ingress_bytes += len;
+    });
+    TCX_NEXT
+}
+
+/// Ingress of the uplink: answers to masqueraded flows, outside clients of published ports.
+#[classifier]
+pub fn md_uplink_ingress(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
+    let len = ctx.len() as u64;
+    stats::count(ifindex, |s| {
+        s.ingress_packets += 1;
+        s.ingress_bytes += len;
+    });
+    let v = match config() {
+        Some(cfg) => uplink::ingress(&ctx, cfg),
+        None => Verdict::Pass,
+    };
+    finish(&ctx, ifindex, v)
+}
+
+/// Egress of the uplink: masquerade, answers of published ports.
+#[classifier]
+pub fn md_uplink_egress(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
+    let len = ctx.len() as u64;
+    stats::count(ifindex, |s| {
+        s.egress_packets += 1;
+        s.egress_bytes += len;
+    });
+    let v = match config() {
+        Some(cfg) => uplink::egress(&ctx, cfg),
+        None => Verdict::Pass,
+    };
+    finish(&ctx, ifindex, v)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn md_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn md_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn md_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore_source(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn md_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore_source(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,268 @@
+//! Translations: published ports (DNAT), masquerade (SNAT), hairpin, and ICMP errors that
+//! quote a translated packet. Each creates both tracker halves, then rewrites the packet.
+
+use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use md_common::{
+    CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK,
+    CT_HOOK_VETH, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS,
+    EVENT_NAT,
+};
+
+use crate::{
+    csum,
+    ct::{self, NewFlow},
+    parse::{parse_ipv4_at, Pkt, L4},
+    stats, ENDPOINTS, HOST_ADDRS, NETWORKS, PORT_MAP,
+};
+
+/// What the hook should do with the packet.
+pub enum Verdict {
+    Pass,
+    Redirect(i32),
+    Drop(u8),
+}
+
+/// The published port a packet to a host address `ip`:`port` reaches: a mapping bound to that
+/// exact address wins over one published on every host address.
+#[inline(always)]
+pub fn port_lookup(ip: &Ip4, port: u16, proto: u8) -> Option<*mut PortTarget> {
+    PORT_MAP
+        .get_ptr_mut(PortKey::new(*ip, port, proto))
+        .or_else(|| PORT_MAP.get_ptr_mut(PortKey::new([0; 4], port, proto)))
+}
+
+#[inline(always)]
+pub fn is_host_addr(ip: &Ip4) -> bool {
+    unsafe { HOST_ADDRS.get(ip) }.is_some()
+}
+
+#[inline(always)]
+pub fn endpoint(ip: &Ip4) -> Option<Endpoint> {
+    unsafe { ENDPOINTS.get(ip) }.copied()
+}
+
+/// Hands a packet whose destination is (now) a container straight to that container's veth,
+/// with the gateway as the frame's source, as if the bridge had routed it.
+#[inline(always)]
+pub fn deliver(ctx: &TcContext, daddr: &Ip4) -> Verdict {
+    let Some(ep) = endpoint(daddr) else {
+        return Verdict::Pass;
+    };
+    let Some(net) = (unsafe { NETWORKS.get(ep.net_id) }) else {
+        return Verdict::Pass;
+    };
+    if csum::set_macs(ctx, &ep.mac, &net.gateway_mac).is_err() {
+        return Verdict::Drop(DROP_MALFORMED);
+    }
+    Verdict::Redirect(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)
+}
+
+#[inline(always)]
+fn count_dnat(t: &PortTarget, target: *mut PortTarget) {
+    unsafe { (*target).hits += 1 };
+    if let Some(ep) = endpoint(&t.ip) {
+        stats::count(ep.ifindex, |s| s.dnat += 1);
+    }
+}
+
+/// Outside → a published port on a host address (at uplink ingress). The answer is translated
+/// back at uplink egress.
+#[inline(always)]
+pub fn dnat_from_uplink(ctx: &TcContext, p: &Pkt, target: *mut PortTarget) -> Verdict {
+    let t = unsafe { *target };
+    let orig = p.key();
+    let nat = CtKey::new(p.saddr, t.ip, p.sport, t.port, p.proto);
+    let reply = nat.reversed();
+    let mut flow = NewFlow {
+        orig,
+        orig_e: ct::entry(
+            &nat,
+            CT_KIND_DNAT,
+            CT_DIR_ORIGINAL,
+            CT_HOOK_UPLINK,
+            0,
+            t.identity,
+        ),
+        reply,
+        reply_e: ct::entry(
+            &orig.reversed(),
+            CT_KIND_DNAT,
+            CT_DIR_REPLY,
+            CT_HOOK_UPLINK,
+            0,
+            0,
+        ),
+    };
+    if ct::create(&mut flow, p) != 0 {
+        return Verdict::Drop(DROP_NAT_PORTS);
+    }
+    count_dnat(&t, target);
+    stats::emit(EVENT_NAT, CT_KIND_DNAT, 0, p, t.ip, t.port);
+    if csum::rewrite(ctx, p, &nat).is_err() {
+        return Verdict::Drop(DROP_MALFORMED);
+    }
+    Verdict::Pass
+}
+
+/// A container → a published port through a host address (hairpin, at the container's veth
+/// ingress). The target answers the caller directly, so the reverse translation happens at
+/// the target's veth. A container calling its own port would see its own address as the
+/// source, which Linux drops: that case is also translated to come from the gateway.
+#[inline(always)]
+pub fn dnat_from_container(
+    ctx: &TcContext,
+    p: &Pkt,
+    src: &Endpoint,
+    target: *mut PortTarget,
+) -> Verdict {
+    let t = unsafe { *target };
+    let orig = p.key();
+    let reply_nat = orig.reversed();
+    let nat = if t.ip == p.saddr {
+        let Some(net) = (unsafe { NETWORKS.get(src.net_id) }) else {
+            return Verdict::Drop(DROP_MALFORMED);
+        };
+        let mut nat = CtKey::new(net.gateway, t.ip, 0, t.port, p.proto);
+        let mut flow = NewFlow {
+            orig,
+            orig_e: ct::entry(
+                &nat,
+                CT_KIND_HAIRPIN,
+                CT_DIR_ORIGINAL,
+                CT_HOOK_VETH,
+                src.ifindex,
+                t.identity,
+            ),
+            reply: nat.reversed(),
+            reply_e: ct::entry(
+                &reply_nat,
+                CT_KIND_HAIRPIN,
+                CT_DIR_REPLY,
+                CT_HOOK_VETH,
+                src.ifindex,
+                src.identity,
+            ),
+        };
+        match ct::create_with_port(&mut flow, p) {
+            Some(port) => nat.sport = port,
+            None => return Verdict::Drop(DROP_NAT_PORTS),
+        }
+        nat
+    } else {
+        let nat = CtKey::new(p.saddr, t.ip, p.sport, t.port, p.proto);
+        let mut flow = NewFlow {
+            orig,
+            orig_e: ct::entry(
+                &nat,
+                CT_KIND_DNAT,
+                CT_DIR_ORIGINAL,
+                CT_HOOK_VETH,
+                src.ifindex,
+                t.identity,
+            ),
+            reply: nat.reversed(),
+            reply_e: ct::entry(
+                &reply_nat,
+                CT_KIND_DNAT,
+                CT_DIR_REPLY,
+                CT_HOOK_VETH,
+                src.ifindex,
+                src.identity,
+            ),
+        };
+        if ct::create(&mut flow, p) != 0 {
+            return Verdict::Drop(DROP_NAT_PORTS);
+        }
+        nat
+    };
+    count_dnat(&t, target);
+    stats::emit(EVENT_NAT, CT_KIND_DNAT, src.ifindex, p, t.ip, t.port);
+    if csum::rewrite(ctx, p, &nat).is_err() {
+        return Verdict::Drop(DROP_MALFORMED);
+    }
+    deliver(ctx, &nat.daddr)
+}
+
+/// A container's new flow leaving through the uplink: masquerade behind the uplink address
+/// with a port from md's NAT range.
+#[inline(always)]
+pub fn snat(ctx: &TcContext, p: &Pkt, src: &Endpoint, uplink_ip: Ip4) -> Verdict {
+    let orig = p.key();
+    let mut nat = CtKey::new(uplink_ip, p.daddr, 0, p.dport, p.proto);
+    let mut flow = NewFlow {
+        orig,
+        orig_e: ct::entry(
+            &nat,
+            CT_KIND_SNAT,
+            CT_DIR_ORIGINAL,
+            CT_HOOK_UPLINK,
+            src.ifindex,
+            0,
+        ),
+        reply: nat.reversed(),
+        reply_e: ct::entry(
+            &orig.reversed(),
+            CT_KIND_SNAT,
+            CT_DIR_REPLY,
+            CT_HOOK_UPLINK,
+            src.ifindex,
+            src.identity,
+        ),
+    };
+    match ct::create_with_port(&mut flow, p) {
+        Some(port) => nat.sport = port,
+        None => return Verdict::Drop(DROP_NAT_PORTS),
+    }
+    stats::count(src.ifindex, |s| s.snat += 1);
+    stats::emit(
+        EVENT_NAT,
+        CT_KIND_SNAT,
+        src.ifindex,
+        p,
+        uplink_ip,
+        nat.sport,
+    );
+    if csum::rewrite(ctx, p, &nat).is_err() {
+        return Verdict::Drop(DROP_MALFORMED);
+    }
+    Verdict::Pass
+}
+
+/// An ICMP error about a translated flow: the quoted packet is that flow's packet as it was
+/// sent, so the reversed quote is a tracker key for packets travelling the error's way. The
+/// quote is translated back and the outer header with it (destination = the quote's source;
+/// the source too when the error comes from the quoted destination itself).
+#[inline(always)]
+pub fn icmp_error(ctx: &TcContext, outer: &Pkt, hook: u8) -> Verdict {
+    let inner_l3 = outer.l4_off + 8;
+    let Some(inner) = parse_ipv4_at(ctx, inner_l3) else {
+        return Verdict::Pass;
+    };
+    if inner.l4 != L4::Ports {
+        return Verdict::Pass;
+    }
+    let Some(e) = ct::lookup(&inner.key().reversed(), ct::now()) else {
+        return Verdict::Pass;
+    };
+    let entry = unsafe { *e };
+    if entry.hook != hook {
+        return Verdict::Pass;
+    }
+    let quoted = entry.nat_tuple(inner.proto).reversed();
+    if csum::rewrite_quoted(ctx, outer, &inner, inner_l3, &quoted).is_err() {
+        return Verdict::Drop(DROP_MALFORMED);
+    }
+    let mut to = outer.key();
+    to.daddr = quoted.saddr;
+    if outer.saddr == inner.daddr {
+        to.saddr = quoted.daddr;
+    }
+    if csum::rewrite(ctx, outer, &to).is_err() {
+        return Verdict::Drop(DROP_MALFORMED);
+    }
+    if hook == CT_HOOK_VETH {
+        deliver(ctx, &to.daddr)
+    } else {
+        Verdict::Pass
+    }
+}

@@ -1,0 +1,34 @@
+//! Per-interface counters and datapath events.
+
+use md_common::{Event, IfStats, Ip4};
+
+use crate::{parse::Pkt, EVENTS, IF_STATS};
+
+#[inline(always)]
+pub fn count(ifindex: u32, f: impl FnOnce(&mut IfStats)) {
+    if let Some(s) = IF_STATS.get_ptr_mut(ifindex) {
+        f(unsafe { &mut *s });
+    }
+}
+
+/// Sends an event to `md-user monitor`; dropped silently when the ring is full.
+#[inline(always)]
+pub fn emit(kind: u8, reason: u8, ifindex: u32, p: &Pkt, nat_addr: Ip4, nat_port: u16) {
+    let ev = Event {
+        ts_ns: crate::ct::now(),
+        kind,
+        reason,
+        proto: p.proto,
+        _pad: 0,
+        ifindex,
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        nat_addr,
+        nat_port,
+        _pad2: 0,
+        _pad3: 0,
+    };
+    let _ = EVENTS.output(&ev, 0);
+}

@@ -1,0 +1,79 @@
+//! The uplink. Masquerade happens at egress, after the host routed the packet (SNAT earlier
+//! would hand the stack a forwarded packet with a local source, dropped as martian); its
+//! answers are translated back at ingress, before the stack looks at them. Published ports
+//! are translated at ingress too, and their answers at egress.
+
+use aya_ebpf::programs::TcContext;
+use md_common::{Config, CT_HOOK_UPLINK, DROP_UNSUPPORTED};
+
+use crate::{
+    csum, ct,
+    nat::{self, Verdict},
+    parse::{self, Parsed, L4},
+};
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
+    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+        return Verdict::Pass;
+    };
+    match p.l4 {
+        L4::IcmpError => nat::icmp_error(ctx, &p, CT_HOOK_UPLINK),
+        L4::Ports => {
+            if let Some(e) = ct::lookup(&p.key(), ct::now()) {
+                let entry = unsafe { *e };
+                if entry.hook == CT_HOOK_UPLINK {
+                    ct::touch(e, &p, ct::now(), cfg);
+                    let to = entry.nat_tuple(p.proto);
+                    if csum::rewrite(ctx, &p, &to).is_err() {
+                        return Verdict::Drop(md_common::DROP_MALFORMED);
+                    }
+                    return Verdict::Pass;
+                }
+            }
+            // Loopback never is a host address here: a packet from the wire addressed to
+            // 127.0.0.1 must not reach a port published on 127.0.0.1.
+            if nat::is_host_addr(&p.daddr) {
+                if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto) {
+                    return nat::dnat_from_uplink(ctx, &p, target);
+                }
+            }
+            Verdict::Pass
+        }
+        L4::Opaque => Verdict::Pass,
+    }
+}
+
+#[inline(always)]
+pub fn egress(ctx: &TcContext, cfg: &Config) -> Verdict {
+    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+        return Verdict::Pass;
+    };
+    if p.l4 == L4::IcmpError {
+        let v = nat::icmp_error(ctx, &p, CT_HOOK_UPLINK);
+        if !matches!(v, Verdict::Pass) {
+            return v;
+        }
+    } else if p.l4 == L4::Ports {
+        if let Some(e) = ct::lookup(&p.key(), ct::now()) {
+            let entry = unsafe { *e };
+            if entry.hook == CT_HOOK_UPLINK {
+                ct::touch(e, &p, ct::now(), cfg);
+                let to = entry.nat_tuple(p.proto);
+                if csum::rewrite(ctx, &p, &to).is_err() {
+                    return Verdict::Drop(md_common::DROP_MALFORMED);
+                }
+                return Verdict::Pass;
+            }
+        }
+    }
+    // A container's packet leaving the host: masquerade, or drop what cannot be translated
+    // (fragments, protocols without ports) rather than leak a container address.
+    let Some(src) = nat::endpoint(&p.saddr) else {
+        return Verdict::Pass;
+    };
+    if p.l4 != L4::Ports || p.fragment {
+        return Verdict::Drop(DROP_UNSUPPORTED);
+    }
+    nat::snat(ctx, &p, &src, cfg.uplink_ip)
+}

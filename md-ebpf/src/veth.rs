@@ -1,0 +1,125 @@
+//! The container's host-side veth.
+//! Ingress of the veth = packets leaving the container: anti-spoofing, policy, hairpin DNAT.
+//! Egress of the veth = packets entering the container: counting.
+
+use aya_ebpf::programs::TcContext;
+use md_common::{
+    Config, Endpoint, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_VETH, CT_KIND_NONE, DROP_ISOLATION,
+    DROP_MALFORMED, DROP_POLICY, DROP_SPOOF, DROP_UNSUPPORTED,
+};
+
+use crate::{
+    csum,
+    ct::{self, NewFlow},
+    nat::{self, Verdict},
+    parse::{self, Parsed, Pkt, L4},
+    policy,
+};
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
+    match parse::parse(ctx) {
+        Parsed::Ipv4(p) => from_container(ctx, ifindex, &p, cfg),
+        Parsed::Arp => check_arp(ctx, ifindex),
+        Parsed::Other => Verdict::Drop(DROP_UNSUPPORTED),
+        Parsed::Malformed => Verdict::Drop(DROP_MALFORMED),
+    }
+}
+
+/// ARP from a container must claim its own address and MAC, or it could steal another's.
+#[inline(always)]
+fn check_arp(ctx: &TcContext, ifindex: u32) -> Verdict {
+    let (Some((sha, spa)), Some(eth_src)) = (parse::arp_sender(ctx), parse::eth_src(ctx)) else {
+        return Verdict::Drop(DROP_MALFORMED);
+    };
+    match nat::endpoint(&spa) {
+        Some(ep) if ep.ifindex == ifindex && ep.mac == sha && ep.mac == eth_src => Verdict::Pass,
+        _ => Verdict::Drop(DROP_SPOOF),
+    }
+}
+
+#[inline(always)]
+fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdict {
+    // Anti-spoofing: the source address must be this port's container, with its MAC.
+    let src = match nat::endpoint(&p.saddr) {
+        Some(ep) if ep.ifindex == ifindex && Some(ep.mac) == parse::eth_src(ctx) => ep,
+        _ => return Verdict::Drop(DROP_SPOOF),
+    };
+    if p.l4 == L4::IcmpError {
+        return nat::icmp_error(ctx, p, CT_HOOK_VETH);
+    }
+    if p.l4 == L4::Ports {
+        if let Some(e) = ct::lookup(&p.key(), ct::now()) {
+            let entry = unsafe { *e };
+            if entry.hook != CT_HOOK_VETH {
+                // Translated at the uplink (masquerade, or an answer to an outside client).
+                return Verdict::Pass;
+            }
+            if entry.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, entry.identity) {
+                return Verdict::Drop(DROP_POLICY);
+            }
+            ct::touch(e, p, ct::now(), cfg);
+            if entry.kind == CT_KIND_NONE {
+                return Verdict::Pass;
+            }
+            let to = entry.nat_tuple(p.proto);
+            if csum::rewrite(ctx, p, &to).is_err() {
+                return Verdict::Drop(DROP_MALFORMED);
+            }
+            return nat::deliver(ctx, &to.daddr);
+        }
+        if nat::is_host_addr(&p.daddr) {
+            if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto) {
+                let t = unsafe { *target };
+                if !policy::allowed(cfg, src.identity, t.identity) {
+                    return Verdict::Drop(DROP_POLICY);
+                }
+                return nat::dnat_from_container(ctx, p, &src, target);
+            }
+            return Verdict::Pass;
+        }
+    }
+    if let Some(dst) = nat::endpoint(&p.daddr) {
+        return to_container(p, &src, &dst, cfg);
+    }
+    Verdict::Pass
+}
+
+/// Container → container on md's bridges: network isolation, policy, and tracking so answers
+/// to an allowed flow pass even where the other direction is denied.
+#[inline(always)]
+fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdict {
+    if dst.net_id != src.net_id {
+        return Verdict::Drop(DROP_ISOLATION);
+    }
+    if !policy::allowed(cfg, src.identity, dst.identity) {
+        return Verdict::Drop(DROP_POLICY);
+    }
+    if p.l4 == L4::Ports {
+        let orig = p.key();
+        let reply = orig.reversed();
+        let mut flow = NewFlow {
+            orig,
+            orig_e: ct::entry(
+                &orig,
+                CT_KIND_NONE,
+                CT_DIR_ORIGINAL,
+                CT_HOOK_VETH,
+                src.ifindex,
+                dst.identity,
+            ),
+            reply,
+            reply_e: ct::entry(
+                &reply,
+                CT_KIND_NONE,
+                CT_DIR_REPLY,
+                CT_HOOK_VETH,
+                dst.ifindex,
+                src.identity,
+            ),
+        };
+        // A clash only means the flow is already known the other way round.
+        let _ = ct::create(&mut flow, p);
+    }
+    Verdict::Pass
+}

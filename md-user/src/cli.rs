@@ -1,0 +1,96 @@
+//! Command-line interface. Global options also come from the environment so isolated labs can
+//! run side by side (`MD_STATE_DIR`, `MD_BPF_PIN_DIR`, `MD_UPLINK`, ...).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "md-user",
+    version,
+    about = "Container networking whose datapath is eBPF, not iptables"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalOpts {
+    /// Where md keeps its state (containers, addresses, rules) under a lock.
+    #[arg(long, env = "MD_STATE_DIR", default_value = "/run/md", global = true)]
+    pub state_dir: PathBuf,
+    /// bpffs directory md pins its programs, maps and links under.
+    #[arg(
+        long,
+        env = "MD_BPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/md",
+        global = true
+    )]
+    pub pin_dir: PathBuf,
+    /// Interface outbound traffic is masqueraded on [default: the default route's interface].
+    #[arg(long, env = "MD_UPLINK", global = true)]
+    pub uplink: Option<String>,
+    /// Bridge of the default network.
+    #[arg(long, env = "MD_BRIDGE", default_value = "md0", global = true)]
+    pub bridge: String,
+    /// Subnet of the default network; the gateway is its first address.
+    #[arg(
+        long,
+        env = "MD_SUBNET",
+        default_value = "172.18.0.0/16",
+        global = true
+    )]
+    pub subnet: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command in its own network namespace on an md bridge.
+    Run(RunArgs),
+    /// List containers.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop containers: SIGTERM, then SIGKILL after the grace period.
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long, default_value_t = 10)]
+        time: u64,
+    },
+    /// Run a command inside a running container's namespaces.
+    Exec {
+        name: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Print what a detached container wrote to stdout and stderr.
+    Logs { name: String },
+    /// Remove every container, bridge, program, pinned object and state md created.
+    Down,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Container name (unique); generated when absent.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Return once the network is ready; a supervisor tears it down when CMD exits.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Publish a port: [IP:]HOST:CONTAINER[/tcp|udp], ranges as H1-H2:C1-C2.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
+    /// Internal: run as the detached supervisor, reporting readiness on this fd.
+    #[arg(long, hide = true)]
+    pub ready_fd: Option<i32>,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+}

@@ -1,0 +1,89 @@
+//! One module per command. Every command that touches state first reconciles: containers whose
+//! supervisor is gone (a foreground run killed with -9 included) lose their network.
+
+mod down;
+mod exec;
+mod ps;
+mod run;
+mod stop;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::{
+    cli::{Cli, Command, GlobalOpts},
+    datapath::Datapath,
+    endpoint,
+    error::require_privileges,
+    netlink::Netlink,
+    proc,
+    state::{State, StateDir, Status},
+};
+
+/// What every command works with.
+pub struct Ctx {
+    pub opts: GlobalOpts,
+    pub state_dir: StateDir,
+    pub dp: Datapath,
+}
+
+pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let ctx = Ctx {
+        state_dir: StateDir::new(&cli.global.state_dir),
+        dp: Datapath::new(&cli.global.pin_dir),
+        opts: cli.global,
+    };
+    match cli.command {
+        // `run` validates its arguments before checking privileges, so bad input gets the
+        // precise message even without root.
+        Command::Run(args) => run::run(&ctx, args),
+        command => {
+            require_privileges()?;
+            match command {
+                Command::Run(_) => unreachable!(),
+                Command::Ps { json } => block_on(ps::ps(&ctx, json)),
+                Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
+                Command::Exec { name, cmd } => exec::exec(&ctx, &name, &cmd),
+                Command::Logs { name } => exec::logs(&ctx, &name),
+                Command::Down => block_on(down::down(&ctx)),
+            }
+        }
+    }
+}
+
+/// md-user is single-threaded: one current-thread runtime (also so CMD's parent-death signal
+/// is tied to the thread that lives as long as the supervisor).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
+    runtime()?.block_on(f)
+}
+
+/// Tears down containers whose supervisor is gone. Returns their names.
+pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String> {
+    let dead: Vec<String> = state
+        .containers
+        .values()
+        .filter(|c| !proc::alive(c.supervisor_pid, c.supervisor_start))
+        .map(|c| c.name.clone())
+        .collect();
+    for name in &dead {
+        let c = state.containers.remove(name).expect("listed above");
+        if c.status == Status::Running {
+            // CMD normally dies with its supervisor (parent-death signal); make sure.
+            proc::signal(c.pid, c.pid_start, libc::SIGKILL);
+        }
+        for e in endpoint::teardown(nl, &ctx.dp, &c).await {
+            eprintln!("md-user: reclaiming {name}: {}", crate::error::one_line(&e));
+        }
+    }
+    if !dead.is_empty() {
+        state.prune_identities(|_| false);
+    }
+    dead
+}

@@ -1,0 +1,64 @@
+use std::process::ExitCode;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::{reconcile, Ctx};
+use crate::{netlink::Netlink, state::Status};
+
+pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
+    let nl = Netlink::connect()?;
+    let mut locked = ctx.state_dir.lock()?;
+    if !reconcile(ctx, &nl, &mut locked.state).await.is_empty() {
+        locked.save()?;
+    }
+    let rows: Vec<serde_json::Value> = locked
+        .state
+        .containers
+        .values()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "id": c.id,
+                "ip": c.primary_ip().map(|i| i.to_string()),
+                "network": c.interfaces.first().map(|i| i.network.clone()),
+                "pid": c.pid,
+                "ports": c.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "status": match c.status { Status::Running => "running", Status::Creating => "creating" },
+                "detached": c.detached,
+                "command": c.cmd.join(" "),
+                "created": c.created_unix,
+            })
+        })
+        .collect();
+    drop(locked);
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<12} {:<16} {:<8} {:<9} {:<30} COMMAND",
+        "NAME", "ID", "IP", "PID", "STATUS", "PORTS"
+    );
+    for r in rows {
+        let ports: Vec<&str> = r["ports"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<12} {:<16} {:<8} {:<9} {:<30} {}",
+            r["name"].as_str().unwrap_or(""),
+            r["id"].as_str().unwrap_or(""),
+            r["ip"].as_str().unwrap_or("-"),
+            r["pid"],
+            r["status"].as_str().unwrap_or(""),
+            if ports.is_empty() {
+                "-".to_string()
+            } else {
+                ports.join(",")
+            },
+            r["command"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

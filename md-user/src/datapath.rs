@@ -1,0 +1,455 @@
+//! The eBPF datapath: load once, pin everything, attach per interface, fill maps.
+//!
+//! Pin directory layout (`MD_BPF_PIN_DIR`):
+//!   progs/<program>           loaded once, shared by every container
+//!   maps/<MAP>                all per-container state lives here
+//!   links/<ifname>-ingress    TCX links; removing the file detaches the program
+//!   links/cgroup-<program>    socket programs at the cgroup-v2 root
+//! md has no daemon: these pins are what keeps the datapath alive between commands.
+
+use std::{
+    borrow::Cow,
+    ffi::CString,
+    fs,
+    net::Ipv4Addr,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifier, TcAttachOptions, TcAttachType},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder,
+    },
+    util::KernelVersion,
+    Btf, EbpfLoader, Pod,
+};
+use md_common::{
+    maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Ip4, Network, PortKey, PortTarget,
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+pub struct Datapath {
+    pub pin_dir: PathBuf,
+}
+
+/// Which end of an interface a program runs at.
+#[derive(Clone, Copy)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+
+    fn tc(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+}
+
+/// The eBPF object: embedded at build time, or MD_EBPF_OBJ at run time.
+fn object_bytes() -> Result<Cow<'static, [u8]>> {
+    if let Some(p) = std::env::var_os("MD_EBPF_OBJ") {
+        return fs::read(&p)
+            .map(Cow::Owned)
+            .with_context(|| format!("reading MD_EBPF_OBJ={}", Path::new(&p).display()));
+    }
+    #[cfg(md_ebpf_embedded)]
+    {
+        Ok(Cow::Borrowed(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/md-ebpf.o"
+        ))))
+    }
+    #[cfg(not(md_ebpf_embedded))]
+    bail!("md-user was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild md-user (or set MD_EBPF_OBJ)")
+}
+
+/// A short digest of the object, to tell builds apart.
+pub fn object_digest() -> Result<String> {
+    use std::hash::{Hash, Hasher};
+    let bytes = object_bytes()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Ok(format!("{:016x}", h.finish()))
+}
+
+const TC_PROGRAMS: &[&str] = &[
+    m::PROG_VETH_INGRESS,
+    m::PROG_VETH_EGRESS,
+    m::PROG_UPLINK_INGRESS,
+    m::PROG_UPLINK_EGRESS,
+];
+
+fn sock_programs() -> [(&'static str, aya::programs::CgroupSockAddrAttachType); 4] {
+    use aya::programs::CgroupSockAddrAttachType as T;
+    [
+        (m::PROG_SOCK_CONNECT4, T::Connect4),
+        (m::PROG_SOCK_SENDMSG4, T::UDPSendMsg4),
+        (m::PROG_SOCK_RECVMSG4, T::UDPRecvMsg4),
+        (m::PROG_SOCK_GETPEERNAME4, T::GetPeerName4),
+    ]
+}
+
+fn statfs_type(p: &Path) -> Option<i64> {
+    let c = CString::new(p.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0).then_some(s.f_type as i64)
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    let ret = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {}", at.display()));
+    }
+    Ok(())
+}
+
+/// The cgroup-v2 mount point, from mountinfo (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, others at /sys/fs/cgroup).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    for line in info.lines() {
+        // "... mountpoint opts ... - fstype source superopts"
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2") {
+            if let Some(mp) = left.split_whitespace().nth(4) {
+                return Ok(PathBuf::from(mp.replace("\\040", " ")));
+            }
+        }
+    }
+    bail!("no cgroup2 mount found in /proc/self/mountinfo")
+}
+
+fn remove_file_if_exists(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
+    }
+}
+
+impl Datapath {
+    pub fn new(pin_dir: &Path) -> Self {
+        Datapath {
+            pin_dir: pin_dir.to_path_buf(),
+        }
+    }
+
+    fn prog_pin(&self, name: &str) -> PathBuf {
+        self.pin_dir.join("progs").join(name)
+    }
+
+    pub fn map_pin(&self, name: &str) -> PathBuf {
+        self.pin_dir.join("maps").join(name)
+    }
+
+    fn link_pin(&self, name: &str) -> PathBuf {
+        self.pin_dir.join("links").join(name)
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        TC_PROGRAMS.iter().all(|p| self.prog_pin(p).exists())
+            && m::ALL_MAPS.iter().all(|n| self.map_pin(n).exists())
+    }
+
+    /// Makes sure the pin directory is on a bpffs, mounting one where needed: at /sys/fs/bpf
+    /// when the directory is below it (a fresh machine has none), else at the directory itself.
+    fn ensure_bpffs(&self) -> Result<()> {
+        let mut probe = self.pin_dir.clone();
+        while !probe.exists() {
+            if !probe.pop() {
+                break;
+            }
+        }
+        if statfs_type(&probe) == Some(BPF_FS_MAGIC) {
+            return Ok(());
+        }
+        let sys_bpf = Path::new("/sys/fs/bpf");
+        if self.pin_dir.starts_with(sys_bpf) && statfs_type(sys_bpf) != Some(BPF_FS_MAGIC) {
+            mount_bpffs(sys_bpf)
+        } else {
+            mount_bpffs(&self.pin_dir)
+        }
+    }
+
+    /// Loads every program and map from the object and pins them. Programs are loaded once
+    /// and shared: containers differ only by map entries.
+    pub fn load(&self) -> Result<()> {
+        self.ensure_bpffs()?;
+        for sub in ["progs", "maps", "links"] {
+            fs::create_dir_all(self.pin_dir.join(sub))
+                .with_context(|| format!("creating {}", self.pin_dir.join(sub).display()))?;
+        }
+        let bytes = object_bytes()?;
+        let btf = Btf::from_sys_fs().ok();
+        let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
+            .load(&bytes)
+            .context("loading md's eBPF object")?;
+        for name in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+            prog.pin(self.prog_pin(name))
+                .with_context(|| format!("pinning {name}"))?;
+        }
+        for (name, _) in sock_programs() {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+            prog.pin(self.prog_pin(name))
+                .with_context(|| format!("pinning {name}"))?;
+        }
+        for name in m::ALL_MAPS {
+            let map = ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))?;
+            map.pin(self.map_pin(name))
+                .with_context(|| format!("pinning map {name}"))?;
+        }
+        // Programs and maps stay alive through their pins after `ebpf` is dropped.
+        Ok(())
+    }
+
+    /// Attaches a TC program to an interface. With TCX (Linux 6.6+) the link is pinned: it
+    /// survives md-user exiting, and removing the pin detaches it. Older kernels get a clsact
+    /// filter, which lives as long as the interface.
+    pub fn attach_tc(&self, ifname: &str, hook: Hook, program: &str, pin_name: &str) -> Result<()> {
+        let pin = self.link_pin(&format!("{pin_name}-{}", hook.name()));
+        if pin.exists() {
+            if PinnedLink::from_pin(&pin).is_ok() {
+                return Ok(());
+            }
+            remove_file_if_exists(&pin)?;
+        }
+        let mut prog = SchedClassifier::from_pin(self.prog_pin(program))
+            .with_context(|| format!("opening pinned program {program}"))?;
+        let ctx = || format!("attaching {program} to {ifname} {}", hook.name());
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    hook.tc(),
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(ctx)?;
+            let link: FdLink = prog.take_link(id)?.try_into().with_context(ctx)?;
+            link.pin(&pin).with_context(ctx)?;
+        } else {
+            let _ = tc::qdisc_add_clsact(ifname);
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    hook.tc(),
+                    TcAttachOptions::Netlink(Default::default()),
+                )
+                .with_context(ctx)?;
+            // Keep the filter when `prog` is dropped.
+            std::mem::forget(prog.take_link(id)?);
+        }
+        Ok(())
+    }
+
+    /// Removes a TC attachment made by `attach_tc` (the pin; an interface that is gone took
+    /// its attachment with it).
+    pub fn detach_tc(&self, pin_name: &str) -> Result<()> {
+        for hook in [Hook::Ingress, Hook::Egress] {
+            remove_file_if_exists(&self.link_pin(&format!("{pin_name}-{}", hook.name())))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the socket programs at the cgroup-v2 root so host processes reach published
+    /// ports through 127.0.0.1 and the host's addresses. They act only on sockets of md's host
+    /// namespace (netns cookie in CONFIG). Pinned under the pin dir: removing it detaches them.
+    pub fn attach_cgroup(&self) -> Result<()> {
+        let root = cgroup2_root()?;
+        let cg = fs::File::open(&root).with_context(|| format!("opening {}", root.display()))?;
+        for (name, attach_type) in sock_programs() {
+            let pin = self.link_pin(&format!("cgroup-{name}"));
+            if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
+                continue;
+            }
+            remove_file_if_exists(&pin)?;
+            let mut prog = CgroupSockAddr::from_pin(self.prog_pin(name), attach_type)
+                .with_context(|| format!("opening pinned program {name}"))?;
+            // A bpf_link at a cgroup coexists with other programs there; link_create takes
+            // no ALLOW_MULTI flag (it fails with EINVAL).
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", root.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every pin md made (links first so programs detach, then programs and maps) and
+    /// the directory. Best effort: returns the first error after trying everything.
+    pub fn unload(&self) -> Result<()> {
+        let mut first_err = None;
+        for sub in ["links", "progs", "maps"] {
+            let dir = self.pin_dir.join(sub);
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    if let Err(err) = remove_file_if_exists(&e.path()) {
+                        first_err.get_or_insert(err);
+                    }
+                }
+            }
+            let _ = fs::remove_dir(&dir);
+        }
+        if self.pin_dir.exists() {
+            // A bpffs md mounted on the pin dir itself: unmount it, then remove the directory.
+            if statfs_type(&self.pin_dir) == Some(BPF_FS_MAGIC)
+                && self.pin_dir.parent().and_then(statfs_type) != Some(BPF_FS_MAGIC)
+            {
+                if let Ok(c) = CString::new(self.pin_dir.as_os_str().as_bytes()) {
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+            let _ = fs::remove_dir(&self.pin_dir);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn map_data(&self, name: &str) -> Result<Map> {
+        let data = MapData::from_pin(self.map_pin(name))
+            .with_context(|| format!("opening pinned map {name} (is md's datapath loaded?)"))?;
+        Map::from_map_data(data).with_context(|| format!("opening map {name}"))
+    }
+
+    fn hash<K: Pod, V: Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
+        Ok(HashMap::try_from(self.map_data(name)?)?)
+    }
+
+    pub fn endpoints(&self) -> Result<HashMap<MapData, Ip4, Endpoint>> {
+        self.hash(m::ENDPOINTS)
+    }
+
+    pub fn networks(&self) -> Result<HashMap<MapData, u32, Network>> {
+        self.hash(m::NETWORKS)
+    }
+
+    pub fn host_addrs(&self) -> Result<HashMap<MapData, Ip4, u32>> {
+        self.hash(m::HOST_ADDRS)
+    }
+
+    pub fn port_map(&self) -> Result<HashMap<MapData, PortKey, PortTarget>> {
+        self.hash(m::PORT_MAP)
+    }
+
+    pub fn conntrack(&self) -> Result<HashMap<MapData, CtKey, CtEntry>> {
+        self.hash(m::CONNTRACK)
+    }
+
+    pub fn if_stats(&self) -> Result<PerCpuHashMap<MapData, u32, IfStats>> {
+        Ok(PerCpuHashMap::try_from(self.map_data(m::IF_STATS)?)?)
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let arr: Array<MapData, Config> = Array::try_from(self.map_data(m::CONFIG)?)?;
+        Ok(arr.get(&0, 0)?)
+    }
+
+    pub fn set_config(&self, cfg: &Config) -> Result<()> {
+        let mut arr: Array<MapData, Config> = Array::try_from(self.map_data(m::CONFIG)?)?;
+        arr.set(0, cfg, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
+    /// Starts counting for an interface (zeroed per-CPU slots).
+    pub fn reset_if_stats(&self, ifindex: u32) -> Result<()> {
+        let mut stats = self.if_stats()?;
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = PerCpuValues::try_from(vec![IfStats::default(); n])?;
+        stats.insert(ifindex, zero, 0).context("writing IF_STATS")?;
+        Ok(())
+    }
+
+    /// Replaces HOST_ADDRS with the host namespace's current addresses.
+    pub fn set_host_addrs(&self, addrs: &[Ipv4Addr]) -> Result<()> {
+        let mut map = self.host_addrs()?;
+        let want: Vec<Ip4> = addrs.iter().map(|a| a.octets()).collect();
+        let stale: Vec<Ip4> = map.keys().flatten().filter(|k| !want.contains(k)).collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        for a in want {
+            map.insert(a, 1, 0).context("writing HOST_ADDRS")?;
+        }
+        Ok(())
+    }
+
+    /// Deletes tracker entries involving `ip` (before or after translation), so flows of a
+    /// container that is gone never reach whoever gets its address or port next.
+    pub fn purge_conntrack(&self, ip: Ipv4Addr) -> Result<usize> {
+        let ip = ip.octets();
+        self.purge_conntrack_where(|k, v| {
+            k.saddr == ip || k.daddr == ip || v.nat_saddr == ip || v.nat_daddr == ip
+        })
+    }
+
+    /// Deletes expired tracker entries; returns how many live ones remain.
+    pub fn gc_conntrack(&self) -> Result<usize> {
+        let now = monotonic_ns();
+        self.purge_conntrack_where(|_, v| v.expires_ns <= now)?;
+        Ok(self.conntrack()?.keys().count())
+    }
+
+    fn purge_conntrack_where(&self, pred: impl Fn(&CtKey, &CtEntry) -> bool) -> Result<usize> {
+        let mut ct = self.conntrack()?;
+        let doomed: Vec<CtKey> = ct
+            .iter()
+            .flatten()
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

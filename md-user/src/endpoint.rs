@@ -1,0 +1,147 @@
+//! A container's interface on an md network: the veth pair, its addresses, its TC programs and
+//! its map entries. Setup and teardown side by side; teardown is best effort and undoes setup
+//! in reverse order (map entries, programs, link).
+
+use anyhow::{Context, Result};
+use md_common::{Endpoint, PortKey, PortTarget};
+
+use crate::{
+    datapath::{Datapath, Hook},
+    netlink::Netlink,
+    netns::Netns,
+    portmap::PortMapping,
+    state::{Container, Interface, Network},
+};
+
+/// Creates the veth pair (peer as `iface.name` inside `netns`), configures the container side
+/// and attaches md's programs to the host side. Returns the host side's ifindex.
+pub async fn setup(
+    nl: &Netlink,
+    dp: &Datapath,
+    netns: &Netns,
+    net: &Network,
+    bridge_ifindex: u32,
+    iface: &Interface,
+    identity: u32,
+    net_id: u32,
+) -> Result<u32> {
+    let host = nl
+        .create_veth(
+            &iface.veth,
+            bridge_ifindex,
+            &iface.name,
+            iface.mac,
+            netns.raw_fd(),
+        )
+        .await?;
+    crate::netlink::configure_container_side(
+        netns,
+        iface.name.clone(),
+        iface.ip,
+        net.subnet.prefix_len,
+        Some(net.subnet.gateway()),
+    )?;
+    dp.reset_if_stats(host.index)?;
+    dp.attach_tc(
+        &iface.veth,
+        Hook::Ingress,
+        md_common::maps::PROG_VETH_INGRESS,
+        &iface.veth,
+    )?;
+    dp.attach_tc(
+        &iface.veth,
+        Hook::Egress,
+        md_common::maps::PROG_VETH_EGRESS,
+        &iface.veth,
+    )?;
+    dp.endpoints()?
+        .insert(
+            iface.ip.octets(),
+            Endpoint {
+                ifindex: host.index,
+                identity,
+                net_id,
+                mac: iface.mac,
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .context("writing ENDPOINTS")?;
+    Ok(host.index)
+}
+
+/// Publishes a container's ports in PORT_MAP.
+pub fn publish(dp: &Datapath, c: &Container, identity: u32) -> Result<()> {
+    let Some(ip) = c.primary_ip() else {
+        return Ok(());
+    };
+    let mut map = dp.port_map()?;
+    for p in &c.ports {
+        map.insert(
+            port_key(p),
+            PortTarget {
+                ip: ip.octets(),
+                port: p.container_port,
+                identity,
+                ..Default::default()
+            },
+            0,
+        )
+        .with_context(|| format!("publishing {p}"))?;
+    }
+    Ok(())
+}
+
+pub fn port_key(p: &PortMapping) -> PortKey {
+    PortKey::new(
+        p.host_ip.map(|i| i.octets()).unwrap_or([0; 4]),
+        p.host_port,
+        p.proto.number(),
+    )
+}
+
+/// Removes everything `setup`/`publish` created for a container. Keeps going on errors and
+/// returns them all.
+pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow::Error> {
+    let mut errors = Vec::new();
+    if dp.is_loaded() {
+        if let Ok(mut map) = dp.port_map() {
+            for p in &c.ports {
+                let _ = map.remove(&port_key(p));
+            }
+        }
+        for iface in &c.interfaces {
+            if let Ok(mut eps) = dp.endpoints() {
+                // Only our entry: the address may already belong to someone else.
+                if eps
+                    .get(&iface.ip.octets(), 0)
+                    .is_ok_and(|e| e.ifindex == iface.ifindex)
+                {
+                    let _ = eps.remove(&iface.ip.octets());
+                }
+            }
+            if let Ok(mut stats) = dp.if_stats() {
+                let _ = stats.remove(&iface.ifindex);
+            }
+            if let Err(e) = dp.purge_conntrack(iface.ip) {
+                errors.push(e);
+            }
+        }
+    }
+    for iface in &c.interfaces {
+        if let Err(e) = dp.detach_tc(&iface.veth) {
+            errors.push(e);
+        }
+        // By name: the index may have been reused since the veth went away with its namespace.
+        match nl.link_by_name(&iface.veth).await {
+            Ok(Some(link)) => {
+                if let Err(e) = nl.delete_link(link.index).await {
+                    errors.push(e);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    errors
+}

@@ -1,0 +1,174 @@
+//! Address management: subnets and the lowest-free-address allocator.
+//!
+//! Allocation happens under the state lock, from the addresses recorded in the state, so an
+//! address is never handed out twice however many `run` commands race.
+
+use std::{collections::HashSet, fmt, net::Ipv4Addr, str::FromStr};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Subnet {
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Result<Self> {
+        if !(1..=30).contains(&prefix_len) {
+            bail!("prefix length /{prefix_len} leaves no room for containers (use /1 to /30)");
+        }
+        let network = Ipv4Addr::from(u32::from(addr) & Self::mask_of(prefix_len));
+        Ok(Subnet {
+            network,
+            prefix_len,
+        })
+    }
+
+    fn mask_of(prefix_len: u8) -> u32 {
+        u32::MAX << (32 - prefix_len as u32)
+    }
+
+    pub fn mask(&self) -> u32 {
+        Self::mask_of(self.prefix_len)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network)
+    }
+
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        self.contains(other.network) || other.contains(self.network)
+    }
+
+    /// The first usable address; md's bridge takes it.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !self.mask())
+    }
+
+    /// Lowest address that is not the network, gateway, broadcast or in `used`.
+    pub fn allocate(&self, used: &HashSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+        let first = u32::from(self.gateway()) + 1;
+        let last = u32::from(self.broadcast()) - 1;
+        (first..=last)
+            .map(Ipv4Addr::from)
+            .find(|ip| !used.contains(ip))
+            .with_context(|| format!("subnet {self} has no free address"))
+    }
+
+    /// Checks a requested static address.
+    pub fn check_static(&self, ip: Ipv4Addr, used: &HashSet<Ipv4Addr>) -> Result<()> {
+        if !self.contains(ip) {
+            bail!("address {ip} is outside subnet {self}");
+        }
+        if ip == self.network || ip == self.gateway() || ip == self.broadcast() {
+            bail!("address {ip} is reserved in subnet {self}");
+        }
+        if used.contains(&ip) {
+            bail!("address {ip} is already in use");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+impl FromStr for Subnet {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, len) = s
+            .split_once('/')
+            .with_context(|| format!("subnet {s:?} must be CIDR, like 172.18.0.0/16"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .with_context(|| format!("subnet {s:?}: {addr:?} is not an IPv4 address"))?;
+        let len: u8 = len
+            .parse()
+            .with_context(|| format!("subnet {s:?}: {len:?} is not a prefix length"))?;
+        Subnet::new(addr, len)
+    }
+}
+
+/// The MAC md gives a container interface: locally administered, derived from its address
+/// (Docker's 02:42:<ip> scheme), so it is unique wherever the address is.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_describe() {
+        let s: Subnet = "172.18.5.7/16".parse().unwrap();
+        assert_eq!(s.to_string(), "172.18.0.0/16");
+        assert_eq!(s.gateway(), Ipv4Addr::new(172, 18, 0, 1));
+        assert_eq!(s.broadcast(), Ipv4Addr::new(172, 18, 255, 255));
+        assert!(s.contains(Ipv4Addr::new(172, 18, 200, 1)));
+        assert!(!s.contains(Ipv4Addr::new(172, 19, 0, 1)));
+        for bad in [
+            "172.18.0.0",
+            "172.18.0.0/33",
+            "172.18.0/16",
+            "x/8",
+            "10.0.0.0/31",
+        ] {
+            assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn allocates_lowest_free_and_never_twice() {
+        let s: Subnet = "10.9.0.0/29".parse().unwrap(); // .1 gateway, .2-.6 usable, .7 broadcast
+        let mut used = HashSet::new();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let ip = s.allocate(&used).unwrap();
+            assert!(used.insert(ip), "{ip} handed out twice");
+            got.push(ip.octets()[3]);
+        }
+        assert_eq!(got, [2, 3, 4, 5, 6]);
+        assert!(s.allocate(&used).is_err());
+        used.remove(&Ipv4Addr::new(10, 9, 0, 4));
+        assert_eq!(s.allocate(&used).unwrap(), Ipv4Addr::new(10, 9, 0, 4));
+    }
+
+    #[test]
+    fn static_addresses_are_checked() {
+        let s: Subnet = "10.9.0.0/24".parse().unwrap();
+        let used: HashSet<_> = [Ipv4Addr::new(10, 9, 0, 5)].into();
+        assert!(s.check_static(Ipv4Addr::new(10, 9, 0, 6), &used).is_ok());
+        assert!(s.check_static(Ipv4Addr::new(10, 9, 0, 5), &used).is_err());
+        assert!(s.check_static(Ipv4Addr::new(10, 9, 0, 1), &used).is_err());
+        assert!(s.check_static(Ipv4Addr::new(10, 9, 1, 6), &used).is_err());
+    }
+
+    #[test]
+    fn overlap() {
+        let a: Subnet = "10.0.0.0/8".parse().unwrap();
+        let b: Subnet = "10.5.0.0/16".parse().unwrap();
+        let c: Subnet = "11.0.0.0/16".parse().unwrap();
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(!a.overlaps(&c));
+    }
+
+    #[test]
+    fn mac_from_ip() {
+        assert_eq!(
+            mac_for(Ipv4Addr::new(172, 18, 0, 2)),
+            [0x02, 0x42, 172, 18, 0, 2]
+        );
+    }
+}

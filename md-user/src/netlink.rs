@@ -1,0 +1,298 @@
+//! Links, addresses and routes over rtnetlink: one connection per namespace per command.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result};
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+        route::{RouteAttribute, RouteMessage},
+    },
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
+};
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Vec<u8>,
+    pub kind: Option<String>,
+    pub controller: Option<u32>,
+}
+
+/// errno of a netlink error, if it is one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn parse_link(msg: LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: Vec::new(),
+        kind: None,
+        controller: None,
+    };
+    for attr in msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n,
+            LinkAttribute::Address(a) => link.mac = a,
+            LinkAttribute::Controller(c) => link.controller = Some(c),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        link.kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+impl Netlink {
+    /// Opens a route netlink socket in the calling thread's network namespace; its connection
+    /// task runs on the current tokio runtime.
+    pub fn connect() -> Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let mut out = Vec::new();
+        let mut s = self.handle.link().get().execute();
+        while let Some(msg) = s.try_next().await.context("listing links")? {
+            out.push(parse_link(msg));
+        }
+        Ok(out)
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(Some(msg)) => Ok(Some(parse_link(msg))),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(Some(msg)) => Ok(Some(parse_link(msg))),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up link {index}")),
+        }
+    }
+
+    /// Creates the bridge if missing, with a fixed MAC (a bridge otherwise takes its lowest
+    /// port's MAC, and md's redirects need the gateway MAC to stay put), the gateway address,
+    /// and up. Returns it.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: Ipv4Addr,
+        prefix_len: u8,
+        mac: [u8; 6],
+    ) -> Result<Link> {
+        if self.link_by_name(name).await?.is_none() {
+            let msg = LinkBridge::new(name).address(mac.to_vec()).up().build();
+            match self.handle.link().add(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).with_context(|| format!("creating bridge {name}")),
+            }
+        }
+        let link = self
+            .link_by_name(name)
+            .await?
+            .with_context(|| format!("bridge {name} vanished"))?;
+        if link.kind.as_deref() != Some("bridge") {
+            anyhow::bail!("{name} exists and is not a bridge");
+        }
+        self.set_up(link.index).await?;
+        self.ensure_address(link.index, gateway, prefix_len)
+            .await
+            .with_context(|| format!("adding {gateway}/{prefix_len} to {name}"))?;
+        Ok(link)
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("setting link {index} up"))
+    }
+
+    pub async fn ensure_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix_len)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates a veth pair: `host` attached to `bridge` and up, its peer created directly in
+    /// the container's namespace as `peer` with `peer_mac` (no rename or move afterwards).
+    /// Returns the host side.
+    pub async fn create_veth(
+        &self,
+        host: &str,
+        bridge: u32,
+        peer: &str,
+        peer_mac: [u8; 6],
+        netns_fd: i32,
+    ) -> Result<Link> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_string())
+            .address(peer_mac.to_vec())
+            .setns_by_fd(netns_fd)
+            .build();
+        let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+            .name(host.to_string())
+            .controller(bridge)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("creating veth {host}"))?;
+        self.link_by_name(host)
+            .await?
+            .with_context(|| format!("veth {host} vanished"))
+    }
+
+    /// Deletes a link; a link that is already gone is not an error.
+    pub async fn delete_link(&self, index: u32) -> Result<()> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting link {index}")),
+        }
+    }
+
+    /// Every IPv4 address in this namespace with its link index.
+    pub async fn ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
+        let mut out = Vec::new();
+        let mut s = self.handle.address().get().execute();
+        while let Some(msg) = s.try_next().await.context("listing addresses")? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(ip)) = attr {
+                    out.push((msg.header.index, *ip, msg.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>> {
+        let mut out = Vec::new();
+        let mut s = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(msg) = s.try_next().await.context("listing routes")? {
+            out.push(msg);
+        }
+        Ok(out)
+    }
+
+    /// The interface of the IPv4 default route in the main table.
+    pub async fn default_route_link(&self) -> Result<Option<u32>> {
+        for r in self.ipv4_routes().await? {
+            let main = r.header.table == 254
+                || r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Table(254)));
+            if r.header.destination_prefix_length != 0 || !main {
+                continue;
+            }
+            if let Some(oif) = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            }) {
+                return Ok(Some(oif));
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn add_default_route(&self, gateway: Ipv4Addr) -> Result<()> {
+        self.handle
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(gateway)
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("adding default route via {gateway}"))
+    }
+}
+
+/// Configures the container side from inside its namespace: lo up, the interface up with its
+/// address, the default route via the gateway. IPv6 is switched off there (md's datapath is
+/// IPv4; no link-local chatter).
+pub fn configure_container_side(
+    netns: &crate::netns::Netns,
+    iface: String,
+    ip: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Option<Ipv4Addr>,
+) -> Result<()> {
+    netns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            crate::netns::write_sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1").ok();
+            crate::netns::write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1").ok();
+            let nl = Netlink::connect()?;
+            let lo = nl.link_by_name("lo").await?.context("no lo")?;
+            nl.set_up(lo.index).await?;
+            let link = nl
+                .link_by_name(&iface)
+                .await?
+                .with_context(|| format!("no {iface} in the container"))?;
+            nl.ensure_address(link.index, ip, prefix_len)
+                .await
+                .with_context(|| format!("adding {ip}/{prefix_len} to {iface}"))?;
+            nl.set_up(link.index).await?;
+            if let Some(gw) = gateway {
+                nl.add_default_route(gw).await?;
+            }
+            Ok(())
+        })
+    })
+}

@@ -1,0 +1,167 @@
+//! Namespaces through syscalls: create a network namespace, run code inside one, and the
+//! pre-exec steps that put CMD into its namespaces.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+
+/// A network namespace, alive while this handle (or any process inside) exists.
+pub struct Netns {
+    fd: OwnedFd,
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Netns {
+    /// Creates a new, empty network namespace. The unshare happens on a throwaway thread, so
+    /// the calling thread stays in the host namespace.
+    pub fn create() -> Result<Netns> {
+        std::thread::spawn(|| -> io::Result<OwnedFd> {
+            check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+            Ok(File::open("/proc/thread-self/ns/net")?.into())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+        .context("creating a network namespace")
+        .map(|fd| Netns { fd })
+    }
+
+    pub fn open(path: &Path) -> Result<Netns> {
+        let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Netns { fd: f.into() })
+    }
+
+    /// The network namespace of a running process.
+    pub fn of_pid(pid: u32) -> Result<Netns> {
+        Self::open(Path::new(&format!("/proc/{pid}/ns/net")))
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens live there).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let fd = self.fd.try_clone()?;
+        std::thread::spawn(move || -> Result<T> {
+            check(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) })
+                .context("entering the container's network namespace")?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    }
+}
+
+/// Cookie of the calling thread's network namespace (SO_NETNS_COOKIE), the value socket
+/// programs compare `bpf_get_netns_cookie` with.
+pub fn current_netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket");
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    })
+    .context("reading the network namespace cookie")?;
+    Ok(cookie)
+}
+
+/// What CMD's child does between fork and exec. Only async-signal-safe calls: no allocation.
+pub struct PreExec {
+    pub netns: RawFd,
+    /// Extra namespaces to join (e.g. the UTS namespace of a container this one shares).
+    pub join_uts: Option<RawFd>,
+    pub hostname: Option<std::ffi::CString>,
+}
+
+impl PreExec {
+    /// # Safety
+    /// Must only be called in the forked child before exec.
+    pub unsafe fn apply(&self) -> io::Result<()> {
+        // CMD dies with its supervisor, so a killed md-user never leaves an unsupervised
+        // container behind (the next command reclaims its network).
+        check(libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))?;
+        check(libc::setns(self.netns, libc::CLONE_NEWNET))?;
+        match (self.join_uts, &self.hostname) {
+            (Some(fd), _) => check(libc::setns(fd, libc::CLONE_NEWUTS))?,
+            (None, Some(h)) => {
+                check(libc::unshare(libc::CLONE_NEWUTS))?;
+                check(libc::sethostname(h.as_ptr(), libc::strlen(h.as_ptr())))?;
+            }
+            (None, None) => {}
+        }
+        // The child inherits md-user's signal mask; CMD must start with none blocked.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        check(libc::sigprocmask(
+            libc::SIG_SETMASK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+        Ok(())
+    }
+}
+
+/// Enters the namespaces of a running container process (for `exec`), in the forked child.
+pub struct JoinPid {
+    pub fds: Vec<(RawFd, libc::c_int)>,
+}
+
+impl JoinPid {
+    pub fn open(pid: u32) -> Result<(JoinPid, Vec<File>)> {
+        let mut files = Vec::new();
+        let mut fds = Vec::new();
+        for (ns, flag) in [("net", libc::CLONE_NEWNET), ("uts", libc::CLONE_NEWUTS)] {
+            let f = File::open(format!("/proc/{pid}/ns/{ns}"))
+                .with_context(|| format!("opening the {ns} namespace of pid {pid}"))?;
+            fds.push((f.as_raw_fd(), flag));
+            files.push(f);
+        }
+        Ok((JoinPid { fds }, files))
+    }
+
+    /// # Safety
+    /// Must only be called in the forked child before exec.
+    pub unsafe fn apply(&self) -> io::Result<()> {
+        for (fd, flag) in &self.fds {
+            check(libc::setns(*fd, *flag))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a sysctl through procfs in the calling thread's namespace.
+pub fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).with_context(|| format!("writing {path}"))
+}

@@ -1,0 +1,45 @@
+//! Process identity and signals. A pid alone can be reused; (pid, start time) cannot.
+
+use std::fs;
+
+/// Start time of a live (non-zombie) process in clock ticks since boot, from /proc/PID/stat.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); start time is field 22.
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether the process that had `start` as start time is still running.
+pub fn alive(pid: u32, start: u64) -> bool {
+    pid != 0 && start_time(pid) == Some(start)
+}
+
+pub fn self_identity() -> (u32, u64) {
+    let pid = std::process::id();
+    (pid, start_time(pid).unwrap_or(0))
+}
+
+/// Sends `sig` to the process if it is still the one we know.
+pub fn signal(pid: u32, start: u64, sig: i32) -> bool {
+    alive(pid, start) && unsafe { libc::kill(pid as i32, sig) } == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive() {
+        let (pid, start) = self_identity();
+        assert!(start > 0);
+        assert!(alive(pid, start));
+        assert!(!alive(pid, start + 1));
+        assert!(!alive(0, start));
+    }
+}

@@ -1,0 +1,270 @@
+//! md's saved state: networks, containers, identities and rules, in one JSON file under an
+//! exclusive lock. Every command reads it, reconciles it with what is actually running and
+//! writes it back, so the state survives crashes and lets teardown find what setup created.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::{self, File, OpenOptions},
+    io::Write,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{ipam::Subnet, portmap::PortMapping};
+
+pub const DEFAULT_NETWORK: &str = "bridge";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    pub networks: BTreeMap<String, Network>,
+    pub containers: BTreeMap<String, Container>,
+    /// Policy identity per container name: stable across restarts so rules follow names.
+    pub identities: BTreeMap<String, u32>,
+    pub next_identity: u32,
+    pub next_network_id: u32,
+    pub datapath: Option<DatapathState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Network {
+    pub id: u32,
+    pub bridge: String,
+    pub subnet: Subnet,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatapathState {
+    pub uplink: String,
+    pub uplink_ifindex: u32,
+    pub uplink_ip: Ipv4Addr,
+    pub netns_cookie: u64,
+    /// Digest of the eBPF object that is loaded, to refuse mixing builds.
+    pub object_digest: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Setup in progress (the supervisor holds the lock).
+    Creating,
+    Running,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Interface {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// Host-side veth and its ifindex.
+    pub veth: String,
+    pub ifindex: u32,
+    /// Name inside the container (eth0, eth1, ...).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Container {
+    pub name: String,
+    pub id: String,
+    pub hostname: String,
+    pub interfaces: Vec<Interface>,
+    pub ports: Vec<PortMapping>,
+    pub cmd: Vec<String>,
+    /// The container's process (CMD), once started.
+    pub pid: u32,
+    pub pid_start: u64,
+    /// The md-user process that waits for CMD and tears down: the foreground run itself or
+    /// the detached supervisor.
+    pub supervisor_pid: u32,
+    pub supervisor_start: u64,
+    pub status: Status,
+    pub detached: bool,
+    pub created_unix: u64,
+}
+
+impl Container {
+    pub fn primary_ip(&self) -> Option<Ipv4Addr> {
+        self.interfaces.first().map(|i| i.ip)
+    }
+}
+
+impl State {
+    /// Every address handed out on `network`.
+    pub fn used_ips(&self, network: &str) -> HashSet<Ipv4Addr> {
+        self.containers
+            .values()
+            .flat_map(|c| c.interfaces.iter())
+            .filter(|i| i.network == network)
+            .map(|i| i.ip)
+            .collect()
+    }
+
+    /// The identity of a name, assigned on first use.
+    pub fn identity_for(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.identities.get(name) {
+            return *id;
+        }
+        // 0 means "no identity" in the datapath.
+        self.next_identity = self.next_identity.max(1);
+        let id = self.next_identity;
+        self.next_identity += 1;
+        self.identities.insert(name.to_string(), id);
+        id
+    }
+
+    /// Forgets identities no container uses any more.
+    pub fn prune_identities(&mut self, keep: impl Fn(&str) -> bool) {
+        let live: HashSet<String> = self.containers.keys().cloned().collect();
+        self.identities
+            .retain(|name, _| live.contains(name) || keep(name));
+    }
+}
+
+/// Paths under the state directory.
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: &Path) -> Self {
+        StateDir {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    pub fn log_file(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    /// Takes the exclusive lock (blocking) and reads the state.
+    pub fn lock(&self) -> Result<Locked> {
+        fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating state directory {}", self.dir.display()))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("lock"))
+            .with_context(|| format!("opening lock in {}", self.dir.display()))?;
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking md state");
+        }
+        let state = match fs::read(self.file()) {
+            Ok(bytes) if !bytes.is_empty() => serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", self.file().display()))?,
+            Ok(_) => State::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.file().display())),
+        };
+        Ok(Locked {
+            state,
+            path: self.file(),
+            _lock: lock,
+        })
+    }
+
+    /// Reads the state without the lock (for read-only views while a setup is running).
+    pub fn peek(&self) -> Result<State> {
+        match fs::read(self.file()) {
+            Ok(bytes) if !bytes.is_empty() => Ok(serde_json::from_slice(&bytes)?),
+            _ => Ok(State::default()),
+        }
+    }
+}
+
+/// The state with the lock held; released on drop.
+pub struct Locked {
+    pub state: State,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl Locked {
+    /// Writes the state atomically (temp file + rename) so a crash never leaves half a file.
+    pub fn save(&self) -> Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(&self.state)?)?;
+        f.sync_data().ok();
+        fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "md-state-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    #[test]
+    fn round_trip_under_lock() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        {
+            let mut l = sd.lock().unwrap();
+            assert!(l.state.containers.is_empty());
+            let id = l.state.identity_for("web");
+            assert_eq!(id, 1);
+            assert_eq!(l.state.identity_for("web"), 1);
+            assert_eq!(l.state.identity_for("db"), 2);
+            l.save().unwrap();
+        }
+        let l = sd.lock().unwrap();
+        assert_eq!(l.state.identities.len(), 2);
+        assert_eq!(l.state.next_identity, 3);
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lock_is_exclusive_across_threads() {
+        let dir = tempdir();
+        let counter_file = dir.join("n");
+        fs::write(&counter_file, "0").unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = dir.clone();
+                let counter_file = counter_file.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        let _l = StateDir::new(&dir).lock().unwrap();
+                        let n: u32 = fs::read_to_string(&counter_file).unwrap().parse().unwrap();
+                        std::thread::yield_now();
+                        fs::write(&counter_file, (n + 1).to_string()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(fs::read_to_string(&counter_file).unwrap(), "160");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
