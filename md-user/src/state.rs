@@ -189,6 +189,17 @@ pub struct Locked {
 }
 
 impl Locked {
+    /// Deletes the state file (`down`): the next command starts from nothing.
+    pub fn remove(&mut self) -> Result<()> {
+        self.state = State::default();
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", self.path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Writes the state atomically (temp file + rename) so a crash never leaves half a file.
     pub fn save(&self) -> Result<()> {
         let tmp = self.path.with_extension("json.tmp");

@@ -24,8 +24,7 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
     if let Err(e) = ctx.dp.unload() {
         errors.push(e);
     }
-    locked.state = Default::default();
-    locked.save()?;
+    locked.remove()?;
     drop(locked);
     // Supervisors wake up to find their container gone; give them a moment to exit.
     for c in &containers {
