@@ -23,7 +23,6 @@ pub async fn setup(
     bridge_ifindex: u32,
     iface: &Interface,
     identity: u32,
-    net_id: u32,
 ) -> Result<u32> {
     let host = nl
         .create_veth(
@@ -60,7 +59,7 @@ pub async fn setup(
             Endpoint {
                 ifindex: host.index,
                 identity,
-                net_id,
+                net_id: net.id,
                 mac: iface.mac,
                 _pad: [0; 2],
             },

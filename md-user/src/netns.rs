@@ -117,7 +117,7 @@ impl PreExec {
             (Some(fd), _) => check(libc::setns(fd, libc::CLONE_NEWUTS))?,
             (None, Some(h)) => {
                 check(libc::unshare(libc::CLONE_NEWUTS))?;
-                check(libc::sethostname(h.as_ptr(), libc::strlen(h.as_ptr())))?;
+                check(libc::sethostname(h.as_ptr(), h.count_bytes()))?;
             }
             (None, None) => {}
         }

@@ -340,17 +340,8 @@ async fn create(
     let net = locked.state.networks[DEFAULT_NETWORK].clone();
     let netns = Netns::create()?;
     let iface = &container.interfaces[0];
-    let ifindex = endpoint::setup(
-        nl,
-        &ctx.dp,
-        &netns,
-        &net,
-        bridge_ifindex,
-        iface,
-        identity,
-        net.id,
-    )
-    .await?;
+    let ifindex =
+        endpoint::setup(nl, &ctx.dp, &netns, &net, bridge_ifindex, iface, identity).await?;
     if let Some(c) = locked.state.containers.get_mut(name) {
         c.interfaces[0].ifindex = ifindex;
     }
