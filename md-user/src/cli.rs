@@ -74,6 +74,55 @@ pub enum Command {
     Logs { name: String },
     /// Remove every container, bridge, program, pinned object and state md created.
     Down,
+    /// Inter-container policy: who may open connections to whom.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Datapath counters per container, per published port, and the tracker.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream datapath events (drops, new NAT bindings, policy verdicts) as they happen.
+    Monitor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Network settings of a container (address, gateway, MAC, veth, ports, policies).
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Stop FROM opening connections to TO (TCP, UDP, ICMP). Replies to TO's own
+    /// connections still flow.
+    Deny {
+        from: String,
+        to: String,
+        /// Both directions.
+        #[arg(long)]
+        both: bool,
+    },
+    /// Lift a deny; under `policy default deny`, grant FROM → TO.
+    Allow {
+        from: String,
+        to: String,
+        #[arg(long)]
+        both: bool,
+    },
+    /// List rules and the default.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verdict between containers without a rule (deny = Docker's --icc=false).
+    Default {
+        #[arg(value_parser = ["allow", "deny"])]
+        verdict: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -28,7 +28,8 @@ use aya::{
     Btf, EbpfLoader, Pod,
 };
 use md_common::{
-    maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Ip4, Network, PortKey, PortTarget,
+    maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Ip4, Network, PolicyKey, PolicyRule,
+    PortKey, PortTarget,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -372,6 +373,10 @@ impl Datapath {
 
     pub fn port_map(&self) -> Result<HashMap<MapData, PortKey, PortTarget>> {
         self.hash(m::PORT_MAP)
+    }
+
+    pub fn policy(&self) -> Result<HashMap<MapData, PolicyKey, PolicyRule>> {
+        self.hash(m::POLICY)
     }
 
     pub fn conntrack(&self) -> Result<HashMap<MapData, CtKey, CtEntry>> {

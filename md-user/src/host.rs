@@ -158,7 +158,11 @@ pub async fn ensure_datapath(
     cfg.host_netns_cookie = cookie;
     cfg.uplink_ifindex = uplink.index;
     cfg.uplink_ip = uplink_ip.octets();
+    cfg.policy_default = state.policy.default.map_value();
     dp.set_config(&cfg)?;
+    if fresh {
+        crate::policy::sync(dp, state)?;
+    }
     dp.attach_cgroup()?;
     // Never loopback: a packet from the wire to 127.0.0.1 must not reach a published port.
     let host_ips: Vec<Ipv4Addr> = addrs

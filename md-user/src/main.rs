@@ -12,6 +12,7 @@ mod host;
 mod ipam;
 mod netlink;
 mod netns;
+mod policy;
 mod portmap;
 mod proc;
 mod state;

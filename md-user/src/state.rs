@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{ipam::Subnet, portmap::PortMapping};
+use crate::{ipam::Subnet, policy::PolicyState, portmap::PortMapping};
 
 pub const DEFAULT_NETWORK: &str = "bridge";
 
@@ -27,6 +27,7 @@ pub struct State {
     pub identities: BTreeMap<String, u32>,
     pub next_identity: u32,
     pub next_network_id: u32,
+    pub policy: PolicyState,
     pub datapath: Option<DatapathState>,
 }
 
@@ -117,11 +118,12 @@ impl State {
         id
     }
 
-    /// Forgets identities no container uses any more.
-    pub fn prune_identities(&mut self, keep: impl Fn(&str) -> bool) {
+    /// Forgets identities no container and no rule uses any more.
+    pub fn prune_identities(&mut self) {
         let live: HashSet<String> = self.containers.keys().cloned().collect();
+        let policy = &self.policy;
         self.identities
-            .retain(|name, _| live.contains(name) || keep(name));
+            .retain(|name, _| live.contains(name) || policy.mentions(name));
     }
 }
 

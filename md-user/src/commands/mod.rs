@@ -3,8 +3,12 @@
 
 mod down;
 mod exec;
+mod inspect;
+mod monitor;
+mod policy;
 mod ps;
 mod run;
+mod stats;
 mod stop;
 
 use std::process::ExitCode;
@@ -47,6 +51,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Command::Exec { name, cmd } => exec::exec(&ctx, &name, &cmd),
                 Command::Logs { name } => exec::logs(&ctx, &name),
                 Command::Down => block_on(down::down(&ctx)),
+                Command::Policy(cmd) => block_on(policy::policy(&ctx, cmd)),
+                Command::Stats { json } => block_on(stats::stats(&ctx, json)),
+                Command::Monitor { json } => block_on(monitor::monitor(&ctx, json)),
+                Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
             }
         }
     }
@@ -83,7 +91,7 @@ pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String
         }
     }
     if !dead.is_empty() {
-        state.prune_identities(|_| false);
+        state.prune_identities();
     }
     dead
 }

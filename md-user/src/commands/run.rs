@@ -231,7 +231,7 @@ async fn supervise(
         for e in endpoint::teardown(&nl, &ctx.dp, &c).await {
             eprintln!("md-user: tearing down {name}: {}", one_line(&e));
         }
-        locked.state.prune_identities(|_| false);
+        locked.state.prune_identities();
         locked.save()?;
     }
     Ok(exit_code(status))
@@ -320,7 +320,7 @@ async fn start(
             for te in endpoint::teardown(nl, &ctx.dp, &c).await {
                 eprintln!("md-user: cleaning up {name}: {}", one_line(&te));
             }
-            locked.state.prune_identities(|_| false);
+            locked.state.prune_identities();
             locked.save()?;
             Err(e)
         }

@@ -1,0 +1,111 @@
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use super::Ctx;
+use crate::state::Status;
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Docker-inspect-like network settings of one container.
+pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
+    let state = ctx.state_dir.peek()?;
+    let c = state
+        .containers
+        .get(name)
+        .with_context(|| format!("no such container: {name}"))?;
+    let mut networks = serde_json::Map::new();
+    for i in &c.interfaces {
+        let net = state.networks.get(&i.network);
+        networks.insert(
+            i.network.clone(),
+            json!({
+                "IPAddress": i.ip.to_string(),
+                "IPPrefixLen": net.map(|n| n.subnet.prefix_len),
+                "Gateway": net.map(|n| n.subnet.gateway().to_string()),
+                "MacAddress": mac(&i.mac),
+                "Interface": i.name,
+                "HostVeth": i.veth,
+                "HostIfindex": i.ifindex,
+                "Bridge": net.map(|n| n.bridge.clone()),
+            }),
+        );
+    }
+    let mut ports = serde_json::Map::new();
+    for p in &c.ports {
+        let key = format!("{}/{}", p.container_port, p.proto);
+        let entry = ports.entry(key).or_insert_with(|| json!([]));
+        if let Value::Array(a) = entry {
+            a.push(json!({
+                "HostIp": p.host_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into()),
+                "HostPort": p.host_port.to_string(),
+            }));
+        }
+    }
+    let policies: Vec<Value> = state
+        .policy
+        .rules
+        .iter()
+        .filter(|r| r.from == c.name || r.to == c.name)
+        .map(|r| json!({"from": r.from, "to": r.to, "verdict": r.verdict.to_string()}))
+        .collect();
+    let out = json!({
+        "Name": c.name,
+        "Id": c.id,
+        "Hostname": c.hostname,
+        "Command": c.cmd,
+        "State": {
+            "Status": match c.status { Status::Running => "running", Status::Creating => "creating" },
+            "Pid": c.pid,
+            "Detached": c.detached,
+        },
+        "NetworkSettings": {
+            "Networks": networks,
+            "Ports": ports,
+        },
+        "Policies": policies,
+        "PolicyDefault": state.policy.default.to_string(),
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Name:      {}", c.name);
+    println!("Id:        {}", c.id);
+    println!("Hostname:  {}", c.hostname);
+    println!("Pid:       {}", c.pid);
+    for (net, n) in out["NetworkSettings"]["Networks"].as_object().unwrap() {
+        println!("Network:   {net}");
+        println!(
+            "  IP:        {}/{}",
+            n["IPAddress"].as_str().unwrap_or(""),
+            n["IPPrefixLen"]
+        );
+        println!("  Gateway:   {}", n["Gateway"].as_str().unwrap_or(""));
+        println!("  MAC:       {}", n["MacAddress"].as_str().unwrap_or(""));
+        println!(
+            "  Interface: {} (host side {} on {})",
+            n["Interface"].as_str().unwrap_or(""),
+            n["HostVeth"].as_str().unwrap_or(""),
+            n["Bridge"].as_str().unwrap_or("")
+        );
+    }
+    for p in &c.ports {
+        println!("Port:      {p}");
+    }
+    for r in &policies {
+        println!(
+            "Policy:    {} {} -> {}",
+            r["verdict"].as_str().unwrap_or(""),
+            r["from"].as_str().unwrap_or(""),
+            r["to"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,193 @@
+use std::process::ExitCode;
+
+use anyhow::Result;
+use md_common::{
+    drop_reason_name, IfStats, DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_POLICY,
+    DROP_SPOOF, DROP_UNSUPPORTED,
+};
+use serde_json::{json, Value};
+
+use super::{reconcile, Ctx};
+use crate::{datapath::Datapath, endpoint::port_key, netlink::Netlink};
+
+/// Sum of an interface's per-CPU counters.
+pub fn if_stats(dp: &Datapath, ifindex: u32) -> IfStats {
+    let mut t = IfStats::default();
+    let Ok(map) = dp.if_stats() else {
+        return t;
+    };
+    if let Ok(per_cpu) = map.get(&ifindex, 0) {
+        for s in per_cpu.iter() {
+            t.egress_packets += s.egress_packets;
+            t.egress_bytes += s.egress_bytes;
+            t.ingress_packets += s.ingress_packets;
+            t.ingress_bytes += s.ingress_bytes;
+            t.snat += s.snat;
+            t.dnat += s.dnat;
+            t.drop_policy += s.drop_policy;
+            t.drop_spoof += s.drop_spoof;
+            t.drop_isolation += s.drop_isolation;
+            t.drop_unsupported += s.drop_unsupported;
+            t.drop_nat_ports += s.drop_nat_ports;
+            t.drop_malformed += s.drop_malformed;
+        }
+    }
+    t
+}
+
+fn add(a: &mut IfStats, b: &IfStats) {
+    a.egress_packets += b.egress_packets;
+    a.egress_bytes += b.egress_bytes;
+    a.ingress_packets += b.ingress_packets;
+    a.ingress_bytes += b.ingress_bytes;
+    a.snat += b.snat;
+    a.dnat += b.dnat;
+    a.drop_policy += b.drop_policy;
+    a.drop_spoof += b.drop_spoof;
+    a.drop_isolation += b.drop_isolation;
+    a.drop_unsupported += b.drop_unsupported;
+    a.drop_nat_ports += b.drop_nat_ports;
+    a.drop_malformed += b.drop_malformed;
+}
+
+fn counters(s: &IfStats) -> Value {
+    let drops: serde_json::Map<String, Value> = [
+        (DROP_POLICY, s.drop_policy),
+        (DROP_SPOOF, s.drop_spoof),
+        (DROP_ISOLATION, s.drop_isolation),
+        (DROP_UNSUPPORTED, s.drop_unsupported),
+        (DROP_NAT_PORTS, s.drop_nat_ports),
+        (DROP_MALFORMED, s.drop_malformed),
+    ]
+    .iter()
+    .map(|(r, n)| (drop_reason_name(*r).to_string(), json!(n)))
+    .collect();
+    json!({
+        "egress_packets": s.egress_packets,
+        "egress_bytes": s.egress_bytes,
+        "ingress_packets": s.ingress_packets,
+        "ingress_bytes": s.ingress_bytes,
+        "snat": s.snat,
+        "dnat": s.dnat,
+        "drops": drops,
+    })
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+pub async fn stats(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
+    let nl = Netlink::connect()?;
+    let mut locked = ctx.state_dir.lock()?;
+    if !reconcile(ctx, &nl, &mut locked.state).await.is_empty() {
+        locked.save()?;
+    }
+    let state = &locked.state;
+    let dp = &ctx.dp;
+    let loaded = dp.is_loaded();
+    let mut containers = Vec::new();
+    let mut ports = Vec::new();
+    let port_map = if loaded { dp.port_map().ok() } else { None };
+    for c in state.containers.values() {
+        let mut total = IfStats::default();
+        if loaded {
+            for i in &c.interfaces {
+                add(&mut total, &if_stats(dp, i.ifindex));
+            }
+        }
+        let mut row = counters(&total);
+        row["name"] = json!(c.name);
+        row["ip"] = json!(c.primary_ip().map(|i| i.to_string()));
+        containers.push(row);
+        for p in &c.ports {
+            let hits = port_map
+                .as_ref()
+                .and_then(|m| m.get(&port_key(p), 0).ok())
+                .map(|t| t.hits)
+                .unwrap_or(0);
+            ports.push(json!({"container": c.name, "port": p.to_string(), "hits": hits}));
+        }
+    }
+    // Expired tracker entries are collected here: md has no daemon to do it.
+    let (entries, collected) = if loaded {
+        let before = dp.conntrack()?.keys().count();
+        let live = dp.gc_conntrack()?;
+        (live, before.saturating_sub(live))
+    } else {
+        (0, 0)
+    };
+    let uplink = match (&state.datapath, loaded) {
+        (Some(d), true) => {
+            let mut u = counters(&if_stats(dp, d.uplink_ifindex));
+            u["name"] = json!(d.uplink);
+            u
+        }
+        _ => Value::Null,
+    };
+    let out = json!({
+        "containers": containers,
+        "uplink": uplink,
+        "conntrack": {
+            "entries": entries,
+            "collected": collected,
+            "capacity": md_common::maps::CONNTRACK_MAX,
+        },
+        "ports": ports,
+    });
+    drop(locked);
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:>10} {:>12} {:>10} {:>12} {:>7} {:>7}  DROPS",
+        "CONTAINER", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "SNAT", "DNAT"
+    );
+    let rows = out["containers"].as_array().cloned().unwrap_or_default();
+    for r in rows.iter().chain(std::iter::once(&out["uplink"])) {
+        if r.is_null() {
+            continue;
+        }
+        let drops: Vec<String> = r["drops"]
+            .as_object()
+            .map(|d| {
+                d.iter()
+                    .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:>10} {:>12} {:>10} {:>12} {:>7} {:>7}  {}",
+            r["name"].as_str().unwrap_or(""),
+            n(&r["egress_packets"]),
+            n(&r["egress_bytes"]),
+            n(&r["ingress_packets"]),
+            n(&r["ingress_bytes"]),
+            n(&r["snat"]),
+            n(&r["dnat"]),
+            if drops.is_empty() {
+                "-".into()
+            } else {
+                drops.join(" ")
+            }
+        );
+    }
+    println!();
+    for p in out["ports"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "port {:<28} {:<20} hits {}",
+            p["port"].as_str().unwrap_or(""),
+            p["container"].as_str().unwrap_or(""),
+            p["hits"]
+        );
+    }
+    println!(
+        "conntrack: {} live entries ({} expired collected), capacity {}",
+        entries,
+        collected,
+        md_common::maps::CONNTRACK_MAX
+    );
+    Ok(ExitCode::SUCCESS)
+}
