@@ -12,6 +12,7 @@
 //! root, `MD_USER_BIN` missing), so `cargo xtask test` cannot pass by skipping silently.
 
 mod lab;
+pub mod pkt;
 pub mod process;
 
 use std::path::{Path, PathBuf};
