@@ -456,6 +456,76 @@ impl Lab {
         )
     }
 
+    /// Waits until something listens on `proto` ("tcp"/"udp") port `port` in the host ns.
+    #[track_caller]
+    pub fn wait_listening_host(&self, proto: &str, port: u16) {
+        let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
+        let filter = format!("sport = :{port}");
+        wait_for(
+            &format!("{proto}/{port} listens in the host ns"),
+            Duration::from_secs(10),
+            || {
+                let out = self.host(&["ss", flag, &filter]);
+                (out.status.success() && !out.stdout.is_empty()).then_some(())
+            },
+        )
+    }
+
+    /// Waits until something listens on `proto` ("tcp"/"udp") port `port` inside `container`.
+    #[track_caller]
+    pub fn wait_listening_in(&self, container: &str, proto: &str, port: u16) {
+        let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
+        let filter = format!("sport = :{port}");
+        wait_for(
+            &format!("{proto}/{port} listens in {container}"),
+            Duration::from_secs(10),
+            || {
+                let out = self.exec(container, &["ss", flag, &filter]);
+                (out.status.success() && !out.stdout.is_empty()).then_some(())
+            },
+        )
+    }
+
+    /// Starts `md-user exec CONTAINER -- args...` in the background; killed when the guard drops
+    /// (what it started inside the container dies with the lab).
+    pub fn spawn_exec(&self, container: &str, args: &[&str]) -> Bg {
+        let mut a = vec!["exec", container, "--"];
+        a.extend_from_slice(args);
+        Bg::spawn(
+            &mut self.host_md_cmd(&self.md_bin, &a),
+            &self.log_path(&format!("exec-{container}")),
+        )
+    }
+
+    /// Entries of the pinned map `<pin dir>/maps/<map>` as `bpftool map dump -j` shows them
+    /// (run from the root namespace: pin paths are global). Empty if the map is not pinned.
+    #[track_caller]
+    pub fn map_dump(&self, map: &str) -> Vec<Value> {
+        let path = self.pin_dir.join("maps").join(map);
+        if !path.exists() {
+            return Vec::new();
+        }
+        let p = path.to_string_lossy();
+        let out = self.sh(&["bpftool", "map", "dump", "pinned", &p, "-j"]);
+        match serde_json::from_str(&out) {
+            Ok(Value::Array(v)) => v,
+            _ => panic!("bpftool map dump {p}: not a JSON array:\n{out}"),
+        }
+    }
+
+    /// `md-user stats --json`, parsed (an object; see md-user's stats contract).
+    #[track_caller]
+    pub fn stats(&self) -> Value {
+        let out = self.md_ok(&["stats", "--json"]);
+        let v: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("md-user stats --json is not JSON ({e}):\n{out}"));
+        assert!(
+            v.is_object(),
+            "md-user stats --json is not an object:\n{out}"
+        );
+        v
+    }
+
     /// `(ifindex, name)` of every link in the host namespace.
     #[track_caller]
     pub fn link_table(&self) -> Vec<(u32, String)> {
