@@ -207,7 +207,10 @@ impl Ipv4Pkt {
     }
 
     pub fn options(mut self, opts: &[u8]) -> Self {
-        assert!(opts.len() % 4 == 0 && opts.len() <= 40, "bad IP options");
+        assert!(
+            opts.len().is_multiple_of(4) && opts.len() <= 40,
+            "bad IP options"
+        );
         self.options = opts.to_vec();
         self
     }
@@ -368,7 +371,10 @@ impl<'a> View<'a> {
     /// Panics unless `frame` is Ethernet + a complete IPv4 header.
     #[track_caller]
     pub fn new(frame: &'a [u8]) -> Self {
-        assert!(frame.len() >= ETH_HLEN + 20, "frame too short: {frame:02x?}");
+        assert!(
+            frame.len() >= ETH_HLEN + 20,
+            "frame too short: {frame:02x?}"
+        );
         assert_eq!(
             u16::from_be_bytes([frame[12], frame[13]]),
             ETH_P_IP,

@@ -1,0 +1,1344 @@
+//! BPF_PROG_TEST_RUN unit tests of md's packet logic.
+//!
+//! Each test loads md's eBPF object afresh (private maps, nothing pinned, no interface touched),
+//! fills the maps, runs crafted frames through a TC program with `SchedClassifier::test_run`,
+//! and checks the verdict, the rewritten bytes and the tracker. Expected frames are built from
+//! scratch by `md_tests::pkt` (its own RFC 1071 checksums), so an output that equals them has
+//! every checksum right. Test-run skbs are CHECKSUM_NONE: the helpers update the full L4
+//! checksum, and a correct incremental update equals the recomputation.
+//!
+//! Every packet runs with `__sk_buff.ifindex = 1` (lo, which is also what the kernel uses when
+//! no context is given), so every endpoint a packet comes from has `ifindex = 1`.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN): gated by `md_tests::require_e2e()` like the e2e tests.
+//! The object is `target/md-ebpf/md-ebpf.o` (`cargo xtask build-ebpf`) or `$MD_EBPF_OBJ`.
+
+use std::path::PathBuf;
+
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Btf, Ebpf, EbpfLoader, Pod,
+};
+use md_common::{
+    maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
+    PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
+    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, POLICY_ALLOW, POLICY_DENY, TCP_ESTABLISHED,
+    TCP_SYN_SENT,
+};
+use md_tests::{
+    pkt::{
+        arp_request, fix_ip_csum, fold, poke_addr, poke_port, pseudo_sum, sum16, Ip4, Ipv4Pkt, Mac,
+        View, ICMP_DEST_UNREACH, ICMP_ECHO, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP, IP_MF, L4, TCP_ACK, TCP_PSH, TCP_SYN,
+    },
+    require_e2e,
+};
+
+/// TCX_NEXT (-1) as the test run reports it.
+const PASS: u32 = u32::MAX;
+const SHOT: u32 = 2;
+/// TC_ACT_REDIRECT: what `bpf_redirect` returns.
+const REDIRECT: u32 = 7;
+
+const LO: u32 = 1;
+/// `offsetof(struct __sk_buff, ifindex)`; the struct is 192 bytes on 64-bit kernels.
+const SKB_IFINDEX_OFF: usize = 40;
+const SKB_CTX_LEN: usize = 192;
+
+const HOST: Ip4 = [192, 0, 2, 1];
+/// A second host address.
+const HOST2: Ip4 = [192, 0, 2, 100];
+const OUT: Ip4 = [192, 0, 2, 2];
+const ROUTER: Ip4 = [198, 51, 100, 1];
+const LOOPBACK: Ip4 = [127, 0, 0, 1];
+const GW: Ip4 = [172, 18, 0, 1];
+const GW_MAC: Mac = [0x0e, 0x6d, 0, 0, 0, 0x01];
+const C2: Ip4 = [172, 18, 0, 2];
+const C3: Ip4 = [172, 18, 0, 3];
+const C4: Ip4 = [172, 18, 0, 4];
+const C5: Ip4 = [172, 18, 0, 5];
+/// A container on another network (net 2).
+const C6: Ip4 = [172, 19, 0, 6];
+/// A container whose veth is some other interface (ifindex 7).
+const C7: Ip4 = [172, 18, 0, 7];
+
+const NAT_MIN: u16 = 61000;
+const NAT_MAX: u16 = 65535;
+
+const VETH_INGRESS: &str = m::PROG_VETH_INGRESS;
+const UPLINK_INGRESS: &str = m::PROG_UPLINK_INGRESS;
+const UPLINK_EGRESS: &str = m::PROG_UPLINK_EGRESS;
+
+fn mac(ip: Ip4) -> Mac {
+    [0x02, 0x42, ip[0], ip[1], ip[2], ip[3]]
+}
+
+fn identity(ip: Ip4) -> u32 {
+    100 + u32::from(ip[3])
+}
+
+fn object_path() -> PathBuf {
+    match std::env::var_os("MD_EBPF_OBJ") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/md-ebpf/md-ebpf.o"),
+    }
+}
+
+/// md's datapath, loaded privately for one test.
+struct Dp {
+    ebpf: Ebpf,
+}
+
+impl Dp {
+    /// The object loaded, the TC programs loaded, CONFIG = defaults with uplink 192.0.2.1 and
+    /// counters for ifindex 1. Maps otherwise empty.
+    fn bare() -> Self {
+        let path = object_path();
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "reading {}: {e} (run `cargo xtask build-ebpf`, or set MD_EBPF_OBJ)",
+                path.display()
+            )
+        });
+        let btf = Btf::from_sys_fs().ok();
+        let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
+            .load(&bytes)
+            .expect("loading md's eBPF object");
+        for name in [VETH_INGRESS, UPLINK_INGRESS, UPLINK_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing"))
+                .try_into()
+                .unwrap();
+            prog.load()
+                .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
+        }
+        let mut dp = Dp { ebpf };
+        dp.set_config(|_| {});
+        let n = aya::util::nr_cpus().expect("nr_cpus");
+        let zero = PerCpuValues::try_from(vec![IfStats::default(); n]).unwrap();
+        let mut stats: PerCpuHashMap<_, u32, IfStats> =
+            PerCpuHashMap::try_from(dp.ebpf.map_mut(m::IF_STATS).unwrap()).unwrap();
+        stats.insert(LO, zero, 0).unwrap();
+        dp
+    }
+
+    /// [`Dp::bare`] plus a small host: networks 1 (172.18/16) and 2 (172.19/16), containers
+    /// C2..C5 and C7 on net 1 (C7's veth is ifindex 7), C6 on net 2, host addresses HOST and
+    /// HOST2.
+    fn lab() -> Self {
+        let mut dp = Dp::bare();
+        dp.network(1, GW, [172, 18, 0, 0], GW_MAC);
+        dp.network(
+            2,
+            [172, 19, 0, 1],
+            [172, 19, 0, 0],
+            [0x0e, 0x6d, 0, 0, 0, 0x02],
+        );
+        for ip in [C2, C3, C4, C5] {
+            dp.endpoint(ip, 1, LO);
+        }
+        dp.endpoint(C6, 2, LO);
+        dp.endpoint(C7, 1, 7);
+        dp.host_addr(HOST);
+        dp.host_addr(HOST2);
+        dp
+    }
+
+    fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap()
+    }
+
+    fn set_config(&mut self, f: impl FnOnce(&mut Config)) {
+        let mut cfg = Config::defaults();
+        cfg.uplink_ip = HOST;
+        cfg.uplink_ifindex = LO;
+        f(&mut cfg);
+        let mut arr: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(m::CONFIG).unwrap()).unwrap();
+        arr.set(0, cfg, 0).unwrap();
+    }
+
+    fn network(&mut self, id: u32, gateway: Ip4, subnet: Ip4, gateway_mac: Mac) {
+        let net = Network {
+            gateway,
+            subnet,
+            prefix_len: 16,
+            gateway_mac,
+            bridge_ifindex: LO,
+            ..Default::default()
+        };
+        self.hash::<u32, Network>(m::NETWORKS)
+            .insert(id, net, 0)
+            .unwrap();
+    }
+
+    fn endpoint(&mut self, ip: Ip4, net_id: u32, ifindex: u32) {
+        let ep = Endpoint {
+            ifindex,
+            identity: identity(ip),
+            net_id,
+            mac: mac(ip),
+            ..Default::default()
+        };
+        self.hash::<Ip4, Endpoint>(m::ENDPOINTS)
+            .insert(ip, ep, 0)
+            .unwrap();
+    }
+
+    fn host_addr(&mut self, ip: Ip4) {
+        self.hash::<Ip4, u32>(m::HOST_ADDRS)
+            .insert(ip, 1, 0)
+            .unwrap();
+    }
+
+    /// Publishes `ip:port/proto` (ip 0.0.0.0: every host address) to container `to`:`to_port`.
+    fn publish(&mut self, ip: Ip4, port: u16, proto: u8, to: Ip4, to_port: u16) {
+        let t = PortTarget {
+            ip: to,
+            port: to_port,
+            identity: identity(to),
+            ..Default::default()
+        };
+        self.hash::<PortKey, PortTarget>(m::PORT_MAP)
+            .insert(PortKey::new(ip, port, proto), t, 0)
+            .unwrap();
+    }
+
+    fn port_hits(&mut self, ip: Ip4, port: u16, proto: u8) -> u64 {
+        self.hash::<PortKey, PortTarget>(m::PORT_MAP)
+            .get(&PortKey::new(ip, port, proto), 0)
+            .unwrap()
+            .hits
+    }
+
+    fn policy(&mut self, from: Ip4, to: Ip4, verdict: u8) {
+        let key = PolicyKey {
+            src_identity: identity(from),
+            dst_identity: identity(to),
+        };
+        let rule = PolicyRule {
+            verdict,
+            ..Default::default()
+        };
+        self.hash::<PolicyKey, PolicyRule>(m::POLICY)
+            .insert(key, rule, 0)
+            .unwrap();
+    }
+
+    fn policy_drops(&mut self, from: Ip4, to: Ip4) -> u64 {
+        let key = PolicyKey {
+            src_identity: identity(from),
+            dst_identity: identity(to),
+        };
+        self.hash::<PolicyKey, PolicyRule>(m::POLICY)
+            .get(&key, 0)
+            .unwrap()
+            .drops
+    }
+
+    fn ct_insert(&mut self, key: CtKey, e: CtEntry) {
+        self.hash::<CtKey, CtEntry>(m::CONNTRACK)
+            .insert(key, e, 0)
+            .unwrap();
+    }
+
+    fn ct_get(&mut self, key: &CtKey) -> Option<CtEntry> {
+        match self.hash::<CtKey, CtEntry>(m::CONNTRACK).get(key, 0) {
+            Ok(e) => Some(e),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => panic!("reading CONNTRACK: {e:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn ct_must(&mut self, key: &CtKey) -> CtEntry {
+        self.ct_get(key)
+            .unwrap_or_else(|| panic!("no tracker entry for {}", fmt_key(key)))
+    }
+
+    fn ct_keys(&mut self) -> Vec<CtKey> {
+        let ct = self.hash::<CtKey, CtEntry>(m::CONNTRACK);
+        ct.keys().map(|k| k.unwrap()).collect()
+    }
+
+    /// Counter `f` of ifindex 1, summed over CPUs.
+    fn stat(&mut self, f: impl Fn(&IfStats) -> u64) -> u64 {
+        let stats: PerCpuHashMap<_, u32, IfStats> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(m::IF_STATS).unwrap()).unwrap();
+        stats.get(&LO, 0).unwrap().iter().map(f).sum()
+    }
+
+    /// Runs `frame` through `prog` with `__sk_buff.ifindex = 1`; returns the verdict and the
+    /// frame as the program left it.
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&LO.to_ne_bytes());
+        self.run_ctx(prog, frame, Some(&ctx))
+    }
+
+    fn run_ctx(&self, prog: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
+        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 512];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test_run of {prog}: {e:?}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn ip(a: Ip4) -> String {
+    format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
+}
+
+fn fmt_key(k: &CtKey) -> String {
+    format!(
+        "{}:{} -> {}:{} proto {}",
+        ip(k.saddr),
+        k.sport,
+        ip(k.daddr),
+        k.dport,
+        k.proto
+    )
+}
+
+fn verdict(v: u32) -> String {
+    match v {
+        PASS => "TCX_NEXT (pass)".into(),
+        SHOT => "TC_ACT_SHOT".into(),
+        REDIRECT => "TC_ACT_REDIRECT".into(),
+        v => format!("{v} ({})", v as i32),
+    }
+}
+
+#[track_caller]
+fn assert_verdict(got: u32, want: u32, what: &str) {
+    assert_eq!(
+        got,
+        want,
+        "{what}: verdict {}, expected {}",
+        verdict(got),
+        verdict(want)
+    );
+}
+
+/// The tuple of a packet as md keys it (ICMP echo: identifier as sport of a request, dport
+/// of a reply).
+fn key_of(p: &Ipv4Pkt) -> CtKey {
+    match &p.l4 {
+        L4::Tcp { sport, dport, .. } => CtKey::new(p.saddr, p.daddr, *sport, *dport, IPPROTO_TCP),
+        L4::Udp { sport, dport, .. } => CtKey::new(p.saddr, p.daddr, *sport, *dport, IPPROTO_UDP),
+        L4::Icmp { typ, rest, .. } => {
+            let id = u16::from_be_bytes([rest[0], rest[1]]);
+            let (s, d) = if *typ == ICMP_ECHO { (id, 0) } else { (0, id) };
+            CtKey::new(p.saddr, p.daddr, s, d, IPPROTO_ICMP)
+        }
+        L4::Raw(_) => panic!("no tuple for a raw packet"),
+    }
+}
+
+/// `p` with its tuple replaced by `t` (everything else, checksums recomputed, the same).
+fn with_tuple(p: &Ipv4Pkt, t: CtKey) -> Ipv4Pkt {
+    let mut q = p.clone();
+    q.saddr = t.saddr;
+    q.daddr = t.daddr;
+    match &mut q.l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => {
+            *sport = t.sport;
+            *dport = t.dport;
+        }
+        L4::Icmp { typ, rest, .. } => {
+            let id = if *typ == ICMP_ECHO { t.sport } else { t.dport };
+            rest[..2].copy_from_slice(&id.to_be_bytes());
+        }
+        L4::Raw(_) => {}
+    }
+    q
+}
+
+/// Byte-for-byte equality, listing the differing bytes.
+#[track_caller]
+fn assert_frame_eq(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let diffs: Vec<String> = (0..got.len().max(want.len()))
+        .filter(|&i| got.get(i) != want.get(i))
+        .take(24)
+        .map(|i| format!("@{i}: got {:02x?} want {:02x?}", got.get(i), want.get(i)))
+        .collect();
+    panic!(
+        "{what}: frame differs (len {} vs {}); {}\n got: {got:02x?}\nwant: {want:02x?}",
+        got.len(),
+        want.len(),
+        diffs.join(", ")
+    );
+}
+
+/// Runs a container's first packet `p` through uplink egress and checks the masquerade:
+/// source = HOST with a port (ICMP: identifier) from the NAT range, nothing else changed, every
+/// checksum right, and both tracker halves. Returns the port and the translated frame.
+#[track_caller]
+fn expect_snat(dp: &mut Dp, p: &Ipv4Pkt, what: &str) -> (u16, Vec<u8>) {
+    let orig = key_of(p);
+    let (rc, out) = dp.run(UPLINK_EGRESS, &p.build());
+    assert_verdict(rc, PASS, what);
+    let v = View::new(&out);
+    v.assert_checksums(what);
+    assert_eq!(ip(v.saddr()), ip(HOST), "{what}: source address");
+    assert_eq!(ip(v.daddr()), ip(p.daddr), "{what}: destination address");
+    let port = if p.proto() == IPPROTO_ICMP {
+        v.icmp_id()
+    } else {
+        assert_eq!(v.dport(), orig.dport, "{what}: destination port");
+        v.sport()
+    };
+    let (min, max) = {
+        let cfg: Array<_, Config> = Array::try_from(dp.ebpf.map(m::CONFIG).unwrap()).unwrap();
+        let c = cfg.get(&0, 0).unwrap();
+        (c.nat_port_min, c.nat_port_max)
+    };
+    assert!(
+        (min..=max).contains(&port),
+        "{what}: NAT port {port} outside [{min}, {max}]"
+    );
+    let nat = CtKey {
+        saddr: HOST,
+        sport: port,
+        ..orig
+    };
+    assert_frame_eq(&out, &with_tuple(p, nat).build(), what);
+
+    let e = dp.ct_must(&orig);
+    assert_eq!(
+        fmt_key(&e.nat_tuple(orig.proto)),
+        fmt_key(&nat),
+        "{what}: original half"
+    );
+    assert_eq!(
+        (e.kind, e.dir, e.hook),
+        (CT_KIND_SNAT, CT_DIR_ORIGINAL, CT_HOOK_UPLINK),
+        "{what}: original half kind/dir/hook"
+    );
+    let r = dp.ct_must(&nat.reversed());
+    assert_eq!(
+        fmt_key(&r.nat_tuple(orig.proto)),
+        fmt_key(&orig.reversed()),
+        "{what}: reply half"
+    );
+    assert_eq!(
+        (r.kind, r.dir, r.hook),
+        (CT_KIND_SNAT, CT_DIR_REPLY, CT_HOOK_UPLINK),
+        "{what}: reply half kind/dir/hook"
+    );
+    (port, out)
+}
+
+/// Runs `p` through `prog` and expects it to come out as `want` with verdict `rc`.
+#[track_caller]
+fn expect_rewrite(dp: &Dp, prog: &str, p: &Ipv4Pkt, rc: u32, want: &Ipv4Pkt, what: &str) {
+    let (got_rc, out) = dp.run(prog, &p.build());
+    assert_verdict(got_rc, rc, what);
+    let v = View::new(&out);
+    v.assert_checksums(what);
+    assert_frame_eq(&out, &want.build(), what);
+}
+
+/// Runs `p` through `prog` and expects verdict `rc` with the frame untouched.
+#[track_caller]
+fn expect_untouched(dp: &Dp, prog: &str, p: &Ipv4Pkt, rc: u32, what: &str) {
+    let frame = p.build();
+    let (got_rc, out) = dp.run(prog, &frame);
+    assert_verdict(got_rc, rc, what);
+    assert_frame_eq(&out, &frame, what);
+}
+
+/// A live tracker entry that belongs to nobody under test.
+fn foreign_entry(nat: CtKey) -> CtEntry {
+    CtEntry {
+        nat_saddr: nat.saddr,
+        nat_daddr: nat.daddr,
+        nat_sport: nat.sport,
+        nat_dport: nat.dport,
+        kind: CT_KIND_SNAT,
+        dir: CT_DIR_REPLY,
+        hook: CT_HOOK_UPLINK,
+        expires_ns: u64::MAX / 2,
+        ..Default::default()
+    }
+}
+
+/// Copies the quoted packet's L4 checksum field from `got_inner` into `want_inner` (IP
+/// datagrams): md leaves it alone and receivers ignore it, so the tests do not pin its value
+/// (the outer ICMP checksum, which covers it, is still checked from scratch).
+fn adopt_quoted_l4_csum(want_inner: &mut [u8], got_inner: &[u8]) {
+    let ihl = usize::from(want_inner[0] & 0x0f) * 4;
+    let off = ihl
+        + match want_inner[9] {
+            IPPROTO_TCP => 16,
+            IPPROTO_UDP => 6,
+            _ => 2,
+        };
+    if off + 2 <= want_inner.len() && off + 2 <= got_inner.len() {
+        want_inner[off..off + 2].copy_from_slice(&got_inner[off..off + 2]);
+    }
+}
+
+/// The IP datagram an ICMP error in `frame` quotes.
+fn quoted(frame: &[u8]) -> Vec<u8> {
+    View::new(frame).l4()[8..].to_vec()
+}
+
+/// Checks an ICMP error frame: outer IP and ICMP checksums (the whole message) and the quoted
+/// IP header checksum, all recomputed from scratch.
+#[track_caller]
+fn assert_icmp_error_checksums(frame: &[u8], what: &str) {
+    let v = View::new(frame);
+    v.assert_checksums(what);
+    let inner = quoted(frame);
+    let (want, got) = md_tests::pkt::ip_header_csum(&inner);
+    assert_eq!(
+        got, want,
+        "{what}: quoted IP header checksum {got:#06x}, recomputed {want:#06x}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 0. The test-run context itself
+
+#[test]
+fn test_run_context_is_lo() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let p = Ipv4Pkt::udp(C2, 40000, OUT, 53).macs(mac(C2), GW_MAC);
+    // Without a context the kernel runs the skb on lo (ifindex 1): C2's port.
+    let (rc, _) = dp.run_ctx(VETH_INGRESS, &p.build(), None);
+    assert_verdict(rc, PASS, "default context: C2 (ifindex 1) sending");
+    // With ifindex 1 in the context: the same.
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, PASS, "ifindex 1: C2 sending");
+    // The datapath really compares: C7's veth is ifindex 7.
+    let p7 = Ipv4Pkt::udp(C7, 40000, OUT, 53).macs(mac(C7), GW_MAC);
+    let (rc, _) = dp.run(VETH_INGRESS, &p7.build());
+    assert_verdict(rc, SHOT, "C7's packet arriving on ifindex 1");
+    assert_eq!(dp.stat(|s| s.drop_spoof), 1);
+    assert_eq!(dp.stat(|s| s.egress_packets), 3, "veth ingress counts");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1-3. Masquerade
+
+#[test]
+fn snat_tcp_and_reverse() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let syn = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN);
+    let (port, _) = expect_snat(&mut dp, &syn, "TCP SYN C2:40000 -> OUT:80");
+    assert_eq!(dp.ct_keys().len(), 2, "one flow, two tracker entries");
+    let orig = key_of(&syn);
+    let reply = CtKey::new(OUT, HOST, 80, port, IPPROTO_TCP);
+    assert_eq!(dp.ct_must(&orig).tcp_state, TCP_SYN_SENT);
+    assert_eq!(dp.ct_must(&reply).tcp_state, TCP_SYN_SENT);
+    assert_eq!(dp.stat(|s| s.snat), 1, "snat counter");
+
+    // The SYN-ACK comes back to HOST:port and leaves for C2:40000.
+    let synack = Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_SYN | TCP_ACK);
+    let want = with_tuple(&synack, orig.reversed());
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &synack,
+        PASS,
+        &want,
+        "SYN-ACK reverse SNAT",
+    );
+    assert_eq!(
+        dp.ct_must(&orig).tcp_state,
+        TCP_ESTABLISHED,
+        "original half"
+    );
+    assert_eq!(dp.ct_must(&reply).tcp_state, TCP_ESTABLISHED, "reply half");
+
+    // The next packet of the flow reuses the mapping.
+    let ack =
+        Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_ACK | TCP_PSH).payload(b"GET / HTTP/1.0\r\n\r\n");
+    let want = with_tuple(&ack, CtKey::new(HOST, OUT, port, 80, IPPROTO_TCP));
+    expect_rewrite(
+        &dp,
+        UPLINK_EGRESS,
+        &ack,
+        PASS,
+        &want,
+        "data packet, same flow",
+    );
+    assert_eq!(dp.ct_keys().len(), 2);
+
+    // A packet to a NAT-range port nobody uses is not md's: untouched.
+    let stray = Ipv4Pkt::tcp(OUT, 80, HOST, port ^ 1, TCP_ACK);
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &stray,
+        PASS,
+        "stray packet to an unused port",
+    );
+}
+
+#[test]
+fn snat_udp_and_reverse() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let q = Ipv4Pkt::udp(C2, 40000, OUT, 53);
+    let (port, _) = expect_snat(&mut dp, &q, "UDP C2:40000 -> OUT:53");
+    assert_eq!(dp.ct_keys().len(), 2);
+    let r = Ipv4Pkt::udp(OUT, 53, HOST, port).payload(b"answer");
+    let want = with_tuple(&r, key_of(&q).reversed());
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &r,
+        PASS,
+        &want,
+        "UDP reply reverse SNAT",
+    );
+}
+
+#[test]
+fn snat_udp_zero_checksum_stays_zero() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let q = Ipv4Pkt::udp(C2, 40001, OUT, 53).no_udp_csum();
+    let (port, out) = expect_snat(&mut dp, &q, "UDP without checksum");
+    assert_eq!(View::new(&out).l4_csum_field(), 0, "checksum 0 must stay 0");
+    let r = Ipv4Pkt::udp(OUT, 53, HOST, port).no_udp_csum();
+    let want = with_tuple(&r, key_of(&q).reversed());
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &r,
+        PASS,
+        &want,
+        "reply without checksum",
+    );
+}
+
+#[test]
+fn snat_udp_checksum_that_becomes_zero_is_sent_as_ffff() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // One NAT port, so the translated datagram is known in advance; choose a payload word that
+    // makes its checksum compute to 0, which UDP must send as 0xffff (0 means "none").
+    dp.set_config(|c| {
+        c.nat_port_min = NAT_MIN;
+        c.nat_port_max = NAT_MIN;
+    });
+    let tail = *b"zz";
+    let translated = Ipv4Pkt::udp(HOST, NAT_MIN, OUT, 53).payload(&[0, 0, tail[0], tail[1]]);
+    let seg = &translated.ip_bytes()[20..];
+    let mut seg = seg.to_vec();
+    seg[6] = 0;
+    seg[7] = 0;
+    let s = fold(sum16(&seg, pseudo_sum(HOST, OUT, IPPROTO_UDP, seg.len())));
+    let w = (!s).to_be_bytes();
+    let q = Ipv4Pkt::udp(C2, 40002, OUT, 53).payload(&[w[0], w[1], tail[0], tail[1]]);
+    let (port, out) = expect_snat(&mut dp, &q, "UDP whose translated checksum is 0");
+    assert_eq!(port, NAT_MIN);
+    assert_eq!(
+        View::new(&out).l4_csum_field(),
+        0xffff,
+        "a computed 0 must be sent as 0xffff"
+    );
+}
+
+#[test]
+fn snat_icmp_echo_and_reverse() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let ping = Ipv4Pkt::echo(C2, OUT, 0x1234, 7);
+    let (id, _) = expect_snat(&mut dp, &ping, "ICMP echo request");
+    assert_eq!(dp.ct_keys().len(), 2);
+    // The reply's tuple: identifier as destination "port".
+    let reply_key = CtKey::new(OUT, HOST, 0, id, IPPROTO_ICMP);
+    assert_eq!(
+        fmt_key(&dp.ct_must(&reply_key).nat_tuple(IPPROTO_ICMP)),
+        fmt_key(&CtKey::new(OUT, C2, 0, 0x1234, IPPROTO_ICMP))
+    );
+    let pong = Ipv4Pkt::echo_reply(OUT, HOST, id, 7);
+    let want = Ipv4Pkt::echo_reply(OUT, C2, 0x1234, 7);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &pong,
+        PASS,
+        &want,
+        "echo reply reverse SNAT",
+    );
+}
+
+#[test]
+fn snat_two_containers_same_port_get_different_nat_ports() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let a = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN);
+    let b = Ipv4Pkt::tcp(C3, 40000, OUT, 80, TCP_SYN);
+    let (pa, _) = expect_snat(&mut dp, &a, "C2:40000 -> OUT:80");
+    let (pb, _) = expect_snat(&mut dp, &b, "C3:40000 -> OUT:80");
+    assert_ne!(pa, pb, "two flows share one NAT tuple");
+    assert_eq!(dp.ct_keys().len(), 4);
+    // Each answer reaches its own container.
+    for (port, c) in [(pa, C2), (pb, C3)] {
+        let r = Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_SYN | TCP_ACK);
+        let want = with_tuple(&r, CtKey::new(OUT, c, 80, 40000, IPPROTO_TCP));
+        expect_rewrite(&dp, UPLINK_INGRESS, &r, PASS, &want, "answer by NAT port");
+    }
+}
+
+#[test]
+fn snat_port_clash_steps_and_never_steals() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // Two NAT ports; 61000 already belongs to a live flow of someone else.
+    dp.set_config(|c| {
+        c.nat_port_min = NAT_MIN;
+        c.nat_port_max = NAT_MIN + 1;
+    });
+    let taken = CtKey::new(OUT, HOST, 80, NAT_MIN, IPPROTO_TCP);
+    let other = CtKey::new(OUT, C5, 80, 33333, IPPROTO_TCP);
+    dp.ct_insert(taken, foreign_entry(other));
+    let a = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN);
+    let (pa, _) = expect_snat(&mut dp, &a, "C2 with 61000 taken");
+    assert_eq!(pa, NAT_MIN + 1, "the free port");
+    assert_eq!(
+        fmt_key(&dp.ct_must(&taken).nat_tuple(IPPROTO_TCP)),
+        fmt_key(&other),
+        "the existing flow's mapping was overwritten"
+    );
+    // No port left: the next flow is dropped and counted, nothing half-inserted.
+    let b = Ipv4Pkt::tcp(C3, 40000, OUT, 80, TCP_SYN);
+    let (rc, _) = dp.run(UPLINK_EGRESS, &b.build());
+    assert_verdict(rc, SHOT, "NAT ports exhausted");
+    assert_eq!(dp.stat(|s| s.drop_nat_ports), 1);
+    assert_eq!(
+        dp.ct_keys().len(),
+        3,
+        "only the foreign entry and C2's flow"
+    );
+    assert!(dp.ct_get(&key_of(&b)).is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Published ports
+
+#[test]
+fn dnat_published_port_at_uplink() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    let syn = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_SYN);
+    let nat = CtKey::new(OUT, C4, 5555, 80, IPPROTO_TCP);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &syn,
+        PASS,
+        &with_tuple(&syn, nat),
+        "OUT:5555 -> HOST:8080 published to C4:80",
+    );
+    let orig = key_of(&syn);
+    let e = dp.ct_must(&orig);
+    assert_eq!(fmt_key(&e.nat_tuple(IPPROTO_TCP)), fmt_key(&nat));
+    assert_eq!(
+        (e.kind, e.dir, e.hook),
+        (CT_KIND_DNAT, CT_DIR_ORIGINAL, CT_HOOK_UPLINK)
+    );
+    let r = dp.ct_must(&nat.reversed());
+    assert_eq!(
+        fmt_key(&r.nat_tuple(IPPROTO_TCP)),
+        fmt_key(&orig.reversed())
+    );
+    assert_eq!((r.kind, r.dir), (CT_KIND_DNAT, CT_DIR_REPLY));
+    assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 1);
+    assert_eq!(dp.stat(|s| s.dnat), 1, "dnat counted on the target's veth");
+
+    // The answer leaves with the published address and port.
+    let synack = Ipv4Pkt::tcp(C4, 80, OUT, 5555, TCP_SYN | TCP_ACK);
+    expect_rewrite(
+        &dp,
+        UPLINK_EGRESS,
+        &synack,
+        PASS,
+        &with_tuple(&synack, orig.reversed()),
+        "reverse DNAT C4:80 -> OUT:5555",
+    );
+    assert_eq!(dp.ct_must(&orig).tcp_state, TCP_ESTABLISHED);
+
+    // Not published: untouched. Published for TCP only: UDP untouched.
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 5556, HOST, 9999, TCP_SYN),
+        PASS,
+        "unpublished port 9999",
+    );
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::udp(OUT, 5557, HOST, 8080),
+        PASS,
+        "UDP to a TCP-only published port",
+    );
+    // Only host addresses: a packet passing through to some other 8080 is not hijacked.
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 5558, ROUTER, 8080, TCP_SYN),
+        PASS,
+        "port 8080 of an address that is not the host's",
+    );
+    assert_eq!(
+        dp.ct_keys().len(),
+        2,
+        "nothing tracked for untouched packets"
+    );
+}
+
+#[test]
+fn dnat_loopback_bound_port_unreachable_from_uplink() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish(LOOPBACK, 8081, IPPROTO_TCP, C4, 81);
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 5555, LOOPBACK, 8081, TCP_SYN),
+        PASS,
+        "a wire packet to 127.0.0.1:8081",
+    );
+    assert!(dp.ct_keys().is_empty());
+    assert_eq!(dp.port_hits(LOOPBACK, 8081, IPPROTO_TCP), 0);
+}
+
+#[test]
+fn dnat_ip_bound_port_wins_only_on_its_address() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish(HOST, 8082, IPPROTO_TCP, C5, 82);
+    dp.publish([0; 4], 8082, IPPROTO_TCP, C4, 83);
+    let to_host = Ipv4Pkt::tcp(OUT, 6000, HOST, 8082, TCP_SYN);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &to_host,
+        PASS,
+        &with_tuple(&to_host, CtKey::new(OUT, C5, 6000, 82, IPPROTO_TCP)),
+        "HOST:8082 (bound to HOST)",
+    );
+    let to_host2 = Ipv4Pkt::tcp(OUT, 6001, HOST2, 8082, TCP_SYN);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &to_host2,
+        PASS,
+        &with_tuple(&to_host2, CtKey::new(OUT, C4, 6001, 83, IPPROTO_TCP)),
+        "HOST2:8082 (wildcard)",
+    );
+    assert_eq!(dp.port_hits(HOST, 8082, IPPROTO_TCP), 1);
+    assert_eq!(dp.port_hits([0; 4], 8082, IPPROTO_TCP), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. ICMP errors
+
+#[test]
+fn icmp_error_for_snat_flow_at_uplink_ingress() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let q = Ipv4Pkt::udp(C2, 40000, OUT, 53);
+    let (port, sent) = expect_snat(&mut dp, &q, "UDP C2:40000 -> OUT:53");
+    let sent_ip = View::new(&sent).ip().to_vec();
+
+    // OUT answers with port unreachable, quoting the datagram as it saw it.
+    let err = Ipv4Pkt::icmp_error(OUT, HOST, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &sent_ip);
+    let (rc, out) = dp.run(UPLINK_INGRESS, &err.build());
+    assert_verdict(rc, PASS, "port unreachable");
+    let v = View::new(&out);
+    assert_eq!(ip(v.daddr()), ip(C2), "outer destination");
+    assert_eq!(ip(v.saddr()), ip(OUT), "outer source");
+    let inner = quoted(&out);
+    let iv = &inner;
+    assert_eq!(ip(iv[12..16].try_into().unwrap()), ip(C2), "quoted source");
+    assert_eq!(u16::from_be_bytes([iv[20], iv[21]]), 40000, "quoted sport");
+    assert_ne!(port, 40000);
+    assert_icmp_error_checksums(&out, "port unreachable after reverse SNAT");
+
+    // Byte for byte: the quote is the container's datagram (but for its UDP checksum).
+    let mut want_inner = sent_ip.clone();
+    poke_addr(&mut want_inner, true, C2);
+    poke_port(&mut want_inner, true, 40000);
+    fix_ip_csum(&mut want_inner);
+    adopt_quoted_l4_csum(&mut want_inner, &inner);
+    let want = Ipv4Pkt::icmp_error(OUT, C2, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &want_inner);
+    assert_frame_eq(&out, &want.build(), "port unreachable after reverse SNAT");
+}
+
+#[test]
+fn icmp_error_from_router_quoting_truncated_tcp() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let syn = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN);
+    let (_, sent) = expect_snat(&mut dp, &syn, "TCP SYN");
+    // A router quotes the IP header and the first 8 bytes (ports and sequence number).
+    let sent_ip = View::new(&sent).ip()[..28].to_vec();
+    let err = Ipv4Pkt::icmp_error(ROUTER, HOST, ICMP_TIME_EXCEEDED, 0, &sent_ip);
+    let (rc, out) = dp.run(UPLINK_INGRESS, &err.build());
+    assert_verdict(rc, PASS, "time exceeded");
+    assert_icmp_error_checksums(&out, "time exceeded after reverse SNAT");
+    let mut want_inner = sent_ip.clone();
+    poke_addr(&mut want_inner, true, C2);
+    poke_port(&mut want_inner, true, 40000);
+    fix_ip_csum(&mut want_inner);
+    // Only the destination changes outside: the router is not the quoted destination.
+    let want = Ipv4Pkt::icmp_error(ROUTER, C2, ICMP_TIME_EXCEEDED, 0, &want_inner);
+    assert_frame_eq(&out, &want.build(), "time exceeded after reverse SNAT");
+}
+
+#[test]
+fn icmp_error_quoting_echo_request() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let ping = Ipv4Pkt::echo(C2, OUT, 0x4242, 1);
+    let (_, sent) = expect_snat(&mut dp, &ping, "echo request");
+    let sent_ip = View::new(&sent).ip().to_vec();
+    let err = Ipv4Pkt::icmp_error(ROUTER, HOST, ICMP_DEST_UNREACH, 1, &sent_ip);
+    let (rc, out) = dp.run(UPLINK_INGRESS, &err.build());
+    assert_verdict(rc, PASS, "host unreachable about a ping");
+    assert_icmp_error_checksums(&out, "host unreachable about a ping");
+    let inner = quoted(&out);
+    let mut want_inner = sent_ip.clone();
+    poke_addr(&mut want_inner, true, C2);
+    want_inner[24..26].copy_from_slice(&0x4242u16.to_be_bytes());
+    fix_ip_csum(&mut want_inner);
+    adopt_quoted_l4_csum(&mut want_inner, &inner);
+    let want = Ipv4Pkt::icmp_error(ROUTER, C2, ICMP_DEST_UNREACH, 1, &want_inner);
+    assert_frame_eq(&out, &want.build(), "host unreachable about a ping");
+}
+
+/// A container's own ICMP error about a translated flow leaves through the uplink translated
+/// like the flow: source = the host, quote = what the outside sent.
+#[test]
+fn icmp_error_from_container_at_uplink_egress() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+
+    // (a) About an answer of a masqueraded flow: C2 closed its socket before OUT answered.
+    let q = Ipv4Pkt::udp(C2, 40000, OUT, 53);
+    let (port, _) = expect_snat(&mut dp, &q, "UDP C2:40000 -> OUT:53");
+    let answer = Ipv4Pkt::udp(OUT, 53, HOST, port);
+    let (rc, delivered) = dp.run(UPLINK_INGRESS, &answer.build());
+    assert_verdict(rc, PASS, "answer");
+    let delivered_ip = View::new(&delivered).ip().to_vec();
+    let err = Ipv4Pkt::icmp_error(C2, OUT, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &delivered_ip);
+    let (rc, out) = dp.run(UPLINK_EGRESS, &err.build());
+    assert_verdict(rc, PASS, "C2's port unreachable about a masqueraded flow");
+    assert_icmp_error_checksums(&out, "C2's port unreachable");
+    let mut want_inner = delivered_ip.clone();
+    poke_addr(&mut want_inner, false, HOST);
+    poke_port(&mut want_inner, false, port);
+    fix_ip_csum(&mut want_inner);
+    adopt_quoted_l4_csum(&mut want_inner, &quoted(&out));
+    let want = Ipv4Pkt::icmp_error(HOST, OUT, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &want_inner);
+    assert_frame_eq(&out, &want.build(), "C2's port unreachable");
+
+    // (b) About a published port: C4 has nothing listening on the UDP port published for it.
+    dp.publish([0; 4], 5353, IPPROTO_UDP, C4, 53);
+    let ask = Ipv4Pkt::udp(OUT, 7000, HOST, 5353);
+    let (rc, delivered) = dp.run(UPLINK_INGRESS, &ask.build());
+    assert_verdict(rc, PASS, "UDP to a published port");
+    let delivered_ip = View::new(&delivered).ip().to_vec();
+    let err = Ipv4Pkt::icmp_error(C4, OUT, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &delivered_ip);
+    let (rc, out) = dp.run(UPLINK_EGRESS, &err.build());
+    assert_verdict(rc, PASS, "C4's port unreachable about a published port");
+    assert_icmp_error_checksums(&out, "C4's port unreachable");
+    let mut want_inner = delivered_ip.clone();
+    poke_addr(&mut want_inner, false, HOST);
+    poke_port(&mut want_inner, false, 5353);
+    fix_ip_csum(&mut want_inner);
+    adopt_quoted_l4_csum(&mut want_inner, &quoted(&out));
+    let want = Ipv4Pkt::icmp_error(HOST, OUT, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &want_inner);
+    assert_frame_eq(&out, &want.build(), "C4's port unreachable");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Container veth: anti-spoofing, policy, isolation, hairpin
+
+#[test]
+fn veth_spoofing_dropped() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let cases = [
+        (
+            Ipv4Pkt::udp([172, 18, 0, 99], 1, OUT, 53).macs(mac(C2), GW_MAC),
+            "source IP that is no container's",
+        ),
+        (
+            Ipv4Pkt::udp(C3, 1, OUT, 53).macs(mac(C2), GW_MAC),
+            "another container's IP with C2's MAC",
+        ),
+        (
+            Ipv4Pkt::udp(C2, 1, OUT, 53).macs([0x02, 0x42, 0xde, 0xad, 0xbe, 0xef], GW_MAC),
+            "C2's IP with a foreign MAC",
+        ),
+        (
+            Ipv4Pkt::udp(C7, 1, OUT, 53).macs(mac(C7), GW_MAC),
+            "the IP and MAC of a container on another veth",
+        ),
+    ];
+    for (i, (p, what)) in cases.iter().enumerate() {
+        let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+        assert_verdict(rc, SHOT, what);
+        assert_eq!(
+            dp.stat(|s| s.drop_spoof),
+            i as u64 + 1,
+            "{what}: drop_spoof"
+        );
+    }
+    assert!(dp.ct_keys().is_empty());
+
+    // ARP: the sender must be the port's container, with its MAC.
+    let arps = [
+        (
+            arp_request(mac(C2), mac(C2), C3, GW),
+            "ARP claiming C3's IP",
+        ),
+        (
+            arp_request(mac(C2), mac(C2), GW, C3),
+            "ARP claiming the gateway",
+        ),
+        (
+            arp_request(mac(C2), mac(C3), C2, GW),
+            "ARP with a foreign sender MAC",
+        ),
+        (
+            arp_request(mac(C3), mac(C2), C2, GW),
+            "ARP from a foreign Ethernet source",
+        ),
+    ];
+    for (frame, what) in &arps {
+        let (rc, _) = dp.run(VETH_INGRESS, frame);
+        assert_verdict(rc, SHOT, what);
+    }
+    assert_eq!(dp.stat(|s| s.drop_spoof), 8);
+    let genuine = arp_request(mac(C2), mac(C2), C2, GW);
+    let (rc, out) = dp.run(VETH_INGRESS, &genuine);
+    assert_verdict(rc, PASS, "genuine ARP");
+    assert_eq!(out, genuine);
+    assert_eq!(dp.stat(|s| s.drop_spoof), 8);
+}
+
+#[test]
+fn veth_genuine_traffic_passes_untouched() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // To the outside: masquerade happens at the uplink, not here.
+    let p = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN).macs(mac(C2), GW_MAC);
+    expect_untouched(&dp, VETH_INGRESS, &p, PASS, "C2 -> OUT");
+    // A port number that is published, but on an address that is not the host's: not hijacked.
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    let p = Ipv4Pkt::tcp(C2, 40001, ROUTER, 8080, TCP_SYN).macs(mac(C2), GW_MAC);
+    expect_untouched(&dp, VETH_INGRESS, &p, PASS, "C2 -> some server's 8080");
+    let drops = dp.stat(|s| {
+        s.drop_policy + s.drop_spoof + s.drop_isolation + s.drop_malformed + s.drop_unsupported
+    });
+    assert_eq!(drops, 0);
+}
+
+#[test]
+fn veth_policy_deny_and_replies() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.policy(C3, C2, POLICY_DENY);
+    // C3 may not open flows to C2.
+    let c3_reply = Ipv4Pkt::tcp(C3, 80, C2, 41000, TCP_SYN | TCP_ACK).macs(mac(C3), mac(C2));
+    let (rc, _) = dp.run(VETH_INGRESS, &c3_reply.build());
+    assert_verdict(rc, SHOT, "C3 -> C2 with no flow (deny C3 -> C2)");
+    assert_eq!(dp.stat(|s| s.drop_policy), 1);
+    assert_eq!(dp.policy_drops(C3, C2), 1, "the rule counts its drops");
+
+    // C2 opens a flow to C3 (no rule that way: default allow) ...
+    let open = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_SYN).macs(mac(C2), mac(C3));
+    expect_untouched(&dp, VETH_INGRESS, &open, PASS, "C2 -> C3 SYN");
+    let e = dp.ct_must(&key_of(&open));
+    assert_eq!(
+        (e.kind, e.dir, e.hook),
+        (CT_KIND_NONE, CT_DIR_ORIGINAL, CT_HOOK_VETH)
+    );
+    // ... so C3's answers pass although C3 -> C2 is denied,
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &c3_reply,
+        PASS,
+        "C3's answer to C2's flow",
+    );
+    let r = dp.ct_must(&key_of(&c3_reply));
+    assert_eq!(r.dir, CT_DIR_REPLY);
+    assert_eq!(r.tcp_state, TCP_ESTABLISHED);
+    // but a new flow from C3 is not.
+    let new = Ipv4Pkt::tcp(C3, 5000, C2, 22, TCP_SYN).macs(mac(C3), mac(C2));
+    let (rc, _) = dp.run(VETH_INGRESS, &new.build());
+    assert_verdict(rc, SHOT, "new flow C3 -> C2");
+    assert_eq!(dp.stat(|s| s.drop_policy), 2);
+    // UDP and ICMP are subject to it too.
+    let (rc, _) = dp.run(
+        VETH_INGRESS,
+        &Ipv4Pkt::udp(C3, 5000, C2, 53)
+            .macs(mac(C3), mac(C2))
+            .build(),
+    );
+    assert_verdict(rc, SHOT, "UDP C3 -> C2");
+    let (rc, _) = dp.run(
+        VETH_INGRESS,
+        &Ipv4Pkt::echo(C3, C2, 9, 1).macs(mac(C3), mac(C2)).build(),
+    );
+    assert_verdict(rc, SHOT, "ping C3 -> C2");
+    assert_eq!(dp.stat(|s| s.drop_policy), 4);
+
+    // Without a rule, C4 -> C2 passes.
+    let p = Ipv4Pkt::tcp(C4, 5000, C2, 22, TCP_SYN).macs(mac(C4), mac(C2));
+    expect_untouched(&dp, VETH_INGRESS, &p, PASS, "C4 -> C2, no rule");
+}
+
+#[test]
+fn veth_policy_default_deny() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.set_config(|c| c.policy_default = POLICY_DENY);
+    let p = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_SYN).macs(mac(C2), mac(C3));
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, SHOT, "C2 -> C3 under default deny");
+    assert_eq!(dp.stat(|s| s.drop_policy), 1);
+    dp.policy(C2, C3, POLICY_ALLOW);
+    expect_untouched(&dp, VETH_INGRESS, &p, PASS, "C2 -> C3 with an allow rule");
+    // The answer passes without a C3 -> C2 rule.
+    let r = Ipv4Pkt::tcp(C3, 80, C2, 41000, TCP_SYN | TCP_ACK).macs(mac(C3), mac(C2));
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &r,
+        PASS,
+        "C3's answer under default deny",
+    );
+    // Traffic to the outside is not container policy.
+    let o = Ipv4Pkt::tcp(C2, 41001, OUT, 80, TCP_SYN).macs(mac(C2), GW_MAC);
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &o,
+        PASS,
+        "C2 -> outside under default deny",
+    );
+    assert_eq!(dp.stat(|s| s.drop_policy), 1);
+}
+
+#[test]
+fn veth_network_isolation() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let p = Ipv4Pkt::tcp(C6, 41000, C2, 80, TCP_SYN).macs(mac(C6), [0x0e, 0x6d, 0, 0, 0, 2]);
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, SHOT, "net 2 -> net 1");
+    let p = Ipv4Pkt::udp(C2, 41000, C6, 53).macs(mac(C2), GW_MAC);
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, SHOT, "net 1 -> net 2");
+    assert_eq!(dp.stat(|s| s.drop_isolation), 2);
+    assert!(dp.ct_keys().is_empty());
+}
+
+#[test]
+fn veth_hairpin_to_published_port() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    // C3 calls HOST:8080, which is C4:80: translated and handed to C4 as the bridge would.
+    let syn = Ipv4Pkt::tcp(C3, 42000, HOST, 8080, TCP_SYN).macs(mac(C3), GW_MAC);
+    let nat = CtKey::new(C3, C4, 42000, 80, IPPROTO_TCP);
+    let want = with_tuple(&syn, nat).macs(GW_MAC, mac(C4));
+    expect_rewrite(&dp, VETH_INGRESS, &syn, REDIRECT, &want, "C3 -> HOST:8080");
+    let (rc, out) = dp.run(VETH_INGRESS, &syn.build());
+    assert_verdict(rc, REDIRECT, "retransmitted SYN");
+    let v = View::new(&out);
+    assert_eq!(
+        v.eth_dst(),
+        mac(C4),
+        "destination MAC: the target container"
+    );
+    assert_eq!(v.eth_src(), GW_MAC, "source MAC: the gateway");
+    let e = dp.ct_must(&key_of(&syn));
+    assert_eq!(
+        (e.kind, e.hook, e.dir),
+        (CT_KIND_DNAT, CT_HOOK_VETH, CT_DIR_ORIGINAL)
+    );
+    assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 1);
+
+    // C4 answers C3 directly; its veth restores the published address and port.
+    let synack = Ipv4Pkt::tcp(C4, 80, C3, 42000, TCP_SYN | TCP_ACK).macs(mac(C4), mac(C3));
+    let want =
+        with_tuple(&synack, CtKey::new(HOST, C3, 8080, 42000, IPPROTO_TCP)).macs(GW_MAC, mac(C3));
+    expect_rewrite(&dp, VETH_INGRESS, &synack, REDIRECT, &want, "C4's answer");
+    assert_eq!(dp.ct_must(&key_of(&syn)).tcp_state, TCP_ESTABLISHED);
+}
+
+#[test]
+fn veth_hairpin_to_own_published_port() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    // C4 calls its own published port: the source becomes the gateway (with a NAT port), or
+    // C4 would see a packet from itself.
+    let syn = Ipv4Pkt::tcp(C4, 43000, HOST, 8080, TCP_SYN).macs(mac(C4), GW_MAC);
+    let (rc, out) = dp.run(VETH_INGRESS, &syn.build());
+    assert_verdict(rc, REDIRECT, "C4 -> HOST:8080 (itself)");
+    let v = View::new(&out);
+    v.assert_checksums("self hairpin");
+    let port = v.sport();
+    assert!((NAT_MIN..=NAT_MAX).contains(&port), "NAT port {port}");
+    let nat = CtKey::new(GW, C4, port, 80, IPPROTO_TCP);
+    assert_frame_eq(
+        &out,
+        &with_tuple(&syn, nat).macs(GW_MAC, mac(C4)).build(),
+        "self hairpin",
+    );
+    assert_eq!(dp.ct_must(&key_of(&syn)).kind, CT_KIND_HAIRPIN);
+    // C4 answers the gateway: back to C4 as from HOST:8080.
+    let synack = Ipv4Pkt::tcp(C4, 80, GW, port, TCP_SYN | TCP_ACK).macs(mac(C4), GW_MAC);
+    let want =
+        with_tuple(&synack, CtKey::new(HOST, C4, 8080, 43000, IPPROTO_TCP)).macs(GW_MAC, mac(C4));
+    expect_rewrite(
+        &dp,
+        VETH_INGRESS,
+        &synack,
+        REDIRECT,
+        &want,
+        "self hairpin answer",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Header shapes: IP options, fragments
+
+/// Router Alert (RFC 2113): 4 bytes, so IHL = 6.
+const IP_OPT_RA: [u8; 4] = [0x94, 0x04, 0x00, 0x00];
+
+#[test]
+fn ip_options_translated_correctly() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let syn = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN).options(&IP_OPT_RA);
+    let (port, out) = expect_snat(&mut dp, &syn, "TCP SYN with IHL 6");
+    assert_eq!(View::new(&out).ihl(), 24);
+    let synack = Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_SYN | TCP_ACK).options(&IP_OPT_RA);
+    let want = with_tuple(&synack, key_of(&syn).reversed());
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &synack,
+        PASS,
+        &want,
+        "SYN-ACK with IHL 6",
+    );
+
+    let q = Ipv4Pkt::udp(C2, 40000, OUT, 53).options(&IP_OPT_RA);
+    expect_snat(&mut dp, &q, "UDP with IHL 6");
+    let ping = Ipv4Pkt::echo(C2, OUT, 77, 1).options(&IP_OPT_RA);
+    expect_snat(&mut dp, &ping, "echo with IHL 6");
+
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    let d = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_SYN).options(&IP_OPT_RA);
+    let want = with_tuple(&d, CtKey::new(OUT, C4, 5555, 80, IPPROTO_TCP));
+    expect_rewrite(&dp, UPLINK_INGRESS, &d, PASS, &want, "DNAT with IHL 6");
+}
+
+#[test]
+fn fragments_from_containers_dropped_not_translated() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // First fragment: has the UDP header, but the rest of the datagram has no ports.
+    let first = Ipv4Pkt::udp(C2, 40000, OUT, 53)
+        .payload(&[0x55; 64])
+        .frag(IP_MF);
+    let frame = first.build();
+    let (rc, out) = dp.run(UPLINK_EGRESS, &frame);
+    assert_verdict(rc, SHOT, "first fragment (MF) from a container");
+    assert_frame_eq(&out, &frame, "first fragment must not be translated");
+    // A later fragment: no L4 header at all.
+    let later = Ipv4Pkt {
+        l4: L4::Raw(vec![0xaa; 32]),
+        ..Ipv4Pkt::udp(C2, 0, OUT, 0).payload(&[])
+    }
+    .frag(185);
+    let frame = later.build();
+    let (rc, out) = dp.run(UPLINK_EGRESS, &frame);
+    assert_verdict(rc, SHOT, "non-first fragment from a container");
+    assert_frame_eq(&out, &frame, "non-first fragment must not be translated");
+    assert_eq!(dp.stat(|s| s.drop_unsupported), 2);
+    assert!(dp.ct_keys().is_empty(), "nothing tracked for fragments");
+}
