@@ -34,17 +34,21 @@ pub struct GlobalOpts {
     /// Interface outbound traffic is masqueraded on [default: the default route's interface].
     #[arg(long, env = "MD_UPLINK", global = true)]
     pub uplink: Option<String>,
-    /// Bridge of the default network.
-    #[arg(long, env = "MD_BRIDGE", default_value = "md0", global = true)]
+    /// Bridge of the default network (before the subcommand: `md-user --bridge br1 run ...`).
+    #[arg(long, env = "MD_BRIDGE", default_value = "md0")]
     pub bridge: String,
-    /// Subnet of the default network; the gateway is its first address.
+    /// Subnet of the default network; the gateway is its first address (before the
+    /// subcommand, like --bridge: `network create` has a --subnet of its own).
+    #[arg(long, env = "MD_SUBNET", default_value = "172.18.0.0/16")]
+    pub subnet: String,
+    /// Where container DNS forwards names it does not know: this file's nameservers.
     #[arg(
         long,
-        env = "MD_SUBNET",
-        default_value = "172.18.0.0/16",
+        env = "MD_RESOLV_CONF",
+        default_value = "/etc/resolv.conf",
         global = true
     )]
-    pub subnet: String,
+    pub resolv_conf: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,12 +91,55 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// User-defined networks: each its own bridge and subnet, isolated from the others.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Internal: the DNS resolver of one network (started with its first container).
+    #[command(name = "__dns", hide = true)]
+    Dns {
+        #[arg(long)]
+        network: String,
+        #[arg(long)]
+        listen: std::net::SocketAddrV4,
+        #[arg(long)]
+        ready_fd: Option<i32>,
+    },
     /// Network settings of a container (address, gateway, MAC, veth, ports, policies).
     Inspect {
         name: String,
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCmd {
+    /// Create a network: a bridge and a subnet of its own.
+    Create {
+        name: String,
+        /// CIDR [default: the first free 172.19-31.0.0/16].
+        #[arg(long)]
+        subnet: Option<String>,
+    },
+    /// List networks.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove networks (refused while containers use them).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Give a running container an interface on NETWORK.
+    Connect {
+        network: String,
+        container: String,
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+    },
+    /// Remove a running container's interface on NETWORK.
+    Disconnect { network: String, container: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,10 +183,41 @@ pub struct RunArgs {
     /// Publish a port: [IP:]HOST:CONTAINER[/tcp|udp], ranges as H1-H2:C1-C2.
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Network: `bridge` (default), a network from `network create`, `none` (only lo),
+    /// `host` (the host's namespace) or `container:NAME` (share NAME's).
+    #[arg(long, default_value = "bridge")]
+    pub network: String,
+    /// Hostname inside the container [default: the name].
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Static address on the network (checked for conflicts).
+    #[arg(long)]
+    pub ip: Option<std::net::Ipv4Addr>,
     /// Internal: run as the detached supervisor, reporting readiness on this fd.
     #[arg(long, hide = true)]
     pub ready_fd: Option<i32>,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub cmd: Vec<String>,
+}
+
+impl GlobalOpts {
+    /// md-user itself (for the supervisor and resolvers), with this invocation's options.
+    pub fn self_command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--bridge")
+            .arg(&self.bridge)
+            .arg("--subnet")
+            .arg(&self.subnet)
+            .arg("--resolv-conf")
+            .arg(&self.resolv_conf);
+        if let Some(u) = &self.uplink {
+            cmd.arg("--uplink").arg(u);
+        }
+        cmd
+    }
 }

@@ -9,36 +9,31 @@ use crate::{
     datapath::{Datapath, Hook},
     netlink::Netlink,
     netns::Netns,
+    network,
     portmap::PortMapping,
     state::{Container, Interface, Network},
 };
 
 /// Creates the veth pair (peer as `iface.name` inside `netns`), configures the container side
-/// and attaches md's programs to the host side. Returns the host side's ifindex.
+/// (the default route only through the primary interface) and attaches md's programs to the
+/// host side. Returns the host side's ifindex.
 pub async fn setup(
     nl: &Netlink,
     dp: &Datapath,
     netns: &Netns,
     net: &Network,
-    bridge_ifindex: u32,
     iface: &Interface,
     identity: u32,
+    primary: bool,
 ) -> Result<u32> {
+    let bridge = network::ensure_bridge(nl, dp, net).await?;
     let host = nl
-        .create_veth(
-            &iface.veth,
-            bridge_ifindex,
-            &iface.name,
-            iface.mac,
-            netns.raw_fd(),
-        )
+        .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
         .await?;
     crate::netlink::configure_container_side(
         netns,
-        iface.name.clone(),
-        iface.ip,
-        net.subnet.prefix_len,
-        Some(net.subnet.gateway()),
+        Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
+        primary.then(|| net.subnet.gateway()),
     )?;
     dp.reset_if_stats(host.index)?;
     dp.attach_tc(
@@ -99,6 +94,42 @@ pub fn port_key(p: &PortMapping) -> PortKey {
     )
 }
 
+/// Removes one interface: its map entries, its tracked flows, its programs and the veth.
+pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> Vec<anyhow::Error> {
+    let mut errors = Vec::new();
+    if dp.is_loaded() {
+        if let Ok(mut eps) = dp.endpoints() {
+            // Only our entry: the address may already belong to someone else.
+            if eps
+                .get(&iface.ip.octets(), 0)
+                .is_ok_and(|e| e.ifindex == iface.ifindex)
+            {
+                let _ = eps.remove(&iface.ip.octets());
+            }
+        }
+        if let Ok(mut stats) = dp.if_stats() {
+            let _ = stats.remove(&iface.ifindex);
+        }
+        if let Err(e) = dp.purge_conntrack(iface.ip) {
+            errors.push(e);
+        }
+    }
+    if let Err(e) = dp.detach_tc(&iface.veth) {
+        errors.push(e);
+    }
+    // By name: the index may have been reused since the veth went away with its namespace.
+    match nl.link_by_name(&iface.veth).await {
+        Ok(Some(link)) => {
+            if let Err(e) = nl.delete_link(link.index).await {
+                errors.push(e);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => errors.push(e),
+    }
+    errors
+}
+
 /// Removes everything `setup`/`publish` created for a container. Keeps going on errors and
 /// returns them all.
 pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow::Error> {
@@ -109,38 +140,9 @@ pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow:
                 let _ = map.remove(&port_key(p));
             }
         }
-        for iface in &c.interfaces {
-            if let Ok(mut eps) = dp.endpoints() {
-                // Only our entry: the address may already belong to someone else.
-                if eps
-                    .get(&iface.ip.octets(), 0)
-                    .is_ok_and(|e| e.ifindex == iface.ifindex)
-                {
-                    let _ = eps.remove(&iface.ip.octets());
-                }
-            }
-            if let Ok(mut stats) = dp.if_stats() {
-                let _ = stats.remove(&iface.ifindex);
-            }
-            if let Err(e) = dp.purge_conntrack(iface.ip) {
-                errors.push(e);
-            }
-        }
     }
     for iface in &c.interfaces {
-        if let Err(e) = dp.detach_tc(&iface.veth) {
-            errors.push(e);
-        }
-        // By name: the index may have been reused since the veth went away with its namespace.
-        match nl.link_by_name(&iface.veth).await {
-            Ok(Some(link)) => {
-                if let Err(e) = nl.delete_link(link.index).await {
-                    errors.push(e);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => errors.push(e),
-        }
+        errors.extend(teardown_iface(nl, dp, iface).await);
     }
     errors
 }

@@ -1,88 +1,21 @@
-//! The host namespace side: networks (bridges), forwarding, the datapath on the uplink and at
-//! the cgroup root. Set up on first use, torn down by `down`.
+//! The host namespace side: forwarding, the datapath on the uplink and at the cgroup root.
+//! Set up on first use, torn down by `down`.
 
 use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
-use md_common::{Config, Network as NetworkEntry};
+use md_common::Config;
 
 use crate::{
     cli::GlobalOpts,
     datapath::{Datapath, Hook},
-    ipam::{mac_for, Subnet},
     netlink::Netlink,
     netns,
-    state::{DatapathState, Network, State, DEFAULT_NETWORK},
+    state::{DatapathState, State},
 };
 
 /// Pin name of the uplink's TC links.
 const UPLINK_PIN: &str = "uplink";
-
-/// Makes sure the default network exists in the state with the configured bridge and subnet.
-pub fn ensure_default_network(state: &mut State, opts: &GlobalOpts) -> Result<()> {
-    let subnet: Subnet = opts.subnet.parse()?;
-    if let Some(net) = state.networks.get(DEFAULT_NETWORK) {
-        if net.subnet == subnet && net.bridge == opts.bridge {
-            return Ok(());
-        }
-        if state.containers.is_empty() {
-            state.networks.remove(DEFAULT_NETWORK);
-        } else {
-            bail!(
-                "the default network is {} on {}; run `md-user down` before changing --bridge or --subnet",
-                net.subnet,
-                net.bridge
-            );
-        }
-    }
-    for (name, net) in &state.networks {
-        if net.subnet.overlaps(&subnet) {
-            bail!("subnet {subnet} overlaps network {name} ({})", net.subnet);
-        }
-    }
-    let id = next_network_id(state);
-    state.networks.insert(
-        DEFAULT_NETWORK.to_string(),
-        Network {
-            id,
-            bridge: opts.bridge.clone(),
-            subnet,
-        },
-    );
-    Ok(())
-}
-
-fn next_network_id(state: &mut State) -> u32 {
-    state.next_network_id = state.next_network_id.max(1);
-    let id = state.next_network_id;
-    state.next_network_id += 1;
-    id
-}
-
-/// Creates the network's bridge if needed and publishes it to the datapath.
-pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result<u32> {
-    let gw = net.subnet.gateway();
-    let mac = mac_for(gw);
-    let link = nl
-        .ensure_bridge(&net.bridge, gw, net.subnet.prefix_len, mac)
-        .await?;
-    let mut networks = dp.networks()?;
-    networks
-        .insert(
-            net.id,
-            NetworkEntry {
-                gateway: gw.octets(),
-                subnet: net.subnet.network.octets(),
-                prefix_len: net.subnet.prefix_len,
-                _pad: [0],
-                gateway_mac: mac,
-                bridge_ifindex: link.index,
-            },
-            0,
-        )
-        .context("writing NETWORKS")?;
-    Ok(link.index)
-}
 
 /// Loads and attaches the datapath if it is not, and refreshes what it knows about the host.
 pub async fn ensure_datapath(
@@ -164,13 +97,7 @@ pub async fn ensure_datapath(
         crate::policy::sync(dp, state)?;
     }
     dp.attach_cgroup()?;
-    // Never loopback: a packet from the wire to 127.0.0.1 must not reach a published port.
-    let host_ips: Vec<Ipv4Addr> = addrs
-        .iter()
-        .map(|(_, ip, _)| *ip)
-        .filter(|ip| !ip.is_loopback())
-        .collect();
-    dp.set_host_addrs(&host_ips)?;
+    refresh_host_addrs(nl, dp).await?;
     if fresh {
         dp.reset_if_stats(uplink.index)?;
     }
@@ -184,18 +111,26 @@ pub async fn ensure_datapath(
     Ok(())
 }
 
-/// Removes every bridge md created and the whole datapath. Best effort; idempotent.
+/// Tells the datapath the host's addresses (published ports answer on them). Never loopback:
+/// a packet from the wire to 127.0.0.1 must not reach a port published on 127.0.0.1.
+pub async fn refresh_host_addrs(nl: &Netlink, dp: &Datapath) -> Result<()> {
+    let ips: Vec<Ipv4Addr> = nl
+        .ipv4_addresses()
+        .await?
+        .into_iter()
+        .map(|(_, ip, _)| ip)
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    dp.set_host_addrs(&ips)
+}
+
+/// Removes every network (bridge, resolver) and the whole datapath. Best effort; idempotent.
 pub async fn teardown(nl: &Netlink, dp: &Datapath, state: &mut State) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
-    for net in state.networks.values() {
-        match nl.link_by_name(&net.bridge).await {
-            Ok(Some(link)) if link.kind.as_deref() == Some("bridge") => {
-                if let Err(e) = nl.delete_link(link.index).await {
-                    errors.push(e);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => errors.push(e),
+    for net in state.networks.values_mut() {
+        crate::network::stop_resolver(net);
+        if let Err(e) = crate::network::remove_bridge(nl, dp, net).await {
+            errors.push(e);
         }
     }
     if let Err(e) = dp.detach_tc(UPLINK_PIN) {

@@ -6,12 +6,14 @@
 mod cli;
 mod commands;
 mod datapath;
+mod dns;
 mod endpoint;
 mod error;
 mod host;
 mod ipam;
 mod netlink;
 mod netns;
+mod network;
 mod policy;
 mod portmap;
 mod proc;

@@ -69,15 +69,6 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    pub async fn links(&self) -> Result<Vec<Link>> {
-        let mut out = Vec::new();
-        let mut s = self.handle.link().get().execute();
-        while let Some(msg) = s.try_next().await.context("listing links")? {
-            out.push(parse_link(msg));
-        }
-        Ok(out)
-    }
-
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
         let mut s = self
             .handle
@@ -261,14 +252,12 @@ impl Netlink {
     }
 }
 
-/// Configures the container side from inside its namespace: lo up, the interface up with its
-/// address, the default route via the gateway. IPv6 is switched off there (md's datapath is
-/// IPv4; no link-local chatter).
+/// Configures the container side from inside its namespace: lo up, then (with an interface)
+/// the interface up with its address and, for the primary one, the default route via the
+/// gateway. IPv6 is switched off there (md's datapath is IPv4; no link-local chatter).
 pub fn configure_container_side(
     netns: &crate::netns::Netns,
-    iface: String,
-    ip: Ipv4Addr,
-    prefix_len: u8,
+    iface: Option<(String, Ipv4Addr, u8)>,
     gateway: Option<Ipv4Addr>,
 ) -> Result<()> {
     netns.run(move || {
@@ -281,13 +270,16 @@ pub fn configure_container_side(
             let nl = Netlink::connect()?;
             let lo = nl.link_by_name("lo").await?.context("no lo")?;
             nl.set_up(lo.index).await?;
+            let Some((name, ip, prefix_len)) = iface else {
+                return Ok(());
+            };
             let link = nl
-                .link_by_name(&iface)
+                .link_by_name(&name)
                 .await?
-                .with_context(|| format!("no {iface} in the container"))?;
+                .with_context(|| format!("no {name} in the container"))?;
             nl.ensure_address(link.index, ip, prefix_len)
                 .await
-                .with_context(|| format!("adding {ip}/{prefix_len} to {iface}"))?;
+                .with_context(|| format!("adding {ip}/{prefix_len} to {name}"))?;
             nl.set_up(link.index).await?;
             if let Some(gw) = gateway {
                 nl.add_default_route(gw).await?;

@@ -91,12 +91,23 @@ pub fn current_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
+/// The hostname a container gets.
+pub enum Uts {
+    /// Its own UTS namespace with this hostname.
+    New(std::ffi::CString),
+    /// Another container's UTS namespace.
+    Join(RawFd),
+    /// The host's (network mode host).
+    Inherit,
+}
+
 /// What CMD's child does between fork and exec. Only async-signal-safe calls: no allocation.
 pub struct PreExec {
-    pub netns: RawFd,
-    /// Extra namespaces to join (e.g. the UTS namespace of a container this one shares).
-    pub join_uts: Option<RawFd>,
-    pub hostname: Option<std::ffi::CString>,
+    /// The network namespace to enter; None keeps the host's.
+    pub netns: Option<RawFd>,
+    pub uts: Uts,
+    /// Files bind-mounted over others in a private mount namespace (/etc/hosts, resolv.conf).
+    pub binds: Vec<(std::ffi::CString, std::ffi::CString)>,
 }
 
 impl PreExec {
@@ -112,14 +123,36 @@ impl PreExec {
             0,
             0,
         ))?;
-        check(libc::setns(self.netns, libc::CLONE_NEWNET))?;
-        match (self.join_uts, &self.hostname) {
-            (Some(fd), _) => check(libc::setns(fd, libc::CLONE_NEWUTS))?,
-            (None, Some(h)) => {
+        if let Some(fd) = self.netns {
+            check(libc::setns(fd, libc::CLONE_NEWNET))?;
+        }
+        match &self.uts {
+            Uts::Join(fd) => check(libc::setns(*fd, libc::CLONE_NEWUTS))?,
+            Uts::New(h) => {
                 check(libc::unshare(libc::CLONE_NEWUTS))?;
                 check(libc::sethostname(h.as_ptr(), h.count_bytes()))?;
             }
-            (None, None) => {}
+            Uts::Inherit => {}
+        }
+        if !self.binds.is_empty() {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            // Nothing mounted here propagates back to the host.
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ))?;
+            for (src, dst) in &self.binds {
+                check(libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))?;
+            }
         }
         // The child inherits md-user's signal mask; CMD must start with none blocked.
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -142,8 +175,19 @@ impl JoinPid {
     pub fn open(pid: u32) -> Result<(JoinPid, Vec<File>)> {
         let mut files = Vec::new();
         let mut fds = Vec::new();
-        for (ns, flag) in [("net", libc::CLONE_NEWNET), ("uts", libc::CLONE_NEWUTS)] {
-            let f = File::open(format!("/proc/{pid}/ns/{ns}"))
+        // The mount namespace last: entering it changes what /proc paths resolve to.
+        for (ns, flag) in [
+            ("net", libc::CLONE_NEWNET),
+            ("uts", libc::CLONE_NEWUTS),
+            ("mnt", libc::CLONE_NEWNS),
+        ] {
+            let path = format!("/proc/{pid}/ns/{ns}");
+            let same = std::fs::read_link(&path).ok()
+                == std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+            if same {
+                continue;
+            }
+            let f = File::open(&path)
                 .with_context(|| format!("opening the {ns} namespace of pid {pid}"))?;
             fds.push((f.as_raw_fd(), flag));
             files.push(f);

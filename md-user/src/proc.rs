@@ -43,3 +43,44 @@ mod tests {
         assert!(!alive(0, start));
     }
 }
+
+/// Starts `cmd` as a detached helper (its own session, no stdio) that reports readiness on a
+/// pipe: `add_fd` appends the fd argument. Returns the child and what it wrote ("ok" or an
+/// error) once it closed its end.
+pub fn spawn_with_ready_pipe(
+    mut cmd: std::process::Command,
+    add_fd: impl FnOnce(&mut std::process::Command, i32),
+) -> anyhow::Result<(std::process::Child, String)> {
+    use std::{
+        io::Read,
+        os::{
+            fd::{AsRawFd, FromRawFd, OwnedFd},
+            unix::process::CommandExt,
+        },
+        process::Stdio,
+    };
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wfd = wr.as_raw_fd();
+    add_fd(&mut cmd, wfd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session: the helper outlives this command and its terminal.
+            if libc::setsid() < 0 || libc::fcntl(wfd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(wr);
+    let mut msg = String::new();
+    std::fs::File::from(rd).read_to_string(&mut msg)?;
+    Ok((child, msg))
+}

@@ -36,6 +36,11 @@ pub struct Network {
     pub id: u32,
     pub bridge: String,
     pub subnet: Subnet,
+    /// The network's DNS resolver (md-user __dns), while it has containers.
+    #[serde(default)]
+    pub dns_pid: u32,
+    #[serde(default)]
+    pub dns_start: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +78,10 @@ pub struct Container {
     pub name: String,
     pub id: String,
     pub hostname: String,
+    /// Network mode as given to `run --network`: a network name, `none`, `host` or
+    /// `container:NAME`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
     pub interfaces: Vec<Interface>,
     pub ports: Vec<PortMapping>,
     pub cmd: Vec<String>,
@@ -88,9 +97,17 @@ pub struct Container {
     pub created_unix: u64,
 }
 
+fn default_mode() -> String {
+    DEFAULT_NETWORK.to_string()
+}
+
 impl Container {
     pub fn primary_ip(&self) -> Option<Ipv4Addr> {
         self.interfaces.first().map(|i| i.ip)
+    }
+
+    pub fn on_network(&self, network: &str) -> bool {
+        self.interfaces.iter().any(|i| i.network == network)
     }
 }
 
@@ -145,6 +162,11 @@ impl StateDir {
 
     pub fn log_file(&self, name: &str) -> PathBuf {
         self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    /// The container's own /etc/hosts and /etc/resolv.conf live here (bind-mounted inside).
+    pub fn container_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("containers").join(name)
     }
 
     /// Takes the exclusive lock (blocking) and reads the state.

@@ -36,6 +36,7 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
         }
     }
     let _ = fs::remove_dir_all(ctx.state_dir.dir.join("logs"));
+    let _ = fs::remove_dir_all(ctx.state_dir.dir.join("containers"));
     for e in &errors {
         eprintln!("md-user: down: {}", one_line(e));
     }

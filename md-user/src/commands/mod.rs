@@ -5,9 +5,10 @@ mod down;
 mod exec;
 mod inspect;
 mod monitor;
+mod network;
 mod policy;
 mod ps;
-mod run;
+pub mod run;
 mod stats;
 mod stop;
 
@@ -18,7 +19,6 @@ use anyhow::Result;
 use crate::{
     cli::{Cli, Command, GlobalOpts},
     datapath::Datapath,
-    endpoint,
     error::require_privileges,
     netlink::Netlink,
     proc,
@@ -55,6 +55,28 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Command::Stats { json } => block_on(stats::stats(&ctx, json)),
                 Command::Monitor { json } => block_on(monitor::monitor(&ctx, json)),
                 Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
+                Command::Network(cmd) => block_on(network::network(&ctx, cmd)),
+                Command::Dns {
+                    network,
+                    listen,
+                    ready_fd,
+                } => {
+                    let ready = ready_fd.map(|fd| unsafe {
+                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                    });
+                    block_on(async {
+                        crate::dns::serve(
+                            ctx.opts.state_dir.clone(),
+                            network,
+                            listen,
+                            ctx.opts.resolv_conf.clone(),
+                            ready,
+                        )
+                        .await?;
+                        Ok(ExitCode::SUCCESS)
+                    })
+                }
             }
         }
     }
@@ -86,12 +108,7 @@ pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String
             // CMD normally dies with its supervisor (parent-death signal); make sure.
             proc::signal(c.pid, c.pid_start, libc::SIGKILL);
         }
-        for e in endpoint::teardown(nl, &ctx.dp, &c).await {
-            eprintln!("md-user: reclaiming {name}: {}", crate::error::one_line(&e));
-        }
-    }
-    if !dead.is_empty() {
-        state.prune_identities();
+        run::remove(ctx, nl, state, &c).await;
     }
     dead
 }

@@ -1,15 +1,12 @@
-//! `md-user run`: the container's network namespace, its interface on the bridge, its ports,
-//! then CMD. Foreground runs supervise CMD themselves; `-d` re-executes md-user as a detached
-//! supervisor (Podman's conmon is the model) and returns once the network is ready.
+//! `md-user run`: the container's namespaces, its interface on a network, its ports, its
+//! names, then CMD. Foreground runs supervise CMD themselves; `-d` re-executes md-user as a
+//! detached supervisor (Podman's conmon is the model) and returns once the network is ready.
 
 use std::{
     ffi::CString,
     fs::{self, File, OpenOptions},
     io::{Read, Write},
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::process::CommandExt,
-    },
+    os::fd::FromRawFd,
     path::{Path, PathBuf},
     process::{ExitCode, Stdio},
     time::{SystemTime, UNIX_EPOCH},
@@ -21,20 +18,79 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::{exec::exit_code, reconcile, runtime, Ctx};
 use crate::{
     cli::RunArgs,
-    endpoint,
+    dns, endpoint,
     error::{one_line, require_privileges},
     host,
     ipam::mac_for,
     netlink::Netlink,
-    netns::{Netns, PreExec},
+    netns::{Netns, PreExec, Uts},
+    network,
     portmap::{self, PortMapping},
     proc,
-    state::{Container, Interface, Locked, Status, DEFAULT_NETWORK},
+    state::{Container, Interface, Locked, State, Status},
 };
+
+/// Where a container's network comes from (`--network`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// An interface on an md network (`bridge` or one from `network create`).
+    Net(String),
+    /// Only loopback.
+    None,
+    /// The host's network namespace.
+    Host,
+    /// Another container's network namespace.
+    Container(String),
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        Ok(match s {
+            "none" => Mode::None,
+            "host" => Mode::Host,
+            "" => bail!("--network needs a value"),
+            _ => match s.strip_prefix("container:") {
+                Some("") => bail!("--network container: needs a container name"),
+                Some(n) => Mode::Container(n.to_string()),
+                None => Mode::Net(s.to_string()),
+            },
+        })
+    }
+
+    /// Refuses flags that make no sense for this mode.
+    fn check(&self, ports: &[PortMapping], args: &RunArgs) -> Result<()> {
+        let why = match self {
+            Mode::Net(_) => return Ok(()),
+            Mode::Host => "--network host uses the host's own ports; -p does not apply",
+            Mode::None => "--network none has no network to publish on",
+            Mode::Container(_) => {
+                "--network container:NAME shares NAME's ports; publish them on NAME"
+            }
+        };
+        if !ports.is_empty() {
+            bail!("{why}");
+        }
+        if args.ip.is_some() {
+            bail!(
+                "--ip needs a bridge network, not --network {}",
+                args.network
+            );
+        }
+        if args.hostname.is_some() && matches!(self, Mode::Host | Mode::Container(_)) {
+            bail!(
+                "--hostname does not apply to --network {}: the hostname is shared",
+                args.network
+            );
+        }
+        Ok(())
+    }
+}
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     // Everything that can be refused is refused before anything is created.
     let ports = portmap::parse_all(&args.publish)?;
+    let mode = Mode::parse(&args.network)?;
+    mode.check(&ports, &args)?;
     let name = match &args.name {
         Some(n) => {
             validate_name(n)?;
@@ -42,6 +98,9 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         }
         None => generate_name(),
     };
+    if let Some(h) = &args.hostname {
+        validate_hostname(h)?;
+    }
     let program = resolve_program(&args.cmd[0])?;
     require_privileges()?;
     if args.detach {
@@ -52,10 +111,32 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         ReadyPipe(unsafe { File::from_raw_fd(fd) })
     });
-    runtime()?.block_on(supervise(ctx, &args, name, ports, program, ready))
+    runtime()?.block_on(supervise(
+        ctx,
+        &args,
+        Setup {
+            name,
+            mode,
+            ports,
+            program,
+        },
+        ready,
+    ))
 }
 
-fn validate_name(n: &str) -> Result<()> {
+pub fn validate_hostname(h: &str) -> Result<()> {
+    let ok = !h.is_empty()
+        && h.len() <= 63
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && !h.starts_with('-');
+    if !ok {
+        bail!("invalid hostname {h:?}");
+    }
+    Ok(())
+}
+
+pub fn validate_name(n: &str) -> Result<()> {
     let ok = !n.is_empty()
         && n.len() <= 63
         && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
@@ -131,82 +212,59 @@ impl ReadyPipe {
 /// Starts the supervisor (md-user again, in its own session) and waits until it reports the
 /// network ready or fails.
 fn detach(ctx: &Ctx, args: &RunArgs, name: &str) -> Result<ExitCode> {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe");
-    }
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let o = &ctx.opts;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg("--state-dir")
-        .arg(&o.state_dir)
-        .arg("--pin-dir")
-        .arg(&o.pin_dir)
-        .arg("--bridge")
-        .arg(&o.bridge)
-        .arg("--subnet")
-        .arg(&o.subnet);
-    if let Some(u) = &o.uplink {
-        cmd.arg("--uplink").arg(u);
-    }
+    let mut cmd = ctx.opts.self_command();
     cmd.arg("run").arg("--name").arg(name);
     for p in &args.publish {
         cmd.arg("-p").arg(p);
     }
-    cmd.arg("--ready-fd").arg(wr.as_raw_fd().to_string());
-    cmd.arg("--").args(&args.cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let wfd = wr.as_raw_fd();
-    unsafe {
-        cmd.pre_exec(move || {
-            // Its own session: the supervisor outlives this command and its terminal.
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::fcntl(wfd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    cmd.arg("--network").arg(&args.network);
+    if let Some(h) = &args.hostname {
+        cmd.arg("--hostname").arg(h);
     }
-    let mut child = cmd.spawn().context("starting the supervisor")?;
-    drop(wr);
-    let mut msg = String::new();
-    File::from(rd).read_to_string(&mut msg)?;
-    match msg.strip_prefix("ok") {
-        Some(_) => {
-            println!("{name}");
-            // The supervisor is reparented to init when we exit; nothing to reap later.
-            std::mem::forget(child);
-            Ok(ExitCode::SUCCESS)
-        }
-        None => {
-            let _ = child.wait();
-            let msg = msg.trim();
-            if msg.is_empty() {
-                bail!("the supervisor of {name} exited before the network was ready");
-            }
-            bail!("{msg}")
-        }
+    if let Some(ip) = &args.ip {
+        cmd.arg("--ip").arg(ip.to_string());
     }
+    let (mut child, msg) = proc::spawn_with_ready_pipe(cmd, |cmd, fd| {
+        cmd.arg("--ready-fd")
+            .arg(fd.to_string())
+            .arg("--")
+            .args(&args.cmd);
+    })
+    .context("starting the supervisor")?;
+    if msg.starts_with("ok") {
+        println!("{name}");
+        // The supervisor is reparented to init when we exit; nothing to reap later.
+        std::mem::forget(child);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = child.wait();
+    let msg = msg.trim();
+    if msg.is_empty() {
+        bail!("the supervisor of {name} exited before the network was ready");
+    }
+    bail!("{msg}")
+}
+
+/// What `run` was asked for, validated.
+struct Setup {
+    name: String,
+    mode: Mode,
+    ports: Vec<PortMapping>,
+    program: PathBuf,
 }
 
 /// Setup, CMD, wait, teardown. Runs in the foreground md-user or the detached supervisor.
 async fn supervise(
     ctx: &Ctx,
     args: &RunArgs,
-    name: String,
-    ports: Vec<PortMapping>,
-    program: PathBuf,
+    setup: Setup,
     ready: Option<ReadyPipe>,
 ) -> Result<ExitCode> {
     let nl = Netlink::connect()?;
     // Registered before CMD exists so a signal can't slip between spawn and wait.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut child = match start(ctx, &nl, args, &name, &ports, &program).await {
+    let mut child = match start(ctx, &nl, args, &setup).await {
         Ok(child) => child,
         Err(e) => {
             if let Some(r) = ready {
@@ -227,14 +285,22 @@ async fn supervise(
         }
     };
     let mut locked = ctx.state_dir.lock()?;
-    if let Some(c) = locked.state.containers.remove(&name) {
-        for e in endpoint::teardown(&nl, &ctx.dp, &c).await {
-            eprintln!("md-user: tearing down {name}: {}", one_line(&e));
-        }
-        locked.state.prune_identities();
+    if let Some(c) = locked.state.containers.remove(&setup.name) {
+        remove(ctx, &nl, &mut locked.state, &c).await;
         locked.save()?;
     }
     Ok(exit_code(status))
+}
+
+/// Undoes a container (already taken out of the state): its network, its files, and what its
+/// going changes for the others (hosts files, an idle resolver).
+pub async fn remove(ctx: &Ctx, nl: &Netlink, state: &mut State, c: &Container) {
+    for e in endpoint::teardown(nl, &ctx.dp, c).await {
+        eprintln!("md-user: tearing down {}: {}", c.name, one_line(&e));
+    }
+    dns::remove_files(&ctx.state_dir, &c.name);
+    state.prune_identities();
+    network::containers_changed(&ctx.state_dir, state);
 }
 
 /// Creates the container's network and starts CMD, under the state lock. On any failure
@@ -243,10 +309,9 @@ async fn start(
     ctx: &Ctx,
     nl: &Netlink,
     args: &RunArgs,
-    name: &str,
-    ports: &[PortMapping],
-    program: &Path,
+    setup: &Setup,
 ) -> Result<tokio::process::Child> {
+    let name = setup.name.as_str();
     let mut locked = ctx.state_dir.lock()?;
     if !reconcile(ctx, nl, &mut locked.state).await.is_empty() {
         locked.save()?;
@@ -256,7 +321,7 @@ async fn start(
         bail!("container name {name} is already in use");
     }
     for c in state.containers.values() {
-        for p in ports {
+        for p in &setup.ports {
             if let Some(q) = c.ports.iter().find(|q| q.conflicts_with(p)) {
                 bail!(
                     "port {p} is already published by container {} ({q})",
@@ -265,28 +330,53 @@ async fn start(
             }
         }
     }
-    host::ensure_default_network(state, &ctx.opts)?;
-    host::ensure_datapath(nl, &ctx.dp, state, &ctx.opts).await?;
-    let net = state.networks[DEFAULT_NETWORK].clone();
-    let bridge_ifindex = host::ensure_bridge(nl, &ctx.dp, &net).await?;
-
-    let ip = net.subnet.allocate(&state.used_ips(DEFAULT_NETWORK))?;
+    network::ensure_default(state, &ctx.opts)?;
+    let mut interfaces = Vec::new();
+    match &setup.mode {
+        Mode::Net(net_name) => {
+            let net = state
+                .networks
+                .get(net_name)
+                .with_context(|| format!("no such network: {net_name}"))?
+                .clone();
+            let used = state.used_ips(net_name);
+            let ip = match args.ip {
+                Some(ip) => {
+                    net.subnet.check_static(ip, &used)?;
+                    ip
+                }
+                None => net.subnet.allocate(&used)?,
+            };
+            host::ensure_datapath(nl, &ctx.dp, state, &ctx.opts).await?;
+            interfaces.push(Interface {
+                network: net_name.clone(),
+                ip,
+                mac: mac_for(ip),
+                veth: String::new(),
+                ifindex: 0,
+                name: "eth0".to_string(),
+            });
+        }
+        Mode::Container(other) => match state.containers.get(other) {
+            Some(o) if o.status == Status::Running && proc::alive(o.pid, o.pid_start) => {}
+            Some(_) => bail!("container {other} is not running"),
+            None => bail!("no such container: {other}"),
+        },
+        Mode::None | Mode::Host => {}
+    }
     let id = format!("{:012x}", random_u64() & 0xffff_ffff_ffff);
+    for i in &mut interfaces {
+        i.veth = format!("md{}", &id[..8]);
+    }
     let identity = state.identity_for(name);
     let (supervisor_pid, supervisor_start) = proc::self_identity();
     let container = Container {
         name: name.to_string(),
-        id: id.clone(),
-        hostname: name.to_string(),
-        interfaces: vec![Interface {
-            network: DEFAULT_NETWORK.to_string(),
-            ip,
-            mac: mac_for(ip),
-            veth: format!("md{}", &id[..8]),
-            ifindex: 0,
-            name: "eth0".to_string(),
-        }],
-        ports: ports.to_vec(),
+        id,
+        hostname: args.hostname.clone().unwrap_or_else(|| name.to_string()),
+        mode: args.network.clone(),
+        interfaces,
+        ports: setup.ports.clone(),
         cmd: args.cmd.clone(),
         pid: 0,
         pid_start: 0,
@@ -303,24 +393,11 @@ async fn start(
     state.containers.insert(name.to_string(), container.clone());
     locked.save()?;
 
-    match create(
-        ctx,
-        nl,
-        &mut locked,
-        &container,
-        bridge_ifindex,
-        identity,
-        program,
-    )
-    .await
-    {
+    match create(ctx, nl, &mut locked, setup, identity).await {
         Ok(child) => Ok(child),
         Err(e) => {
             let c = locked.state.containers.remove(name).unwrap_or(container);
-            for te in endpoint::teardown(nl, &ctx.dp, &c).await {
-                eprintln!("md-user: cleaning up {name}: {}", one_line(&te));
-            }
-            locked.state.prune_identities();
+            remove(ctx, nl, &mut locked.state, &c).await;
             locked.save()?;
             Err(e)
         }
@@ -331,24 +408,71 @@ async fn create(
     ctx: &Ctx,
     nl: &Netlink,
     locked: &mut Locked,
-    container: &Container,
-    bridge_ifindex: u32,
+    setup: &Setup,
     identity: u32,
-    program: &Path,
 ) -> Result<tokio::process::Child> {
-    let name = &container.name;
-    let net = locked.state.networks[DEFAULT_NETWORK].clone();
-    let netns = Netns::create()?;
-    let iface = &container.interfaces[0];
-    let ifindex =
-        endpoint::setup(nl, &ctx.dp, &netns, &net, bridge_ifindex, iface, identity).await?;
-    if let Some(c) = locked.state.containers.get_mut(name) {
-        c.interfaces[0].ifindex = ifindex;
-    }
-    locked.save()?;
-    endpoint::publish(&ctx.dp, &locked.state.containers[name], identity)?;
+    let name = setup.name.as_str();
+    let container = locked.state.containers[name].clone();
+    let cstr = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    let (hosts, resolv) = dns::files(&ctx.state_dir, name);
+    let mut binds = Vec::new();
+    let (netns, uts) = match &setup.mode {
+        Mode::Net(net_name) => {
+            let netns = Netns::create()?;
+            let net = locked.state.networks[net_name].clone();
+            let ifindex = endpoint::setup(
+                nl,
+                &ctx.dp,
+                &netns,
+                &net,
+                &container.interfaces[0],
+                identity,
+                true,
+            )
+            .await?;
+            if let Some(c) = locked.state.containers.get_mut(name) {
+                c.interfaces[0].ifindex = ifindex;
+            }
+            locked.save()?;
+            endpoint::publish(&ctx.dp, &locked.state.containers[name], identity)?;
+            network::ensure_resolver(&ctx.opts, &mut locked.state, net_name)?;
+            binds.push((cstr(&hosts), c"/etc/hosts".to_owned()));
+            binds.push((cstr(&resolv), c"/etc/resolv.conf".to_owned()));
+            (
+                Some(netns),
+                Uts::New(CString::new(container.hostname.clone())?),
+            )
+        }
+        Mode::None => {
+            let netns = Netns::create()?;
+            crate::netlink::configure_container_side(&netns, None, None)?;
+            binds.push((cstr(&hosts), c"/etc/hosts".to_owned()));
+            (
+                Some(netns),
+                Uts::New(CString::new(container.hostname.clone())?),
+            )
+        }
+        Mode::Host => (None, Uts::Inherit),
+        Mode::Container(other) => {
+            let o = &locked.state.containers[other];
+            let netns = Netns::of_pid(o.pid)?;
+            let uts = File::open(format!("/proc/{}/ns/uts", o.pid))
+                .with_context(|| format!("opening {other}'s UTS namespace"))?;
+            let (oh, or) = dns::files(&ctx.state_dir, other);
+            binds.push((cstr(&oh), c"/etc/hosts".to_owned()));
+            if or.exists() {
+                binds.push((cstr(&or), c"/etc/resolv.conf".to_owned()));
+            }
+            // Leaked on purpose: the fd must outlive the fork below; the process is short of
+            // nothing but one descriptor.
+            let fd = std::os::fd::IntoRawFd::into_raw_fd(uts);
+            (Some(netns), Uts::Join(fd))
+        }
+    };
+    // Its own and its peers' hosts files now list it.
+    dns::refresh(&ctx.state_dir, &locked.state)?;
 
-    let mut cmd = tokio::process::Command::new(program);
+    let mut cmd = tokio::process::Command::new(&setup.program);
     cmd.arg0(&container.cmd[0]).args(&container.cmd[1..]);
     if container.detached {
         let log = ctx.state_dir.log_file(name);
@@ -362,9 +486,9 @@ async fn create(
         cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
     }
     let pre = PreExec {
-        netns: netns.raw_fd(),
-        join_uts: None,
-        hostname: Some(CString::new(container.hostname.clone())?),
+        netns: netns.as_ref().map(|n| n.raw_fd()),
+        uts,
+        binds,
     };
     unsafe {
         cmd.pre_exec(move || pre.apply());

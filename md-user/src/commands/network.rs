@@ -1,0 +1,211 @@
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use super::{reconcile, run::validate_name, Ctx};
+use crate::{
+    cli::NetworkCmd,
+    endpoint, host,
+    ipam::{mac_for, Subnet},
+    netlink::Netlink,
+    netns::Netns,
+    network, proc,
+    state::{Interface, Status, DEFAULT_NETWORK},
+};
+
+pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
+    // Parse before taking the lock or creating anything.
+    let subnet = match &cmd {
+        NetworkCmd::Create { name, subnet } => {
+            validate_name(name)?;
+            subnet.as_deref().map(str::parse::<Subnet>).transpose()?
+        }
+        _ => None,
+    };
+    let nl = Netlink::connect()?;
+    let mut locked = ctx.state_dir.lock()?;
+    reconcile(ctx, &nl, &mut locked.state).await;
+    network::ensure_default(&mut locked.state, &ctx.opts)?;
+    let state = &mut locked.state;
+    match cmd {
+        NetworkCmd::Create { name, .. } => {
+            let net = network::create(state, &name, subnet)?;
+            host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
+            if let Err(e) = network::ensure_bridge(&nl, &ctx.dp, &net).await {
+                let _ = network::remove_bridge(&nl, &ctx.dp, &net).await;
+                state.networks.remove(&name);
+                return Err(e);
+            }
+            println!("{name}");
+        }
+        NetworkCmd::Ls { json } => {
+            let rows: Vec<_> = state
+                .networks
+                .iter()
+                .map(|(name, n)| {
+                    let members: Vec<&str> = state
+                        .containers
+                        .values()
+                        .filter(|c| c.on_network(name))
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    json!({
+                        "name": name,
+                        "id": n.id,
+                        "bridge": n.bridge,
+                        "subnet": n.subnet.to_string(),
+                        "gateway": n.subnet.gateway().to_string(),
+                        "containers": members,
+                        "dns": proc::alive(n.dns_pid, n.dns_start),
+                    })
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<16} {:<8} {:<18} {:<16} CONTAINERS",
+                    "NAME", "BRIDGE", "SUBNET", "GATEWAY"
+                );
+                for r in rows {
+                    let members: Vec<&str> = r["containers"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<16} {:<8} {:<18} {:<16} {}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["bridge"].as_str().unwrap_or(""),
+                        r["subnet"].as_str().unwrap_or(""),
+                        r["gateway"].as_str().unwrap_or(""),
+                        members.join(",")
+                    );
+                }
+            }
+        }
+        NetworkCmd::Rm { names } => {
+            for name in &names {
+                if name == DEFAULT_NETWORK {
+                    bail!("the default network {DEFAULT_NETWORK} cannot be removed (md-user down removes everything)");
+                }
+                let Some(net) = state.networks.get(name) else {
+                    bail!("no such network: {name}");
+                };
+                let users: Vec<&str> = state
+                    .containers
+                    .values()
+                    .filter(|c| c.on_network(name))
+                    .map(|c| c.name.as_str())
+                    .collect();
+                if !users.is_empty() {
+                    bail!("network {name} is in use by {}", users.join(", "));
+                }
+                let mut net = net.clone();
+                network::stop_resolver(&mut net);
+                network::remove_bridge(&nl, &ctx.dp, &net).await?;
+                state.networks.remove(name);
+                println!("{name}");
+            }
+        }
+        NetworkCmd::Connect {
+            network: net_name,
+            container,
+            ip,
+        } => {
+            let net = state
+                .networks
+                .get(&net_name)
+                .with_context(|| format!("no such network: {net_name}"))?
+                .clone();
+            let c = state
+                .containers
+                .get(&container)
+                .with_context(|| format!("no such container: {container}"))?
+                .clone();
+            if c.status != Status::Running || !proc::alive(c.pid, c.pid_start) {
+                bail!("container {container} is not running");
+            }
+            if c.mode == "host" || c.mode == "none" || c.mode.starts_with("container:") {
+                bail!(
+                    "container {container} runs with --network {}; it cannot join networks",
+                    c.mode
+                );
+            }
+            if c.on_network(&net_name) {
+                bail!("container {container} is already on network {net_name}");
+            }
+            let used = state.used_ips(&net_name);
+            let ip = match ip {
+                Some(ip) => {
+                    net.subnet.check_static(ip, &used)?;
+                    ip
+                }
+                None => net.subnet.allocate(&used)?,
+            };
+            host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
+            let n = (0..)
+                .map(|i| format!("eth{i}"))
+                .find(|n| !c.interfaces.iter().any(|i| &i.name == n))
+                .expect("a free name");
+            let mut iface = Interface {
+                network: net_name.clone(),
+                ip,
+                mac: mac_for(ip),
+                veth: format!("md{:08x}", rand_u32()),
+                ifindex: 0,
+                name: n,
+            };
+            let identity = state.identity_for(&container);
+            let netns = Netns::of_pid(c.pid)?;
+            // Without an interface yet the container has no default route: this one gets it.
+            let primary = c.interfaces.is_empty();
+            match endpoint::setup(&nl, &ctx.dp, &netns, &net, &iface, identity, primary).await {
+                Ok(ifindex) => iface.ifindex = ifindex,
+                Err(e) => {
+                    for te in endpoint::teardown_iface(&nl, &ctx.dp, &iface).await {
+                        eprintln!("md-user: cleaning up: {}", crate::error::one_line(&te));
+                    }
+                    return Err(e);
+                }
+            }
+            state
+                .containers
+                .get_mut(&container)
+                .expect("checked")
+                .interfaces
+                .push(iface);
+            network::ensure_resolver(&ctx.opts, state, &net_name)?;
+            network::containers_changed(&ctx.state_dir, state);
+        }
+        NetworkCmd::Disconnect {
+            network: net_name,
+            container,
+        } => {
+            let c = state
+                .containers
+                .get_mut(&container)
+                .with_context(|| format!("no such container: {container}"))?;
+            let Some(pos) = c.interfaces.iter().position(|i| i.network == net_name) else {
+                bail!("container {container} is not on network {net_name}");
+            };
+            if pos == 0 && !c.ports.is_empty() {
+                bail!("container {container} publishes its ports on network {net_name}; stop it instead");
+            }
+            let iface = c.interfaces.remove(pos);
+            for e in endpoint::teardown_iface(&nl, &ctx.dp, &iface).await {
+                eprintln!("md-user: disconnecting: {}", crate::error::one_line(&e));
+            }
+            network::containers_changed(&ctx.state_dir, state);
+        }
+    }
+    locked.save()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rand_u32() -> u32 {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    u32::from_ne_bytes(b)
+}

@@ -1,0 +1,395 @@
+//! Names: each container's own /etc/hosts and /etc/resolv.conf (bind-mounted in a private
+//! mount namespace, rewritten in place as containers come and go), and the per-network
+//! resolver Podman's aardvark-dns is the model for: one small process per network, listening
+//! on the gateway address in the host namespace, started with the network's first container
+//! and gone with its last. It answers container names that share a network with the asker and
+//! forwards everything else to the upstream servers of the host's resolv.conf.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::Write,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use hickory_proto::{
+    op::{Message, MessageType, ResponseCode},
+    rr::{rdata::A, DNSClass, RData, Record, RecordType},
+};
+use tokio::net::UdpSocket;
+
+use crate::state::{Container, State, StateDir};
+
+/// Nameservers of a resolv.conf.
+pub fn upstreams(resolv_conf: &Path) -> Vec<SocketAddr> {
+    fs::read_to_string(resolv_conf)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// The address a container knows a peer by: the peer's address on a network both are on,
+/// preferring `network`.
+fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option<Ipv4Addr> {
+    network
+        .and_then(|n| {
+            peer.interfaces
+                .iter()
+                .find(|i| i.network == n && nets.iter().any(|m| m == n))
+        })
+        .or_else(|| peer.interfaces.iter().find(|i| nets.contains(&i.network)))
+        .map(|i| i.ip)
+}
+
+/// Resolves a container name (or hostname) for someone on `nets`.
+pub fn lookup(
+    state: &State,
+    nets: &[String],
+    network: Option<&str>,
+    name: &str,
+) -> Option<Ipv4Addr> {
+    let name = name.trim_end_matches('.');
+    state
+        .containers
+        .values()
+        .filter(|c| c.name.eq_ignore_ascii_case(name) || c.hostname.eq_ignore_ascii_case(name))
+        .find_map(|c| shared_ip(c, nets, network))
+}
+
+fn networks_of(c: &Container) -> Vec<String> {
+    c.interfaces.iter().map(|i| i.network.clone()).collect()
+}
+
+/// /etc/hosts of a container: localhost, itself, and its peers on the networks it is on.
+pub fn render_hosts(state: &State, c: &Container) -> String {
+    let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let own = |c: &Container| {
+        if c.hostname == c.name {
+            c.name.clone()
+        } else {
+            format!("{} {}", c.hostname, c.name)
+        }
+    };
+    match c.primary_ip() {
+        Some(ip) => s.push_str(&format!("{ip}\t{}\n", own(c))),
+        None => s.push_str(&format!("127.0.1.1\t{}\n", own(c))),
+    }
+    let nets = networks_of(c);
+    for peer in state.containers.values().filter(|p| p.name != c.name) {
+        if let Some(ip) = shared_ip(peer, &nets, None) {
+            s.push_str(&format!("{ip}\t{}\n", own(peer)));
+        }
+    }
+    s
+}
+
+/// /etc/resolv.conf of a container: its network's resolver.
+pub fn render_resolv(state: &State, c: &Container) -> Option<String> {
+    let net = state.networks.get(&c.interfaces.first()?.network)?;
+    Some(format!(
+        "# md: the resolver of network {}\nnameserver {}\n",
+        c.interfaces[0].network,
+        net.subnet.gateway()
+    ))
+}
+
+fn write_in_place(path: &Path, content: &str) -> Result<()> {
+    if fs::read_to_string(path).is_ok_and(|old| old == content) {
+        return Ok(());
+    }
+    // In place, not rename: the container sees this inode through a bind mount.
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content.as_bytes())?;
+    Ok(())
+}
+
+/// Paths of a container's hosts and resolv.conf files (resolv.conf only with a network).
+pub fn files(dir: &StateDir, name: &str) -> (PathBuf, PathBuf) {
+    let d = dir.container_dir(name);
+    (d.join("hosts"), d.join("resolv.conf"))
+}
+
+/// Rewrites every container's files from the state (containers came or went).
+pub fn refresh(dir: &StateDir, state: &State) -> Result<()> {
+    for c in state.containers.values() {
+        if c.mode == "host" || c.mode.starts_with("container:") {
+            continue;
+        }
+        let (hosts, resolv) = files(dir, &c.name);
+        fs::create_dir_all(hosts.parent().expect("dir"))?;
+        write_in_place(&hosts, &render_hosts(state, c))?;
+        if let Some(r) = render_resolv(state, c) {
+            write_in_place(&resolv, &r)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn remove_files(dir: &StateDir, name: &str) {
+    let _ = fs::remove_dir_all(dir.container_dir(name));
+}
+
+/// Builds the answer to a query for a container name, or None to forward it.
+pub fn answer(state: &State, network: &str, asker: Ipv4Addr, query: &Message) -> Option<Message> {
+    let q = query.queries().first()?;
+    if q.query_class() != DNSClass::IN {
+        return None;
+    }
+    let asker_nets: Vec<String> = state
+        .containers
+        .values()
+        .find(|c| c.interfaces.iter().any(|i| i.ip == asker))
+        .map(networks_of)
+        .unwrap_or_else(|| vec![network.to_string()]);
+    let name = q.name().to_ascii();
+    let ip = lookup(state, &asker_nets, Some(network), &name)?;
+    let mut m = Message::new();
+    m.set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_authoritative(true)
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(ResponseCode::NoError)
+        .add_query(q.clone());
+    match q.query_type() {
+        RecordType::A | RecordType::ANY => {
+            m.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(ip))));
+        }
+        // The name exists, with no address of that type: NOERROR, empty.
+        _ => {}
+    }
+    Some(m)
+}
+
+/// The resolver process (`md-user __dns`).
+pub async fn serve(
+    state_dir: PathBuf,
+    network: String,
+    listen: SocketAddrV4,
+    resolv_conf: PathBuf,
+    ready: Option<std::fs::File>,
+) -> Result<()> {
+    let sock = UdpSocket::bind(listen)
+        .await
+        .with_context(|| format!("binding the resolver to {listen}"))?;
+    if let Some(mut r) = ready {
+        let _ = r.write_all(b"ok");
+    }
+    let sock = std::sync::Arc::new(sock);
+    let dir = StateDir::new(&state_dir);
+    let state_file = state_dir.join("state.json");
+    let mut state = dir.peek().unwrap_or_default();
+    let mut mtime: Option<SystemTime> = None;
+    let own = std::net::IpAddr::V4(*listen.ip());
+    let mut buf = vec![0u8; 4096];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => {
+                let (n, peer) = r?;
+                let m = fs::metadata(&state_file).and_then(|m| m.modified()).ok();
+                if m != mtime {
+                    state = dir.peek().unwrap_or_default();
+                    mtime = m;
+                }
+                let asker = match peer.ip() {
+                    std::net::IpAddr::V4(ip) => ip,
+                    _ => continue,
+                };
+                let query = &buf[..n];
+                if let Ok(msg) = Message::from_vec(query) {
+                    if let Some(reply) = answer(&state, &network, asker, &msg) {
+                        if let Ok(bytes) = reply.to_vec() {
+                            let _ = sock.send_to(&bytes, peer).await;
+                        }
+                        continue;
+                    }
+                }
+                let ups: Vec<SocketAddr> = upstreams(&resolv_conf).into_iter().filter(|u| u.ip() != own).collect();
+                let q = query.to_vec();
+                let sock = sock.clone();
+                tokio::spawn(async move {
+                    if let Some(resp) = forward(&q, &ups).await {
+                        let _ = sock.send_to(&resp, peer).await;
+                    }
+                });
+            }
+            _ = tick.tick() => {
+                // Gone with the network's last container, even if nobody told us.
+                let s = dir.peek().unwrap_or_default();
+                if !s.containers.values().any(|c| c.on_network(&network)) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Relays a query to the first upstream that answers.
+async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for up in upstreams {
+        let bind: SocketAddr = if up.is_ipv4() {
+            "0.0.0.0:0".parse().ok()?
+        } else {
+            "[::]:0".parse().ok()?
+        };
+        let Ok(s) = UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if s.send_to(query, up).await.is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 4096];
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_secs(2), s.recv_from(&mut buf)).await
+        {
+            buf.truncate(n);
+            return Some(buf);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        ipam::Subnet,
+        state::{Interface, Network, Status},
+    };
+    use hickory_proto::{op::Query, rr::Name};
+
+    fn container(name: &str, ifaces: &[(&str, [u8; 4])]) -> Container {
+        Container {
+            name: name.into(),
+            id: "0".into(),
+            hostname: name.into(),
+            mode: ifaces
+                .first()
+                .map(|i| i.0.to_string())
+                .unwrap_or("none".into()),
+            interfaces: ifaces
+                .iter()
+                .map(|(n, ip)| Interface {
+                    network: n.to_string(),
+                    ip: Ipv4Addr::from(*ip),
+                    mac: [0; 6],
+                    veth: String::new(),
+                    ifindex: 0,
+                    name: "eth0".into(),
+                })
+                .collect(),
+            ports: vec![],
+            cmd: vec![],
+            pid: 0,
+            pid_start: 0,
+            supervisor_pid: 0,
+            supervisor_start: 0,
+            status: Status::Running,
+            detached: true,
+            created_unix: 0,
+        }
+    }
+
+    fn lab() -> State {
+        let mut s = State::default();
+        for (n, id, sub) in [("bridge", 1, "172.18.0.0/16"), ("back", 2, "10.9.0.0/24")] {
+            s.networks.insert(
+                n.into(),
+                Network {
+                    id,
+                    bridge: format!("b{id}"),
+                    subnet: sub.parse::<Subnet>().unwrap(),
+                    dns_pid: 0,
+                    dns_start: 0,
+                },
+            );
+        }
+        for c in [
+            container("a", &[("bridge", [172, 18, 0, 2])]),
+            container("b", &[("bridge", [172, 18, 0, 3]), ("back", [10, 9, 0, 3])]),
+            container("c", &[("back", [10, 9, 0, 4])]),
+        ] {
+            s.containers.insert(c.name.clone(), c);
+        }
+        s
+    }
+
+    fn ask(s: &State, net: &str, asker: [u8; 4], name: &str, t: RecordType) -> Option<Message> {
+        let mut q = Message::new();
+        q.set_id(7)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        answer(s, net, Ipv4Addr::from(asker), &q)
+    }
+
+    fn a_record(m: &Message) -> Option<Ipv4Addr> {
+        m.answers().iter().find_map(|r| match r.data() {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn names_resolve_within_shared_networks_only() {
+        let s = lab();
+        let m = ask(&s, "bridge", [172, 18, 0, 2], "b.", RecordType::A).unwrap();
+        assert_eq!(m.id(), 7);
+        assert_eq!(a_record(&m), Some(Ipv4Addr::new(172, 18, 0, 3)));
+        // a and c share no network: c is not a's to resolve (forwarded upstream instead).
+        assert!(ask(&s, "bridge", [172, 18, 0, 2], "c", RecordType::A).is_none());
+        // b reaches c on "back", by c's address there.
+        let m = ask(&s, "back", [10, 9, 0, 3], "c", RecordType::A).unwrap();
+        assert_eq!(a_record(&m), Some(Ipv4Addr::new(10, 9, 0, 4)));
+        // c asks for b: b's address on the network they share.
+        let m = ask(&s, "back", [10, 9, 0, 4], "B", RecordType::A).unwrap();
+        assert_eq!(a_record(&m), Some(Ipv4Addr::new(10, 9, 0, 3)));
+        // AAAA for a container: the name exists, no IPv6 address.
+        let m = ask(&s, "bridge", [172, 18, 0, 2], "b", RecordType::AAAA).unwrap();
+        assert!(m.answers().is_empty());
+        assert!(ask(&s, "bridge", [172, 18, 0, 2], "example.org", RecordType::A).is_none());
+    }
+
+    #[test]
+    fn hosts_file_lists_self_and_peers_on_shared_networks() {
+        let s = lab();
+        let h = render_hosts(&s, &s.containers["a"]);
+        assert!(h.contains("127.0.0.1\tlocalhost"));
+        assert!(h.contains("172.18.0.2\ta\n"));
+        assert!(h.contains("172.18.0.3\tb\n"));
+        assert!(!h.contains("\tc\n"));
+        let h = render_hosts(&s, &s.containers["c"]);
+        assert!(h.contains("10.9.0.3\tb\n"));
+        assert!(!h.contains("\ta\n"));
+        let r = render_resolv(&s, &s.containers["c"]).unwrap();
+        assert!(r.contains("nameserver 10.9.0.1"));
+    }
+
+    #[test]
+    fn upstreams_from_resolv_conf() {
+        let p = std::env::temp_dir().join(format!("md-resolv-{}", std::process::id()));
+        fs::write(
+            &p,
+            "search x\nnameserver 192.0.2.2\n nameserver 10.0.0.1 \noptions ndots:1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            upstreams(&p),
+            vec![
+                "192.0.2.2:53".parse::<SocketAddr>().unwrap(),
+                "10.0.0.1:53".parse().unwrap()
+            ]
+        );
+        fs::remove_file(&p).unwrap();
+    }
+}

@@ -1,0 +1,193 @@
+//! md networks: a bridge and a subnet each, their NETWORKS entry (the datapath isolates
+//! networks from each other by id), and their DNS resolver.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use md_common::Network as NetworkEntry;
+
+use crate::{
+    cli::GlobalOpts,
+    datapath::Datapath,
+    dns,
+    ipam::{mac_for, Subnet},
+    netlink::Netlink,
+    proc,
+    state::{Network, State, StateDir, DEFAULT_NETWORK},
+};
+
+/// Makes sure the default network exists in the state with the configured bridge and subnet.
+pub fn ensure_default(state: &mut State, opts: &GlobalOpts) -> Result<()> {
+    let subnet: Subnet = opts.subnet.parse()?;
+    if let Some(net) = state.networks.get(DEFAULT_NETWORK) {
+        if net.subnet == subnet && net.bridge == opts.bridge {
+            return Ok(());
+        }
+        if state
+            .containers
+            .values()
+            .any(|c| c.on_network(DEFAULT_NETWORK))
+        {
+            bail!(
+                "the default network is {} on {}; stop its containers or run `md-user down` before changing --bridge or --subnet",
+                net.subnet,
+                net.bridge
+            );
+        }
+        state.networks.remove(DEFAULT_NETWORK);
+    }
+    add(state, DEFAULT_NETWORK, opts.bridge.clone(), subnet)?;
+    Ok(())
+}
+
+fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<Network> {
+    for (other, net) in &state.networks {
+        if net.subnet.overlaps(&subnet) {
+            bail!("subnet {subnet} overlaps network {other} ({})", net.subnet);
+        }
+        if net.bridge == bridge {
+            bail!("bridge {bridge} is already used by network {other}");
+        }
+    }
+    state.next_network_id = state.next_network_id.max(1);
+    let id = state.next_network_id;
+    state.next_network_id += 1;
+    let net = Network {
+        id,
+        bridge,
+        subnet,
+        dns_pid: 0,
+        dns_start: 0,
+    };
+    state.networks.insert(name.to_string(), net.clone());
+    Ok(net)
+}
+
+/// A user-defined network, with the first free 172.19-31.0.0/16 when no subnet is given.
+pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>) -> Result<Network> {
+    if state.networks.contains_key(name)
+        || matches!(name, "none" | "host")
+        || name.starts_with("container:")
+    {
+        bail!("network {name} already exists");
+    }
+    let subnet = match subnet {
+        Some(s) => s,
+        None => (19..=31)
+            .map(|b| Subnet::new(std::net::Ipv4Addr::new(172, b, 0, 0), 16).expect("valid"))
+            .find(|s| !state.networks.values().any(|n| n.subnet.overlaps(s)))
+            .context("no free 172.19-31.0.0/16 subnet left; pass --subnet")?,
+    };
+    // Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex).
+    let bridge = format!("mdn{}", state.next_network_id.max(1));
+    add(state, name, bridge, subnet)
+}
+
+/// Creates the network's bridge if needed and publishes it to the datapath.
+pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result<u32> {
+    let gw = net.subnet.gateway();
+    let mac = mac_for(gw);
+    let link = nl
+        .ensure_bridge(&net.bridge, gw, net.subnet.prefix_len, mac)
+        .await?;
+    let mut networks = dp.networks()?;
+    networks
+        .insert(
+            net.id,
+            NetworkEntry {
+                gateway: gw.octets(),
+                subnet: net.subnet.network.octets(),
+                prefix_len: net.subnet.prefix_len,
+                _pad: [0],
+                gateway_mac: mac,
+                bridge_ifindex: link.index,
+            },
+            0,
+        )
+        .context("writing NETWORKS")?;
+    crate::host::refresh_host_addrs(nl, dp).await?;
+    Ok(link.index)
+}
+
+/// Deletes a network's bridge and datapath entry.
+pub async fn remove_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result<()> {
+    if dp.is_loaded() {
+        let _ = dp.networks()?.remove(&net.id);
+    }
+    match nl.link_by_name(&net.bridge).await? {
+        Some(link) if link.kind.as_deref() == Some("bridge") => nl.delete_link(link.index).await,
+        _ => Ok(()),
+    }
+}
+
+/// Starts the network's resolver if it is not running (it listens on the gateway, port 53).
+pub fn ensure_resolver(opts: &GlobalOpts, state: &mut State, name: &str) -> Result<()> {
+    let net = state
+        .networks
+        .get_mut(name)
+        .with_context(|| format!("no such network: {name}"))?;
+    if proc::alive(net.dns_pid, net.dns_start) {
+        return Ok(());
+    }
+    let listen = format!("{}:53", net.subnet.gateway());
+    let mut cmd = opts.self_command();
+    cmd.arg("__dns")
+        .arg("--network")
+        .arg(name)
+        .arg("--listen")
+        .arg(&listen);
+    let (child, msg) = proc::spawn_with_ready_pipe(cmd, |cmd, fd| {
+        cmd.arg("--ready-fd").arg(fd.to_string());
+    })
+    .context("starting the network's resolver")?;
+    if !msg.starts_with("ok") {
+        bail!(
+            "the resolver of network {name} did not start: {}",
+            msg.trim()
+        );
+    }
+    net.dns_pid = child.id();
+    net.dns_start = proc::start_time(child.id()).unwrap_or(0);
+    std::mem::forget(child);
+    Ok(())
+}
+
+/// Stops resolvers of networks that have no container left and waits for them to exit (a new
+/// one binds the same address).
+pub fn stop_idle_resolvers(state: &mut State) {
+    let idle: Vec<String> = state
+        .networks
+        .keys()
+        .filter(|n| !state.containers.values().any(|c| c.on_network(n)))
+        .cloned()
+        .collect();
+    for name in idle {
+        if let Some(net) = state.networks.get_mut(&name) {
+            stop_resolver(net);
+        }
+    }
+}
+
+pub fn stop_resolver(net: &mut Network) {
+    if proc::signal(net.dns_pid, net.dns_start, libc::SIGTERM) {
+        for _ in 0..100 {
+            if !proc::alive(net.dns_pid, net.dns_start) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    net.dns_pid = 0;
+    net.dns_start = 0;
+}
+
+/// After containers came or went: peers' hosts files, and resolvers of networks left empty.
+pub fn containers_changed(dir: &StateDir, state: &mut State) {
+    if let Err(e) = dns::refresh(dir, state) {
+        eprintln!(
+            "md-user: updating hosts files: {}",
+            crate::error::one_line(&e)
+        );
+    }
+    stop_idle_resolvers(state);
+}
