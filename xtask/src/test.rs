@@ -34,6 +34,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     ("nsenter", "util-linux"),
     ("unshare", "util-linux"),
+    ("dig", "dnsutils"),
+    ("dnsmasq", "dnsmasq-base"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
