@@ -369,6 +369,11 @@ fn burst_of_2000_connections_expires_and_long_session_survives() {
     assert!(out.contains("ok=20 "), "20 more connections: {out}");
     assert_no_netfilter(&lab);
 
+    eprintln!(
+        "conntrack.entries: baseline {baseline:?}, after the burst {after:?}, \
+         {:?} after it {expired:?}",
+        t_after.elapsed()
+    );
     // Reported last so that a missing `stats` does not hide the traffic checks above.
     let base = baseline.expect("baseline tracker count");
     let peak = after.expect("tracker count after the burst");
