@@ -293,6 +293,71 @@ impl Dp {
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
+
+    /// Like [`Dp::run`], but the skb is CHECKSUM_COMPLETE (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`,
+    /// Linux 6.11+): the kernel sums the packet into skb->csum before the program and fails the
+    /// run with EBADMSG when skb->csum no longer matches the packet afterwards. That catches
+    /// checksum-helper misuse CHECKSUM_NONE cannot show (a pseudo-header flag on a port change,
+    /// a missing one on an address change). aya 0.14 cannot set test-run flags for skb
+    /// programs, so this issues BPF_PROG_TEST_RUN itself.
+    fn run_csum_complete(&self, prog: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), i32> {
+        use std::os::fd::{AsFd, AsRawFd};
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+        // The `test` member of union bpf_attr.
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestAttr {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+            flags: u32,
+            cpu: u32,
+            batch_size: u32,
+            _pad: u32,
+        }
+        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let fd = p.fd().unwrap().as_fd().as_raw_fd();
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&LO.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 512];
+        let mut attr = TestAttr {
+            prog_fd: fd as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: ctx.as_ptr() as u64,
+            flags: BPF_F_TEST_SKB_CHECKSUM_COMPLETE,
+            ..Default::default()
+        };
+        // SAFETY: attr is a valid BPF_PROG_TEST_RUN attribute whose pointers reference live
+        // buffers of the given sizes for the duration of the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestAttr,
+                std::mem::size_of::<TestAttr>() as u32,
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        out.truncate(attr.data_size_out as usize);
+        Ok((attr.retval, out))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1341,4 +1406,119 @@ fn fragments_from_containers_dropped_not_translated() {
     assert_frame_eq(&out, &frame, "non-first fragment must not be translated");
     assert_eq!(dp.stat(|s| s.drop_unsupported), 2);
     assert!(dp.ct_keys().is_empty(), "nothing tracked for fragments");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. CHECKSUM_COMPLETE: skb->csum stays consistent through every rewrite
+
+/// Runs `p` through `prog` on a CHECKSUM_COMPLETE skb; panics on EBADMSG (skb->csum stale).
+#[track_caller]
+fn run_complete(dp: &Dp, prog: &str, p: &Ipv4Pkt, what: &str) -> (u32, Vec<u8>) {
+    match dp.run_csum_complete(prog, &p.build()) {
+        Ok(r) => r,
+        Err(libc::EBADMSG) => panic!(
+            "{what}: skb->csum (CHECKSUM_COMPLETE) no longer matches the packet after {prog}: \
+             a checksum helper was given the wrong BPF_F_PSEUDO_HDR flag"
+        ),
+        Err(e) => panic!(
+            "{what}: BPF_PROG_TEST_RUN with BPF_F_TEST_SKB_CHECKSUM_COMPLETE: {}",
+            std::io::Error::from_raw_os_error(e)
+        ),
+    }
+}
+
+#[test]
+fn checksum_complete_skb_csum_maintained() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    // The flag exists: a packet md leaves alone runs fine.
+    let plain = Ipv4Pkt::tcp(OUT, 1, HOST, 9, TCP_SYN);
+    if let Err(libc::EINVAL) = dp.run_csum_complete(UPLINK_INGRESS, &plain.build()) {
+        panic!("this kernel rejects BPF_F_TEST_SKB_CHECKSUM_COMPLETE (needs Linux 6.11+)");
+    }
+
+    // Masquerade and its answers: TCP, UDP, ICMP echo, IP options. (Not UDP without checksum:
+    // bpf_l4_csum_replace leaves skb->csum alone when the field is 0, so the port change is not
+    // carried into skb->csum; the stack never consults skb->csum for such datagrams.)
+    let flows = [
+        Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN),
+        Ipv4Pkt::udp(C2, 40000, OUT, 53),
+        Ipv4Pkt::echo(C2, OUT, 0x1234, 1),
+        Ipv4Pkt::tcp(C3, 40000, OUT, 80, TCP_SYN).options(&IP_OPT_RA),
+    ];
+    for p in &flows {
+        let what = format!("SNAT {}", fmt_key(&key_of(p)));
+        let (rc, out) = run_complete(&dp, UPLINK_EGRESS, p, &what);
+        assert_verdict(rc, PASS, &what);
+        let v = View::new(&out);
+        v.assert_checksums(&what);
+        assert_eq!(ip(v.saddr()), ip(HOST), "{what}");
+        let port = if p.proto() == IPPROTO_ICMP {
+            v.icmp_id()
+        } else {
+            v.sport()
+        };
+        let orig = key_of(p);
+        let nat = CtKey {
+            saddr: HOST,
+            sport: port,
+            ..orig
+        };
+        let mut answer = p.clone();
+        if let L4::Icmp { typ, .. } = &mut answer.l4 {
+            *typ = md_tests::pkt::ICMP_ECHO_REPLY;
+        }
+        let answer = with_tuple(&answer, nat.reversed());
+        let what = format!("reverse SNAT {}", fmt_key(&nat.reversed()));
+        let (rc, out) = run_complete(&dp, UPLINK_INGRESS, &answer, &what);
+        assert_verdict(rc, PASS, &what);
+        assert_frame_eq(&out, &with_tuple(&answer, orig.reversed()).build(), &what);
+    }
+
+    // Published port and its answer.
+    let syn = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_SYN);
+    let (rc, out) = run_complete(&dp, UPLINK_INGRESS, &syn, "DNAT");
+    assert_verdict(rc, PASS, "DNAT");
+    View::new(&out).assert_checksums("DNAT");
+    let synack = Ipv4Pkt::tcp(C4, 80, OUT, 5555, TCP_SYN | TCP_ACK);
+    let (rc, out) = run_complete(&dp, UPLINK_EGRESS, &synack, "reverse DNAT");
+    assert_verdict(rc, PASS, "reverse DNAT");
+    assert_frame_eq(
+        &out,
+        &with_tuple(&synack, key_of(&syn).reversed()).build(),
+        "reverse DNAT",
+    );
+
+    // An ICMP error about the UDP flow.
+    let q = key_of(&flows[1]);
+    let nat_port = dp.ct_must(&q).nat_tuple(IPPROTO_UDP).sport;
+    let sent = with_tuple(
+        &flows[1],
+        CtKey {
+            saddr: HOST,
+            sport: nat_port,
+            ..q
+        },
+    )
+    .ip_bytes();
+    let err = Ipv4Pkt::icmp_error(OUT, HOST, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &sent);
+    let (rc, out) = run_complete(&dp, UPLINK_INGRESS, &err, "ICMP error");
+    assert_verdict(rc, PASS, "ICMP error");
+    assert_icmp_error_checksums(&out, "ICMP error");
+    assert_eq!(ip(View::new(&out).daddr()), ip(C2));
+
+    // Hairpin at the veth.
+    let hp = Ipv4Pkt::tcp(C5, 42000, HOST, 8080, TCP_SYN).macs(mac(C5), GW_MAC);
+    let (rc, out) = run_complete(&dp, VETH_INGRESS, &hp, "hairpin");
+    assert_verdict(rc, REDIRECT, "hairpin");
+    assert_frame_eq(
+        &out,
+        &with_tuple(&hp, CtKey::new(C5, C4, 42000, 80, IPPROTO_TCP))
+            .macs(GW_MAC, mac(C4))
+            .build(),
+        "hairpin",
+    );
 }
