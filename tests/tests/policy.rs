@@ -404,29 +404,28 @@ fn deny_stops_existing_flows_and_spares_unrelated_ones() {
     }
     need_tools();
     let lab = Lab::new("policy-existing");
-    let (a, b, c) = abc(&lab);
+    serve(&lab, "a", &[]);
+    serve(&lab, "b", &[]);
+    serve(&lab, "c", &["-p", "7070:7000"]);
+    let (a, b, c) = (lab.ip_of("a"), lab.ip_of("b"), lab.ip_of("c"));
     let go = lab.dir().join("go");
     let go_s = go.to_str().unwrap().to_string();
-    let session = |from: &str, ip: &str| {
+    let session = |from: &str, ip: &str, port: &str| {
         lab.spawn_exec(
             from,
-            &[
-                "python3",
-                &fx("tcp_session.py"),
-                ip,
-                &ECHO.to_string(),
-                "--go",
-                &go_s,
-            ],
+            &["python3", &fx("tcp_session.py"), ip, port, "--go", &go_s],
         )
     };
-    // Three long-lived sessions, open before the rule: a -> c (to be denied), b -> c
-    // (unrelated) and c -> a (the allowed direction between the same two containers).
-    let mut ac = session("a", &c);
-    let mut bc = session("b", &c);
-    let mut ca = session("c", &a);
+    // Long-lived sessions, open before the rule: a -> c directly and through c's published
+    // port (both to be denied), b -> c (unrelated) and c -> a (the allowed direction between
+    // the same two containers).
+    let mut ac = session("a", &c, "7000");
+    let mut ap = session("a", HOST_UPLINK_IP, "7070");
+    let mut bc = session("b", &c, "7000");
+    let mut ca = session("c", &a, "7000");
     for (s, what, ip) in [
         (&mut ac, "a -> c session", &a),
+        (&mut ap, "a -> 192.0.2.1:7070 (c) session", &a),
         (&mut bc, "b -> c session", &b),
         (&mut ca, "c -> a session", &c),
     ] {
@@ -449,13 +448,15 @@ fn deny_stops_existing_flows_and_spares_unrelated_ones() {
     }
     // a's established session to c stops: its next line is never echoed (the session gives
     // up after its 10 s socket timeout).
-    let st = ac.wait_timeout(Duration::from_secs(30));
-    let out = ac.stdout();
-    assert!(
-        !st.success() && !out.contains("echo two") && out.contains("error"),
-        "a's session to c, established before deny a c, kept working ({st})\n{out}{}",
-        ac.stderr()
-    );
+    for (s, what) in [(&mut ac, "a -> c"), (&mut ap, "a -> 192.0.2.1:7070 (c)")] {
+        let st = s.wait_timeout(Duration::from_secs(30));
+        let out = s.stdout();
+        assert!(
+            !st.success() && !out.contains("echo two") && out.contains("error"),
+            "the {what} session, established before deny a c, kept working ({st})\n{out}{}",
+            s.stderr()
+        );
+    }
     // New flows: a -> c stays blocked, b -> c works.
     tcp_dropped(&lab, "a", &c, ECHO, "a -> c:7000 after the deny");
     tcp_ok(&lab, "b", &b, &c, HTTP, "b -> c after the deny");
@@ -490,6 +491,23 @@ fn rules_follow_names_across_restart_and_readdressing() {
     reaches(&lab, "c", &c_new, &a, "c (new address) -> a");
     // The rule did not stay with the old address.
     reaches(&lab, "a", &a, &c_old, "a -> filler (c's old address)");
+
+    // The same when the denied side, a, restarts somewhere else.
+    lab.md_ok(&["stop", "a"]);
+    serve(&lab, "filler2", &["--ip", &a]);
+    serve(&lab, "a", &[]);
+    let a_new = lab.ip_of("a");
+    assert_ne!(a_new, a, "a should have a new address");
+    blocked(&lab, "a", &c_new, "a (new address) -> c (new address)");
+    tcp_ok(
+        &lab,
+        "filler2",
+        &a,
+        &c_new,
+        HTTP,
+        "filler2 (a's old address) -> c",
+    );
+    tcp_ok(&lab, "c", &c_new, &a_new, HTTP, "c -> a (both readdressed)");
     let list = policy_list(&lab);
     assert_eq!(
         rule(&list, "a", "c").map(|r| r["verdict"].clone()),
@@ -731,6 +749,99 @@ fn changed_mac_inside_a_container_is_dropped() {
     send("mac-restored");
     logged(&log, "mac-restored");
     tcp_ok(&lab, "a", &a, &c, HTTP, "a -> c with its own MAC again");
+}
+
+#[test]
+fn forged_sources_are_dropped_on_every_container_port() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("policy-spoof-nets");
+    serve(&lab, "a", &[]);
+    lab.md_ok(&["network", "create", "back", "--subnet", "10.9.0.0/24"]);
+    run_net(&lab, "x", "back");
+    run_net(&lab, "y", "back");
+    lab.md_ok(&["network", "connect", "back", "a"]);
+    let log = logger(&lab, "y");
+    let a0 = lab.ip_of("a");
+    let a1 = wait_for("a has an address on back", Duration::from_secs(10), || {
+        let out = lab.exec_ok("a", &["ip", "-o", "-4", "addr", "show"]);
+        out.split_whitespace()
+            .filter_map(|w| w.strip_suffix("/24"))
+            .find(|ip| ip.starts_with("10.9.0."))
+            .map(str::to_string)
+    });
+    let x = address_on(&lab, "x");
+    let y = address_on(&lab, "y");
+    let raw = |from: &str, src: &str, msg: &str| {
+        lab.exec_ok(from, &["python3", "-c", RAW_UDP, src, &y, LOG_PORT, msg]);
+    };
+    raw("a", &a1, "a-back-own");
+    assert_eq!(logged(&log, "a-back-own"), format!("{a1}:40000"));
+    let before = drops_of(&lab, "a", "spoofed-source");
+    // a's own bridge address, sent out of its other interface: an address of a, not of
+    // that port.
+    raw("a", &a0, "a-back-as-bridge-addr");
+    // x forging a's address on the same network.
+    raw("x", &a1, "x-as-a");
+    raw("x", &x, "x-marker");
+    logged(&log, "x-marker");
+    let got = log.stdout();
+    assert!(
+        !got.contains("a-back-as-bridge-addr") && !got.contains("x-as-a"),
+        "forged datagrams reached y:\n{got}"
+    );
+    assert!(
+        drops_of(&lab, "a", "spoofed-source") > before,
+        "a's spoofed datagram was not counted"
+    );
+    assert!(
+        drops_of(&lab, "x", "spoofed-source") > 0,
+        "x's spoofed datagram was not counted"
+    );
+
+    // A rule names the container: it holds on its second interface too.
+    policy(&lab, &["deny", "a", "y"]);
+    raw("a", &a1, "a-after-deny");
+    raw("x", &x, "x-marker-2");
+    logged(&log, "x-marker-2");
+    assert!(
+        !log.stdout().contains("a-after-deny"),
+        "a reached y on its second network despite deny a y:\n{}",
+        log.stdout()
+    );
+}
+
+/// `md-user run -d --name NAME --network NET -- sleep 600`.
+#[track_caller]
+fn run_net(lab: &Lab, name: &str, net: &str) {
+    lab.md_ok(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        net,
+        "--",
+        "sleep",
+        "600",
+    ]);
+}
+
+/// The IPv4 address of `container`'s eth0.
+#[track_caller]
+fn address_on(lab: &Lab, container: &str) -> String {
+    let out = lab.exec_ok(
+        container,
+        &["ip", "-o", "-4", "addr", "show", "dev", "eth0"],
+    );
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no IPv4 address on {container}'s eth0: {out}"))
+        .to_string()
 }
 
 #[test]
