@@ -232,24 +232,39 @@ pub fn snat(ctx: &TcContext, p: &Pkt, src: &Endpoint, uplink_ip: Ip4) -> Verdict
 /// sent, so the reversed quote is a tracker key for packets travelling the error's way. The
 /// quote is translated back and the outer header with it (destination = the quote's source;
 /// the source too when the error comes from the quoted destination itself).
+/// Returns None when the error is about no flow md translated at `hook`.
 #[inline(always)]
-pub fn icmp_error(ctx: &TcContext, outer: &Pkt, hook: u8) -> Verdict {
+pub fn icmp_error(ctx: &TcContext, outer: &Pkt, hook: u8) -> Option<Verdict> {
     let inner_l3 = outer.l4_off + 8;
-    let Some(inner) = parse_ipv4_at(ctx, inner_l3) else {
-        return Verdict::Pass;
-    };
+    let inner = parse_ipv4_at(ctx, inner_l3)?;
     if inner.l4 != L4::Ports {
-        return Verdict::Pass;
+        return None;
     }
-    let Some(e) = ct::lookup(&inner.key().reversed(), ct::now()) else {
-        return Verdict::Pass;
-    };
+    let e = ct::lookup(&inner.key().reversed(), ct::now())?;
     let entry = unsafe { *e };
     if entry.hook != hook {
-        return Verdict::Pass;
+        return None;
     }
-    let quoted = entry.nat_tuple(inner.proto).reversed();
-    if csum::rewrite_quoted(ctx, outer, &inner, inner_l3, &quoted).is_err() {
+    Some(translate_icmp_error(
+        ctx,
+        outer,
+        &inner,
+        inner_l3,
+        &entry.nat_tuple(inner.proto).reversed(),
+        hook,
+    ))
+}
+
+#[inline(always)]
+fn translate_icmp_error(
+    ctx: &TcContext,
+    outer: &Pkt,
+    inner: &Pkt,
+    inner_l3: usize,
+    quoted: &CtKey,
+    hook: u8,
+) -> Verdict {
+    if csum::rewrite_quoted(ctx, outer, inner, inner_l3, quoted).is_err() {
         return Verdict::Drop(DROP_MALFORMED);
     }
     let mut to = outer.key();

@@ -108,7 +108,9 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
         l4: L4::Opaque,
         fragment: more_fragments || offset != 0,
     };
-    if offset != 0 {
+    // Fragments are never translated, the first one included: later ones carry no ports, and
+    // translating only part of a datagram would break reassembly. They stay Opaque.
+    if p.fragment {
         return Some(p);
     }
     let l4 = p.l4_off;

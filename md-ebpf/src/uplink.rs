@@ -18,7 +18,7 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
         return Verdict::Pass;
     };
     match p.l4 {
-        L4::IcmpError => nat::icmp_error(ctx, &p, CT_HOOK_UPLINK),
+        L4::IcmpError => nat::icmp_error(ctx, &p, CT_HOOK_UPLINK).unwrap_or(Verdict::Pass),
         L4::Ports => {
             if let Some(e) = ct::lookup(&p.key(), ct::now()) {
                 let entry = unsafe { *e };
@@ -50,8 +50,9 @@ pub fn egress(ctx: &TcContext, cfg: &Config) -> Verdict {
         return Verdict::Pass;
     };
     if p.l4 == L4::IcmpError {
-        let v = nat::icmp_error(ctx, &p, CT_HOOK_UPLINK);
-        if !matches!(v, Verdict::Pass) {
+        // An error from a container about a flow translated here; other errors from a
+        // container are dropped below like anything else without ports.
+        if let Some(v) = nat::icmp_error(ctx, &p, CT_HOOK_UPLINK) {
             return v;
         }
     } else if p.l4 == L4::Ports {

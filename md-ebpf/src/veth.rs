@@ -46,7 +46,9 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         _ => return Verdict::Drop(DROP_SPOOF),
     };
     if p.l4 == L4::IcmpError {
-        return nat::icmp_error(ctx, p, CT_HOOK_VETH);
+        if let Some(v) = nat::icmp_error(ctx, p, CT_HOOK_VETH) {
+            return v;
+        }
     }
     if p.l4 == L4::Ports {
         if let Some(e) = ct::lookup(&p.key(), ct::now()) {
