@@ -9,6 +9,7 @@
 //! Anti-spoofing is checked with one-way UDP to a logger: a forged packet that got through
 //! would be logged, so the check does not depend on replies finding their way back.
 
+use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
@@ -73,6 +74,37 @@ s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.sendto(ip + udp, (dst, 0))
 "#;
 
+/// UDP broadcast: sends "probe" to BCAST PORT with SO_BROADCAST and prints every reply as
+/// "REPLY FROM_IP" until none comes for 1.5 s.
+const UDP_BROADCAST: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.settimeout(1.5)
+s.sendto(b"probe", (sys.argv[1], int(sys.argv[2])))
+try:
+    while True:
+        data, peer = s.recvfrom(2048)
+        print("%s %s" % (data.decode(), peer[0]), flush=True)
+except socket.timeout:
+    pass
+"#;
+
+/// A forged ARP reply out of eth0: "SPA is at my MAC", to TARGET_MAC/TARGET_IP.
+/// usage: SPA TARGET_MAC TARGET_IP
+const ARP_CLAIM: &str = r#"
+import socket, struct, sys
+spa, tmac, tpa = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind(("eth0", 0x0806))
+sha = s.getsockname()[4]
+mac = lambda m: bytes(int(x, 16) for x in m.split(":"))
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, sha, socket.inet_aton(spa),
+                  mac(tmac), socket.inet_aton(tpa))
+for _ in range(3):
+    s.send(mac(tmac) + sha + b"\x08\x06" + arp)
+"#;
+
 fn fx(name: &str) -> String {
     fixture(name)
         .to_str()
@@ -104,9 +136,25 @@ fn serve(lab: &Lab, name: &str, extra: &[&str]) {
         args.join(" "),
         show_output(&out)
     );
-    lab.wait_listening_in(name, "tcp", HTTP);
-    lab.wait_listening_in(name, "udp", UDP);
-    lab.wait_listening_in(name, "tcp", ECHO);
+    listening(lab, name, "tcp", HTTP);
+    listening(lab, name, "udp", UDP);
+    listening(lab, name, "tcp", ECHO);
+}
+
+/// Waits until something listens on `proto`/`port` inside `container` (30 s: python servers
+/// start slowly on a loaded machine).
+#[track_caller]
+fn listening(lab: &Lab, container: &str, proto: &str, port: u16) {
+    let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
+    let filter = format!("sport = :{port}");
+    wait_for(
+        &format!("{proto}/{port} listens in {container}"),
+        Duration::from_secs(30),
+        || {
+            let out = lab.exec(container, &["ss", flag, &filter]);
+            (out.status.success() && !out.stdout.is_empty()).then_some(())
+        },
+    )
 }
 
 /// a, b and c, each serving.
@@ -318,7 +366,7 @@ fn session_line(s: &mut Bg, prefix: &str, what: &str) -> String {
 #[track_caller]
 fn logger(lab: &Lab, container: &str) -> Bg {
     let bg = lab.spawn_exec(container, &["python3", "-u", "-c", UDP_LOGGER, LOG_PORT]);
-    lab.wait_listening_in(container, "udp", LOG_PORT.parse().unwrap());
+    listening(lab, container, "udp", LOG_PORT.parse().unwrap());
     bg
 }
 
@@ -842,6 +890,92 @@ fn address_on(lab: &Lab, container: &str) -> String {
         .and_then(|a| a.split('/').next())
         .unwrap_or_else(|| panic!("no IPv4 address on {container}'s eth0: {out}"))
         .to_string()
+}
+
+#[test]
+fn arp_claiming_another_containers_address_is_dropped() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("policy-spoof-arp");
+    let (_a, b, c) = abc(&lab);
+    let c_mac = mac_of(&lab, "c");
+    let b_mac = mac_of(&lab, "b");
+    // b knows c (a live neighbour entry, which an unsolicited ARP reply would overwrite).
+    tcp_ok(&lab, "b", &b, &c, HTTP, "b -> c");
+    let neigh = |lab: &Lab| lab.exec_ok("b", &["ip", "neigh", "show", &c]);
+    assert!(
+        neigh(&lab).contains(&c_mac),
+        "b's entry for c: {}",
+        neigh(&lab)
+    );
+
+    // Linux ignores ARP updates of an entry changed less than locktime (1 s) ago: wait until
+    // b's entry is older, so that a forged reply getting through would take effect.
+    wait_for(
+        "b's entry for c is 2 s old",
+        Duration::from_secs(15),
+        || {
+            let out = lab.exec_ok("b", &["ip", "-s", "neigh", "show", &c]);
+            let updated = out
+                .split("used ")
+                .nth(1)?
+                .split('/')
+                .nth(2)?
+                .trim_start_matches(|ch: char| !ch.is_ascii_digit())
+                .split(|ch: char| !ch.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()?;
+            (updated >= 2).then_some(())
+        },
+    );
+    let before = drops_of(&lab, "a", "spoofed-source");
+    lab.exec_ok("a", &["python3", "-c", ARP_CLAIM, &c, &b_mac, &b]);
+    let after = drops_of(&lab, "a", "spoofed-source");
+    assert!(
+        after >= before + 3,
+        "a's 3 ARP replies claiming c's address: drops.spoofed-source {before} -> {after}"
+    );
+    let n = neigh(&lab);
+    assert!(
+        n.contains(&c_mac),
+        "a's forged ARP (\"{c} is at a's MAC\") changed b's entry for c: {n}"
+    );
+    tcp_ok(&lab, "b", &b, &c, HTTP, "b -> c after a's forged ARP");
+}
+
+#[test]
+fn deny_is_not_bypassed_by_broadcast() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("policy-broadcast");
+    let (_a, b, c) = abc(&lab);
+    policy(&lab, &["deny", "a", "c"]);
+    // udp/5300 of c is closed to a; a broadcast datagram must not open it either. b answering
+    // shows the broadcast itself went out.
+    for bcast in ["172.18.255.255", "255.255.255.255"] {
+        let out = lab.exec_ok(
+            "a",
+            &["python3", "-c", UDP_BROADCAST, bcast, &UDP.to_string()],
+        );
+        let from: BTreeSet<&str> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .collect();
+        assert!(
+            from.contains(b.as_str()),
+            "a's broadcast to {bcast}:{UDP} got no answer from b (the control):\n{out}"
+        );
+        assert!(
+            !from.contains(c.as_str()),
+            "deny a c bypassed: a's UDP broadcast to {bcast}:{UDP} reached c, and c's answer \
+             reached a:\n{out}"
+        );
+    }
 }
 
 #[test]
