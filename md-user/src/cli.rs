@@ -197,7 +197,7 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     pub ready_fd: Option<i32>,
     /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(required = true, trailing_var_arg = true)]
     pub cmd: Vec<String>,
 }
 
