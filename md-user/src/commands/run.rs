@@ -506,3 +506,46 @@ async fn create(
     // `netns` can go: CMD now holds the namespace.
     Ok(child)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_modes() {
+        assert_eq!(Mode::parse("bridge").unwrap(), Mode::Net("bridge".into()));
+        assert_eq!(Mode::parse("back").unwrap(), Mode::Net("back".into()));
+        assert_eq!(Mode::parse("none").unwrap(), Mode::None);
+        assert_eq!(Mode::parse("host").unwrap(), Mode::Host);
+        assert_eq!(
+            Mode::parse("container:web").unwrap(),
+            Mode::Container("web".into())
+        );
+        assert!(Mode::parse("container:").is_err());
+        assert!(Mode::parse("").is_err());
+    }
+
+    #[test]
+    fn names_and_hostnames() {
+        for ok in ["web", "a", "web-1", "db_2", "x.y", "A9"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-web", "_x", "a/b", "a b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_hostname("my-host.lab").is_ok());
+        assert!(validate_hostname("-x").is_err());
+        assert!(validate_hostname("a_b").is_err());
+        let g = generate_name();
+        assert!(validate_name(&g).is_ok(), "{g}");
+    }
+
+    #[test]
+    fn program_lookup() {
+        assert!(resolve_program("sh").is_ok());
+        assert!(resolve_program("/bin/sh").is_ok());
+        let e = resolve_program("/nonexistent/cmd").unwrap_err().to_string();
+        assert_eq!(e, "command not found: /nonexistent/cmd");
+        assert!(resolve_program("no-such-command-md").is_err());
+    }
+}
