@@ -63,6 +63,16 @@ s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.sendto(ip + udp, (dst, 0))
 "#;
 
+/// One UDP flow: COUNT request/answer exchanges from one socket with HOST PORT.
+const UDP_FLOW: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+for i in range(int(sys.argv[3])):
+    s.sendto(b"q%d" % i, (sys.argv[1], int(sys.argv[2])))
+    s.recvfrom(2048)
+"#;
+
 /// Size of an ICMP echo request/reply of `ping` (default 56 bytes of data) at the IP layer.
 const PING_IP_BYTES: u64 = 84;
 
@@ -391,6 +401,47 @@ fn stats_count_published_port_hits_and_dnat_exactly() {
     assert_eq!(stats_ports, ps_ports);
 }
 
+#[test]
+fn stats_count_host_clients_of_published_ports_like_any_other() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("obs-stats-host");
+    serve(&lab, "c", &["-p", "8080:80", "-p", "5353:53/udp"]);
+
+    // Host processes reach published ports through the socket programs, not through a veth
+    // or the uplink: still one translated connection each, to be counted like the others.
+    let n = 3u64;
+    let s0 = lab.stats();
+    for _ in 0..n {
+        curl_ok(
+            lab.host(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/"]),
+            "host -> 127.0.0.1:8080",
+        );
+    }
+    let s1 = lab.stats();
+    let tcp_hits = hits(&s1, "c", "8080:80/tcp") - hits(&s0, "c", "8080:80/tcp");
+    let tcp_dnat = delta(&s0, &s1, Some("c"), "dnat");
+
+    // One UDP flow of five datagrams from one host socket: one hit, one translation.
+    let out = lab.host(&["python3", "-c", UDP_FLOW, "127.0.0.1", "5353", "5"]);
+    assert!(
+        out.status.success(),
+        "host -> 127.0.0.1:5353/udp\n{}",
+        show_output(&out)
+    );
+    let s2 = lab.stats();
+    let udp_hits = hits(&s2, "c", "5353:53/udp") - hits(&s1, "c", "5353:53/udp");
+    let udp_dnat = delta(&s1, &s2, Some("c"), "dnat");
+    assert!(
+        (tcp_hits, tcp_dnat, udp_hits, udp_dnat) == (n, n, 1, 1),
+        "from the host: {n} TCP connections to 127.0.0.1:8080 gave hits +{tcp_hits} and c's \
+         dnat +{tcp_dnat} (expected +{n} each); one UDP flow of 5 datagrams to \
+         127.0.0.1:5353 gave hits +{udp_hits} and dnat +{udp_dnat} (expected +1 each)"
+    );
+}
+
 // ---- monitor ----------------------------------------------------------------------------
 
 /// Parsed JSON lines a background `monitor --json` printed so far.
@@ -619,6 +670,58 @@ fn policy_drops_and_nat_show_in_stats_and_monitor() {
         st.success(),
         "monitor after SIGTERM: {st}\n{}",
         text.stderr()
+    );
+}
+
+#[test]
+fn monitor_streams_what_happens_after_it_starts() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("obs-monitor-live");
+    run_d(&lab, "a", &[], &["sleep", "600"]);
+    serve(&lab, "c", &[]);
+    let (a, c) = (lab.ip_of("a"), lab.ip_of("c"));
+    lab.md_ok(&["policy", "deny", "a", "c"]);
+    let drop_from = |port: &str| {
+        let out = lab.exec(
+            "a",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "1",
+                "--local-port",
+                port,
+                &format!("http://{c}/"),
+            ],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(28),
+            "a -> c must be dropped\n{}",
+            show_output(&out)
+        );
+    };
+    // A drop nobody watched...
+    drop_from("41301");
+    let mut mon = lab.spawn_md(&["monitor", "--json"]);
+    // ...then one while the monitor runs.
+    drop_from("41302");
+    wait_event(
+        &mut mon,
+        &[("event", "policy-deny"), ("src", &format!("{a}:41302"))],
+        "the drop made while it runs",
+    );
+    let stale: Vec<Value> = events(&mon)
+        .into_iter()
+        .filter(|e| e["src"].as_str() == Some(&format!("{a}:41301")))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "monitor, started after the drop from port 41301, printed it as if it happened now \
+         (events queued in the ring buffer while nobody read it): {stale:?}"
     );
 }
 
