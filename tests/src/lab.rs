@@ -471,19 +471,30 @@ impl Lab {
         )
     }
 
-    /// Waits until something listens on `proto` ("tcp"/"udp") port `port` inside `container`.
+    /// Waits (up to 30 s: python starts slowly on a loaded machine) until something listens on
+    /// `proto` ("tcp"/"udp") port `port` inside `container`; on timeout the panic shows the
+    /// container's `ps` entry and `md-user logs`.
     #[track_caller]
     pub fn wait_listening_in(&self, container: &str, proto: &str, port: u16) {
         let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
         let filter = format!("sport = :{port}");
-        wait_for(
-            &format!("{proto}/{port} listens in {container}"),
-            Duration::from_secs(10),
-            || {
-                let out = self.exec(container, &["ss", flag, &filter]);
-                (out.status.success() && !out.stdout.is_empty()).then_some(())
-            },
-        )
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.exec(container, &["ss", flag, &filter]);
+            if out.status.success() && !out.stdout.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let logs = self.md(&["logs", container]);
+                panic!(
+                    "timed out after 30s waiting until {proto}/{port} listens in {container}\n\
+                     ps entry: {:?}\nmd-user logs {container}:\n{}",
+                    self.container(container),
+                    show_output(&logs)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Starts `md-user exec CONTAINER -- args...` in the background; killed when the guard drops

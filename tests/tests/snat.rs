@@ -113,9 +113,11 @@ fn session_line(s: &mut Bg, prefix: &str, what: &str) -> String {
             if let Some(l) = out.lines().find_map(|l| l.strip_prefix(prefix)) {
                 return Some(l.trim().to_string());
             }
-            if out.contains("error") || s.try_status().is_some() {
+            let st = s.try_status();
+            if out.contains("error") || st.is_some() {
                 panic!(
-                    "{what} failed or exited before {prefix:?}\n--- stdout ---\n{out}--- stderr ---\n{}",
+                    "{what} failed or exited ({st:?}) before {prefix:?}\n--- stdout ---\n{out}\
+                     --- stderr ---\n{}",
                     s.stderr()
                 );
             }
