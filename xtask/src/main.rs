@@ -39,6 +39,9 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// The benchmark's load generator and servers (run by `bench` inside its namespaces).
+    #[command(hide = true, subcommand)]
+    BenchTool(bench::tool::ToolCmd),
 }
 
 fn main() {
@@ -49,6 +52,7 @@ fn main() {
         Command::Toolchain => toolchain::show(),
         Command::Demo => demo::run(),
         Command::Bench { quick } => bench::run(quick),
+        Command::BenchTool(cmd) => bench::tool::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

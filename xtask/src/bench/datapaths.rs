@@ -1,0 +1,705 @@
+//! The four datapaths, each built on a fresh lab with the same topology: a server container
+//! `c1` (echo on 7000, iperf3 on 5201), a second container `c2`, and for the port-scaling runs
+//! a helper container `c3` that publishes N more ports.
+//!
+//! - plain: routing only, no NAT; the outside reaches the containers' subnet through the host.
+//! - docker-iptables: the rules Docker Engine 28 writes for a user-defined bridge (raw, nat and
+//!   filter tables, DOCKER-USER/DOCKER-FORWARD/DOCKER-CT/DOCKER-BRIDGE/DOCKER chains), loaded
+//!   with iptables-restore into the lab's host namespace only.
+//! - podman-netavark: netavark 2.x itself, `setup`/`teardown` with NETAVARK_FW=nftables, run in
+//!   the lab's host namespace; or, when no netavark binary is at hand, the nftables ruleset it
+//!   writes (same tables, chains and rule order), on hand-made containers.
+//! - md: `md-user run -d -p ...` in the host namespace.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use super::lab::{Lab, Ns, BRIDGE, GATEWAY, HOST_IP, OUTSIDE_IP, SUBNET};
+use super::sys::{in_ns, run_ok, sh};
+
+/// Container-side ports of the server, and the host ports they are published on.
+pub const ECHO_PORT: u16 = 7000;
+pub const ECHO_PUBLISHED: u16 = 8080;
+pub const IPERF_PORT: u16 = 5201;
+/// iperf3 server in the outside namespace (container → outside).
+pub const OUTSIDE_IPERF_PORT: u16 = 5202;
+/// First host port of the helper's N extra published ports.
+pub const EXTRA_PORTS_BASE: u16 = 20000;
+
+const C1_IP: &str = "10.88.0.2";
+const C2_IP: &str = "10.88.0.3";
+const C3_IP: &str = "10.88.0.4";
+const NETAVARK_NET_ID: &str = "2f259bab93aaaaa2542ba43ef33eb990d0999ee1b9924b557b7be53c0b7a1bb9";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dp {
+    Plain,
+    Docker,
+    Netavark,
+    Md,
+}
+
+pub const ALL: [Dp; 4] = [Dp::Plain, Dp::Docker, Dp::Netavark, Dp::Md];
+
+impl Dp {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dp::Plain => "plain",
+            Dp::Docker => "docker-iptables",
+            Dp::Netavark => "podman-netavark",
+            Dp::Md => "md",
+        }
+    }
+}
+
+/// What the scaling runs add on top of the base setup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extra {
+    None,
+    /// N more published ports (to the helper container c3).
+    Ports(usize),
+    /// N inter-container policy rules between addresses/names that carry no measured traffic.
+    Policies(usize),
+}
+
+impl Extra {
+    pub fn scenario(self) -> String {
+        match self {
+            Extra::None => "base".into(),
+            Extra::Ports(n) => format!("{n} ports"),
+            Extra::Policies(n) => format!("{n} policies"),
+        }
+    }
+}
+
+/// How podman-netavark is run.
+#[derive(Clone, Debug)]
+pub enum NetavarkMode {
+    Binary(PathBuf),
+    /// No binary: the nftables ruleset netavark 2.1 writes, loaded with `nft -f`.
+    Rules,
+}
+
+pub struct Env {
+    pub tool: PathBuf,
+    pub md_bin: PathBuf,
+    pub netavark: NetavarkMode,
+}
+
+/// A datapath ready to measure.
+pub struct Setup {
+    pub dp: Dp,
+    pub lab: Lab,
+    pub c1: Ns,
+    pub c2: Ns,
+    pub c1_ip: String,
+    /// What the outside connects to: the published port (the container itself for plain).
+    pub echo: SocketAddr,
+    pub iperf: SocketAddr,
+    /// Where containers send to: the outside namespace's iperf3 server.
+    pub outside_iperf: SocketAddr,
+    /// Seconds to install the extra ports/rules (None when nothing extra).
+    pub install_secs: Option<f64>,
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().expect("valid address")
+}
+
+pub fn supports(dp: Dp, extra: Extra) -> bool {
+    match extra {
+        Extra::None => true,
+        Extra::Ports(_) => dp != Dp::Plain,
+        // Neither plain routing nor netavark has inter-container policy.
+        Extra::Policies(_) => matches!(dp, Dp::Docker | Dp::Md),
+    }
+}
+
+pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
+    let mut lab = Lab::new(&format!("{} {}", dp.name(), extra.scenario()))?;
+    let tool = env.tool.to_string_lossy().into_owned();
+    let outside = lab.outside.clone();
+    lab.spawn(
+        &outside,
+        Path::new("iperf3"),
+        &["-s", "-p", &OUTSIDE_IPERF_PORT.to_string()],
+    )?;
+    let published = |ip: &str| (addr(ip, ECHO_PUBLISHED), addr(ip, IPERF_PORT));
+    let serve_args = [
+        "bench-tool",
+        "serve",
+        "--echo",
+        &ECHO_PORT.to_string(),
+        "--iperf",
+        &IPERF_PORT.to_string(),
+    ]
+    .map(String::from);
+    let serve_refs: Vec<&str> = serve_args.iter().map(String::as_str).collect();
+    let mut install_secs = None;
+
+    let (c1, c2, c1_ip, echo, iperf) = match dp {
+        Dp::Plain | Dp::Docker => {
+            lab.add_bridge()?;
+            let c2 = lab.add_container("c2", C2_IP)?;
+            if let Extra::Ports(_) = extra {
+                lab.add_container("c3", C3_IP)?;
+            }
+            let c1 = lab.add_container("c1", C1_IP)?;
+            if dp == Dp::Plain {
+                let o = lab.outside.name.clone();
+                sh(&["ip", "-n", &o, "route", "add", SUBNET, "via", HOST_IP])?;
+                (
+                    c1,
+                    c2,
+                    C1_IP.to_string(),
+                    addr(C1_IP, ECHO_PORT),
+                    addr(C1_IP, IPERF_PORT),
+                )
+            } else {
+                let rules = docker_rules(extra);
+                let t = Instant::now();
+                restore(&lab, "iptables-restore", &rules)?;
+                if extra != Extra::None {
+                    install_secs = Some(t.elapsed().as_secs_f64());
+                }
+                let (e, i) = published(HOST_IP);
+                (c1, c2, C1_IP.to_string(), e, i)
+            }
+        }
+        Dp::Netavark => {
+            let (c1, c2) = netavark_setup(&mut lab, &env.netavark, extra, &mut install_secs)?;
+            let (e, i) = published(HOST_IP);
+            (c1, c2, C1_IP.to_string(), e, i)
+        }
+        Dp::Md => {
+            lab.enable_md(&env.md_bin);
+            let mut c2_args = vec!["run", "-d", "--name", "c2", "--", tool.as_str()];
+            c2_args.extend_from_slice(&serve_refs[..4]);
+            lab.md(&c2_args)?;
+            match extra {
+                Extra::Ports(n) => {
+                    let spec = format!(
+                        "{a}-{b}:{a}-{b}",
+                        a = EXTRA_PORTS_BASE,
+                        b = EXTRA_PORTS_BASE as usize + n - 1
+                    );
+                    let t = Instant::now();
+                    lab.md(&[
+                        "run", "-d", "--name", "c3", "-p", &spec, "--", "sleep", "infinity",
+                    ])?;
+                    install_secs = Some(t.elapsed().as_secs_f64());
+                }
+                Extra::Policies(n) => {
+                    let t = Instant::now();
+                    md_policies(&lab, n)?;
+                    install_secs = Some(t.elapsed().as_secs_f64());
+                }
+                Extra::None => {}
+            }
+            let p1 = format!("{ECHO_PUBLISHED}:{ECHO_PORT}");
+            let p2 = format!("{IPERF_PORT}:{IPERF_PORT}");
+            let mut c1_args = vec![
+                "run",
+                "-d",
+                "--name",
+                "c1",
+                "-p",
+                &p1,
+                "-p",
+                &p2,
+                "--",
+                tool.as_str(),
+            ];
+            c1_args.extend_from_slice(&serve_refs);
+            lab.md(&c1_args)?;
+            let (c1, ip) = lab.md_container("c1")?;
+            let (c2, _) = lab.md_container("c2")?;
+            let (e, i) = published(HOST_IP);
+            (c1, c2, ip, e, i)
+        }
+    };
+    if dp != Dp::Md {
+        lab.spawn(&c1, &env.tool, &serve_refs)?;
+        lab.spawn(&c2, &env.tool, &serve_refs[..4])?;
+    }
+    let setup = Setup {
+        dp,
+        lab,
+        c1,
+        c2,
+        c1_ip,
+        echo,
+        iperf,
+        outside_iperf: addr(OUTSIDE_IP, OUTSIDE_IPERF_PORT),
+        install_secs,
+    };
+    wait_ready(&setup, env)?;
+    Ok(setup)
+}
+
+/// Waits until the echo server answers through the datapath and iperf3 accepts connections.
+fn wait_ready(s: &Setup, env: &Env) -> Result<()> {
+    for (a, only_connect) in [(s.echo, false), (s.iperf, true)] {
+        let a = a.to_string();
+        let mut args = vec![
+            "bench-tool",
+            "wait-ok",
+            "--addr",
+            &a,
+            "--timeout-ms",
+            "15000",
+        ];
+        if only_connect {
+            args.push("--connect-only");
+        }
+        run_ok(
+            &mut in_ns(&s.lab.outside.path, &env.tool, &args),
+            Duration::from_secs(30),
+        )
+        .with_context(|| format!("waiting for {a} from outside"))?;
+    }
+    let a = s.outside_iperf.to_string();
+    run_ok(
+        &mut in_ns(
+            &s.lab.outside.path,
+            &env.tool,
+            &[
+                "bench-tool",
+                "wait-ok",
+                "--addr",
+                &a,
+                "--timeout-ms",
+                "15000",
+                "--connect-only",
+            ],
+        ),
+        Duration::from_secs(30),
+    )
+    .context("waiting for the outside iperf3 server")?;
+    Ok(())
+}
+
+/// Feeds `rules` to `iptables-restore`/`nft -f -` inside the lab's host namespace.
+fn restore(lab: &Lab, program: &str, rules: &str) -> Result<()> {
+    let file = lab.dir.join(format!("{program}.rules"));
+    std::fs::write(&file, rules)?;
+    let f = file.to_string_lossy().into_owned();
+    let args: Vec<&str> = if program == "nft" {
+        vec!["-f", &f]
+    } else {
+        vec![&f]
+    };
+    run_ok(
+        &mut in_ns(&lab.host.path, program, &args),
+        Duration::from_secs(120),
+    )
+    .with_context(|| format!("{program} in {}", lab.host.name))?;
+    Ok(())
+}
+
+/// Address of the i-th fake container in a policy rule pair (never c1/c2/c3).
+fn policy_pair(i: usize) -> (String, String) {
+    let ip = |base: usize| {
+        let n = base + i;
+        format!("10.88.{}.{}", n / 256, n % 256)
+    };
+    (ip(128 * 256), ip(192 * 256))
+}
+
+/// One published port as Docker programs it: DNAT in nat/DOCKER, ACCEPT in filter/DOCKER.
+struct DockerPort {
+    host: u16,
+    ip: &'static str,
+    port: u16,
+}
+
+/// The iptables-restore input Docker Engine 28 leaves behind for one user-defined bridge
+/// (`br-bench`, 10.88.0.0/16) with containers c1..c3 and their published ports, containers
+/// created in the order c2, c3, c1 (so c1's DNAT rules are last in nat/DOCKER, as for the
+/// newest container, while its filter ACCEPTs are first: Docker appends DNATs and inserts
+/// ACCEPTs at the head). Policy rules go where Docker tells users to put theirs: DOCKER-USER.
+pub fn docker_rules(extra: Extra) -> String {
+    let mut ports: Vec<DockerPort> = Vec::new();
+    let mut ctrs = vec![C2_IP];
+    if let Extra::Ports(n) = extra {
+        ctrs.push(C3_IP);
+        for i in 0..n {
+            let p = EXTRA_PORTS_BASE + i as u16;
+            ports.push(DockerPort {
+                host: p,
+                ip: C3_IP,
+                port: p,
+            });
+        }
+    }
+    ctrs.push(C1_IP);
+    for (host, port) in [(ECHO_PUBLISHED, ECHO_PORT), (IPERF_PORT, IPERF_PORT)] {
+        ports.push(DockerPort {
+            host,
+            ip: C1_IP,
+            port,
+        });
+    }
+    let br = BRIDGE;
+    let mut s = String::new();
+    // raw: direct routing to a container address from outside the bridge is dropped (28.0+).
+    s += "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n";
+    for ip in &ctrs {
+        let _ = writeln!(s, "-A PREROUTING -d {ip}/32 ! -i {br} -j DROP");
+    }
+    s += "COMMIT\n";
+    s += "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+          :POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n";
+    s += "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n";
+    s += "-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER\n";
+    let _ = writeln!(s, "-A POSTROUTING -s {SUBNET} ! -o {br} -j MASQUERADE");
+    let _ = writeln!(s, "-A DOCKER -i {br} -j RETURN");
+    for p in &ports {
+        let _ = writeln!(
+            s,
+            "-A DOCKER ! -i {br} -p tcp -m tcp --dport {} -j DNAT --to-destination {}:{}",
+            p.host, p.ip, p.port
+        );
+    }
+    s += "COMMIT\n";
+    s += "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+          :DOCKER - [0:0]\n:DOCKER-BRIDGE - [0:0]\n:DOCKER-CT - [0:0]\n:DOCKER-FORWARD - [0:0]\n\
+          :DOCKER-INTERNAL - [0:0]\n:DOCKER-USER - [0:0]\n";
+    s += "-A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-FORWARD\n";
+    for p in ports.iter().rev() {
+        let _ = writeln!(
+            s,
+            "-A DOCKER -d {}/32 ! -i {br} -o {br} -p tcp -m tcp --dport {} -j ACCEPT",
+            p.ip, p.port
+        );
+    }
+    let _ = writeln!(s, "-A DOCKER ! -i {br} -o {br} -j DROP");
+    let _ = writeln!(s, "-A DOCKER-BRIDGE -o {br} -j DOCKER");
+    let _ = writeln!(
+        s,
+        "-A DOCKER-CT -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    );
+    s += "-A DOCKER-FORWARD -j DOCKER-CT\n-A DOCKER-FORWARD -j DOCKER-INTERNAL\n\
+          -A DOCKER-FORWARD -j DOCKER-BRIDGE\n";
+    let _ = writeln!(s, "-A DOCKER-FORWARD -i {br} -j ACCEPT");
+    if let Extra::Policies(n) = extra {
+        for i in 0..n {
+            let (a, b) = policy_pair(i);
+            let _ = writeln!(s, "-A DOCKER-USER -s {a}/32 -d {b}/32 -j DROP");
+        }
+    }
+    s += "COMMIT\n";
+    s
+}
+
+/// One container as netavark sees it.
+struct NvCtr {
+    name: &'static str,
+    ip: &'static str,
+    /// (host port, container port, range)
+    ports: Vec<(u16, u16, u16)>,
+}
+
+fn netavark_ctrs(extra: Extra) -> Vec<NvCtr> {
+    let mut v = vec![NvCtr {
+        name: "c2",
+        ip: C2_IP,
+        ports: vec![],
+    }];
+    if let Extra::Ports(n) = extra {
+        v.push(NvCtr {
+            name: "c3",
+            ip: C3_IP,
+            ports: vec![(EXTRA_PORTS_BASE, EXTRA_PORTS_BASE, n as u16)],
+        });
+    }
+    v.push(NvCtr {
+        name: "c1",
+        ip: C1_IP,
+        ports: vec![(ECHO_PUBLISHED, ECHO_PORT, 1), (IPERF_PORT, IPERF_PORT, 1)],
+    });
+    v
+}
+
+/// netavark's network options for one container on the `bench` bridge network.
+fn netavark_json(c: &NvCtr) -> String {
+    let id = format!(
+        "{:0>64}",
+        c.name
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let ports: Vec<_> = c
+        .ports
+        .iter()
+        .map(|&(h, p, r)| {
+            json!({"host_ip": "", "host_port": h, "container_port": p, "range": r, "protocol": "tcp"})
+        })
+        .collect();
+    json!({
+        "container_id": id,
+        "container_name": c.name,
+        "port_mappings": ports,
+        "networks": {"bench": {"static_ips": [c.ip], "interface_name": "eth0"}},
+        "network_info": {"bench": {
+            "name": "bench",
+            "id": NETAVARK_NET_ID,
+            "driver": "bridge",
+            "network_interface": BRIDGE,
+            "subnets": [{"subnet": SUBNET, "gateway": GATEWAY}],
+            "ipv6_enabled": false,
+            "internal": false,
+            "dns_enabled": false,
+            "ipam_options": {"driver": "host-local"}
+        }}
+    })
+    .to_string()
+}
+
+fn netavark_setup(
+    lab: &mut Lab,
+    mode: &NetavarkMode,
+    extra: Extra,
+    install_secs: &mut Option<f64>,
+) -> Result<(Ns, Ns)> {
+    let ctrs = netavark_ctrs(extra);
+    let mut nss = Vec::new();
+    match mode {
+        NetavarkMode::Binary(bin) => {
+            let cfg = lab.dir.join("netavark");
+            std::fs::create_dir_all(&cfg)?;
+            for c in &ctrs {
+                let ns = lab.add_netns(c.name)?;
+                let file = lab.dir.join(format!("netavark-{}.json", c.name));
+                std::fs::write(&file, netavark_json(c))?;
+                let nv = |verb: &str| {
+                    let mut cmd = in_ns(&lab.host.path, bin, &[]);
+                    cmd.env("NETAVARK_FW", "nftables")
+                        .arg("--config")
+                        .arg(&cfg)
+                        .arg("-f")
+                        .arg(&file)
+                        .arg(verb)
+                        .arg(&ns.path);
+                    cmd
+                };
+                let t = Instant::now();
+                run_ok(&mut nv("setup"), Duration::from_secs(120))
+                    .with_context(|| format!("netavark setup {}", c.name))?;
+                if c.name == "c3" {
+                    *install_secs = Some(t.elapsed().as_secs_f64());
+                }
+                lab.on_teardown(nv("teardown"));
+                nss.push(ns);
+            }
+        }
+        NetavarkMode::Rules => {
+            lab.add_bridge()?;
+            for c in &ctrs {
+                nss.push(lab.add_container(c.name, c.ip)?);
+            }
+            let t = Instant::now();
+            restore(lab, "nft", &netavark_nft_rules(&ctrs))?;
+            if extra != Extra::None {
+                *install_secs = Some(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let c2 = nss.remove(0);
+    let c1 = nss.pop().context("no c1")?;
+    Ok((c1, c2))
+}
+
+/// The ruleset netavark 2.1 (nftables driver) leaves in `table inet netavark` after `setup` of
+/// `ctrs` in order on one bridge network (read off `nft list ruleset` after the real thing).
+fn netavark_nft_rules(ctrs: &[NvCtr]) -> String {
+    let net = "nv_2f259bab_10_88_0_0_nm16";
+    let mut dnat = String::new();
+    let mut hostport = String::new();
+    for c in ctrs {
+        for &(h, p, r) in &c.ports {
+            let dport = if r > 1 {
+                format!("{h}-{}", h + r - 1)
+            } else {
+                h.to_string()
+            };
+            let _ = writeln!(hostport, "    tcp dport {dport} jump {net}_dnat");
+            let _ = writeln!(
+                dnat,
+                "    ip saddr {SUBNET} tcp dport {dport} jump NETAVARK-HOSTPORT-SETMARK\n    \
+                 ip saddr 127.0.0.1 tcp dport {dport} jump NETAVARK-HOSTPORT-SETMARK"
+            );
+            for i in 0..r {
+                let _ = writeln!(
+                    dnat,
+                    "    tcp dport {} ct mark set meta mark | 0x00001000 dnat ip to {}:{}",
+                    h + i,
+                    c.ip,
+                    p + i
+                );
+            }
+        }
+    }
+    format!(
+        "table inet netavark {{
+  chain INPUT {{
+    type filter hook input priority filter; policy accept;
+    ip saddr {SUBNET} meta l4proto {{ tcp, udp }} th dport 53 accept
+  }}
+  chain FORWARD {{
+    type filter hook forward priority filter; policy accept;
+    ct state invalid drop
+    ct mark & 0x00001000 == 0x00001000 accept
+    jump NETAVARK-ISOLATION-1
+    ip daddr {SUBNET} ct state established,related accept
+    ip saddr {SUBNET} accept
+  }}
+  chain POSTROUTING {{
+    type nat hook postrouting priority srcnat; policy accept;
+    meta mark & 0x00002000 == 0x00002000 masquerade
+    ip saddr {SUBNET} jump {net}
+  }}
+  chain PREROUTING {{
+    type nat hook prerouting priority dstnat; policy accept;
+    fib daddr type local jump NETAVARK-HOSTPORT-DNAT
+  }}
+  chain OUTPUT {{
+    type nat hook output priority -100; policy accept;
+    fib daddr type local jump NETAVARK-HOSTPORT-DNAT
+  }}
+  chain NETAVARK-HOSTPORT-DNAT {{
+{hostport}  }}
+  chain NETAVARK-HOSTPORT-SETMARK {{
+    meta mark set meta mark | 0x00002000
+  }}
+  chain NETAVARK-ISOLATION-1 {{
+    iifname \"{BRIDGE}\" oifname != \"{BRIDGE}\" jump NETAVARK-ISOLATION-3
+  }}
+  chain NETAVARK-ISOLATION-2 {{
+    oifname \"{BRIDGE}\" drop
+  }}
+  chain NETAVARK-ISOLATION-3 {{
+    jump NETAVARK-ISOLATION-2
+  }}
+  chain {net} {{
+    ip daddr {SUBNET} accept
+    ip daddr != 224.0.0.0/4 masquerade
+  }}
+  chain {net}_dnat {{
+{dnat}  }}
+}}
+"
+    )
+}
+
+/// For the control-plane timing: a new container namespace, its echo server, and
+/// `netavark setup` publishing `port`; returns CLOCK_MONOTONIC when setup returned.
+pub fn netavark_control_container(lab: &mut Lab, env: &Env, bin: &Path, port: u16) -> Result<u64> {
+    let c = NvCtr {
+        name: "a",
+        ip: C1_IP,
+        ports: vec![(port, ECHO_PORT, 1)],
+    };
+    let cfg = lab.dir.join("netavark");
+    std::fs::create_dir_all(&cfg)?;
+    let file = lab.dir.join("netavark-a.json");
+    std::fs::write(&file, netavark_json(&c))?;
+    let ns = lab.add_netns("a")?;
+    let echo = ECHO_PORT.to_string();
+    lab.spawn(&ns, &env.tool, &["bench-tool", "serve", "--echo", &echo])?;
+    let nv = |verb: &str| {
+        let mut cmd = in_ns(&lab.host.path, bin, &[]);
+        cmd.env("NETAVARK_FW", "nftables")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-f")
+            .arg(&file)
+            .arg(verb)
+            .arg(&ns.path);
+        cmd
+    };
+    run_ok(&mut nv("setup"), Duration::from_secs(60)).context("netavark setup")?;
+    let done = super::sys::mono_ns();
+    lab.on_teardown(nv("teardown"));
+    Ok(done)
+}
+
+/// `md-user policy deny xI yI` for I in 0..n: names that need not run.
+fn md_policies(lab: &Lab, n: usize) -> Result<()> {
+    for i in 0..n {
+        super::sys::check_interrupt()?;
+        let out = super::sys::run_timeout(
+            &mut lab.md_cmd(&["policy", "deny", &format!("x{i}"), &format!("y{i}")]),
+            Duration::from_secs(60),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "md-user policy deny x{i} y{i}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_rules_put_the_measured_dnat_last_and_its_accept_first() {
+        let r = docker_rules(Extra::Ports(3));
+        let nat: Vec<&str> = r.lines().filter(|l| l.contains("-j DNAT")).collect();
+        assert_eq!(nat.len(), 5);
+        assert!(nat[0].contains("--dport 20000 ") && nat[0].contains("10.88.0.4:20000"));
+        assert!(nat[3].contains("--dport 8080 ") && nat[3].ends_with("10.88.0.2:7000"));
+        let acc: Vec<&str> = r
+            .lines()
+            .filter(|l| l.starts_with("-A DOCKER -d") && l.ends_with("-j ACCEPT"))
+            .collect();
+        assert_eq!(acc.len(), 5);
+        assert!(acc[0].contains("10.88.0.2/32") && acc[0].contains("--dport 5201"));
+        assert_eq!(r.matches("COMMIT").count(), 3);
+        assert!(r.contains("-A POSTROUTING -s 10.88.0.0/16 ! -o br-bench -j MASQUERADE"));
+        assert!(r.contains(":FORWARD DROP"));
+    }
+
+    #[test]
+    fn docker_policies_go_to_docker_user_and_never_match_the_measured_containers() {
+        let r = docker_rules(Extra::Policies(10_000));
+        let p: Vec<&str> = r
+            .lines()
+            .filter(|l| l.starts_with("-A DOCKER-USER"))
+            .collect();
+        assert_eq!(p.len(), 10_000);
+        for ip in [C1_IP, C2_IP, C3_IP, OUTSIDE_IP] {
+            assert!(!p.iter().any(|l| l.contains(&format!("{ip}/"))), "{ip}");
+        }
+        assert_eq!(policy_pair(0), ("10.88.128.0".into(), "10.88.192.0".into()));
+        assert_eq!(policy_pair(9_999).0, "10.88.167.15");
+    }
+
+    #[test]
+    fn netavark_json_and_rules_carry_every_port() {
+        let ctrs = netavark_ctrs(Extra::Ports(4));
+        assert_eq!(
+            ctrs.iter().map(|c| c.name).collect::<Vec<_>>(),
+            ["c2", "c3", "c1"]
+        );
+        let v: serde_json::Value = serde_json::from_str(&netavark_json(&ctrs[1])).unwrap();
+        assert_eq!(v["container_id"].as_str().unwrap().len(), 64);
+        assert_eq!(v["port_mappings"][0]["range"], 4);
+        assert_eq!(v["networks"]["bench"]["static_ips"][0], C3_IP);
+        let r = netavark_nft_rules(&ctrs);
+        assert_eq!(r.matches("dnat ip to").count(), 6);
+        assert!(r.contains("tcp dport 20000-20003 jump"));
+        let last = r.lines().rfind(|l| l.contains("dnat ip to")).unwrap();
+        assert!(last.contains("10.88.0.2:5201"), "{last}");
+    }
+}

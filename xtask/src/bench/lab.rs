@@ -1,0 +1,455 @@
+//! The benchmark's lab: throwaway namespaces, and a guard that removes all of them.
+//!
+//! ```text
+//!   mdb-<key>-h (host)                         mdb-<key>-o (outside)
+//!   up0 192.0.2.1/24  <------- veth ------->   eth0 192.0.2.2/24
+//!   default via 192.0.2.2                      (plain routing only: 10.88.0.0/16 via 192.0.2.1)
+//!   br-bench 10.88.0.1/16
+//!     +-- vb-c1 <-> eth0 10.88.0.2  mdb-<key>-c1 (container)
+//!     +-- vb-c2 <-> eth0 10.88.0.3  mdb-<key>-c2
+//! ```
+//! Both uplink ends are created directly inside their namespaces, so no interface of the lab
+//! ever exists in the root namespace, and nothing is sent anywhere but between them. For md the
+//! bridge and containers are md's own (`md-user run` in the host namespace); netavark creates
+//! its own bridge and veths too; the addresses and names are the same in every case.
+//!
+//! Dropping the lab runs its teardown commands (md-user down, netavark teardown), kills every
+//! process left in its namespaces, deletes the namespaces, the pin dir and the temp dir. Labs of
+//! an xtask that was killed before its guards ran are swept at the next start.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::sys::{in_ns, kill_in_netns, ns_inode, run_ok, run_timeout, sh, Bg};
+use crate::util;
+
+pub const UPLINK: &str = "up0";
+pub const HOST_IP: &str = "192.0.2.1";
+pub const OUTSIDE_IP: &str = "192.0.2.2";
+pub const SUBNET: &str = "10.88.0.0/16";
+pub const GATEWAY: &str = "10.88.0.1";
+pub const BRIDGE: &str = "br-bench";
+
+const PREFIX: &str = "mdb-";
+const PIN_PREFIX: &str = "md-bench-";
+const NETNS_DIR: &str = "/run/netns";
+const BPFFS: &str = "/sys/fs/bpf";
+const STEP: Duration = Duration::from_secs(60);
+
+/// A network namespace: a name for messages and a path for `nsenter --net=`.
+#[derive(Clone, Debug)]
+pub struct Ns {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// md-user's environment inside one lab.
+pub struct MdEnv {
+    pub bin: PathBuf,
+    pub state_dir: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+pub struct Lab {
+    pub key: String,
+    pub dir: PathBuf,
+    pub host: Ns,
+    pub outside: Ns,
+    /// `/run/netns` names this lab created.
+    created: Vec<String>,
+    /// Namespaces whose processes die with the lab (its own and md's containers'), held open:
+    /// a namespace's inode number is recycled once it is freed, and killing by a stale number
+    /// would hit whatever namespace got it next.
+    held: Vec<(u64, std::fs::File)>,
+    bg: Vec<Bg>,
+    /// Best-effort teardown commands, run in reverse order before anything is killed.
+    teardown: Vec<Command>,
+    pub md: Option<MdEnv>,
+    log_seq: u32,
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+impl Lab {
+    /// Host and outside namespaces with the uplink between them; `tag` labels messages.
+    pub fn new(tag: &str) -> Result<Lab> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let key = format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("{PREFIX}{key}"));
+        std::fs::create_dir_all(dir.join("logs"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let placeholder = Ns {
+            name: String::new(),
+            path: PathBuf::new(),
+        };
+        let mut lab = Lab {
+            key: key.clone(),
+            dir,
+            host: placeholder.clone(),
+            outside: placeholder,
+            created: Vec::new(),
+            held: Vec::new(),
+            bg: Vec::new(),
+            teardown: Vec::new(),
+            md: None,
+            log_seq: 0,
+        };
+        // From here on an error drops `lab`, which removes what was made.
+        lab.host = lab.add_netns("h")?;
+        lab.outside = lab.add_netns("o")?;
+        let (h, o) = (lab.host.name.clone(), lab.outside.name.clone());
+        sh(&[
+            "ip", "-n", &h, "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns",
+            &o,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            UPLINK,
+        ])?;
+        sh(&["ip", "-n", &h, "link", "set", UPLINK, "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &o,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &o, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip", "-n", &h, "route", "add", "default", "via", OUTSIDE_IP, "dev", UPLINK,
+        ])?;
+        lab.sysctl(&lab.host.clone(), "net.ipv4.ip_forward", "1")?;
+        // The load generator opens tens of thousands of short connections per run.
+        lab.sysctl(
+            &lab.outside.clone(),
+            "net.ipv4.ip_local_port_range",
+            "1024 65000",
+        )?;
+        lab.sysctl(&lab.outside.clone(), "net.ipv4.tcp_tw_reuse", "1")?;
+        eprintln!("bench: lab {tag}: {h} / {o}");
+        Ok(lab)
+    }
+
+    /// A new namespace `mdb-<key>-<suffix>` with `lo` up.
+    pub fn add_netns(&mut self, suffix: &str) -> Result<Ns> {
+        let name = format!("{PREFIX}{}-{suffix}", self.key);
+        sh(&["ip", "netns", "add", &name])?;
+        self.created.push(name.clone());
+        let path = netns_path(&name);
+        self.track_ns(&path);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        Ok(Ns { name, path })
+    }
+
+    /// Sets a sysctl inside `ns` (per-namespace sysctls only).
+    pub fn sysctl(&self, ns: &Ns, key: &str, value: &str) -> Result<()> {
+        run_ok(
+            &mut in_ns(&ns.path, "sysctl", &["-qw", &format!("{key}={value}")]),
+            STEP,
+        )?;
+        Ok(())
+    }
+
+    /// The bridge for hand-made containers (plain routing, Docker-style iptables).
+    pub fn add_bridge(&self) -> Result<()> {
+        let h = self.host.name.as_str();
+        sh(&["ip", "-n", h, "link", "add", BRIDGE, "type", "bridge"])?;
+        sh(&[
+            "ip",
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/16"),
+            "dev",
+            BRIDGE,
+        ])?;
+        sh(&["ip", "-n", h, "link", "set", BRIDGE, "up"])?;
+        Ok(())
+    }
+
+    /// A hand-made container: its own namespace, a veth whose host end is on the bridge,
+    /// `ip`/16 with the gateway as default route.
+    pub fn add_container(&mut self, name: &str, ip: &str) -> Result<Ns> {
+        let ns = self.add_netns(name)?;
+        let h = self.host.name.clone();
+        let veth = format!("vb-{name}");
+        sh(&[
+            "ip", "-n", &h, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns.name,
+        ])?;
+        sh(&["ip", "-n", &h, "link", "set", &veth, "master", BRIDGE, "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{ip}/16"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &ns.name, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip", "-n", &ns.name, "route", "add", "default", "via", GATEWAY,
+        ])?;
+        Ok(ns)
+    }
+
+    /// A fresh log file path under the lab dir.
+    pub fn log(&mut self, tag: &str) -> PathBuf {
+        self.log_seq += 1;
+        self.dir
+            .join("logs")
+            .join(format!("{:02}-{tag}", self.log_seq))
+    }
+
+    /// Starts a background process in `ns`; it dies with the lab.
+    pub fn spawn(&mut self, ns: &Ns, program: &Path, args: &[&str]) -> Result<()> {
+        let log = self.log("bg");
+        let bg = Bg::spawn(&mut in_ns(&ns.path, program, args), &log, false)?;
+        self.bg.push(bg);
+        Ok(())
+    }
+
+    /// Registers a command to run (best effort) when the lab is dropped, before the kill.
+    pub fn on_teardown(&mut self, cmd: Command) {
+        self.teardown.push(cmd);
+    }
+
+    /// Makes the lab kill whatever runs in `ns` when it is dropped.
+    pub fn track_ns(&mut self, path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(f) = std::fs::File::open(path) else {
+            return;
+        };
+        let Ok(ino) = f.metadata().map(|m| m.ino()) else {
+            return;
+        };
+        if !self.held.iter().any(|(i, _)| *i == ino) {
+            self.held.push((ino, f));
+        }
+    }
+
+    // ---- md-user ------------------------------------------------------------------------
+
+    /// Uses md in this lab: state and pin dirs of its own; `md-user down` on drop.
+    pub fn enable_md(&mut self, bin: &Path) {
+        let env = MdEnv {
+            bin: bin.to_path_buf(),
+            state_dir: self.dir.join("md-state"),
+            pin_dir: Path::new(BPFFS).join(format!("{PIN_PREFIX}{}", self.key)),
+        };
+        self.md = Some(env);
+        let down = self.md_cmd(&["down"]);
+        self.on_teardown(down);
+    }
+
+    /// `md-user args...` in the host namespace with the lab's environment.
+    pub fn md_cmd(&self, args: &[&str]) -> Command {
+        let md = self.md.as_ref().expect("enable_md first");
+        md_command(md, &self.host.path, args)
+    }
+
+    /// Runs md-user; returns stdout, failing with its output unless it exits 0.
+    pub fn md(&self, args: &[&str]) -> Result<String> {
+        run_ok(&mut self.md_cmd(args), STEP)
+    }
+
+    /// `md-user ps --json`: (name, ip, pid) of each container; remembers their namespaces.
+    pub fn md_ps(&mut self) -> Result<Vec<(String, String, i32)>> {
+        let out = self.md(&["ps", "--json"])?;
+        let v: Value = serde_json::from_str(&out).context("md-user ps --json")?;
+        let mut list = Vec::new();
+        for c in v.as_array().context("ps --json is not an array")? {
+            let name = c["name"].as_str().unwrap_or_default().to_string();
+            let ip = c["ip"].as_str().unwrap_or_default().to_string();
+            let pid = c["pid"].as_i64().unwrap_or(0) as i32;
+            if pid > 1 {
+                self.track_ns(Path::new(&format!("/proc/{pid}/ns/net")));
+            }
+            list.push((name, ip, pid));
+        }
+        Ok(list)
+    }
+
+    /// The namespace of md container `name` (through its process).
+    pub fn md_container(&mut self, name: &str) -> Result<(Ns, String)> {
+        let (_, ip, pid) = self
+            .md_ps()?
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .with_context(|| format!("md-user ps does not list {name}"))?;
+        Ok((
+            Ns {
+                name: name.to_string(),
+                path: PathBuf::from(format!("/proc/{pid}/ns/net")),
+            },
+            ip,
+        ))
+    }
+}
+
+fn md_command(md: &MdEnv, host: &Path, args: &[&str]) -> Command {
+    let mut c = in_ns(host, &md.bin, args);
+    c.env("MD_STATE_DIR", &md.state_dir)
+        .env("MD_BPF_PIN_DIR", &md.pin_dir)
+        .env("MD_UPLINK", UPLINK)
+        .env("MD_BRIDGE", BRIDGE)
+        .env("MD_SUBNET", SUBNET);
+    c
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Learn md's container namespaces before md-user down forgets them.
+        if self.md.is_some() && self.host.path.exists() {
+            let _ = self.md_ps();
+        }
+        for mut c in std::mem::take(&mut self.teardown).into_iter().rev() {
+            let shown = util::show(&c);
+            match run_timeout(&mut c, Duration::from_secs(60)) {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "bench: teardown `{shown}` failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!("bench: teardown `{shown}`: {e:#}"),
+            }
+        }
+        self.bg.clear();
+        let inodes: Vec<u64> = self.held.iter().map(|(i, _)| *i).collect();
+        kill_in_netns(&inodes);
+        for name in self.created.iter().rev() {
+            if netns_path(name).exists() {
+                if let Err(e) = sh(&["ip", "netns", "del", name]) {
+                    eprintln!("bench: {e:#}");
+                }
+            }
+        }
+        if let Some(md) = &self.md {
+            remove_pin_dir(&md.pin_dir);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // Only now may the namespaces (and their inode numbers) go.
+        self.held.clear();
+    }
+}
+
+fn remove_pin_dir(p: &Path) {
+    if p.exists() {
+        if let Err(e) = std::fs::remove_dir_all(p) {
+            eprintln!("bench: removing {}: {e}", p.display());
+        }
+    }
+}
+
+fn entries(dir: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pid in a `<pid>-<n>...` key, when that process is gone.
+fn dead_owner(rest: &str) -> Option<String> {
+    let mut parts = rest.splitn(3, '-');
+    let pid: u32 = parts.next()?.parse().ok()?;
+    let n: u32 = parts.next()?.parse().ok()?;
+    (!Path::new(&format!("/proc/{pid}")).exists()).then(|| format!("{pid}-{n}"))
+}
+
+/// Removes labs whose xtask died before its guards ran (SIGKILL): md-user down with their
+/// pin dir, kill what runs in their namespaces, delete the namespaces and directories.
+pub fn sweep_stale(md_bin: Option<&Path>) {
+    let mut keys: Vec<String> = Vec::new();
+    let mut add = |k: Option<String>| {
+        if let Some(k) = k {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    };
+    for n in entries(NETNS_DIR) {
+        add(n.strip_prefix(PREFIX).and_then(dead_owner));
+    }
+    for n in entries(BPFFS) {
+        add(n.strip_prefix(PIN_PREFIX).and_then(dead_owner));
+    }
+    let tmp = std::env::temp_dir();
+    for n in entries(&tmp.to_string_lossy()) {
+        add(n.strip_prefix(PREFIX).and_then(dead_owner));
+    }
+    for key in keys {
+        eprintln!("bench: removing stale lab {key}");
+        let host = netns_path(&format!("{PREFIX}{key}-h"));
+        let pin = Path::new(BPFFS).join(format!("{PIN_PREFIX}{key}"));
+        let dir = tmp.join(format!("{PREFIX}{key}"));
+        if let (Some(bin), true) = (md_bin, pin.exists()) {
+            let md = MdEnv {
+                bin: bin.to_path_buf(),
+                state_dir: dir.join("md-state"),
+                pin_dir: pin.clone(),
+            };
+            let mut c = if host.exists() {
+                md_command(&md, &host, &["down"])
+            } else {
+                let mut c = util::command(bin);
+                c.arg("down")
+                    .env("MD_STATE_DIR", &md.state_dir)
+                    .env("MD_BPF_PIN_DIR", &md.pin_dir);
+                c
+            };
+            let _ = run_timeout(&mut c, Duration::from_secs(60));
+        }
+        let mine: Vec<String> = entries(NETNS_DIR)
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{PREFIX}{key}-")))
+            .collect();
+        let inodes: Vec<u64> = mine
+            .iter()
+            .filter_map(|n| ns_inode(netns_path(n)))
+            .collect();
+        kill_in_netns(&inodes);
+        for n in mine {
+            let _ = sh(&["ip", "netns", "del", &n]);
+        }
+        remove_pin_dir(&pin);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The namespaces, pin dirs and processes this xtask made that still exist (for the final check).
+pub fn leftovers() -> Vec<String> {
+    let me = format!("{PREFIX}{}-", std::process::id());
+    let pin = format!("{PIN_PREFIX}{}-", std::process::id());
+    let mut v: Vec<String> = entries(NETNS_DIR)
+        .into_iter()
+        .filter(|n| n.starts_with(&me))
+        .collect();
+    v.extend(entries(BPFFS).into_iter().filter(|n| n.starts_with(&pin)));
+    v
+}
