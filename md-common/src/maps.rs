@@ -7,6 +7,10 @@
 pub const ENDPOINTS: &str = "ENDPOINTS";
 pub const ENDPOINTS_MAX: usize = 65536;
 
+/// The same container interfaces by host-side veth ifindex: who is behind a veth (for
+/// flooded broadcast/multicast, checked where it leaves for each container).
+pub const VETH_OWNERS: &str = "VETH_OWNERS";
+
 /// Networks (bridges) by network id ([`crate::Network`]).
 pub const NETWORKS: &str = "NETWORKS";
 pub const NETWORKS_MAX: usize = 256;
@@ -44,7 +48,16 @@ pub const EVENTS_BYTES: usize = 1 << 20;
 
 /// Every map md pins, in the order `down` removes them.
 pub const ALL_MAPS: &[&str] = &[
-    ENDPOINTS, NETWORKS, HOST_ADDRS, CONFIG, PORT_MAP, CONNTRACK, POLICY, IF_STATS, SOCK_REV,
+    ENDPOINTS,
+    VETH_OWNERS,
+    NETWORKS,
+    HOST_ADDRS,
+    CONFIG,
+    PORT_MAP,
+    CONNTRACK,
+    POLICY,
+    IF_STATS,
+    SOCK_REV,
     EVENTS,
 ];
 

@@ -29,6 +29,8 @@ use nat::Verdict;
 #[btf_map]
 static ENDPOINTS: HashMap<Ip4, Endpoint, { m::ENDPOINTS_MAX }> = HashMap::new();
 #[btf_map]
+static VETH_OWNERS: HashMap<u32, Endpoint, { m::ENDPOINTS_MAX }> = HashMap::new();
+#[btf_map]
 static NETWORKS: HashMap<u32, Network, { m::NETWORKS_MAX }> = HashMap::new();
 #[btf_map]
 static HOST_ADDRS: HashMap<Ip4, u32, { m::HOST_ADDRS_MAX }> = HashMap::new();
@@ -108,12 +110,17 @@ pub fn md_veth_ingress(ctx: TcContext) -> i32 {
 /// Egress of a container's host-side veth: packets the container receives.
 #[classifier]
 pub fn md_veth_egress(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
     let len = ctx.len() as u64;
-    stats::count(ifindex(&ctx), |s| {
+    stats::count(ifindex, |s| {
         s.ingress_packets += 1;
         s.ingress_bytes += len;
     });
-    TCX_NEXT
+    let (v, blame) = match config() {
+        Some(cfg) => veth::egress(&ctx, ifindex, cfg),
+        None => (Verdict::Pass, ifindex),
+    };
+    finish(&ctx, blame, v)
 }
 
 /// Ingress of the uplink: answers to masqueraded flows, outside clients of published ports.

@@ -4,12 +4,13 @@
 //! namespace are touched: every other namespace keeps its own localhost.
 
 use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
 use md_common::{Ip4, SockRevKey, SockRevValue, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{config, nat, SOCK_REV};
+use crate::{config, nat, stats, SOCK_REV};
 
 /// Cgroup sock_addr programs return 1 to let the call proceed.
 pub const ALLOW: i32 = 1;
@@ -51,12 +52,21 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     };
     let t = unsafe { *target };
     unsafe {
-        (*target).hits += 1;
         (*sa).user_ip4 = u32::from_ne_bytes(t.ip);
         (*sa).user_port = t.port.to_be() as u32;
     }
+    // One hit per socket and destination (a connection, or a UDP socket's first datagram),
+    // as the TC paths count one per flow.
     let key = rev_key(ctx, t.ip, t.port);
-    let _ = SOCK_REV.insert(key, SockRevValue { ip, port, _pad: 0 }, 0);
+    let rev = SockRevValue { ip, port, _pad: 0 };
+    if SOCK_REV.insert(key, rev, BPF_NOEXIST as u64).is_ok() {
+        unsafe { (*target).hits += 1 };
+        if let Some(ep) = nat::endpoint(&t.ip) {
+            stats::count(ep.ifindex, |s| s.dnat += 1);
+        }
+    } else {
+        let _ = SOCK_REV.insert(key, rev, BPF_ANY as u64);
+    }
     ALLOW
 }
 

@@ -1,6 +1,7 @@
 //! The container's host-side veth.
 //! Ingress of the veth = packets leaving the container: anti-spoofing, policy, hairpin DNAT.
-//! Egress of the veth = packets entering the container: counting.
+//! Egress of the veth = packets entering the container: counting, and policy for what the
+//! bridge floods (broadcast, multicast), which has no single destination to check at ingress.
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
@@ -13,7 +14,7 @@ use crate::{
     ct::{self, NewFlow},
     nat::{self, Verdict},
     parse::{self, Parsed, Pkt, L4},
-    policy,
+    policy, VETH_OWNERS,
 };
 
 #[inline(always)]
@@ -24,6 +25,32 @@ pub fn ingress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
         Parsed::Other => Verdict::Drop(DROP_UNSUPPORTED),
         Parsed::Malformed => Verdict::Drop(DROP_MALFORMED),
     }
+}
+
+/// Returns the verdict and the interface a drop is counted on: the sender's, as at ingress.
+#[inline(always)]
+pub fn egress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> (Verdict, u32) {
+    // Only frames to a group address: unicast was checked where it entered.
+    let Ok(dst0) = ctx.load::<u8>(0) else {
+        return (Verdict::Pass, ifindex);
+    };
+    if dst0 & 1 == 0 {
+        return (Verdict::Pass, ifindex);
+    }
+    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+        return (Verdict::Pass, ifindex);
+    };
+    let (Some(src), Some(me)) = (nat::endpoint(&p.saddr), unsafe { VETH_OWNERS.get(ifindex) })
+    else {
+        return (Verdict::Pass, ifindex);
+    };
+    if src.net_id != me.net_id {
+        return (Verdict::Drop(DROP_ISOLATION), src.ifindex);
+    }
+    if !policy::allowed(cfg, src.identity, me.identity) {
+        return (Verdict::Drop(DROP_POLICY), src.ifindex);
+    }
+    (Verdict::Pass, ifindex)
 }
 
 /// ARP from a container must claim its own address and MAC, or it could steal another's.

@@ -363,6 +363,10 @@ impl Datapath {
         self.hash(m::ENDPOINTS)
     }
 
+    pub fn veth_owners(&self) -> Result<HashMap<MapData, u32, Endpoint>> {
+        self.hash(m::VETH_OWNERS)
+    }
+
     pub fn networks(&self) -> Result<HashMap<MapData, u32, Network>> {
         self.hash(m::NETWORKS)
     }

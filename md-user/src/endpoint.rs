@@ -48,18 +48,18 @@ pub async fn setup(
         md_common::maps::PROG_VETH_EGRESS,
         &iface.veth,
     )?;
+    let ep = Endpoint {
+        ifindex: host.index,
+        identity,
+        net_id: net.id,
+        mac: iface.mac,
+        _pad: [0; 2],
+    };
+    dp.veth_owners()?
+        .insert(host.index, ep, 0)
+        .context("writing VETH_OWNERS")?;
     dp.endpoints()?
-        .insert(
-            iface.ip.octets(),
-            Endpoint {
-                ifindex: host.index,
-                identity,
-                net_id: net.id,
-                mac: iface.mac,
-                _pad: [0; 2],
-            },
-            0,
-        )
+        .insert(iface.ip.octets(), ep, 0)
         .context("writing ENDPOINTS")?;
     Ok(host.index)
 }
@@ -106,6 +106,9 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
             {
                 let _ = eps.remove(&iface.ip.octets());
             }
+        }
+        if let Ok(mut owners) = dp.veth_owners() {
+            let _ = owners.remove(&iface.ifindex);
         }
         if let Ok(mut stats) = dp.if_stats() {
             let _ = stats.remove(&iface.ifindex);

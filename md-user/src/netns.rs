@@ -47,6 +47,10 @@ impl Netns {
         Self::open(Path::new(&format!("/proc/{pid}/ns/net")))
     }
 
+    pub fn try_clone_fd(&self) -> OwnedFd {
+        self.fd.try_clone().expect("dup of a namespace fd")
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

@@ -30,20 +30,6 @@ pub fn signal(pid: u32, start: u64, sig: i32) -> bool {
     alive(pid, start) && unsafe { libc::kill(pid as i32, sig) } == 0
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_process_is_alive() {
-        let (pid, start) = self_identity();
-        assert!(start > 0);
-        assert!(alive(pid, start));
-        assert!(!alive(pid, start + 1));
-        assert!(!alive(0, start));
-    }
-}
-
 /// Starts `cmd` as a detached helper (its own session, no stdio) that reports readiness on a
 /// pipe: `add_fd` appends the fd argument. Returns the child and what it wrote ("ok" or an
 /// error) once it closed its end.
@@ -83,4 +69,54 @@ pub fn spawn_with_ready_pipe(
     let mut msg = String::new();
     std::fs::File::from(rd).read_to_string(&mut msg)?;
     Ok((child, msg))
+}
+
+/// Kills every process still in a network namespace (what CMD left behind when it exited).
+/// The caller holds `netns` open, so the namespace, and with it its inode number, cannot be
+/// recycled for someone else's while we compare.
+pub fn kill_namespace_members(netns: &crate::netns::Netns) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(me) = std::fs::File::from(netns.try_clone_fd()).metadata() else {
+        return;
+    };
+    let own = std::process::id();
+    for _ in 0..50 {
+        let mut found = false;
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == own {
+                continue;
+            }
+            let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
+                continue;
+            };
+            if m.ino() == me.ino() && m.dev() == me.dev() {
+                found = true;
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        if !found {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive() {
+        let (pid, start) = self_identity();
+        assert!(start > 0);
+        assert!(alive(pid, start));
+        assert!(!alive(pid, start + 1));
+        assert!(!alive(0, start));
+    }
 }

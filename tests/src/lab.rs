@@ -66,6 +66,10 @@ pub struct Lab {
     /// Clock ticks since boot when the lab was made: pids that started earlier are not ours.
     born: u64,
     netns_inodes: Mutex<HashSet<u64>>,
+    /// Open handles on the containers' network namespaces: a namespace stays alive (and its
+    /// inode number is not reused by another lab's) while we hold it, so killing whatever is
+    /// in a namespace with that inode can only hit this lab's processes.
+    netns_handles: Mutex<Vec<std::fs::File>>,
     tracked: Mutex<Vec<(i32, u64)>>,
     log_seq: AtomicUsize,
 }
@@ -141,6 +145,7 @@ impl Lab {
             md_bin,
             born: ticks_now().saturating_sub(1),
             netns_inodes: Mutex::new(HashSet::new()),
+            netns_handles: Mutex::new(Vec::new()),
             tracked: Mutex::new(Vec::new()),
             log_seq: AtomicUsize::new(0),
         }
@@ -608,12 +613,29 @@ impl Lab {
             self.track_pid(p);
         }
         let foreign = [ns_inode("/proc/1/ns/net"), ns_inode("/proc/self/ns/net")];
-        if let Some(ino) = ns_inode(format!("/proc/{pid}/ns/net")) {
+        let path = format!("/proc/{pid}/ns/net");
+        // Open first, then check it is still the process we looked at: the handle then pins
+        // that process's namespace.
+        let Ok(handle) = std::fs::File::open(&path) else {
+            return;
+        };
+        if start_time(pid).is_none_or(|st| st < self.born) {
+            return;
+        }
+        if let Some(ino) = handle
+            .metadata()
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        {
             if !foreign.contains(&Some(ino)) {
                 self.netns_inodes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(ino);
+                self.netns_handles
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(handle);
             }
         }
     }

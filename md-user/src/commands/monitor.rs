@@ -123,6 +123,9 @@ pub async fn monitor(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
         .context("opening the EVENTS ring buffer")?;
     let ring = RingBuf::try_from(Map::from_map_data(data)?)?;
     // SAFETY: the ring owns its fd and lives inside the AsyncFd until both are dropped.
+    let mut ring = ring;
+    // Events queued while nobody listened are history, not what is happening now.
+    while ring.next().is_some() {}
     let mut fd = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
     let mut names = Names::load(ctx);

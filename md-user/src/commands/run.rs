@@ -264,8 +264,8 @@ async fn supervise(
     // Registered before CMD exists so a signal can't slip between spawn and wait.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut child = match start(ctx, &nl, args, &setup).await {
-        Ok(child) => child,
+    let (mut child, netns) = match start(ctx, &nl, args, &setup).await {
+        Ok(started) => started,
         Err(e) => {
             if let Some(r) = ready {
                 r.send(&one_line(&e));
@@ -284,6 +284,12 @@ async fn supervise(
             _ = sigterm.recv() => unsafe { libc::kill(pid, libc::SIGTERM); },
         }
     };
+    // The container is over when CMD is: what it left running in its own namespace goes too
+    // (as in Docker, where the whole container stops).
+    if let Some(ns) = &netns {
+        proc::kill_namespace_members(ns);
+    }
+    drop(netns);
     let mut locked = ctx.state_dir.lock()?;
     if let Some(c) = locked.state.containers.remove(&setup.name) {
         remove(ctx, &nl, &mut locked.state, &c).await;
@@ -310,7 +316,7 @@ async fn start(
     nl: &Netlink,
     args: &RunArgs,
     setup: &Setup,
-) -> Result<tokio::process::Child> {
+) -> Result<(tokio::process::Child, Option<Netns>)> {
     let name = setup.name.as_str();
     let mut locked = ctx.state_dir.lock()?;
     if !reconcile(ctx, nl, &mut locked.state).await.is_empty() {
@@ -394,7 +400,7 @@ async fn start(
     locked.save()?;
 
     match create(ctx, nl, &mut locked, setup, identity).await {
-        Ok(child) => Ok(child),
+        Ok(started) => Ok(started),
         Err(e) => {
             let c = locked.state.containers.remove(name).unwrap_or(container);
             remove(ctx, nl, &mut locked.state, &c).await;
@@ -410,7 +416,7 @@ async fn create(
     locked: &mut Locked,
     setup: &Setup,
     identity: u32,
-) -> Result<tokio::process::Child> {
+) -> Result<(tokio::process::Child, Option<Netns>)> {
     let name = setup.name.as_str();
     let container = locked.state.containers[name].clone();
     let cstr = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
@@ -503,8 +509,9 @@ async fn create(
         c.status = Status::Running;
     }
     locked.save()?;
-    // `netns` can go: CMD now holds the namespace.
-    Ok(child)
+    // Kept for the container's life when it is its own, so its leftovers can be found.
+    let own = matches!(setup.mode, Mode::Net(_) | Mode::None);
+    Ok((child, netns.filter(|_| own)))
 }
 
 #[cfg(test)]
