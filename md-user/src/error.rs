@@ -44,7 +44,7 @@ pub fn require_privileges() -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!(
-            "md-user needs root (missing {}); run it with sudo",
+            "root privileges needed (missing {}); run it with sudo",
             missing.join(", ")
         )
     }
