@@ -239,7 +239,9 @@ mod tests {
                 "bpftool",
                 "iperf3",
                 "procps",
-                "util-linux"
+                "util-linux",
+                "dnsutils",
+                "dnsmasq-base"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);
