@@ -6,11 +6,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use super::Ctx;
-use crate::{netns::JoinPid, proc, state::Status};
+use crate::{
+    netns::JoinPid,
+    proc,
+    state::{State, Status},
+};
 
 /// Runs a command in a running container's network and UTS namespaces.
-pub fn exec(ctx: &Ctx, name: &str, cmd: &[String]) -> Result<ExitCode> {
-    let state = ctx.state_dir.peek()?;
+pub fn exec(state: &State, name: &str, cmd: &[String]) -> Result<ExitCode> {
     let c = state
         .containers
         .get(name)

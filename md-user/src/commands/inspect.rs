@@ -15,7 +15,7 @@ fn mac(m: &[u8; 6]) -> String {
 
 /// Docker-inspect-like network settings of one container.
 pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
-    let state = ctx.state_dir.peek()?;
+    let state = super::reconciled(ctx).await?;
     let c = state
         .containers
         .get(name)

@@ -48,8 +48,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Command::Run(_) => unreachable!(),
                 Command::Ps { json } => block_on(ps::ps(&ctx, json)),
                 Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
-                Command::Exec { name, cmd } => exec::exec(&ctx, &name, &cmd),
-                Command::Logs { name } => exec::logs(&ctx, &name),
+                Command::Exec { name, cmd } => {
+                    let state = block_on_state(&ctx)?;
+                    exec::exec(&state, &name, &cmd)
+                }
+                Command::Logs { name } => {
+                    block_on_state(&ctx)?;
+                    exec::logs(&ctx, &name)
+                }
                 Command::Down => block_on(down::down(&ctx)),
                 Command::Policy(cmd) => block_on(policy::policy(&ctx, cmd)),
                 Command::Stats { json } => block_on(stats::stats(&ctx, json)),
@@ -90,8 +96,22 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+fn block_on_state(ctx: &Ctx) -> Result<State> {
+    runtime()?.block_on(reconciled(ctx))
+}
+
 fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
     runtime()?.block_on(f)
+}
+
+/// The state after reconciling, for commands that only read it.
+pub async fn reconciled(ctx: &Ctx) -> Result<State> {
+    let nl = Netlink::connect()?;
+    let mut locked = ctx.state_dir.lock()?;
+    if !reconcile(ctx, &nl, &mut locked.state).await.is_empty() {
+        locked.save()?;
+    }
+    Ok(std::mem::take(&mut locked.state))
 }
 
 /// Tears down containers whose supervisor is gone. Returns their names.
