@@ -100,6 +100,7 @@ pub fn run(quick: bool) -> Result<()> {
         tool,
         md_bin,
         netavark,
+        cpu: bench_cpu(),
     };
     let out_dir = util::host_target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -124,6 +125,19 @@ pub fn run(quick: bool) -> Result<()> {
         bail!("{} measurement(s) failed (see the notes)", results.errors);
     }
     Ok(())
+}
+
+/// One CPU for every server and load generator: on a VM a wakeup across CPUs costs tens of
+/// microseconds (an IPI through the hypervisor) and makes latencies bimodal, drowning the
+/// datapath. `MD_BENCH_CPU=N` picks another, `MD_BENCH_CPU=none` leaves them unpinned.
+fn bench_cpu() -> Option<usize> {
+    match std::env::var("MD_BENCH_CPU") {
+        Ok(v) if v == "none" => None,
+        Ok(v) => v.parse().ok(),
+        Err(_) => std::thread::available_parallelism()
+            .ok()
+            .map(|n| n.get() - 1),
+    }
 }
 
 fn ensure_tools() -> Result<()> {
@@ -285,7 +299,8 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
             })?;
         }
     }
-    // 2. Scaling: published ports and policy rules.
+    // 2. Scaling: published ports and policy rules. The datapaths of one scenario stay up
+    //    side by side (separate labs) and are measured in turns, again against drift.
     let extras: Vec<Extra> = plan
         .port_scales
         .iter()
@@ -293,25 +308,33 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
         .chain(plan.policy_scales.iter().map(|&n| Extra::Policies(n)))
         .collect();
     for extra in extras {
+        let sc = extra.scenario();
+        let mut up: Vec<Setup> = Vec::new();
         for dp in ALL.into_iter().filter(|&d| datapaths::supports(d, extra)) {
-            let sc = extra.scenario();
-            eprintln!("bench: scaling {} {sc}", dp.name());
-            attempt(r, &format!("{} {sc}", dp.name()), |r| {
+            eprintln!("bench: scaling {} {sc}: setting up", dp.name());
+            attempt(r, &format!("{} {sc} setup", dp.name()), |r| {
                 let s = datapaths::build(dp, env, extra)?;
                 if let Some(t) = s.install_secs {
                     r.add(dp.name(), &sc, "install time", t, "s", 0);
                 }
-                for rep in 0..plan.reps {
-                    check_interrupt()?;
-                    let o = &s.lab.outside.path;
-                    let rr = client(env, o, "rr", s.echo, plan.scale_secs)?;
-                    r.add(dp.name(), &sc, "rr p50", rr.p50_us, "µs", rep);
-                    r.add(dp.name(), &sc, "rr p99", rr.p99_us, "µs", rep);
-                    let crr = client(env, o, "crr", s.echo, plan.scale_secs)?;
-                    r.add(dp.name(), &sc, "new connections", crr.rate, "conn/s", rep);
-                }
+                up.push(s);
                 Ok(())
             })?;
+        }
+        for rep in 0..plan.reps {
+            for i in 0..up.len() {
+                let s = &up[(i + rep) % up.len()];
+                let dp = s.dp.name();
+                attempt(r, &format!("{dp} {sc} round {}", rep + 1), |r| {
+                    let o = &s.lab.outside.path;
+                    let rr = client(env, o, "rr", s.echo, plan.scale_secs)?;
+                    r.add(dp, &sc, "rr p50", rr.p50_us, "µs", rep);
+                    r.add(dp, &sc, "rr p99", rr.p99_us, "µs", rep);
+                    let crr = client(env, o, "crr", s.echo, plan.scale_secs)?;
+                    r.add(dp, &sc, "new connections", crr.rate, "conn/s", rep);
+                    Ok(())
+                })?;
+            }
         }
     }
     // 3. Control plane.
@@ -349,12 +372,10 @@ fn client(
 ) -> Result<Client> {
     let a = addr.to_string();
     let s = format!("{secs}");
+    let args = env.tool_args(&[kind, "--addr", &a, "--secs", &s]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_ok(
-        &mut in_ns(
-            ns,
-            &env.tool,
-            &["bench-tool", kind, "--addr", &a, "--secs", &s],
-        ),
+        &mut in_ns(ns, &env.tool, &refs),
         Duration::from_secs_f64(secs + 30.0),
     )?;
     let v: Value = serde_json::from_str(out.lines().last().unwrap_or_default())
@@ -369,15 +390,20 @@ fn client(
 }
 
 /// iperf3 from `ns` to `addr`; receiver-side Gbit/s.
-fn iperf(ns: &Path, addr: std::net::SocketAddr, secs: u32) -> Result<f64> {
+fn iperf(env: &Env, ns: &Path, addr: std::net::SocketAddr, secs: u32) -> Result<f64> {
     let ip = addr.ip().to_string();
     let port = addr.port().to_string();
     let t = secs.to_string();
+    let cpu = env.cpu.map(|c| c.to_string());
+    let mut args = vec!["-c", &ip, "-p", &port, "-t", &t, "-J"];
+    if let Some(c) = &cpu {
+        args.extend(["-A", c]);
+    }
     let mut last = None;
     // The server handles one test at a time; a rare "server busy" gets one retry.
     for _ in 0..2 {
         let out = sys::run_timeout(
-            &mut in_ns(ns, "iperf3", &["-c", &ip, "-p", &port, "-t", &t, "-J"]),
+            &mut in_ns(ns, "iperf3", &args),
             Duration::from_secs(secs as u64 + 30),
         )?;
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -400,7 +426,7 @@ fn measure_base(plan: &Plan, env: &Env, s: &Setup, r: &mut Results, rep: usize) 
     let dp = s.dp.name();
     let o = s.lab.outside.path.as_path();
     let sc = "base";
-    let g = iperf(o, s.iperf, plan.iperf_secs)?;
+    let g = iperf(env, o, s.iperf, plan.iperf_secs)?;
     r.add(
         dp,
         sc,
@@ -410,7 +436,7 @@ fn measure_base(plan: &Plan, env: &Env, s: &Setup, r: &mut Results, rep: usize) 
         rep,
     );
     check_interrupt()?;
-    let g = iperf(&s.c1.path, s.outside_iperf, plan.iperf_secs)?;
+    let g = iperf(env, &s.c1.path, s.outside_iperf, plan.iperf_secs)?;
     r.add(dp, sc, "throughput container → outside", g, "Gbit/s", rep);
     check_interrupt()?;
     let rr = client(env, o, "rr", s.echo, plan.rr_secs)?;
@@ -578,36 +604,60 @@ fn bpf_cost(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
     };
     let _stats = SysctlGuard::set("kernel.bpf_stats_enabled", "1")?;
     let o = s.lab.outside.path.as_path();
-    for kind in ["rr", "crr"] {
-        let before = read()?;
-        let c = client(env, o, kind, s.echo, plan.rr_secs)?;
-        let after = read()?;
-        let sc = format!("md BPF cost ({kind})");
-        let mut total = 0.0;
-        for (i, p) in progs.iter().enumerate() {
-            let dt = after[i].0.saturating_sub(before[i].0) as f64;
-            let dn = after[i].1.saturating_sub(before[i].1) as f64;
-            if dn > 0.0 {
-                r.add("md", &sc, &format!("{p} ns/run"), dt / dn, "ns", 0);
-                r.add(
-                    "md",
-                    &sc,
-                    &format!("{p} runs/op"),
-                    dn / c.n.max(1.0),
-                    "runs",
-                    0,
-                );
+    let sc = "md BPF cost";
+    for rep in 0..plan.reps.min(3) {
+        for kind in ["rr", "crr", "iperf"] {
+            check_interrupt()?;
+            let before = read()?;
+            let t = Instant::now();
+            // Operations: requests, connections; for iperf3 only the CPU share is reported.
+            let ops = match kind {
+                "iperf" => {
+                    iperf(env, o, s.iperf, plan.iperf_secs)?;
+                    None
+                }
+                _ => Some(client(env, o, kind, s.echo, plan.rr_secs)?.n.max(1.0)),
+            };
+            let wall_ns = t.elapsed().as_nanos() as f64;
+            let after = read()?;
+            let what = match kind {
+                "rr" => "request",
+                "crr" => "connection",
+                _ => "iperf3 outside → published",
+            };
+            let mut total = 0.0;
+            for (i, p) in progs.iter().enumerate() {
+                let dt = after[i].0.saturating_sub(before[i].0) as f64;
+                let dn = after[i].1.saturating_sub(before[i].1) as f64;
+                total += dt;
+                if let Some(ops) = ops {
+                    // Programs not on this path (socket hooks run for every process on the
+                    // machine) are left out.
+                    if dn / ops >= 0.5 {
+                        let m = format!("{p} per {what} ({:.0} runs)", dn / ops);
+                        r.add("md", sc, &m, dt / ops, "ns", rep);
+                    }
+                }
             }
-            total += dt;
+            match ops {
+                Some(ops) => r.add(
+                    "md",
+                    sc,
+                    &format!("all programs per {what}"),
+                    total / ops,
+                    "ns",
+                    rep,
+                ),
+                None => r.add(
+                    "md",
+                    sc,
+                    &format!("CPU in md programs during {what}"),
+                    total / wall_ns * 100.0,
+                    "% of a CPU",
+                    rep,
+                ),
+            }
         }
-        r.add(
-            "md",
-            &sc,
-            "all programs ns/op",
-            total / c.n.max(1.0),
-            "ns",
-            0,
-        );
     }
     Ok(())
 }

@@ -40,8 +40,8 @@ enum Command {
         quick: bool,
     },
     /// The benchmark's load generator and servers (run by `bench` inside its namespaces).
-    #[command(hide = true, subcommand)]
-    BenchTool(bench::tool::ToolCmd),
+    #[command(hide = true)]
+    BenchTool(bench::tool::ToolArgs),
 }
 
 fn main() {

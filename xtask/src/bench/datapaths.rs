@@ -71,10 +71,22 @@ impl Extra {
     pub fn scenario(self) -> String {
         match self {
             Extra::None => "base".into(),
-            Extra::Ports(n) => format!("{n} ports"),
-            Extra::Policies(n) => format!("{n} policies"),
+            Extra::Ports(n) => format!("{} ports", thousands(n)),
+            Extra::Policies(n) => format!("{} policies", thousands(n)),
         }
     }
+}
+
+fn thousands(n: usize) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// How podman-netavark is run.
@@ -89,6 +101,20 @@ pub struct Env {
     pub tool: PathBuf,
     pub md_bin: PathBuf,
     pub netavark: NetavarkMode,
+    /// The CPU every server and load generator is pinned to (None: unpinned).
+    pub cpu: Option<usize>,
+}
+
+impl Env {
+    /// `bench-tool [--cpu N] args...`
+    pub fn tool_args(&self, args: &[&str]) -> Vec<String> {
+        let mut v = vec!["bench-tool".to_string()];
+        if let Some(c) = self.cpu {
+            v.extend(["--cpu".to_string(), c.to_string()]);
+        }
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
+    }
 }
 
 /// A datapath ready to measure.
@@ -124,22 +150,22 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
     let mut lab = Lab::new(&format!("{} {}", dp.name(), extra.scenario()))?;
     let tool = env.tool.to_string_lossy().into_owned();
     let outside = lab.outside.clone();
-    lab.spawn(
-        &outside,
-        Path::new("iperf3"),
-        &["-s", "-p", &OUTSIDE_IPERF_PORT.to_string()],
-    )?;
+    let mut iperf_s = vec![
+        "-s".to_string(),
+        "-p".into(),
+        OUTSIDE_IPERF_PORT.to_string(),
+    ];
+    if let Some(cpu) = env.cpu {
+        iperf_s.extend(["-A".into(), cpu.to_string()]);
+    }
+    let iperf_refs: Vec<&str> = iperf_s.iter().map(String::as_str).collect();
+    lab.spawn(&outside, Path::new("iperf3"), &iperf_refs)?;
     let published = |ip: &str| (addr(ip, ECHO_PUBLISHED), addr(ip, IPERF_PORT));
-    let serve_args = [
-        "bench-tool",
-        "serve",
-        "--echo",
-        &ECHO_PORT.to_string(),
-        "--iperf",
-        &IPERF_PORT.to_string(),
-    ]
-    .map(String::from);
-    let serve_refs: Vec<&str> = serve_args.iter().map(String::as_str).collect();
+    let (echo_s, iperf_p) = (ECHO_PORT.to_string(), IPERF_PORT.to_string());
+    let serve_c1 = env.tool_args(&["serve", "--echo", &echo_s, "--iperf", &iperf_p]);
+    let serve_c2 = env.tool_args(&["serve", "--echo", &echo_s]);
+    let c1_refs: Vec<&str> = serve_c1.iter().map(String::as_str).collect();
+    let c2_refs: Vec<&str> = serve_c2.iter().map(String::as_str).collect();
     let mut install_secs = None;
 
     let (c1, c2, c1_ip, echo, iperf) = match dp {
@@ -179,7 +205,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
         Dp::Md => {
             lab.enable_md(&env.md_bin);
             let mut c2_args = vec!["run", "-d", "--name", "c2", "--", tool.as_str()];
-            c2_args.extend_from_slice(&serve_refs[..4]);
+            c2_args.extend_from_slice(&c2_refs);
             lab.md(&c2_args)?;
             match extra {
                 Extra::Ports(n) => {
@@ -215,7 +241,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
                 "--",
                 tool.as_str(),
             ];
-            c1_args.extend_from_slice(&serve_refs);
+            c1_args.extend_from_slice(&c1_refs);
             lab.md(&c1_args)?;
             let (c1, ip) = lab.md_container("c1")?;
             let (c2, _) = lab.md_container("c2")?;
@@ -224,8 +250,8 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
         }
     };
     if dp != Dp::Md {
-        lab.spawn(&c1, &env.tool, &serve_refs)?;
-        lab.spawn(&c2, &env.tool, &serve_refs[..4])?;
+        lab.spawn(&c1, &env.tool, &c1_refs)?;
+        lab.spawn(&c2, &env.tool, &c2_refs)?;
     }
     let setup = Setup {
         dp,
@@ -683,6 +709,13 @@ mod tests {
         }
         assert_eq!(policy_pair(0), ("10.88.128.0".into(), "10.88.192.0".into()));
         assert_eq!(policy_pair(9_999).0, "10.88.167.15");
+    }
+
+    #[test]
+    fn scenarios_read_well() {
+        assert_eq!(Extra::Ports(10_000).scenario(), "10,000 ports");
+        assert_eq!(Extra::Policies(10).scenario(), "10 policies");
+        assert_eq!(Extra::None.scenario(), "base");
     }
 
     #[test]

@@ -256,7 +256,8 @@ pub fn chart(sum: &[Summary]) -> String {
         hi: f64,
         label: String,
     }
-    let mut groups: Vec<(String, Vec<Bar>)> = Vec::new();
+    // (scenario, label, bars)
+    let mut groups: Vec<(String, String, Vec<Bar>)> = Vec::new();
     for (sc, m, unit) in rows(sum) {
         if !matches!(unit.as_str(), "Gbit/s" | "req/s" | "conn/s" | "µs") {
             continue;
@@ -286,23 +287,29 @@ pub fn chart(sum: &[Summary]) -> String {
             }
         }
         if !bars.is_empty() {
-            let dir = if up { "higher" } else { "lower" };
-            groups.push((format!("{sc} · {m} ({unit}, {dir} is better)"), bars));
+            let arrow = if up { "↑" } else { "↓" };
+            groups.push((sc.clone(), format!("{m} ({unit} {arrow})"), bars));
         }
     }
-    let (left, width, bar_h, gap) = (330.0, 900.0, 13.0, 16.0);
+    let (left, width, bar_h, gap, header) = (300.0, 900.0, 13.0, 14.0, 24.0);
     let plot_w = width - left - 150.0;
     let max_rel = groups
         .iter()
-        .flat_map(|(_, b)| b.iter().map(|b| b.hi))
+        .flat_map(|(_, _, b)| b.iter().map(|b| b.hi))
         .fold(120.0_f64, f64::max)
         .min(400.0);
     let x = |rel: f64| left + rel.clamp(0.0, max_rel) / max_rel * plot_w;
     let height: f64 = 70.0
         + groups
             .iter()
-            .map(|(_, b)| b.len() as f64 * bar_h + gap)
+            .map(|(_, _, b)| b.len() as f64 * bar_h + gap)
             .sum::<f64>()
+        + header
+            * groups
+                .iter()
+                .map(|(sc, _, _)| sc)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as f64
         + 30.0;
     let mut s = String::new();
     let _ = writeln!(
@@ -312,7 +319,7 @@ pub fn chart(sum: &[Summary]) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="10" y="20" font-size="14" font-weight="bold">md vs iptables vs netavark: performance relative to plain routing (= 100%, longer is better)</text>"#
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">md vs Docker iptables vs netavark, relative to plain routing (100%; longer is better)</text>"#
     );
     let mut lx = 10.0;
     for dp in dps() {
@@ -334,7 +341,26 @@ pub fn chart(sum: &[Summary]) -> String {
         x100 = x(100.0)
     );
     let mut y = top;
-    for (label, bars) in &groups {
+    let mut last_sc = "";
+    for (sc, label, bars) in &groups {
+        if sc != last_sc {
+            y += header;
+            let title = if sc == "base" {
+                "no extra ports or rules".to_string()
+            } else {
+                format!("with {sc}")
+            };
+            let _ = writeln!(
+                s,
+                r##"<text x="10" y="{:.1}" font-size="12" font-weight="bold">{}</text><line x1="10" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#ccc"/>"##,
+                y - 8.0,
+                esc(&title),
+                width - 10.0,
+                y - 4.0,
+                y - 4.0
+            );
+            last_sc = sc;
+        }
         let _ = writeln!(
             s,
             r#"<text x="{:.0}" y="{:.1}" text-anchor="end">{}</text>"#,

@@ -23,6 +23,15 @@ use serde_json::json;
 use super::stats::percentile;
 use super::sys::mono_ns;
 
+#[derive(Debug, clap::Args)]
+pub struct ToolArgs {
+    /// Pin this process (and the threads and children it starts) to one CPU.
+    #[arg(long, global = true)]
+    cpu: Option<usize>,
+    #[command(subcommand)]
+    cmd: ToolCmd,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum ToolCmd {
     /// TCP echo server.
@@ -79,8 +88,29 @@ pub enum ToolCmd {
     },
 }
 
-pub fn run(cmd: ToolCmd) -> Result<()> {
-    match cmd {
+fn pin(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks nothing, so check `cpu` first.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            bail!("cpu {cpu} out of range");
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "sched_setaffinity({cpu}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: ToolArgs) -> Result<()> {
+    if let Some(cpu) = args.cpu {
+        pin(cpu)?;
+    }
+    match args.cmd {
         ToolCmd::Serve {
             echo,
             iperf,
