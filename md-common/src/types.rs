@@ -24,10 +24,12 @@ pod! {
         pub identity: u32,
         /// The md network (bridge) the interface is on.
         pub net_id: u32,
+        /// The interface's address (the key of ENDPOINTS, repeated for VETH_OWNERS).
+        pub ip: Ip4,
         /// Container-side MAC; frames from the container must carry it.
         pub mac: [u8; 6],
         pub _pad: [u8; 2],
-    } = 20;
+    } = 24;
 
     /// An md network (one bridge and subnet). Key: network id.
     pub struct Network {
@@ -103,7 +105,8 @@ pod! {
         pub kind: u8,
         /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
         pub dir: u8,
-        /// [`TCP_SYN_SENT`], [`TCP_ESTABLISHED`], [`TCP_CLOSING`]; 0 for UDP/ICMP.
+        /// [`TCP_SYN_SENT`], [`TCP_ESTABLISHED`], [`TCP_CLOSING`], [`TCP_FIN_ORIGINAL`],
+        /// [`TCP_FIN_REPLY`]; 0 for UDP/ICMP.
         pub tcp_state: u8,
         /// Where the entry is applied: [`CT_HOOK_VETH`] or [`CT_HOOK_UPLINK`].
         pub hook: u8,
@@ -146,7 +149,8 @@ pod! {
         pub drop_unsupported: u64,
         pub drop_nat_ports: u64,
         pub drop_malformed: u64,
-    } = 96;
+        pub drop_unsolicited: u64,
+    } = 104;
 
     /// Reverse translation for a host UDP socket whose destination connect4/sendmsg4 rewrote.
     pub struct SockRevKey {
@@ -203,6 +207,9 @@ pub const TCP_NONE: u8 = 0;
 pub const TCP_SYN_SENT: u8 = 1;
 pub const TCP_ESTABLISHED: u8 = 2;
 pub const TCP_CLOSING: u8 = 3;
+/// One side sent FIN (half-closed): the other may still talk for long.
+pub const TCP_FIN_ORIGINAL: u8 = 4;
+pub const TCP_FIN_REPLY: u8 = 5;
 
 pub const POLICY_ALLOW: u8 = 1;
 pub const POLICY_DENY: u8 = 2;
@@ -217,6 +224,8 @@ pub const DROP_ISOLATION: u8 = 3;
 pub const DROP_UNSUPPORTED: u8 = 4;
 pub const DROP_NAT_PORTS: u8 = 5;
 pub const DROP_MALFORMED: u8 = 6;
+/// From the uplink straight to a container address, not through a published port.
+pub const DROP_UNSOLICITED: u8 = 7;
 
 /// Human name of a drop reason (stats, monitor).
 pub fn drop_reason_name(reason: u8) -> &'static str {
@@ -227,6 +236,7 @@ pub fn drop_reason_name(reason: u8) -> &'static str {
         DROP_UNSUPPORTED => "unsupported-protocol",
         DROP_NAT_PORTS => "nat-ports-exhausted",
         DROP_MALFORMED => "malformed",
+        DROP_UNSOLICITED => "unsolicited",
         _ => "unknown",
     }
 }

@@ -22,7 +22,8 @@ use aya_ebpf::{
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, Event, IfStats, Ip4, Network, PolicyKey,
     PolicyRule, PortKey, PortTarget, SockRevKey, SockRevValue, DROP_ISOLATION, DROP_MALFORMED,
-    DROP_NAT_PORTS, DROP_POLICY, DROP_SPOOF, DROP_UNSUPPORTED, EVENT_DROP, EVENT_POLICY,
+    DROP_NAT_PORTS, DROP_POLICY, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED, EVENT_DROP,
+    EVENT_POLICY,
 };
 use nat::Verdict;
 
@@ -76,6 +77,7 @@ fn finish(ctx: &TcContext, ifindex: u32, v: Verdict) -> i32 {
                 DROP_ISOLATION => s.drop_isolation += 1,
                 DROP_UNSUPPORTED => s.drop_unsupported += 1,
                 DROP_NAT_PORTS => s.drop_nat_ports += 1,
+                DROP_UNSOLICITED => s.drop_unsolicited += 1,
                 _ => s.drop_malformed += 1,
             });
             if let parse::Parsed::Ipv4(p) = parse::parse(ctx) {

@@ -11,7 +11,7 @@ use md_common::{
 use crate::{
     csum,
     ct::{self, NewFlow},
-    parse::{parse_ipv4_at, Pkt, L4},
+    parse::{parse_ipv4_at, Pkt, L4, TCP_ACK, TCP_SYN},
     stats, ENDPOINTS, HOST_ADDRS, NETWORKS, PORT_MAP,
 };
 
@@ -29,6 +29,13 @@ pub fn port_lookup(ip: &Ip4, port: u16, proto: u8) -> Option<*mut PortTarget> {
     PORT_MAP
         .get_ptr_mut(PortKey::new(*ip, port, proto))
         .or_else(|| PORT_MAP.get_ptr_mut(PortKey::new([0; 4], port, proto)))
+}
+
+/// Whether a packet may open a translated flow: for TCP only a SYN. Anything else to a
+/// published port is an answer to a connection the host itself made from that port.
+#[inline(always)]
+pub fn opens_flow(p: &Pkt) -> bool {
+    p.proto != md_common::IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[inline(always)]
@@ -234,10 +241,32 @@ pub fn snat(ctx: &TcContext, p: &Pkt, src: &Endpoint, uplink_ip: Ip4) -> Verdict
 /// the source too when the error comes from the quoted destination itself).
 /// Returns None when the error is about no flow md translated at `hook`.
 #[inline(always)]
-pub fn icmp_error(ctx: &TcContext, outer: &Pkt, hook: u8) -> Option<Verdict> {
+pub fn icmp_error(ctx: &TcContext, outer: &Pkt, hook: u8, from_container: bool) -> Option<Verdict> {
+    let e = icmp_error_flow(ctx, outer, hook, from_container)?;
+    Some(translate_icmp_error(ctx, outer, &e))
+}
+
+/// The flow an ICMP error is about.
+pub struct QuotedFlow {
+    pub inner: Pkt,
+    pub inner_l3: usize,
+    pub entry: md_common::CtEntry,
+    /// What the quoted packet becomes; its source is where the error goes.
+    pub quoted: CtKey,
+}
+
+/// Finds the tracked flow an ICMP error quotes. A container is no router: its errors are only
+/// about packets sent to it (`from_container`), or it could aim them at anyone's flows.
+#[inline(always)]
+pub fn icmp_error_flow(
+    ctx: &TcContext,
+    outer: &Pkt,
+    hook: u8,
+    from_container: bool,
+) -> Option<QuotedFlow> {
     let inner_l3 = outer.l4_off + 8;
     let inner = parse_ipv4_at(ctx, inner_l3)?;
-    if inner.l4 != L4::Ports {
+    if inner.l4 != L4::Ports || (from_container && inner.daddr != outer.saddr) {
         return None;
     }
     let e = ct::lookup(&inner.key().reversed(), ct::now())?;
@@ -245,26 +274,19 @@ pub fn icmp_error(ctx: &TcContext, outer: &Pkt, hook: u8) -> Option<Verdict> {
     if entry.hook != hook {
         return None;
     }
-    Some(translate_icmp_error(
-        ctx,
-        outer,
-        &inner,
+    let quoted = entry.nat_tuple(inner.proto).reversed();
+    Some(QuotedFlow {
+        inner,
         inner_l3,
-        &entry.nat_tuple(inner.proto).reversed(),
-        hook,
-    ))
+        entry,
+        quoted,
+    })
 }
 
 #[inline(always)]
-fn translate_icmp_error(
-    ctx: &TcContext,
-    outer: &Pkt,
-    inner: &Pkt,
-    inner_l3: usize,
-    quoted: &CtKey,
-    hook: u8,
-) -> Verdict {
-    if csum::rewrite_quoted(ctx, outer, inner, inner_l3, quoted).is_err() {
+pub fn translate_icmp_error(ctx: &TcContext, outer: &Pkt, f: &QuotedFlow) -> Verdict {
+    let (inner, quoted) = (&f.inner, &f.quoted);
+    if csum::rewrite_quoted(ctx, outer, inner, f.inner_l3, quoted).is_err() {
         return Verdict::Drop(DROP_MALFORMED);
     }
     let mut to = outer.key();
@@ -275,7 +297,7 @@ fn translate_icmp_error(
     if csum::rewrite(ctx, outer, &to).is_err() {
         return Verdict::Drop(DROP_MALFORMED);
     }
-    if hook == CT_HOOK_VETH {
+    if f.entry.hook == CT_HOOK_VETH {
         deliver(ctx, &to.daddr)
     } else {
         Verdict::Pass

@@ -57,6 +57,8 @@ pub struct Pkt {
     pub l4: L4,
     /// More fragments follow or this is not the first: reassembly is needed to see ports.
     pub fragment: bool,
+    /// The L4 header is cut short (fine in an ICMP error's quote, not for a packet of its own).
+    pub truncated: bool,
 }
 
 impl Pkt {
@@ -107,6 +109,7 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
         icmp_type: 0,
         l4: L4::Opaque,
         fragment: more_fragments || offset != 0,
+        truncated: false,
     };
     // Fragments are never translated, the first one included: later ones carry no ports, and
     // translating only part of a datagram would break reassembly. They stay Opaque.
@@ -121,11 +124,15 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
                 p.dport = u16::from_be_bytes([ports[2], ports[3]]);
                 p.l4 = L4::Ports;
             }
-            // A quoted header (inside an ICMP error) may stop after the ports.
-            if p.proto == IPPROTO_TCP {
-                if let Ok(f) = ctx.load::<u8>(l4 + 13) {
-                    p.tcp_flags = f;
+            // The whole header must be there for a translation (its checksum is at the end);
+            // a quoted header inside an ICMP error may stop after the ports (see `quoted`).
+            let full = if p.proto == IPPROTO_TCP { 20 } else { 8 };
+            match ctx.load::<u8>(l4 + full - 1) {
+                Ok(_) if p.proto == IPPROTO_TCP => {
+                    p.tcp_flags = ctx.load::<u8>(l4 + 13).unwrap_or(0);
                 }
+                Ok(_) => {}
+                Err(_) => p.truncated = true,
             }
         }
         IPPROTO_ICMP => {
@@ -157,7 +164,13 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
 pub fn parse(ctx: &TcContext) -> Parsed {
     match eth_proto(ctx) {
         Some(ETH_P_IP) => match parse_ipv4_at(ctx, ETH_HLEN) {
-            Some(p) => Parsed::Ipv4(p),
+            // A packet of its own with a cut-short header has no ports to trust.
+            Some(mut p) => {
+                if p.truncated {
+                    p.l4 = L4::Opaque;
+                }
+                Parsed::Ipv4(p)
+            }
             None => Parsed::Malformed,
         },
         Some(ETH_P_ARP) => Parsed::Arp,

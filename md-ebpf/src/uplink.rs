@@ -4,12 +4,12 @@
 //! are translated at ingress too, and their answers at egress.
 
 use aya_ebpf::programs::TcContext;
-use md_common::{Config, CT_HOOK_UPLINK, DROP_UNSUPPORTED};
+use md_common::{Config, CT_HOOK_UPLINK, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED};
 
 use crate::{
     csum, ct,
     nat::{self, Verdict},
-    parse::{self, Parsed, L4},
+    parse::{self, Parsed, Pkt, L4},
 };
 
 #[inline(always)]
@@ -18,7 +18,10 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
         return Verdict::Pass;
     };
     match p.l4 {
-        L4::IcmpError => nat::icmp_error(ctx, &p, CT_HOOK_UPLINK).unwrap_or(Verdict::Pass),
+        L4::IcmpError => match nat::icmp_error(ctx, &p, CT_HOOK_UPLINK, false) {
+            Some(v) => v,
+            None => unsolicited(&p),
+        },
         L4::Ports => {
             if let Some(e) = ct::lookup(&p.key(), ct::now()) {
                 let entry = unsafe { *e };
@@ -33,15 +36,29 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
             }
             // Loopback never is a host address here: a packet from the wire addressed to
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
-            if nat::is_host_addr(&p.daddr) {
+            if nat::is_host_addr(&p.daddr) && nat::opens_flow(&p) {
                 if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto) {
                     return nat::dnat_from_uplink(ctx, &p, target);
                 }
             }
-            Verdict::Pass
+            unsolicited(&p)
         }
-        L4::Opaque => Verdict::Pass,
+        L4::Opaque => unsolicited(&p),
     }
+}
+
+/// What the uplink lets through untranslated. Containers are reached from outside only
+/// through published ports (as Docker 28 does): a packet routed straight to a container
+/// address is dropped, and so is one claiming to come from a container.
+#[inline(always)]
+fn unsolicited(p: &Pkt) -> Verdict {
+    if nat::endpoint(&p.saddr).is_some() {
+        return Verdict::Drop(DROP_SPOOF);
+    }
+    if nat::endpoint(&p.daddr).is_some() {
+        return Verdict::Drop(DROP_UNSOLICITED);
+    }
+    Verdict::Pass
 }
 
 #[inline(always)]
@@ -52,7 +69,7 @@ pub fn egress(ctx: &TcContext, cfg: &Config) -> Verdict {
     if p.l4 == L4::IcmpError {
         // An error from a container about a flow translated here; other errors from a
         // container are dropped below like anything else without ports.
-        if let Some(v) = nat::icmp_error(ctx, &p, CT_HOOK_UPLINK) {
+        if let Some(v) = nat::icmp_error(ctx, &p, CT_HOOK_UPLINK, true) {
             return v;
         }
     } else if p.l4 == L4::Ports {

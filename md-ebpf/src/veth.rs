@@ -28,20 +28,21 @@ pub fn ingress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
 }
 
 /// Returns the verdict and the interface a drop is counted on: the sender's, as at ingress.
+/// Unicast to this container was checked where it entered; anything else a container sent
+/// that reaches this one (broadcast, multicast, or a frame whose IP destination is not this
+/// container's, e.g. a broadcast address in a unicast frame) is checked here, per receiver.
 #[inline(always)]
 pub fn egress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> (Verdict, u32) {
-    // Only frames to a group address: unicast was checked where it entered.
-    let Ok(dst0) = ctx.load::<u8>(0) else {
-        return (Verdict::Pass, ifindex);
-    };
-    if dst0 & 1 == 0 {
-        return (Verdict::Pass, ifindex);
-    }
     let Parsed::Ipv4(p) = parse::parse(ctx) else {
         return (Verdict::Pass, ifindex);
     };
-    let (Some(src), Some(me)) = (nat::endpoint(&p.saddr), unsafe { VETH_OWNERS.get(ifindex) })
-    else {
+    let Some(me) = (unsafe { VETH_OWNERS.get(ifindex) }) else {
+        return (Verdict::Pass, ifindex);
+    };
+    if p.daddr == me.ip {
+        return (Verdict::Pass, ifindex);
+    }
+    let Some(src) = nat::endpoint(&p.saddr) else {
         return (Verdict::Pass, ifindex);
     };
     if src.net_id != me.net_id {
@@ -73,8 +74,19 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         _ => return Verdict::Drop(DROP_SPOOF),
     };
     if p.l4 == L4::IcmpError {
-        if let Some(v) = nat::icmp_error(ctx, p, CT_HOOK_VETH) {
-            return v;
+        if let Some(f) = nat::icmp_error_flow(ctx, p, CT_HOOK_VETH, true) {
+            // The error goes where the quoted packet came from: the flow's peer.
+            if let Some(dst) = nat::endpoint(&f.quoted.saddr) {
+                if f.entry.kind == CT_KIND_NONE && dst.net_id != src.net_id {
+                    return Verdict::Drop(DROP_ISOLATION);
+                }
+                if f.entry.dir == CT_DIR_ORIGINAL
+                    && !policy::allowed(cfg, src.identity, dst.identity)
+                {
+                    return Verdict::Drop(DROP_POLICY);
+                }
+            }
+            return nat::translate_icmp_error(ctx, p, &f);
         }
     }
     if p.l4 == L4::Ports {
@@ -97,7 +109,7 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             }
             return nat::deliver(ctx, &to.daddr);
         }
-        if nat::is_host_addr(&p.daddr) {
+        if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
             if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto) {
                 let t = unsafe { *target };
                 if !policy::allowed(cfg, src.identity, t.identity) {

@@ -208,6 +208,14 @@ pub async fn serve(
                     _ => continue,
                 };
                 let query = &buf[..n];
+                // Only md's containers may ask: the gateway address may be reachable from
+                // elsewhere, and an open forwarder is not what md runs.
+                if !state.containers.values().any(|c| c.interfaces.iter().any(|i| i.ip == asker)) {
+                    if let Some(r) = refused(query) {
+                        let _ = sock.send_to(&r, peer).await;
+                    }
+                    continue;
+                }
                 if let Ok(msg) = Message::from_vec(query) {
                     if let Some(reply) = answer(&state, &network, asker, &msg) {
                         if let Ok(bytes) = reply.to_vec() {
@@ -234,6 +242,17 @@ pub async fn serve(
             }
         }
     }
+}
+
+fn refused(query: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let mut m = Message::new();
+    m.set_id(q.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(q.op_code())
+        .set_response_code(ResponseCode::Refused)
+        .add_queries(q.queries().to_vec());
+    m.to_vec().ok()
 }
 
 /// Relays a query to the first upstream that answers.

@@ -52,6 +52,7 @@ pub async fn setup(
         ifindex: host.index,
         identity,
         net_id: net.id,
+        ip: iface.ip.octets(),
         mac: iface.mac,
         _pad: [0; 2],
     };

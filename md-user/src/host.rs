@@ -25,6 +25,15 @@ pub async fn ensure_datapath(
     opts: &GlobalOpts,
 ) -> Result<()> {
     let digest = crate::datapath::object_digest()?;
+    let cookie = netns::current_netns_cookie()?;
+    if let Some(d) = &state.datapath {
+        if d.netns_cookie != cookie && dp.is_loaded() {
+            bail!(
+                "md's datapath in {} belongs to another network namespace; run md-user there (or `md-user down` there first)",
+                dp.pin_dir.display()
+            );
+        }
+    }
     if let Some(d) = &state.datapath {
         if d.object_digest != digest && dp.is_loaded() {
             if !state.containers.is_empty() {
@@ -82,7 +91,6 @@ pub async fn ensure_datapath(
         md_common::maps::PROG_UPLINK_EGRESS,
         UPLINK_PIN,
     )?;
-    let cookie = netns::current_netns_cookie()?;
     let mut cfg = if fresh {
         Config::defaults()
     } else {

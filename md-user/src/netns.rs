@@ -112,6 +112,8 @@ pub struct PreExec {
     pub uts: Uts,
     /// Files bind-mounted over others in a private mount namespace (/etc/hosts, resolv.conf).
     pub binds: Vec<(std::ffi::CString, std::ffi::CString)>,
+    /// The supervisor: if it died before the parent-death signal was armed, give up.
+    pub parent: libc::pid_t,
 }
 
 impl PreExec {
@@ -127,6 +129,9 @@ impl PreExec {
             0,
             0,
         ))?;
+        if libc::getppid() != self.parent {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
         if let Some(fd) = self.netns {
             check(libc::setns(fd, libc::CLONE_NEWNET))?;
         }

@@ -114,10 +114,16 @@ pub async fn remove_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
     if dp.is_loaded() {
         let _ = dp.networks()?.remove(&net.id);
     }
-    match nl.link_by_name(&net.bridge).await? {
-        Some(link) if link.kind.as_deref() == Some("bridge") => nl.delete_link(link.index).await,
-        _ => Ok(()),
+    if let Some(link) = nl.link_by_name(&net.bridge).await? {
+        if link.kind.as_deref() == Some("bridge") {
+            nl.delete_link(link.index).await?;
+        }
     }
+    // Its gateway is no host address any more: published ports must not answer there.
+    if dp.is_loaded() {
+        crate::host::refresh_host_addrs(nl, dp).await?;
+    }
+    Ok(())
 }
 
 /// Starts the network's resolver if it is not running (it listens on the gateway, port 53).

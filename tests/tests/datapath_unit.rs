@@ -180,6 +180,7 @@ impl Dp {
             ifindex,
             identity: identity(ip),
             net_id,
+            ip,
             mac: mac(ip),
             ..Default::default()
         };

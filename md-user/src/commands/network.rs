@@ -175,8 +175,11 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 .expect("checked")
                 .interfaces
                 .push(iface);
-            network::ensure_resolver(&ctx.opts, state, &net_name)?;
+            // Recorded first: whatever fails next, the interface is known and torn down later.
+            locked.save()?;
+            let state = &mut locked.state;
             network::containers_changed(&ctx.state_dir, state);
+            network::ensure_resolver(&ctx.opts, state, &net_name)?;
         }
         NetworkCmd::Disconnect {
             network: net_name,

@@ -55,8 +55,16 @@ fn set(
     // Rules name containers, not addresses: a rule for a container that does not run yet is
     // kept and applies when it starts (with a warning, in case of a typo).
     for n in [from, to] {
-        if !state.containers.contains_key(n) {
-            eprintln!("md-user: warning: no container named {n} is running; the rule applies once it runs");
+        match state.containers.get(n) {
+            None => eprintln!(
+                "md-user: warning: no container named {n} is running; the rule applies once it runs"
+            ),
+            // Its traffic carries another's address (or the host's): rules cannot tell it apart.
+            Some(c) if c.interfaces.is_empty() => eprintln!(
+                "md-user: warning: {n} runs with --network {}; policy applies to containers with their own interface",
+                c.mode
+            ),
+            Some(_) => {}
         }
     }
     let pairs: &[(&str, &str)] = if both {

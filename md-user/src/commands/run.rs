@@ -291,7 +291,19 @@ async fn supervise(
     }
     drop(netns);
     let mut locked = ctx.state_dir.lock()?;
-    if let Some(c) = locked.state.containers.remove(&setup.name) {
+    // Only our own record: after a `down` the name may already belong to a new container.
+    let me = proc::self_identity();
+    let ours = locked
+        .state
+        .containers
+        .get(&setup.name)
+        .is_some_and(|c| (c.supervisor_pid, c.supervisor_start) == me);
+    if ours {
+        let c = locked
+            .state
+            .containers
+            .remove(&setup.name)
+            .expect("checked");
         remove(ctx, &nl, &mut locked.state, &c).await;
         locked.save()?;
     }
@@ -495,6 +507,7 @@ async fn create(
         netns: netns.as_ref().map(|n| n.raw_fd()),
         uts,
         binds,
+        parent: std::process::id() as i32,
     };
     unsafe {
         cmd.pre_exec(move || pre.apply());

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use md_common::{
     drop_reason_name, IfStats, DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_POLICY,
-    DROP_SPOOF, DROP_UNSUPPORTED,
+    DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
 };
 use serde_json::{json, Value};
 
@@ -18,18 +18,7 @@ pub fn if_stats(dp: &Datapath, ifindex: u32) -> IfStats {
     };
     if let Ok(per_cpu) = map.get(&ifindex, 0) {
         for s in per_cpu.iter() {
-            t.egress_packets += s.egress_packets;
-            t.egress_bytes += s.egress_bytes;
-            t.ingress_packets += s.ingress_packets;
-            t.ingress_bytes += s.ingress_bytes;
-            t.snat += s.snat;
-            t.dnat += s.dnat;
-            t.drop_policy += s.drop_policy;
-            t.drop_spoof += s.drop_spoof;
-            t.drop_isolation += s.drop_isolation;
-            t.drop_unsupported += s.drop_unsupported;
-            t.drop_nat_ports += s.drop_nat_ports;
-            t.drop_malformed += s.drop_malformed;
+            add(&mut t, s);
         }
     }
     t
@@ -48,6 +37,7 @@ fn add(a: &mut IfStats, b: &IfStats) {
     a.drop_unsupported += b.drop_unsupported;
     a.drop_nat_ports += b.drop_nat_ports;
     a.drop_malformed += b.drop_malformed;
+    a.drop_unsolicited += b.drop_unsolicited;
 }
 
 fn counters(s: &IfStats) -> Value {
@@ -58,6 +48,7 @@ fn counters(s: &IfStats) -> Value {
         (DROP_UNSUPPORTED, s.drop_unsupported),
         (DROP_NAT_PORTS, s.drop_nat_ports),
         (DROP_MALFORMED, s.drop_malformed),
+        (DROP_UNSOLICITED, s.drop_unsolicited),
     ]
     .iter()
     .map(|(r, n)| (drop_reason_name(*r).to_string(), json!(n)))
