@@ -96,11 +96,27 @@ pub fn touch(e: *mut CtEntry, p: &Pkt, now: u64, cfg: &Config) {
     entry.bytes += p.len as u64;
     // The other half is keyed by what this packet becomes, reversed.
     let partner = entry.nat_tuple(p.proto).reversed();
-    if let Some(other) = CONNTRACK.get_ptr_mut(&partner) {
-        unsafe {
+    match CONNTRACK.get_ptr_mut(&partner) {
+        Some(other) => unsafe {
             (*other).tcp_state = state;
             (*other).expires_ns = expires;
+        },
+        // LRU eviction (or a collector racing us) took the reply half: put it back, or the
+        // answers of a live flow would go nowhere. It leads back to this packet's tuple.
+        None if entry.dir == CT_DIR_ORIGINAL => {
+            let mut back = self::entry(
+                &p.key().reversed(),
+                entry.kind,
+                CT_DIR_REPLY,
+                entry.hook,
+                entry.ifindex,
+                0,
+            );
+            back.tcp_state = state;
+            back.expires_ns = expires;
+            let _ = CONNTRACK.insert(&partner, &back, BPF_NOEXIST as u64);
         }
+        None => {}
     }
 }
 
