@@ -160,6 +160,9 @@ pub enum PolicyCmd {
         #[arg(long)]
         both: bool,
     },
+    /// Apply many rules at once from a file (`-` for stdin): one `deny|allow FROM TO [--both]`
+    /// per line, `#` comments. All or nothing: a bad line changes nothing.
+    Import { file: PathBuf },
     /// List rules and the default.
     List {
         #[arg(long)]

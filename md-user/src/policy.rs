@@ -70,10 +70,6 @@ impl PolicyState {
             }
         }
     }
-
-    pub fn mentions(&self, name: &str) -> bool {
-        self.rules.iter().any(|r| r.from == name || r.to == name)
-    }
 }
 
 /// Writes one rule into the POLICY map (identities are assigned on first use).
@@ -148,7 +144,6 @@ mod tests {
         assert!(p.set("a", "c", Verdict::Allow));
         assert_eq!(p.rules.len(), 1);
         assert_eq!(p.rules[0].verdict, Verdict::Allow);
-        assert!(p.mentions("c") && !p.mentions("b"));
     }
 
     #[test]

@@ -137,10 +137,13 @@ impl State {
 
     /// Forgets identities no container and no rule uses any more.
     pub fn prune_identities(&mut self) {
-        let live: HashSet<String> = self.containers.keys().cloned().collect();
-        let policy = &self.policy;
-        self.identities
-            .retain(|name, _| live.contains(name) || policy.mentions(name));
+        let mut keep: HashSet<&str> = self.containers.keys().map(|s| s.as_str()).collect();
+        for r in &self.policy.rules {
+            keep.insert(&r.from);
+            keep.insert(&r.to);
+        }
+        let keep: HashSet<String> = keep.into_iter().map(str::to_string).collect();
+        self.identities.retain(|name, _| keep.contains(name));
     }
 }
 

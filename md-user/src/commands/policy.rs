@@ -1,9 +1,9 @@
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{reconcile, Ctx};
+use super::{reconcile, run::validate_name, Ctx};
 use crate::{
     cli::PolicyCmd,
     netlink::Netlink,
@@ -31,6 +31,36 @@ pub async fn policy(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
                 ctx.dp.set_config(&cfg)?;
             }
         }
+        PolicyCmd::Import { file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+                t
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let rules = parse_rules(&text)?;
+            for (_, from, to, _) in &rules {
+                check_pair(from, to)?;
+            }
+            let mut absent = std::collections::BTreeSet::new();
+            for (verdict, from, to, both) in &rules {
+                for n in [from, to] {
+                    if !state.containers.contains_key(n.as_str()) {
+                        absent.insert(n.clone());
+                    }
+                }
+                install_pair(ctx, state, from, to, *both, *verdict)?;
+            }
+            if !absent.is_empty() {
+                eprintln!(
+                    "md-user: warning: {} named containers are not running; their rules apply once they run",
+                    absent.len()
+                );
+            }
+            println!("{} rules applied", rules.len());
+        }
         PolicyCmd::List { json } => {
             list(ctx, state, json)?;
             return Ok(ExitCode::SUCCESS);
@@ -41,6 +71,44 @@ pub async fn policy(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `deny|allow FROM TO [--both]` lines.
+fn parse_rules(text: &str) -> Result<Vec<(Verdict, String, String, bool)>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (verdict, rest) = match words.split_first() {
+            Some((&"deny", rest)) => (Verdict::Deny, rest),
+            Some((&"allow", rest)) => (Verdict::Allow, rest),
+            _ => bail!(
+                "line {}: expected `deny|allow FROM TO [--both]`: {line:?}",
+                n + 1
+            ),
+        };
+        match rest {
+            [from, to] => out.push((verdict, from.to_string(), to.to_string(), false)),
+            [from, to, "--both"] => out.push((verdict, from.to_string(), to.to_string(), true)),
+            _ => bail!(
+                "line {}: expected `deny|allow FROM TO [--both]`: {line:?}",
+                n + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+fn check_pair(from: &str, to: &str) -> Result<()> {
+    validate_name(from)?;
+    validate_name(to)?;
+    if from == to {
+        bail!("a container always reaches itself; {from} → {to} needs no rule");
+    }
+    Ok(())
+}
+
 fn set(
     ctx: &Ctx,
     state: &mut State,
@@ -49,9 +117,7 @@ fn set(
     both: bool,
     verdict: Verdict,
 ) -> Result<()> {
-    if from == to {
-        bail!("a container always reaches itself; {from} → {to} needs no rule");
-    }
+    check_pair(from, to)?;
     // Rules name containers, not addresses: a rule for a container that does not run yet is
     // kept and applies when it starts (with a warning, in case of a typo).
     for n in [from, to] {
@@ -67,6 +133,17 @@ fn set(
             Some(_) => {}
         }
     }
+    install_pair(ctx, state, from, to, both, verdict)
+}
+
+fn install_pair(
+    ctx: &Ctx,
+    state: &mut State,
+    from: &str,
+    to: &str,
+    both: bool,
+    verdict: Verdict,
+) -> Result<()> {
     let pairs: &[(&str, &str)] = if both {
         &[(from, to), (to, from)]
     } else {
@@ -117,4 +194,20 @@ fn list(ctx: &Ctx, state: &State, as_json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_files() {
+        let r = parse_rules("# comment\ndeny a c\n\nallow b c --both # trailing\n").unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (Verdict::Deny, "a".into(), "c".into(), false));
+        assert_eq!(r[1], (Verdict::Allow, "b".into(), "c".into(), true));
+        assert!(parse_rules("block a c").is_err());
+        assert!(parse_rules("deny a").is_err());
+        assert!(parse_rules("deny a b c").is_err());
+    }
 }
