@@ -23,14 +23,14 @@ use aya::{
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
     PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
-    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, POLICY_ALLOW, POLICY_DENY, TCP_ESTABLISHED,
-    TCP_SYN_SENT,
+    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, POLICY_ALLOW, POLICY_DENY, TCP_CLOSING,
+    TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_SENT,
 };
 use md_tests::{
     pkt::{
         arp_request, fix_ip_csum, fold, poke_addr, poke_port, pseudo_sum, sum16, Ip4, Ipv4Pkt, Mac,
         View, ICMP_DEST_UNREACH, ICMP_ECHO, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
-        IPPROTO_TCP, IPPROTO_UDP, IP_MF, L4, TCP_ACK, TCP_PSH, TCP_SYN,
+        IPPROTO_TCP, IPPROTO_UDP, IP_MF, L4, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
     },
     require_e2e,
 };
@@ -67,6 +67,7 @@ const NAT_MIN: u16 = 61000;
 const NAT_MAX: u16 = 65535;
 
 const VETH_INGRESS: &str = m::PROG_VETH_INGRESS;
+const VETH_EGRESS: &str = m::PROG_VETH_EGRESS;
 const UPLINK_INGRESS: &str = m::PROG_UPLINK_INGRESS;
 const UPLINK_EGRESS: &str = m::PROG_UPLINK_EGRESS;
 
@@ -106,7 +107,7 @@ impl Dp {
             .btf(btf.as_ref())
             .load(&bytes)
             .expect("loading md's eBPF object");
-        for name in [VETH_INGRESS, UPLINK_INGRESS, UPLINK_EGRESS] {
+        for name in [VETH_INGRESS, VETH_EGRESS, UPLINK_INGRESS, UPLINK_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} missing"))
@@ -267,9 +268,39 @@ impl Dp {
 
     /// Counter `f` of ifindex 1, summed over CPUs.
     fn stat(&mut self, f: impl Fn(&IfStats) -> u64) -> u64 {
+        self.stat_of(LO, f)
+    }
+
+    /// Counter `f` of `ifindex` (see [`Dp::add_if_stats`]), summed over CPUs.
+    fn stat_of(&mut self, ifindex: u32, f: impl Fn(&IfStats) -> u64) -> u64 {
         let stats: PerCpuHashMap<_, u32, IfStats> =
             PerCpuHashMap::try_from(self.ebpf.map_mut(m::IF_STATS).unwrap()).unwrap();
-        stats.get(&LO, 0).unwrap().iter().map(f).sum()
+        stats.get(&ifindex, 0).unwrap().iter().map(f).sum()
+    }
+
+    /// Zeroed counters for `ifindex` (md-user adds them for every interface it manages).
+    fn add_if_stats(&mut self, ifindex: u32) {
+        let n = aya::util::nr_cpus().expect("nr_cpus");
+        let zero = PerCpuValues::try_from(vec![IfStats::default(); n]).unwrap();
+        let mut stats: PerCpuHashMap<_, u32, IfStats> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(m::IF_STATS).unwrap()).unwrap();
+        stats.insert(ifindex, zero, 0).unwrap();
+    }
+
+    /// VETH_OWNERS[ifindex] = the endpoint of container `ip` (its ENDPOINTS entry).
+    fn veth_owner(&mut self, ifindex: u32, ip: Ip4) {
+        let ep = self
+            .hash::<Ip4, Endpoint>(m::ENDPOINTS)
+            .get(&ip, 0)
+            .expect("the owner is an endpoint");
+        self.hash::<u32, Endpoint>(m::VETH_OWNERS)
+            .insert(ifindex, ep, 0)
+            .unwrap();
+    }
+
+    fn config(&self) -> Config {
+        let cfg: Array<_, Config> = Array::try_from(self.ebpf.map(m::CONFIG).unwrap()).unwrap();
+        cfg.get(&0, 0).unwrap()
     }
 
     /// Runs `frame` through `prog` with `__sk_buff.ifindex = 1`; returns the verdict and the
@@ -1522,4 +1553,871 @@ fn checksum_complete_skb_csum_maintained() {
             .build(),
         "hairpin",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Hardening after review (commit 8071171): ICMP errors from containers, traffic flooded or
+// misaddressed to a container, unsolicited traffic on the uplink, TCP DNAT only on a SYN,
+// tracker lifetimes by TCP state, cut-short L4 headers.
+
+/// A container on network 2 whose veth is ifindex 8.
+const C8: Ip4 = [172, 19, 0, 8];
+const SUBNET_BCAST: Ip4 = [172, 18, 255, 255];
+const LIMITED_BCAST: Ip4 = [255, 255, 255, 255];
+const MDNS: Ip4 = [224, 0, 0, 251];
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so of `expires_ns`.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn tcp_state_name(s: u8) -> &'static str {
+    match s {
+        0 => "NONE",
+        1 => "SYN_SENT",
+        2 => "ESTABLISHED",
+        3 => "CLOSING",
+        4 => "FIN_ORIGINAL",
+        5 => "FIN_REPLY",
+        _ => "?",
+    }
+}
+
+/// Both halves of a flow (`keys`) are in `state` and expire `secs` after the packet that set
+/// them, which ran between `before` and `after` (CLOCK_MONOTONIC).
+#[track_caller]
+fn assert_ct_state(
+    dp: &mut Dp,
+    keys: &[CtKey],
+    state: u8,
+    secs: u32,
+    (before, after): (u64, u64),
+    what: &str,
+) {
+    let life = u64::from(secs) * 1_000_000_000;
+    for k in keys {
+        let e = dp.ct_must(k);
+        let left = (i128::from(e.expires_ns) - i128::from(before)) as f64 / 1e9;
+        assert_eq!(
+            tcp_state_name(e.tcp_state),
+            tcp_state_name(state),
+            "{what}: tcp_state of {} (expires in {left:.1} s)",
+            fmt_key(k)
+        );
+        assert!(
+            e.expires_ns >= before + life && e.expires_ns <= after + life,
+            "{what}: {} ({}) expires {left:.1} s after the packet, expected {secs} s",
+            fmt_key(k),
+            tcp_state_name(e.tcp_state)
+        );
+    }
+}
+
+/// Runs `p` through `prog`, expecting `rc`; returns (before, after) CLOCK_MONOTONIC.
+#[track_caller]
+fn timed_run(dp: &Dp, prog: &str, p: &Ipv4Pkt, rc: u32, what: &str) -> (u64, u64) {
+    let before = mono_ns();
+    let (got, _) = dp.run(prog, &p.build());
+    let after = mono_ns();
+    assert_verdict(got, rc, what);
+    (before, after)
+}
+
+/// `frame` cut after `l4_len` bytes of its L4 header, with IP total length and header
+/// checksum made consistent (a well-formed IP packet whose transport header is short).
+fn truncate_l4(frame: &[u8], l4_len: usize) -> Vec<u8> {
+    let ihl = usize::from(frame[ETH_HLEN_U] & 0x0f) * 4;
+    let mut f = frame[..ETH_HLEN_U + ihl + l4_len].to_vec();
+    let total = (ihl + l4_len) as u16;
+    f[ETH_HLEN_U + 2..ETH_HLEN_U + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ip_csum(&mut f[ETH_HLEN_U..]);
+    f
+}
+
+const ETH_HLEN_U: usize = md_tests::pkt::ETH_HLEN;
+
+/// Runs `frame` through `prog`; expects `rc` and the frame as it was.
+#[track_caller]
+fn expect_frame_untouched(dp: &Dp, prog: &str, frame: &[u8], rc: u32, what: &str) {
+    let (got, out) = dp.run(prog, frame);
+    assert_verdict(got, rc, what);
+    assert_frame_eq(&out, frame, what);
+}
+
+/// A container is no router: an ICMP error it sends is only about a packet that was sent to
+/// it (quoted destination = the error's source). One quoting somebody else's flow must not be
+/// translated and handed to that flow's peer.
+#[test]
+fn hardening_container_icmp_error_about_a_flow_not_its_own_is_not_translated() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+
+    // (a) A tracked C3 -> C4 flow between containers. C2 forges C4's "port unreachable" about
+    // it and sends it to C3.
+    let c3c4 = Ipv4Pkt::udp(C3, 41000, C4, 5300).macs(mac(C3), mac(C4));
+    expect_untouched(&dp, VETH_INGRESS, &c3c4, PASS, "C3 -> C4 (tracked)");
+    dp.ct_must(&key_of(&c3c4).reversed());
+    let forged = Ipv4Pkt::icmp_error(
+        C2,
+        C3,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+        &c3c4.ip_bytes(),
+    )
+    .macs(mac(C2), mac(C3));
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &forged,
+        PASS,
+        "C2's error quoting C3 -> C4, to C3 (no rule): plain C2 -> C3 traffic, untranslated",
+    );
+
+    // (b) A flow through a published port: C3 -> HOST:5353, which is C4:53. C2 quotes the
+    // datagram as C4 received it; translated, it would tell C3 that HOST:5353 is unreachable.
+    dp.publish([0; 4], 5353, IPPROTO_UDP, C4, 53);
+    let hp = Ipv4Pkt::udp(C3, 42000, HOST, 5353).macs(mac(C3), GW_MAC);
+    let (rc, delivered) = dp.run(VETH_INGRESS, &hp.build());
+    assert_verdict(rc, REDIRECT, "C3 -> HOST:5353 (C4:53)");
+    let delivered_ip = View::new(&delivered).ip().to_vec();
+    let forged_hp =
+        Ipv4Pkt::icmp_error(C2, C3, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &delivered_ip)
+            .macs(mac(C2), mac(C3));
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &forged_hp,
+        PASS,
+        "C2's error quoting C3 -> C4:53 (published), to C3 (no rule)",
+    );
+
+    // With deny C2 -> C3 neither may reach C3 at all.
+    dp.policy(C2, C3, POLICY_DENY);
+    for (p, what) in [
+        (&forged, "C2's error quoting C3 -> C4 under deny C2 -> C3"),
+        (
+            &forged_hp,
+            "C2's error quoting C3 -> C4:53 under deny C2 -> C3",
+        ),
+    ] {
+        let frame = p.build();
+        let (rc, out) = dp.run(VETH_INGRESS, &frame);
+        assert_ne!(
+            rc,
+            REDIRECT,
+            "{what}: delivered into C3 (verdict {})",
+            verdict(rc)
+        );
+        assert_verdict(rc, SHOT, what);
+        assert_frame_eq(&out, &frame, what);
+    }
+    assert_eq!(dp.stat(|s| s.drop_policy), 2);
+
+    // (c) At the uplink: C3's masqueraded flow C3:40000 -> OUT:53. C2 quotes the answer C3
+    // received and sends the error out: it must not be turned into an error about HOST:port.
+    let q = Ipv4Pkt::udp(C3, 40000, OUT, 53);
+    let (port, _) = expect_snat(&mut dp, &q, "UDP C3:40000 -> OUT:53");
+    let (rc, delivered) = dp.run(UPLINK_INGRESS, &Ipv4Pkt::udp(OUT, 53, HOST, port).build());
+    assert_verdict(rc, PASS, "OUT's answer to C3");
+    let delivered_ip = View::new(&delivered).ip().to_vec();
+    let forged_up =
+        Ipv4Pkt::icmp_error(C2, OUT, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &delivered_ip);
+    // Dropped like anything else from a container that cannot be masqueraded.
+    expect_frame_untouched(
+        &dp,
+        UPLINK_EGRESS,
+        &forged_up.build(),
+        SHOT,
+        "C2's error quoting C3's masqueraded flow, at uplink egress",
+    );
+    // A flow published to C4 from outside: OUT:7000 -> HOST:5353 = C4:53. C2 quotes it.
+    let (rc, delivered) = dp.run(UPLINK_INGRESS, &Ipv4Pkt::udp(OUT, 7000, HOST, 5353).build());
+    assert_verdict(rc, PASS, "OUT -> HOST:5353 (C4:53)");
+    let delivered_ip4 = View::new(&delivered).ip().to_vec();
+    let forged_up4 = Ipv4Pkt::icmp_error(
+        C2,
+        OUT,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+        &delivered_ip4,
+    );
+    expect_frame_untouched(
+        &dp,
+        UPLINK_EGRESS,
+        &forged_up4.build(),
+        SHOT,
+        "C2's error quoting a flow published to C4, at uplink egress",
+    );
+    assert_eq!(dp.stat(|s| s.drop_unsupported), 2);
+
+    // Control: C3's own error about the answer it got is still translated.
+    let own = Ipv4Pkt::icmp_error(C3, OUT, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &delivered_ip);
+    let (rc, out) = dp.run(UPLINK_EGRESS, &own.build());
+    assert_verdict(rc, PASS, "C3's own error about its masqueraded flow");
+    assert_icmp_error_checksums(&out, "C3's own error");
+    let v = View::new(&out);
+    assert_eq!(
+        (ip(v.saddr()), ip(v.daddr())),
+        (ip(HOST), ip(OUT)),
+        "C3's own error leaves masqueraded"
+    );
+}
+
+/// A genuine ICMP error from a container (about a packet sent to it) is translated and
+/// delivered; when it travels in the original direction of a flow (the erring container
+/// opened it) it is subject to policy like the flow's other packets, and to isolation.
+#[test]
+fn hardening_container_icmp_error_policy_and_isolation() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+
+    // (a) C2 opened a UDP flow to C3; C3's port unreachable travels the flow's reply way:
+    // delivered to C2, even under deny C3 -> C2 (like any answer).
+    let q = Ipv4Pkt::udp(C2, 40000, C3, 5300).macs(mac(C2), mac(C3));
+    expect_untouched(&dp, VETH_INGRESS, &q, PASS, "C2 -> C3");
+    dp.policy(C3, C2, POLICY_DENY);
+    let err = Ipv4Pkt::icmp_error(C3, C2, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &q.ip_bytes())
+        .macs(mac(C3), mac(C2));
+    expect_rewrite(
+        &dp,
+        VETH_INGRESS,
+        &err,
+        REDIRECT,
+        &err.clone().macs(GW_MAC, mac(C2)),
+        "C3's error about C2's datagram (reply direction) under deny C3 -> C2",
+    );
+
+    // (b) C4 opened a UDP flow to C5 and C5 answered; C4's error about that answer travels
+    // the flow's original direction (C4 -> C5): delivered while allowed, dropped once
+    // deny C4 -> C5 is in place.
+    let ask = Ipv4Pkt::udp(C4, 5000, C5, 53).macs(mac(C4), mac(C5));
+    expect_untouched(&dp, VETH_INGRESS, &ask, PASS, "C4 -> C5");
+    let answer = Ipv4Pkt::udp(C5, 53, C4, 5000).macs(mac(C5), mac(C4));
+    expect_untouched(&dp, VETH_INGRESS, &answer, PASS, "C5's answer");
+    let err = Ipv4Pkt::icmp_error(
+        C4,
+        C5,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+        &answer.ip_bytes(),
+    )
+    .macs(mac(C4), mac(C5));
+    expect_rewrite(
+        &dp,
+        VETH_INGRESS,
+        &err,
+        REDIRECT,
+        &err.clone().macs(GW_MAC, mac(C5)),
+        "C4's error about C5's answer (original direction), allowed",
+    );
+    dp.policy(C4, C5, POLICY_DENY);
+    let (rc, _) = dp.run(VETH_INGRESS, &err.build());
+    assert_verdict(
+        rc,
+        SHOT,
+        "C4's error about C5's answer (original direction) under deny C4 -> C5",
+    );
+    assert_eq!(dp.stat(|s| s.drop_policy), 1);
+    assert_eq!(dp.policy_drops(C4, C5), 1);
+
+    // (c) Through a published port (hairpin): C2 -> HOST:5353 = C3:53. C3's genuine error
+    // comes back translated: from HOST, quoting C2 -> HOST:5353.
+    dp.publish([0; 4], 5353, IPPROTO_UDP, C3, 53);
+    let hp = Ipv4Pkt::udp(C2, 42000, HOST, 5353).macs(mac(C2), GW_MAC);
+    let (rc, delivered) = dp.run(VETH_INGRESS, &hp.build());
+    assert_verdict(rc, REDIRECT, "C2 -> HOST:5353 (C3:53)");
+    let delivered_ip = View::new(&delivered).ip().to_vec();
+    let err = Ipv4Pkt::icmp_error(C3, C2, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &delivered_ip)
+        .macs(mac(C3), mac(C2));
+    let (rc, out) = dp.run(VETH_INGRESS, &err.build());
+    assert_verdict(rc, REDIRECT, "C3's error about C2's datagram via HOST:5353");
+    assert_icmp_error_checksums(&out, "C3's error via HOST:5353");
+    let mut want_inner = delivered_ip.clone();
+    poke_addr(&mut want_inner, false, HOST);
+    poke_port(&mut want_inner, false, 5353);
+    fix_ip_csum(&mut want_inner);
+    adopt_quoted_l4_csum(&mut want_inner, &quoted(&out));
+    let want = Ipv4Pkt::icmp_error(HOST, C2, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &want_inner)
+        .macs(GW_MAC, mac(C2));
+    assert_frame_eq(&out, &want.build(), "C3's error via HOST:5353");
+    // C3 answers; C2's error about that answer goes the flow's original way (to C3, after
+    // translation) and is dropped once deny C2 -> C3 is in place.
+    let reply = Ipv4Pkt::udp(C3, 53, C2, 42000).macs(mac(C3), mac(C2));
+    let (rc, got) = dp.run(VETH_INGRESS, &reply.build());
+    assert_verdict(rc, REDIRECT, "C3's answer to C2 (as HOST:5353)");
+    let got_ip = View::new(&got).ip().to_vec();
+    let err = Ipv4Pkt::icmp_error(C2, HOST, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &got_ip)
+        .macs(mac(C2), GW_MAC);
+    let (rc, out) = dp.run(VETH_INGRESS, &err.build());
+    assert_verdict(rc, REDIRECT, "C2's error about HOST:5353's answer, allowed");
+    let v = View::new(&out);
+    assert_eq!(
+        (ip(v.saddr()), ip(v.daddr()), v.eth_dst()),
+        (ip(C2), ip(C3), mac(C3)),
+        "C2's error about HOST:5353's answer goes to C3"
+    );
+    dp.policy(C2, C3, POLICY_DENY);
+    let (rc, _) = dp.run(VETH_INGRESS, &err.build());
+    assert_verdict(
+        rc,
+        SHOT,
+        "C2's error about HOST:5353's (C3's) answer under deny C2 -> C3",
+    );
+    assert_eq!(dp.stat(|s| s.drop_policy), 2);
+
+    // (d) Isolation: a tracked direct flow C2 -> C6 (net 1 -> net 2; inserted by hand: the
+    // datapath itself never tracks one). C6's error about it is not delivered.
+    let x = CtKey::new(C2, C6, 40000, 5300, IPPROTO_UDP);
+    let mut e = foreign_entry(x);
+    (e.kind, e.dir, e.hook, e.identity) =
+        (CT_KIND_NONE, CT_DIR_ORIGINAL, CT_HOOK_VETH, identity(C6));
+    dp.ct_insert(x, e);
+    let mut r = foreign_entry(x.reversed());
+    (r.kind, r.dir, r.hook, r.identity) = (CT_KIND_NONE, CT_DIR_REPLY, CT_HOOK_VETH, identity(C2));
+    dp.ct_insert(x.reversed(), r);
+    let sent = Ipv4Pkt::udp(C2, 40000, C6, 5300);
+    let err = Ipv4Pkt::icmp_error(
+        C6,
+        C2,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+        &sent.ip_bytes(),
+    )
+    .macs(mac(C6), [0x0e, 0x6d, 0, 0, 0, 0x02]);
+    let (rc, _) = dp.run(VETH_INGRESS, &err.build());
+    assert_verdict(rc, SHOT, "C6's (net 2) error about a flow from C2 (net 1)");
+    assert_eq!(dp.stat(|s| s.drop_isolation), 1);
+}
+
+/// What one container sends that reaches another without being addressed to that container's
+/// IP (broadcast, multicast, or such an IP destination in a frame unicast to its MAC) is
+/// checked at the receiver's veth egress, against the sender, and counted on the sender.
+#[test]
+fn hardening_veth_egress_checks_misaddressed_ip_per_receiver() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // The receiver is C3 behind ifindex 1; senders: C7 (net 1, veth 7), C8 (net 2, veth 8).
+    dp.veth_owner(LO, C3);
+    dp.endpoint(C8, 2, 8);
+    dp.add_if_stats(7);
+    dp.add_if_stats(8);
+    let dsts = [
+        (SUBNET_BCAST, "subnet broadcast"),
+        (LIMITED_BCAST, "255.255.255.255"),
+        (MDNS, "multicast 224.0.0.251"),
+    ];
+    let to_c3 = |src: Ip4, dst: Ip4| Ipv4Pkt::udp(src, 40000, dst, 5300).macs(mac(src), mac(C3));
+
+    for (d, what) in dsts {
+        let what = format!("C7 -> {what} in a frame to C3's MAC, no rule");
+        expect_untouched(&dp, VETH_EGRESS, &to_c3(C7, d), PASS, &what);
+    }
+    dp.policy(C7, C3, POLICY_DENY);
+    for (d, what) in dsts {
+        let what = format!("C7 -> {what} in a frame to C3's MAC, deny C7 -> C3");
+        let (rc, _) = dp.run(VETH_EGRESS, &to_c3(C7, d).build());
+        assert_verdict(rc, SHOT, &what);
+    }
+    // The same in a group-addressed frame.
+    let flooded = to_c3(C7, SUBNET_BCAST).macs(mac(C7), [0xff; 6]);
+    let (rc, _) = dp.run(VETH_EGRESS, &flooded.build());
+    assert_verdict(rc, SHOT, "C7's broadcast frame, deny C7 -> C3");
+    assert_eq!(dp.stat_of(7, |s| s.drop_policy), 4, "counted on C7's veth");
+    assert_eq!(
+        dp.stat_of(LO, |s| s.drop_policy),
+        0,
+        "not on the receiver's"
+    );
+    assert_eq!(dp.policy_drops(C7, C3), 4);
+    // Unicast to C3's own address was checked where it entered (veth ingress): passes here.
+    expect_untouched(
+        &dp,
+        VETH_EGRESS,
+        &to_c3(C7, C3),
+        PASS,
+        "C7 -> C3's own address at C3's veth egress",
+    );
+    // Another container: not subject to C7 -> C3.
+    expect_untouched(
+        &dp,
+        VETH_EGRESS,
+        &to_c3(C4, SUBNET_BCAST),
+        PASS,
+        "C4 -> subnet broadcast in a frame to C3's MAC",
+    );
+
+    // A sender on another network: isolation.
+    for (d, what) in dsts {
+        let what = format!("C8 (net 2) -> {what} in a frame to C3's MAC");
+        let (rc, _) = dp.run(VETH_EGRESS, &to_c3(C8, d).build());
+        assert_verdict(rc, SHOT, &what);
+    }
+    assert_eq!(
+        dp.stat_of(8, |s| s.drop_isolation),
+        3,
+        "counted on C8's veth"
+    );
+    assert_eq!(dp.stat_of(LO, |s| s.drop_isolation), 0);
+    assert_eq!(
+        dp.stat_of(LO, |s| s.ingress_packets),
+        12,
+        "C3's veth counts every frame it saw (12)"
+    );
+}
+
+/// Containers are reached from the uplink only through published ports: a packet routed
+/// straight to a container address without a tracked flow is dropped (unsolicited), one
+/// claiming a container source is dropped (spoof); answers of masqueraded flows still pass.
+#[test]
+fn hardening_uplink_drops_unsolicited_and_spoofed() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // The uplink's counters are ifindex 1 here (every test run is on ifindex 1).
+    let unsolicited = [
+        (
+            Ipv4Pkt::tcp(OUT, 5555, C2, 80, TCP_SYN),
+            "TCP SYN OUT -> C2:80",
+        ),
+        (Ipv4Pkt::udp(OUT, 5555, C2, 53), "UDP OUT -> C2:53"),
+        (Ipv4Pkt::echo(OUT, C2, 7, 1), "ping OUT -> C2"),
+        (
+            Ipv4Pkt::icmp_error(
+                ROUTER,
+                C2,
+                ICMP_DEST_UNREACH,
+                ICMP_PORT_UNREACH,
+                &Ipv4Pkt::udp(C2, 1234, OUT, 53).ip_bytes(),
+            ),
+            "ICMP error to C2 about no tracked flow",
+        ),
+        (
+            Ipv4Pkt {
+                l4: L4::Raw(vec![0; 24]),
+                ..Ipv4Pkt::udp(OUT, 0, C2, 0).payload(&[])
+            }
+            .frag(185),
+            "a fragment OUT -> C2",
+        ),
+    ];
+    for (i, (p, what)) in unsolicited.iter().enumerate() {
+        let frame = p.build();
+        let (rc, _) = dp.run(UPLINK_INGRESS, &frame);
+        assert_verdict(rc, SHOT, what);
+        assert_eq!(
+            dp.stat(|s| s.drop_unsolicited),
+            i as u64 + 1,
+            "{what}: drop_unsolicited"
+        );
+    }
+    // From the wire with a container source address.
+    let spoofed = [
+        (
+            Ipv4Pkt::tcp(C3, 80, HOST, 61000, TCP_SYN | TCP_ACK),
+            "C3:80 -> HOST",
+        ),
+        (Ipv4Pkt::udp(C3, 53, C2, 4000), "C3 -> C2 from the wire"),
+    ];
+    for (i, (p, what)) in spoofed.iter().enumerate() {
+        let (rc, _) = dp.run(UPLINK_INGRESS, &p.build());
+        assert_verdict(rc, SHOT, what);
+        assert_eq!(
+            dp.stat(|s| s.drop_spoof),
+            i as u64 + 1,
+            "{what}: drop_spoof"
+        );
+    }
+    assert!(dp.ct_keys().is_empty(), "nothing tracked for drops");
+
+    // The answer of a masqueraded flow still passes, translated.
+    let syn = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN);
+    let (port, _) = expect_snat(&mut dp, &syn, "C2 -> OUT:80");
+    let synack = Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_SYN | TCP_ACK);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &synack,
+        PASS,
+        &with_tuple(&synack, key_of(&syn).reversed()),
+        "answer of a masqueraded flow",
+    );
+    // A published port still works; the host's own addresses (the gateway too) are not md's.
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    let d = Ipv4Pkt::tcp(OUT, 5556, HOST, 8080, TCP_SYN);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &d,
+        PASS,
+        &with_tuple(&d, CtKey::new(OUT, C4, 5556, 80, IPPROTO_TCP)),
+        "published port",
+    );
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::udp(OUT, 5557, GW, 53),
+        PASS,
+        "OUT -> the gateway",
+    );
+    assert_eq!(dp.stat(|s| s.drop_unsolicited), 5);
+    assert_eq!(dp.stat(|s| s.drop_spoof), 2);
+}
+
+/// A TCP segment opens a published port's translation only as a SYN: anything else without a
+/// tracked flow is some host connection's business, at the uplink and for hairpin alike.
+#[test]
+fn hardening_tcp_dnat_opens_only_on_syn() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    let others = [
+        (TCP_ACK, "ACK"),
+        (TCP_SYN | TCP_ACK, "SYN-ACK"),
+        (TCP_ACK | TCP_PSH, "ACK+PSH"),
+        (TCP_RST, "RST"),
+        (TCP_FIN | TCP_ACK, "FIN-ACK"),
+    ];
+    for (flags, what) in others {
+        expect_untouched(
+            &dp,
+            UPLINK_INGRESS,
+            &Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, flags),
+            PASS,
+            &format!("{what} OUT -> HOST:8080 (published), no flow"),
+        );
+        expect_untouched(
+            &dp,
+            VETH_INGRESS,
+            &Ipv4Pkt::tcp(C3, 42000, HOST, 8080, flags).macs(mac(C3), GW_MAC),
+            PASS,
+            &format!("{what} C3 -> HOST:8080 (hairpin), no flow"),
+        );
+    }
+    assert!(dp.ct_keys().is_empty(), "no flow opened by a non-SYN");
+    assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 0);
+    // A SYN opens it, at both places.
+    let syn = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_SYN);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &syn,
+        PASS,
+        &with_tuple(&syn, CtKey::new(OUT, C4, 5555, 80, IPPROTO_TCP)),
+        "SYN OUT -> HOST:8080",
+    );
+    let hp = Ipv4Pkt::tcp(C3, 42000, HOST, 8080, TCP_SYN).macs(mac(C3), GW_MAC);
+    expect_rewrite(
+        &dp,
+        VETH_INGRESS,
+        &hp,
+        REDIRECT,
+        &with_tuple(&hp, CtKey::new(C3, C4, 42000, 80, IPPROTO_TCP)).macs(GW_MAC, mac(C4)),
+        "SYN C3 -> HOST:8080",
+    );
+    assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 2);
+    // ... after which the flow's other segments follow it.
+    let ack = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_ACK);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &ack,
+        PASS,
+        &with_tuple(&ack, CtKey::new(OUT, C4, 5555, 80, IPPROTO_TCP)),
+        "ACK of the opened flow",
+    );
+}
+
+/// A flow first seen mid-stream (no SYN) is not known to be alive: it gets the SYN lifetime,
+/// not the established one (6 h), until the other side answers.
+#[test]
+fn hardening_ct_mid_stream_pickup_gets_syn_lifetime() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let cfg = dp.config();
+    // A container's ACK at uplink egress: masqueraded, tracked.
+    let ack = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_ACK);
+    let before = mono_ns();
+    let (port, _) = expect_snat(&mut dp, &ack, "mid-stream ACK C2 -> OUT:80");
+    let t = (before, mono_ns());
+    let flow = [key_of(&ack), CtKey::new(OUT, HOST, 80, port, IPPROTO_TCP)];
+    assert_ct_state(
+        &mut dp,
+        &flow,
+        TCP_SYN_SENT,
+        cfg.ct_tcp_syn_secs,
+        t,
+        "masqueraded mid-stream ACK",
+    );
+    // The other side answers: now it is established.
+    let t = timed_run(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_ACK | TCP_PSH).payload(b"data"),
+        PASS,
+        "OUT's answer",
+    );
+    assert_ct_state(
+        &mut dp,
+        &flow,
+        TCP_ESTABLISHED,
+        cfg.ct_tcp_established_secs,
+        t,
+        "after the answer",
+    );
+
+    // Between containers at the veth.
+    let p = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_ACK | TCP_PSH)
+        .payload(b"x")
+        .macs(mac(C2), mac(C3));
+    let t = timed_run(&dp, VETH_INGRESS, &p, PASS, "mid-stream C2 -> C3");
+    assert_ct_state(
+        &mut dp,
+        &[key_of(&p), key_of(&p).reversed()],
+        TCP_SYN_SENT,
+        cfg.ct_tcp_syn_secs,
+        t,
+        "container-to-container mid-stream pickup",
+    );
+}
+
+/// Opens C2:sport -> OUT:80 (SYN, SYN-ACK); returns the flow's two tracker keys and the NAT
+/// port.
+#[track_caller]
+fn established_snat_flow(dp: &mut Dp, sport: u16) -> ([CtKey; 2], u16) {
+    let syn = Ipv4Pkt::tcp(C2, sport, OUT, 80, TCP_SYN);
+    let (port, _) = expect_snat(dp, &syn, "SYN");
+    let (rc, _) = dp.run(
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_SYN | TCP_ACK).build(),
+    );
+    assert_verdict(rc, PASS, "SYN-ACK");
+    let flow = [key_of(&syn), CtKey::new(OUT, HOST, 80, port, IPPROTO_TCP)];
+    assert_eq!(dp.ct_must(&flow[0]).tcp_state, TCP_ESTABLISHED);
+    (flow, port)
+}
+
+/// A FIN one way is a half-close: the other side may talk for long, so the flow keeps the
+/// established lifetime; only FIN both ways (or RST) shortens it to the closing lifetime.
+#[test]
+fn hardening_ct_half_close_keeps_established_lifetime() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let cfg = dp.config();
+    let (est, closing) = (cfg.ct_tcp_established_secs, cfg.ct_tcp_closing_secs);
+
+    // (a) The container (original side) closes first.
+    let (flow, port) = established_snat_flow(&mut dp, 40001);
+    let t = timed_run(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40001, OUT, 80, TCP_FIN | TCP_ACK),
+        PASS,
+        "C2's FIN",
+    );
+    assert_ct_state(&mut dp, &flow, TCP_FIN_ORIGINAL, est, t, "after C2's FIN");
+    let t = timed_run(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_ACK | TCP_PSH).payload(b"late answer"),
+        PASS,
+        "OUT still sends",
+    );
+    assert_ct_state(&mut dp, &flow, TCP_FIN_ORIGINAL, est, t, "OUT still sends");
+    let t = timed_run(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40001, OUT, 80, TCP_ACK),
+        PASS,
+        "C2 acknowledges",
+    );
+    assert_ct_state(&mut dp, &flow, TCP_FIN_ORIGINAL, est, t, "C2 acknowledges");
+    let t = timed_run(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_FIN | TCP_ACK),
+        PASS,
+        "OUT's FIN",
+    );
+    assert_ct_state(&mut dp, &flow, TCP_CLOSING, closing, t, "FIN both ways");
+
+    // (b) The outside (reply side) closes first.
+    let (flow, port) = established_snat_flow(&mut dp, 40002);
+    let t = timed_run(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_FIN | TCP_ACK),
+        PASS,
+        "OUT's FIN",
+    );
+    assert_ct_state(&mut dp, &flow, TCP_FIN_REPLY, est, t, "after OUT's FIN");
+    let t = timed_run(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40002, OUT, 80, TCP_ACK | TCP_PSH).payload(b"more"),
+        PASS,
+        "C2 still sends",
+    );
+    assert_ct_state(&mut dp, &flow, TCP_FIN_REPLY, est, t, "C2 still sends");
+    let t = timed_run(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40002, OUT, 80, TCP_FIN | TCP_ACK),
+        PASS,
+        "C2's FIN",
+    );
+    assert_ct_state(&mut dp, &flow, TCP_CLOSING, closing, t, "FIN both ways");
+
+    // (c) Between containers at the veth: C2 -> C3, C2 half-closes.
+    let syn = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_SYN).macs(mac(C2), mac(C3));
+    expect_untouched(&dp, VETH_INGRESS, &syn, PASS, "C2 -> C3 SYN");
+    let synack = Ipv4Pkt::tcp(C3, 80, C2, 41000, TCP_SYN | TCP_ACK).macs(mac(C3), mac(C2));
+    expect_untouched(&dp, VETH_INGRESS, &synack, PASS, "C3's SYN-ACK");
+    let flow = [key_of(&syn), key_of(&synack)];
+    let fin = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_FIN | TCP_ACK).macs(mac(C2), mac(C3));
+    let t = timed_run(&dp, VETH_INGRESS, &fin, PASS, "C2's FIN to C3");
+    assert_ct_state(
+        &mut dp,
+        &flow,
+        TCP_FIN_ORIGINAL,
+        est,
+        t,
+        "C2 -> C3 half-closed",
+    );
+}
+
+/// RST closes at once (closing lifetime), from either side.
+#[test]
+fn hardening_ct_rst_closes() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let cfg = dp.config();
+    let (flow, port) = established_snat_flow(&mut dp, 40003);
+    let t = timed_run(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_RST | TCP_ACK),
+        PASS,
+        "OUT's RST",
+    );
+    assert_ct_state(
+        &mut dp,
+        &flow,
+        TCP_CLOSING,
+        cfg.ct_tcp_closing_secs,
+        t,
+        "RST",
+    );
+    // After a half-close too.
+    let (flow, _) = established_snat_flow(&mut dp, 40004);
+    let (rc, _) = dp.run(
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40004, OUT, 80, TCP_FIN | TCP_ACK).build(),
+    );
+    assert_verdict(rc, PASS, "C2's FIN");
+    let t = timed_run(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40004, OUT, 80, TCP_RST),
+        PASS,
+        "C2's RST",
+    );
+    assert_ct_state(
+        &mut dp,
+        &flow,
+        TCP_CLOSING,
+        cfg.ct_tcp_closing_secs,
+        t,
+        "RST after a half-close",
+    );
+}
+
+/// A packet of its own whose TCP/UDP header is cut short has no checksum field to update and
+/// no ports to trust: never translated, never tracked.
+#[test]
+fn hardening_cut_short_l4_header_not_translated() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    dp.publish([0; 4], 5353, IPPROTO_UDP, C4, 53);
+    let tcp8 = truncate_l4(&Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN).build(), 8);
+    let tcp19 = truncate_l4(&Ipv4Pkt::tcp(C2, 40001, OUT, 80, TCP_SYN).build(), 19);
+    let udp6 = truncate_l4(&Ipv4Pkt::udp(C2, 40002, OUT, 53).payload(&[]).build(), 6);
+    for (f, what) in [
+        (&tcp8, "8 bytes of TCP from C2"),
+        (&tcp19, "19 bytes of TCP from C2"),
+        (&udp6, "6 bytes of UDP from C2"),
+    ] {
+        // Dropped like anything else a container sends that cannot be masqueraded.
+        expect_frame_untouched(
+            &dp,
+            UPLINK_EGRESS,
+            f,
+            SHOT,
+            &format!("{what}, uplink egress"),
+        );
+    }
+    assert!(
+        dp.ct_keys().is_empty(),
+        "cut-short packets left tracker entries"
+    );
+    // Hairpin to a published port and DNAT from outside: not translated either.
+    let hp = truncate_l4(
+        &Ipv4Pkt::tcp(C3, 42000, HOST, 8080, TCP_SYN)
+            .macs(mac(C3), GW_MAC)
+            .build(),
+        8,
+    );
+    expect_frame_untouched(
+        &dp,
+        VETH_INGRESS,
+        &hp,
+        PASS,
+        "8 bytes of TCP C3 -> HOST:8080",
+    );
+    let up = truncate_l4(&Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_SYN).build(), 8);
+    expect_frame_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &up,
+        PASS,
+        "8 bytes of TCP OUT -> HOST:8080",
+    );
+    let upu = truncate_l4(&Ipv4Pkt::udp(OUT, 5555, HOST, 5353).payload(&[]).build(), 4);
+    expect_frame_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &upu,
+        PASS,
+        "4 bytes of UDP OUT -> HOST:5353",
+    );
+    assert!(
+        dp.ct_keys().is_empty(),
+        "cut-short packets left tracker entries"
+    );
+    assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 0);
+    assert_eq!(dp.port_hits([0; 4], 5353, IPPROTO_UDP), 0);
 }
