@@ -160,7 +160,8 @@ fn ensure_tools() -> Result<()> {
 }
 
 /// build-ebpf, then md-user and xtask itself in release (the measuring tool runs as
-/// `xtask bench-tool`; a debug build would measure itself). `MD_USER_BIN` overrides md-user.
+/// `xtask bench-tool`; a debug build would measure itself), copied to target/bench/bin.
+/// `MD_USER_BIN` overrides md-user.
 fn build() -> Result<(PathBuf, PathBuf)> {
     let md_override = std::env::var_os("MD_USER_BIN").map(PathBuf::from);
     let mut cmd = util::host_cargo();
@@ -173,11 +174,22 @@ fn build() -> Result<(PathBuf, PathBuf)> {
     let rel = util::host_target_dir().join("release");
     let tool = rel.join("xtask");
     let md = md_override.unwrap_or_else(|| rel.join("md-user"));
-    for p in [&tool, &md] {
+    // A private copy: someone rebuilding target/release during the run would otherwise mix
+    // two builds in one run (and md-user refuses a datapath loaded by another build).
+    let dir = util::host_target_dir().join("bench/bin");
+    std::fs::create_dir_all(&dir)?;
+    let mut out = Vec::new();
+    for (p, name) in [(&tool, "xtask"), (&md, "md-user")] {
         if !p.is_file() {
             bail!("{} is missing after the build", p.display());
         }
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::copy(p, &tmp).with_context(|| format!("copying {}", p.display()))?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        out.push(dir.join(name));
     }
+    let md = out.pop().expect("two binaries");
+    let tool = out.pop().expect("two binaries");
     Ok((tool, md))
 }
 

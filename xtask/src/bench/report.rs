@@ -73,9 +73,28 @@ pub fn machine(env: &Env, plan: &Plan) -> String {
         cmd_line("nft", &["--version"]),
         cmd_line("iperf3", &["--version"])
     );
+    let dirty = util::output_of(
+        util::command("git")
+            .current_dir(util::workspace_root())
+            .args([
+                "status",
+                "--porcelain",
+                "--",
+                "md-user",
+                "md-ebpf",
+                "md-common",
+            ]),
+    )
+    .map(|s| s.lines().count())
+    .unwrap_or(0);
     let _ = writeln!(
         s,
-        "- md at {rev}, md-user and the load generator built --release"
+        "- md at {rev}{}; md-user and the load generator built --release",
+        if dirty > 0 {
+            format!(" with {dirty} uncommitted file(s) in md-user/md-ebpf/md-common")
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         s,
