@@ -328,6 +328,21 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
                 let s = datapaths::build(dp, env, extra)?;
                 if let Some(t) = s.install_secs {
                     r.add(dp.name(), &sc, "install time", t, "s", 0);
+                    if extra == Extra::Ports(plan.port_scales[0])
+                        || extra == Extra::Policies(plan.policy_scales[0])
+                    {
+                        r.note(format!(
+                            "{} {sc}: installed with {}",
+                            dp.name(),
+                            s.install_how
+                        ));
+                    }
+                }
+                if let Extra::Policies(_) = extra {
+                    for i in 0..5 {
+                        let t = datapaths::add_one_rule(&s, i)?;
+                        r.add(dp.name(), &sc, "add one more rule", t * 1e3, "ms", i);
+                    }
                 }
                 up.push(s);
                 Ok(())

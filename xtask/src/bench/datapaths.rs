@@ -129,8 +129,9 @@ pub struct Setup {
     pub iperf: SocketAddr,
     /// Where containers send to: the outside namespace's iperf3 server.
     pub outside_iperf: SocketAddr,
-    /// Seconds to install the extra ports/rules (None when nothing extra).
+    /// Seconds to install the extra ports/rules (None when nothing extra), and how.
     pub install_secs: Option<f64>,
+    pub install_how: &'static str,
 }
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
@@ -167,6 +168,12 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
     let c1_refs: Vec<&str> = serve_c1.iter().map(String::as_str).collect();
     let c2_refs: Vec<&str> = serve_c2.iter().map(String::as_str).collect();
     let mut install_secs = None;
+    let mut install_how = match (dp, extra) {
+        (Dp::Docker, _) => "one iptables-restore",
+        (Dp::Netavark, _) => "netavark setup of the helper container",
+        (Dp::Md, Extra::Ports(_)) => "md-user run -d -p RANGE of the helper container",
+        _ => "",
+    };
 
     let (c1, c2, c1_ip, echo, iperf) = match dp {
         Dp::Plain | Dp::Docker => {
@@ -222,7 +229,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
                 }
                 Extra::Policies(n) => {
                     let t = Instant::now();
-                    md_policies(&lab, n)?;
+                    install_how = md_policies(&lab, n)?;
                     install_secs = Some(t.elapsed().as_secs_f64());
                 }
                 Extra::None => {}
@@ -263,6 +270,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
         iperf,
         outside_iperf: addr(OUTSIDE_IP, OUTSIDE_IPERF_PORT),
         install_secs,
+        install_how,
     };
     wait_ready(&setup, env)?;
     Ok(setup)
@@ -656,22 +664,63 @@ pub fn netavark_control_container(lab: &mut Lab, env: &Env, bin: &Path, port: u1
     Ok(done)
 }
 
-/// `md-user policy deny xI yI` for I in 0..n: names that need not run.
-fn md_policies(lab: &Lab, n: usize) -> Result<()> {
+/// Policy rules `deny xI yI` for I in 0..n, names that need not run: one `md-user policy
+/// import` when md-user has it (one lock, one save), else one `policy deny` per rule.
+fn md_policies(lab: &Lab, n: usize) -> Result<&'static str> {
+    let help = lab.md(&["policy", "--help"]).unwrap_or_default();
+    if help.contains("import") {
+        let file = lab.dir.join("policies.txt");
+        let body: String = (0..n).map(|i| format!("deny x{i} y{i}\n")).collect();
+        std::fs::write(&file, body)?;
+        let f = file.to_string_lossy().into_owned();
+        run_ok(
+            &mut lab.md_cmd(&["policy", "import", &f]),
+            Duration::from_secs(600),
+        )?;
+        return Ok("one md-user policy import");
+    }
     for i in 0..n {
         super::sys::check_interrupt()?;
-        let out = super::sys::run_timeout(
-            &mut lab.md_cmd(&["policy", "deny", &format!("x{i}"), &format!("y{i}")]),
-            Duration::from_secs(60),
-        )?;
-        if !out.status.success() {
-            bail!(
-                "md-user policy deny x{i} y{i}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        md_deny(lab, &format!("x{i}"), &format!("y{i}"))?;
+    }
+    Ok("one md-user policy deny per rule")
+}
+
+fn md_deny(lab: &Lab, a: &str, b: &str) -> Result<()> {
+    let out = super::sys::run_timeout(
+        &mut lab.md_cmd(&["policy", "deny", a, b]),
+        Duration::from_secs(60),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "md-user policy deny {a} {b}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
+}
+
+/// Seconds to add the i-th extra policy rule with the datapath's own one-rule command, on top
+/// of what is installed: `iptables -A DOCKER-USER ...` (as a user would), `md-user policy deny`.
+pub fn add_one_rule(s: &Setup, i: usize) -> Result<f64> {
+    let (a, b) = policy_pair(16_000 + i);
+    let t = Instant::now();
+    match s.dp {
+        Dp::Docker => {
+            let (a, b) = (format!("{a}/32"), format!("{b}/32"));
+            run_ok(
+                &mut in_ns(
+                    &s.lab.host.path,
+                    "iptables",
+                    &["-A", "DOCKER-USER", "-s", &a, "-d", &b, "-j", "DROP"],
+                ),
+                Duration::from_secs(120),
+            )?;
+        }
+        Dp::Md => md_deny(&s.lab, &format!("z{i}"), &format!("w{i}"))?,
+        _ => bail!("{} has no policy rules", s.dp.name()),
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 #[cfg(test)]
