@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use md_common::{
     Config, CtEntry, CtKey, CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_ICMP, IPPROTO_TCP, TCP_CLOSING,
-    TCP_ESTABLISHED, TCP_NONE, TCP_SYN_SENT,
+    TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_NONE, TCP_SYN_SENT,
 };
 
 use crate::{
@@ -47,25 +47,36 @@ fn lifetime_ns(cfg: &Config, proto: u8, state: u8) -> u64 {
     secs as u64 * 1_000_000_000
 }
 
-/// TCP state of a flow's first packet: a SYN opens, anything else is picked up mid-stream.
+/// TCP state of a flow's first packet. A flow picked up mid-stream gets the short SYN lifetime
+/// too until the other side answers, so stray ACKs cannot fill the tracker for hours.
 #[inline(always)]
 pub fn initial_state(p: &Pkt) -> u8 {
     if p.proto != IPPROTO_TCP {
         TCP_NONE
     } else if p.tcp_flags & (TCP_RST | TCP_FIN) != 0 {
         TCP_CLOSING
-    } else if p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0 {
-        TCP_SYN_SENT
     } else {
-        TCP_ESTABLISHED
+        TCP_SYN_SENT
     }
 }
 
 #[inline(always)]
 fn next_state(state: u8, dir: u8, flags: u8) -> u8 {
-    if flags & (TCP_RST | TCP_FIN) != 0 {
-        // Shorten the lifetime, don't delete: the last ACK must still pass.
+    let fin_here = if dir == CT_DIR_ORIGINAL {
+        TCP_FIN_ORIGINAL
+    } else {
+        TCP_FIN_REPLY
+    };
+    if flags & TCP_RST != 0 {
+        // Shorten the lifetime, don't delete: the last segments must still pass.
         TCP_CLOSING
+    } else if flags & TCP_FIN != 0 {
+        // Closing only once both sides sent FIN: a half-closed flow may stay quiet for long.
+        match state {
+            TCP_CLOSING => TCP_CLOSING,
+            TCP_FIN_ORIGINAL | TCP_FIN_REPLY if state != fin_here => TCP_CLOSING,
+            _ => fin_here,
+        }
     } else if state == TCP_CLOSING
         && dir == CT_DIR_ORIGINAL
         && flags & TCP_SYN != 0
