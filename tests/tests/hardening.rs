@@ -19,6 +19,7 @@ use md_tests::{
     fixture, require_e2e, require_tools, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
     MD_TIMEOUT, OUTSIDE_IP,
 };
+use serde_json::Value;
 
 /// md's container subnet (default network).
 const SUBNET: &str = "172.18.0.0/16";
@@ -194,10 +195,9 @@ fn mac_of(lab: &Lab, container: &str) -> String {
         .to_string()
 }
 
-/// A counter of the uplink in `md-user stats --json` (e.g. "drops.unsolicited").
+/// A counter of the uplink in `md-user stats --json` output `s` (e.g. "drops.unsolicited").
 #[track_caller]
-fn uplink_counter(lab: &Lab, path: &str) -> u64 {
-    let s = lab.stats();
+fn uplink_counter(s: &Value, path: &str) -> u64 {
     path.split('.')
         .fold(&s["uplink"], |v, k| &v[k])
         .as_u64()
@@ -251,7 +251,7 @@ fn outside_reaches_containers_only_through_published_ports() {
 
     // The route is real: the host (where md runs) forwards to the containers' subnet, so
     // without md's check these would arrive.
-    let before = uplink_counter(&lab, "drops.unsolicited");
+    let stats_before = lab.stats();
 
     // TCP straight to a container address: dropped (curl times out, exit 28).
     for ip in [&web, &pub_ip] {
@@ -305,7 +305,8 @@ fn outside_reaches_containers_only_through_published_ports() {
         show_output(&out)
     );
 
-    let after = uplink_counter(&lab, "drops.unsolicited");
+    let before = uplink_counter(&stats_before, "drops.unsolicited");
+    let after = uplink_counter(&lab.stats(), "drops.unsolicited");
     assert!(
         after >= before + 4,
         "stats uplink.drops.unsolicited: {before} -> {after}, expected at least 4 more \
