@@ -5,7 +5,17 @@
 //! `bench/lab.rs`); nothing touches the machine's interfaces, routes or firewall. Output: a
 //! table on stdout and in `target/bench/table.md`, samples in `target/bench/results.jsonl`,
 //! medians in `target/bench/summary.jsonl`, a chart in `target/bench/chart.svg`, and the
-//! machine in `target/bench/machine.txt`.
+//! machine in `target/bench/machine.txt`; the same under `target/bench/full/` or
+//! `target/bench/quick/`, so a quick run does not replace the last full one.
+//!
+//! Method, for a shared 2-vCPU VM:
+//! - servers and load generators are pinned to one CPU (a cross-CPU wakeup through the
+//!   hypervisor costs ~90 µs here and made every latency bimodal);
+//! - base rounds rebuild every datapath per round in a rotated order; the scaling labs of one
+//!   scenario stay up side by side and are measured in turns;
+//! - in new-connection runs the server closes first, so the client never runs out of ports
+//!   in TIME_WAIT (which slowed connect() by 40x mid-run);
+//! - a failed round is retried once; md-user and the tool run from a private copy.
 //!
 //! Timings are never pass/fail: the bench fails only when a datapath cannot be set up or a
 //! measurement cannot run.
@@ -63,8 +73,8 @@ impl Plan {
                 quick,
                 reps: 3,
                 iperf_secs: 2,
-                rr_secs: 1.0,
-                crr_secs: 1.0,
+                rr_secs: 0.5,
+                crr_secs: 0.5,
                 scale_secs: 0.5,
                 port_scales: vec![10, 1_000],
                 policy_scales: vec![10, 1_000],
@@ -110,7 +120,11 @@ pub fn run(quick: bool) -> Result<()> {
         results.error(format!("stopped early: {e:#}"));
     }
     let machine = report::machine(&env, &plan);
-    report::write_all(&out_dir, &results, &machine, &plan)?;
+    // The latest run in target/bench, and per mode, so a --quick run keeps the last full one.
+    let mode_dir = out_dir.join(if quick { "quick" } else { "full" });
+    std::fs::create_dir_all(&mode_dir)?;
+    report::write_all(&mode_dir, &results, &machine, &plan, false)?;
+    report::write_all(&out_dir, &results, &machine, &plan, true)?;
     let left = lab::leftovers();
     if !left.is_empty() {
         eprintln!("bench: WARNING: left behind: {}", left.join(" "));
@@ -632,7 +646,7 @@ fn bpf_cost(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
     let _stats = SysctlGuard::set("kernel.bpf_stats_enabled", "1")?;
     let o = s.lab.outside.path.as_path();
     let sc = "md BPF cost";
-    for rep in 0..plan.reps.min(3) {
+    for rep in 0..if plan.quick { 1 } else { 3 } {
         for kind in ["rr", "crr", "iperf"] {
             check_interrupt()?;
             let before = read()?;

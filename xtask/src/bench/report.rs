@@ -215,7 +215,7 @@ pub fn table(r: &Results) -> String {
     s
 }
 
-pub fn write_all(dir: &Path, r: &Results, machine: &str, plan: &Plan) -> Result<()> {
+pub fn write_all(dir: &Path, r: &Results, machine: &str, plan: &Plan, print: bool) -> Result<()> {
     let w = |name: &str, body: String| {
         let p = dir.join(name);
         std::fs::write(&p, body).with_context(|| format!("writing {}", p.display()))
@@ -245,7 +245,9 @@ pub fn write_all(dir: &Path, r: &Results, machine: &str, plan: &Plan) -> Result<
     }
     w("table.md", md.clone())?;
     w("chart.svg", chart(&sum))?;
-    println!("\n{md}");
+    if print {
+        println!("\n{md}");
+    }
     Ok(())
 }
 
