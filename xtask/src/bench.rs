@@ -101,6 +101,10 @@ pub fn run(quick: bool) -> Result<()> {
     let started = Instant::now();
     let plan = Plan::new(quick);
     ensure_tools()?;
+    let md_rev = match std::env::var_os("MD_USER_BIN") {
+        Some(p) => format!("{} (MD_USER_BIN)", Path::new(&p).display()),
+        None => report::md_revision(),
+    };
     let (tool, md_bin) = build()?;
     let mut results = Results::default();
     let netavark = find_netavark(quick, &mut results);
@@ -111,6 +115,7 @@ pub fn run(quick: bool) -> Result<()> {
         md_bin,
         netavark,
         cpu: bench_cpu(),
+        md_rev,
     };
     let out_dir = util::host_target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;

@@ -103,6 +103,8 @@ pub struct Env {
     pub netavark: NetavarkMode,
     /// The CPU every server and load generator is pinned to (None: unpinned).
     pub cpu: Option<usize>,
+    /// What md-user was built from.
+    pub md_rev: String,
 }
 
 impl Env {

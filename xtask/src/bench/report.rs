@@ -21,6 +21,36 @@ fn cmd_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The md revision being built: `git describe`, and how many of md's files were uncommitted
+/// (others may be editing the tree while the bench runs). Taken at build time.
+pub fn md_revision() -> String {
+    let git = |args: &[&str]| {
+        util::output_of(
+            util::command("git")
+                .current_dir(util::workspace_root())
+                .args(args),
+        )
+    };
+    let rev = git(&["describe", "--always"])
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--",
+        "md-user",
+        "md-ebpf",
+        "md-common",
+    ])
+    .map(|s| s.lines().count())
+    .unwrap_or(0);
+    if dirty > 0 {
+        format!("{rev} with {dirty} uncommitted file(s) in md-user/md-ebpf/md-common")
+    } else {
+        rev
+    }
+}
+
 /// What ran where: CPU, memory, kernel, tool versions, the plan.
 pub fn machine(env: &Env, plan: &Plan) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -46,13 +76,6 @@ pub fn machine(env: &Env, plan: &Plan) -> String {
         NetavarkMode::Binary(p) => cmd_line(&p.to_string_lossy(), &["--version"]),
         NetavarkMode::Rules => "not run (its nftables ruleset loaded with nft)".into(),
     };
-    let rev = util::output_of(
-        util::command("git")
-            .current_dir(util::workspace_root())
-            .args(["describe", "--always", "--dirty"]),
-    )
-    .map(|s| s.trim().to_string())
-    .unwrap_or_else(|| "unknown".into());
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -73,28 +96,10 @@ pub fn machine(env: &Env, plan: &Plan) -> String {
         cmd_line("nft", &["--version"]),
         cmd_line("iperf3", &["--version"])
     );
-    let dirty = util::output_of(
-        util::command("git")
-            .current_dir(util::workspace_root())
-            .args([
-                "status",
-                "--porcelain",
-                "--",
-                "md-user",
-                "md-ebpf",
-                "md-common",
-            ]),
-    )
-    .map(|s| s.lines().count())
-    .unwrap_or(0);
     let _ = writeln!(
         s,
-        "- md at {rev}{}; md-user and the load generator built --release",
-        if dirty > 0 {
-            format!(" with {dirty} uncommitted file(s) in md-user/md-ebpf/md-common")
-        } else {
-            String::new()
-        }
+        "- md at {}; md-user and the load generator built --release",
+        env.md_rev
     );
     let _ = writeln!(
         s,
