@@ -23,10 +23,11 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
             None => unsolicited(&p),
         },
         L4::Ports => {
-            if let Some(e) = ct::lookup(&p.key(), ct::now()) {
+            let now = ct::now();
+            if let Some(e) = ct::lookup(&p.key(), now) {
                 let entry = unsafe { *e };
                 if entry.hook == CT_HOOK_UPLINK {
-                    ct::touch(e, &p, ct::now(), cfg);
+                    ct::touch(e, &p, now, cfg);
                     let to = entry.nat_tuple(p.proto);
                     if csum::rewrite(ctx, &p, &to).is_err() {
                         return Verdict::Drop(md_common::DROP_MALFORMED);
@@ -73,10 +74,11 @@ pub fn egress(ctx: &TcContext, cfg: &Config) -> Verdict {
             return v;
         }
     } else if p.l4 == L4::Ports {
-        if let Some(e) = ct::lookup(&p.key(), ct::now()) {
+        let now = ct::now();
+        if let Some(e) = ct::lookup(&p.key(), now) {
             let entry = unsafe { *e };
             if entry.hook == CT_HOOK_UPLINK {
-                ct::touch(e, &p, ct::now(), cfg);
+                ct::touch(e, &p, now, cfg);
                 let to = entry.nat_tuple(p.proto);
                 if csum::rewrite(ctx, &p, &to).is_err() {
                     return Verdict::Drop(md_common::DROP_MALFORMED);

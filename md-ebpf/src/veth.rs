@@ -90,7 +90,8 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         }
     }
     if p.l4 == L4::Ports {
-        if let Some(e) = ct::lookup(&p.key(), ct::now()) {
+        let now = ct::now();
+        if let Some(e) = ct::lookup(&p.key(), now) {
             let entry = unsafe { *e };
             if entry.hook != CT_HOOK_VETH {
                 // Translated at the uplink (masquerade, or an answer to an outside client).
@@ -99,7 +100,7 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             if entry.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, entry.identity) {
                 return Verdict::Drop(DROP_POLICY);
             }
-            ct::touch(e, p, ct::now(), cfg);
+            ct::touch(e, p, now, cfg);
             if entry.kind == CT_KIND_NONE {
                 return Verdict::Pass;
             }
