@@ -128,33 +128,34 @@ pub fn md_veth_egress(ctx: TcContext) -> i32 {
 /// Ingress of the uplink: answers to masqueraded flows, outside clients of published ports.
 #[classifier]
 pub fn md_uplink_ingress(ctx: TcContext) -> i32 {
-    let ifindex = ifindex(&ctx);
-    let len = ctx.len() as u64;
-    stats::count(ifindex, |s| {
-        s.ingress_packets += 1;
-        s.ingress_bytes += len;
-    });
-    let v = match config() {
-        Some(cfg) => uplink::ingress(&ctx, cfg),
-        None => Verdict::Pass,
-    };
-    finish(&ctx, ifindex, v)
+    on_uplink(&ctx, true)
 }
 
 /// Egress of the uplink: masquerade, answers of published ports.
 #[classifier]
 pub fn md_uplink_egress(ctx: TcContext) -> i32 {
-    let ifindex = ifindex(&ctx);
+    on_uplink(&ctx, false)
+}
+
+#[inline(always)]
+fn on_uplink(ctx: &TcContext, ingress: bool) -> i32 {
+    let ifindex = ifindex(ctx);
     let len = ctx.len() as u64;
     stats::count(ifindex, |s| {
-        s.egress_packets += 1;
-        s.egress_bytes += len;
+        if ingress {
+            s.ingress_packets += 1;
+            s.ingress_bytes += len;
+        } else {
+            s.egress_packets += 1;
+            s.egress_bytes += len;
+        }
     });
-    let v = match config() {
-        Some(cfg) => uplink::egress(&ctx, cfg),
-        None => Verdict::Pass,
+    let v = match (config(), ingress) {
+        (Some(cfg), true) => uplink::ingress(ctx, cfg),
+        (Some(cfg), false) => uplink::egress(ctx, cfg),
+        (None, _) => Verdict::Pass,
     };
-    finish(&ctx, ifindex, v)
+    finish(ctx, ifindex, v)
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -23,17 +23,8 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
             None => unsolicited(&p),
         },
         L4::Ports => {
-            let now = ct::now();
-            if let Some(e) = ct::lookup(&p.key(), now) {
-                let entry = unsafe { *e };
-                if entry.hook == CT_HOOK_UPLINK {
-                    ct::touch(e, &p, now, cfg);
-                    let to = entry.nat_tuple(p.proto);
-                    if csum::rewrite(ctx, &p, &to).is_err() {
-                        return Verdict::Drop(md_common::DROP_MALFORMED);
-                    }
-                    return Verdict::Pass;
-                }
+            if let Some(v) = tracked(ctx, &p, cfg) {
+                return v;
             }
             // Loopback never is a host address here: a packet from the wire addressed to
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
@@ -46,6 +37,22 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
         }
         L4::Opaque => unsolicited(&p),
     }
+}
+
+/// A packet of a flow translated at the uplink (either way): rewrite it as its entry says.
+#[inline(always)]
+fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Option<Verdict> {
+    let now = ct::now();
+    let e = ct::lookup(&p.key(), now)?;
+    let entry = unsafe { *e };
+    if entry.hook != CT_HOOK_UPLINK {
+        return None;
+    }
+    ct::touch(e, p, now, cfg);
+    if csum::rewrite(ctx, p, &entry.nat_tuple(p.proto)).is_err() {
+        return Some(Verdict::Drop(md_common::DROP_MALFORMED));
+    }
+    Some(Verdict::Pass)
 }
 
 /// What the uplink lets through untranslated. Containers are reached from outside only
@@ -74,17 +81,8 @@ pub fn egress(ctx: &TcContext, cfg: &Config) -> Verdict {
             return v;
         }
     } else if p.l4 == L4::Ports {
-        let now = ct::now();
-        if let Some(e) = ct::lookup(&p.key(), now) {
-            let entry = unsafe { *e };
-            if entry.hook == CT_HOOK_UPLINK {
-                ct::touch(e, &p, now, cfg);
-                let to = entry.nat_tuple(p.proto);
-                if csum::rewrite(ctx, &p, &to).is_err() {
-                    return Verdict::Drop(md_common::DROP_MALFORMED);
-                }
-                return Verdict::Pass;
-            }
+        if let Some(v) = tracked(ctx, &p, cfg) {
+            return v;
         }
     }
     // A container's packet leaving the host: masquerade, or drop what cannot be translated
