@@ -105,7 +105,7 @@ pub async fn ensure_datapath(
         crate::policy::sync(dp, state)?;
     }
     dp.attach_cgroup()?;
-    refresh_host_addrs(nl, dp).await?;
+    set_host_addrs(dp, &addrs)?;
     if fresh {
         dp.reset_if_stats(uplink.index)?;
     }
@@ -122,11 +122,13 @@ pub async fn ensure_datapath(
 /// Tells the datapath the host's addresses (published ports answer on them). Never loopback:
 /// a packet from the wire to 127.0.0.1 must not reach a port published on 127.0.0.1.
 pub async fn refresh_host_addrs(nl: &Netlink, dp: &Datapath) -> Result<()> {
-    let ips: Vec<Ipv4Addr> = nl
-        .ipv4_addresses()
-        .await?
-        .into_iter()
-        .map(|(_, ip, _)| ip)
+    set_host_addrs(dp, &nl.ipv4_addresses().await?)
+}
+
+fn set_host_addrs(dp: &Datapath, addrs: &[(u32, Ipv4Addr, u8)]) -> Result<()> {
+    let ips: Vec<Ipv4Addr> = addrs
+        .iter()
+        .map(|(_, ip, _)| *ip)
         .filter(|ip| !ip.is_loopback())
         .collect();
     dp.set_host_addrs(&ips)
