@@ -10,19 +10,12 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::sync::OnceLock;
 
+use md_tests::helpers::fx;
 use md_tests::process::show_output;
 use md_tests::{
-    fixture, require_e2e, require_tools, stderr_str, stdout_str, Lab, GATEWAY, HOST_UPLINK_IP,
-    OUTSIDE_IP,
+    require_e2e, require_tools, stderr_str, stdout_str, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP,
 };
 use serde_json::Value;
-
-fn fx(name: &str) -> String {
-    fixture(name)
-        .to_str()
-        .expect("utf-8 fixture path")
-        .to_string()
-}
 
 fn need_tools() {
     require_tools(&["python3", "curl", "ss", "bpftool"]);

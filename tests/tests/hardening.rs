@@ -14,10 +14,11 @@
 use std::process::Output;
 use std::time::Duration;
 
+use md_tests::helpers::fx;
 use md_tests::process::{run_timeout, show_output};
 use md_tests::{
-    fixture, require_e2e, require_tools, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
-    MD_TIMEOUT, OUTSIDE_IP,
+    require_e2e, require_tools, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
+    OUTSIDE_IP,
 };
 use serde_json::Value;
 
@@ -141,13 +142,6 @@ except OSError as e:
 print("got %r after %.1f s" % (got, time.time() - t0), flush=True)
 sys.exit(0 if b"late answer" in got else 1)
 "#;
-
-fn fx(name: &str) -> String {
-    fixture(name)
-        .to_str()
-        .expect("utf-8 fixture path")
-        .to_string()
-}
 
 /// `md-user run -d --name NAME [extra...] -- CMD...`.
 #[track_caller]

@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use md_tests::helpers::fx;
 use md_tests::process::{alive, ns_inode, run_timeout, show_output};
 use md_tests::{
-    fixture, is_md_veth, require_e2e, require_tools, stderr_str, stdout_str, wait_for, wait_until,
-    Bg, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT, OUTSIDE_IP,
+    is_md_veth, require_e2e, require_tools, stderr_str, stdout_str, wait_for, wait_until, Bg, Lab,
+    GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT, OUTSIDE_IP,
 };
 use serde_json::Value;
 
@@ -31,13 +32,6 @@ const HTTP_PORT: u16 = 80;
 
 /// The upstream's only name and its address.
 const OUTSIDE_NAME: &str = "outside.test";
-
-fn fx(name: &str) -> String {
-    fixture(name)
-        .to_str()
-        .expect("utf-8 fixture path")
-        .to_string()
-}
 
 /// The host's /etc/hosts and /etc/resolv.conf, read when the test starts: md must never write
 /// them (containers get their own copies, bind-mounted in private mount namespaces).

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use md_common::maps as m;
+use md_tests::helpers::fx;
 use md_tests::process::show_output;
 use md_tests::{
-    fixture, require_e2e, require_tools, stderr_str, stdout_str, wait_for, Bg, Lab, GATEWAY,
-    HOST_UPLINK_IP, OUTSIDE_IP,
+    require_e2e, require_tools, stderr_str, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
+    OUTSIDE_IP,
 };
 use serde_json::Value;
 
@@ -75,13 +76,6 @@ for i in range(int(sys.argv[3])):
 
 /// Size of an ICMP echo request/reply of `ping` (default 56 bytes of data) at the IP layer.
 const PING_IP_BYTES: u64 = 84;
-
-fn fx(name: &str) -> String {
-    fixture(name)
-        .to_str()
-        .expect("utf-8 fixture path")
-        .to_string()
-}
 
 fn need_tools() {
     require_tools(&["python3", "curl", "ping", "ss", "bpftool"]);

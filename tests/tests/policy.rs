@@ -13,9 +13,10 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
+use md_tests::helpers::fx;
 use md_tests::process::show_output;
 use md_tests::{
-    fixture, require_e2e, require_tools, stderr_str, stdout_str, wait_for, which, Bg, Lab, GATEWAY,
+    require_e2e, require_tools, stderr_str, stdout_str, wait_for, which, Bg, Lab, GATEWAY,
     HOST_UPLINK_IP, OUTSIDE_IP,
 };
 use serde_json::Value;
@@ -104,13 +105,6 @@ arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, sha, socket.inet_aton(sp
 for _ in range(3):
     s.send(mac(tmac) + sha + b"\x08\x06" + arp)
 "#;
-
-fn fx(name: &str) -> String {
-    fixture(name)
-        .to_str()
-        .expect("utf-8 fixture path")
-        .to_string()
-}
 
 fn need_tools() {
     require_tools(&["python3", "curl", "ping", "ss", "bpftool"]);

@@ -8,6 +8,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use md_tests::helpers::fx;
 use md_tests::process::show_output;
 use md_tests::{
     fixture, require_e2e, require_tools, wait_for, which, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
@@ -17,13 +18,6 @@ use serde_json::Value;
 
 /// Tracker lifetime of a closed TCP flow (md's default `ct_tcp_closing_secs`).
 const CT_TCP_CLOSING: Duration = Duration::from_secs(10);
-
-fn fx(name: &str) -> String {
-    fixture(name)
-        .to_str()
-        .expect("utf-8 fixture path")
-        .to_string()
-}
 
 /// Splits "ip:port".
 #[track_caller]
