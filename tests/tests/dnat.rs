@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::sync::OnceLock;
 
-use md_tests::helpers::fx;
+use md_tests::helpers::{self, fx};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP,
@@ -21,26 +21,20 @@ fn need_tools() {
     require_tools(&["python3", "curl", "ss", "bpftool"]);
 }
 
-/// `md-user run -d --name NAME [-p SPEC]... -- CMD...`.
+/// `md-user run -d --name NAME [-p SPEC]... -- CMD...`, asserting success.
 #[track_caller]
 fn run_d(lab: &Lab, name: &str, ports: &[&str], cmd: &[&str]) {
-    let out = lab.md(&run_args(name, ports, cmd));
-    assert!(
-        out.status.success(),
-        "run {name} -p {ports:?}\n{}",
-        show_output(&out)
-    );
+    helpers::run_d(lab, name, &publish(ports), cmd);
 }
 
+/// The arguments of `md-user run -d --name NAME [-p SPEC]... -- CMD...`.
 fn run_args<'a>(name: &'a str, ports: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec!["run", "-d", "--name", name];
-    for p in ports {
-        a.push("-p");
-        a.push(p);
-    }
-    a.push("--");
-    a.extend_from_slice(cmd);
-    a
+    helpers::run_args(name, &publish(ports), cmd)
+}
+
+/// `-p SPEC` for each of `ports`.
+fn publish<'a>(ports: &[&'a str]) -> Vec<&'a str> {
+    ports.iter().flat_map(|&p| ["-p", p]).collect()
 }
 
 /// A container serving HTTP (where_http.py) on `tcp` ports and UDP (where_udp.py) on `udp`

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use md_tests::helpers;
 use md_tests::process::{alive, children, comm, run_timeout, show_output};
 use md_tests::{
     is_md_veth, require_e2e, require_tools, stderr_str, wait_for, wait_until, Bg, Lab, GATEWAY,
@@ -20,9 +21,7 @@ const RUNNING: Duration = Duration::from_secs(20);
 /// `md-user run -d --name NAME -- CMD...`; asserts it printed exactly the name.
 #[track_caller]
 fn run_d(lab: &Lab, name: &str, cmd: &[&str]) {
-    let mut args = vec!["run", "-d", "--name", name, "--"];
-    args.extend_from_slice(cmd);
-    let out = lab.md_ok(&args);
+    let out = helpers::run_d(lab, name, &[], cmd);
     assert_eq!(
         out,
         format!("{name}\n"),

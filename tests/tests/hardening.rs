@@ -14,7 +14,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::fx;
+use md_tests::helpers::{fx, run_d};
 use md_tests::process::{run_timeout, show_output};
 use md_tests::{
     require_e2e, require_tools, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
@@ -142,16 +142,6 @@ except OSError as e:
 print("got %r after %.1f s" % (got, time.time() - t0), flush=True)
 sys.exit(0 if b"late answer" in got else 1)
 "#;
-
-/// `md-user run -d --name NAME [extra...] -- CMD...`.
-#[track_caller]
-fn run_d(lab: &Lab, name: &str, extra: &[&str], cmd: &[&str]) {
-    let mut args = vec!["run", "-d", "--name", name];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend_from_slice(cmd);
-    lab.md_ok(&args);
-}
 
 /// Starts a UDP logger inside `container` on `port`, once it listens.
 #[track_caller]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::fx;
+use md_tests::helpers::{fx, run_args};
 use md_tests::process::{alive, ns_inode, run_timeout, show_output};
 use md_tests::{
     is_md_veth, require_e2e, require_tools, stderr_str, stdout_str, wait_for, wait_until, Bg, Lab,
@@ -364,14 +364,6 @@ impl NLab {
     fn upstream_log(&self) -> String {
         self.upstream.stdout() + &self.upstream.stderr()
     }
-}
-
-fn run_args<'a>(name: &'a str, opts: &[&'a str], cmd: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec!["run", "-d", "--name", name];
-    a.extend_from_slice(opts);
-    a.push("--");
-    a.extend_from_slice(cmd);
-    a
 }
 
 /// What `dig +noall +comments +answer` said.

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use md_common::maps as m;
-use md_tests::helpers::fx;
+use md_tests::helpers::{fx, run_d};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
@@ -79,22 +79,6 @@ const PING_IP_BYTES: u64 = 84;
 
 fn need_tools() {
     require_tools(&["python3", "curl", "ping", "ss", "bpftool"]);
-}
-
-/// `md-user run -d --name NAME [extra...] -- CMD...`.
-#[track_caller]
-fn run_d(lab: &Lab, name: &str, extra: &[&str], cmd: &[&str]) {
-    let mut args = vec!["run", "-d", "--name", name];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend_from_slice(cmd);
-    let out = lab.md(&args);
-    assert!(
-        out.status.success(),
-        "md-user {}\n{}",
-        args.join(" "),
-        show_output(&out)
-    );
 }
 
 /// A container serving HTTP on 80 (peer_http.py) and UDP on 53 (peer_udp.py).

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::fx;
+use md_tests::helpers::{fx, run_d};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, which, Bg, Lab, GATEWAY,
@@ -120,16 +120,7 @@ fn serve(lab: &Lab, name: &str, extra: &[&str]) {
         fx("peer_udp.py"),
         fx("tcp_echo.py")
     );
-    let mut args = vec!["run", "-d", "--name", name];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", "sh", "-c", &script]);
-    let out = lab.md(&args);
-    assert!(
-        out.status.success(),
-        "md-user {}\n{}",
-        args.join(" "),
-        show_output(&out)
-    );
+    run_d(lab, name, extra, &["sh", "-c", &script]);
     listening(lab, name, "tcp", HTTP);
     listening(lab, name, "udp", UDP);
     listening(lab, name, "tcp", ECHO);
@@ -802,8 +793,8 @@ fn forged_sources_are_dropped_on_every_container_port() {
     let lab = Lab::new("policy-spoof-nets");
     serve(&lab, "a", &[]);
     lab.md_ok(&["network", "create", "back", "--subnet", "10.9.0.0/24"]);
-    run_net(&lab, "x", "back");
-    run_net(&lab, "y", "back");
+    run_d(&lab, "x", &["--network", "back"], &["sleep", "600"]);
+    run_d(&lab, "y", &["--network", "back"], &["sleep", "600"]);
     lab.md_ok(&["network", "connect", "back", "a"]);
     let log = logger(&lab, "y");
     let a0 = lab.ip_of("a");
@@ -853,22 +844,6 @@ fn forged_sources_are_dropped_on_every_container_port() {
         "a reached y on its second network despite deny a y:\n{}",
         log.stdout()
     );
-}
-
-/// `md-user run -d --name NAME --network NET -- sleep 600`.
-#[track_caller]
-fn run_net(lab: &Lab, name: &str, net: &str) {
-    lab.md_ok(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--network",
-        net,
-        "--",
-        "sleep",
-        "600",
-    ]);
 }
 
 /// The IPv4 address of `container`'s eth0.

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use md_tests::helpers::fx;
+use md_tests::helpers::{fx, run_d};
 use md_tests::process::show_output;
 use md_tests::{
     fixture, require_e2e, require_tools, wait_for, which, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
@@ -41,14 +41,6 @@ fn assert_masqueraded(peer: &str, what: &str) {
         port.parse::<u16>().is_ok_and(|p| p > 0),
         "{what}: port in {peer}"
     );
-}
-
-/// `md-user run -d --name NAME -- CMD...`.
-#[track_caller]
-fn run_d(lab: &Lab, name: &str, cmd: &[&str]) {
-    let mut args = vec!["run", "-d", "--name", name, "--"];
-    args.extend_from_slice(cmd);
-    lab.md_ok(&args);
 }
 
 /// The promise: no netfilter state in the host namespace. /proc/net/*_tables_names
@@ -187,7 +179,7 @@ fn container_pings_outside_with_no_netfilter_rule() {
     }
     require_tools(&["ping"]);
     let lab = Lab::new("snat-ping");
-    run_d(&lab, "c", &["sleep", "300"]);
+    run_d(&lab, "c", &[], &["sleep", "300"]);
     let out = lab.exec("c", &["ping", "-c", "2", "-W", "2", OUTSIDE_IP]);
     assert!(
         out.status.success(),
@@ -213,8 +205,8 @@ fn concurrent_source_port_clash_gets_distinct_ports() {
     let lab = Lab::new("snat-clash");
     let _echo = lab.spawn_outside(&["python3", &fx("tcp_echo.py"), "7000", OUTSIDE_IP]);
     lab.wait_listening_outside("tcp", 7000);
-    run_d(&lab, "a", &["sleep", "300"]);
-    run_d(&lab, "b", &["sleep", "300"]);
+    run_d(&lab, "a", &[], &["sleep", "300"]);
+    run_d(&lab, "b", &[], &["sleep", "300"]);
 
     let go = lab.dir().join("clash-go");
     let go_s = go.to_str().unwrap();
@@ -276,7 +268,7 @@ fn burst_of_2000_connections_expires_and_long_session_survives() {
     let lab = Lab::new("snat-burst");
     let _echo = lab.spawn_outside(&["python3", &fx("tcp_echo.py"), "7000", OUTSIDE_IP]);
     lab.wait_listening_outside("tcp", 7000);
-    run_d(&lab, "c", &["sleep", "600"]);
+    run_d(&lab, "c", &[], &["sleep", "600"]);
 
     // A long-lived session, opened before the burst, idle during it and during the expiry wait.
     let go = lab.dir().join("session-go");
@@ -394,8 +386,8 @@ fn container_and_gateway_traffic_is_not_translated() {
         fx("where_http.py"),
         fx("where_udp.py")
     );
-    run_d(&lab, "b", &["sh", "-c", &srv]);
-    run_d(&lab, "a", &["sleep", "300"]);
+    run_d(&lab, "b", &[], &["sh", "-c", &srv]);
+    run_d(&lab, "a", &[], &["sleep", "300"]);
     lab.wait_listening_in("b", "tcp", 8000);
     lab.wait_listening_in("b", "udp", 8000);
     let ip_a = lab.ip_of("a");
@@ -459,7 +451,7 @@ fn icmp_port_unreachable_reaches_the_container_socket() {
     }
     require_tools(&["python3"]);
     let lab = Lab::new("snat-icmp-unreach");
-    run_d(&lab, "c", &["sleep", "300"]);
+    run_d(&lab, "c", &[], &["sleep", "300"]);
     // Nothing listens on udp/9999 outside: the outside answers with port unreachable to
     // 192.0.2.1, and only a translated error reaches c's connected socket as ECONNREFUSED.
     let out = lab.exec(
@@ -513,7 +505,7 @@ fn icmp_time_exceeded_reaches_the_container() {
         assert!(out.status.success(), "{args:?}\n{}", show_output(&out));
     }
     lab.outside_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    run_d(&lab, "c", &["sleep", "300"]);
+    run_d(&lab, "c", &[], &["sleep", "300"]);
 
     // TTL 2: the host forwards (TTL 1), the outside would forward and must give up instead.
     let out = lab.exec(
