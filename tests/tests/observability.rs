@@ -90,24 +90,8 @@ fn serve(lab: &Lab, name: &str, extra: &[&str]) {
         fx("peer_udp.py")
     );
     run_d(lab, name, extra, &["sh", "-c", &script]);
-    listening(lab, name, "tcp", 80);
-    listening(lab, name, "udp", 53);
-}
-
-/// Waits until something listens on `proto`/`port` inside `container` (30 s: python servers
-/// start slowly on a loaded machine).
-#[track_caller]
-fn listening(lab: &Lab, container: &str, proto: &str, port: u16) {
-    let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
-    let filter = format!("sport = :{port}");
-    wait_for(
-        &format!("{proto}/{port} listens in {container}"),
-        Duration::from_secs(30),
-        || {
-            let out = lab.exec(container, &["ss", flag, &filter]);
-            (out.status.success() && !out.stdout.is_empty()).then_some(())
-        },
-    )
+    lab.wait_listening_in(name, "tcp", 80);
+    lab.wait_listening_in(name, "udp", 53);
 }
 
 /// An HTTP server outside on 192.0.2.2:8081.

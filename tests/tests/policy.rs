@@ -121,25 +121,9 @@ fn serve(lab: &Lab, name: &str, extra: &[&str]) {
         fx("tcp_echo.py")
     );
     run_d(lab, name, extra, &["sh", "-c", &script]);
-    listening(lab, name, "tcp", HTTP);
-    listening(lab, name, "udp", UDP);
-    listening(lab, name, "tcp", ECHO);
-}
-
-/// Waits until something listens on `proto`/`port` inside `container` (30 s: python servers
-/// start slowly on a loaded machine).
-#[track_caller]
-fn listening(lab: &Lab, container: &str, proto: &str, port: u16) {
-    let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
-    let filter = format!("sport = :{port}");
-    wait_for(
-        &format!("{proto}/{port} listens in {container}"),
-        Duration::from_secs(30),
-        || {
-            let out = lab.exec(container, &["ss", flag, &filter]);
-            (out.status.success() && !out.stdout.is_empty()).then_some(())
-        },
-    )
+    lab.wait_listening_in(name, "tcp", HTTP);
+    lab.wait_listening_in(name, "udp", UDP);
+    lab.wait_listening_in(name, "tcp", ECHO);
 }
 
 /// a, b and c, each serving.
@@ -351,7 +335,7 @@ fn session_line(s: &mut Bg, prefix: &str, what: &str) -> String {
 #[track_caller]
 fn logger(lab: &Lab, container: &str) -> Bg {
     let bg = lab.spawn_exec(container, &["python3", "-u", "-c", UDP_LOGGER, LOG_PORT]);
-    listening(lab, container, "udp", LOG_PORT.parse().unwrap());
+    lab.wait_listening_in(container, "udp", LOG_PORT.parse().unwrap());
     bg
 }
 
