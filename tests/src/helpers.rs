@@ -1,7 +1,9 @@
 //! Helpers shared by the end-to-end test files: fixture paths, detached runs, the one-way UDP
 //! logger and its scripts, `stats --json` readers, common waits and assertions.
 
-use crate::{fixture, Lab};
+use std::time::Duration;
+
+use crate::{fixture, wait_for, Bg, Lab};
 
 /// Absolute path of a file under `tests/fixtures/`, as a string for command lines.
 #[track_caller]
@@ -25,4 +27,77 @@ pub fn run_args<'a>(name: &'a str, opts: &[&'a str], cmd: &[&'a str]) -> Vec<&'a
 #[track_caller]
 pub fn run_d(lab: &Lab, name: &str, opts: &[&str], cmd: &[&str]) -> String {
     lab.md_ok(&run_args(name, opts, cmd))
+}
+
+// ---- one-way UDP ----------------------------------------------------------------------------
+// A logger inside the receiver proves delivery (or its absence) without depending on replies.
+
+/// UDP logger: prints "MESSAGE SRC_IP:SRC_PORT" for every datagram on PORT.
+pub const UDP_LOGGER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(2048)
+    print("%s %s:%d" % (data.decode(errors="replace"), peer[0], peer[1]), flush=True)
+"#;
+
+/// One-way UDP: sends MESSAGE to HOST PORT, from BIND_ADDR when given.
+/// usage: HOST PORT MESSAGE [BIND_ADDR]
+pub const UDP_SEND: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if len(sys.argv) > 4:
+    s.bind((sys.argv[4], 0))
+s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+"#;
+
+/// A forged UDP datagram through a raw socket (IP_HDRINCL): SRC DST PORT MESSAGE, source port
+/// 40000. The kernel routes by destination and sends the header as written, whatever the
+/// source says.
+pub const RAW_UDP: &str = r#"
+import socket, struct, sys
+src, dst, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+udp = struct.pack("!HHHH", 40000, port, 8 + len(msg), 0) + msg
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.sendto(ip + udp, (dst, 0))
+"#;
+
+/// Starts a [`UDP_LOGGER`] inside `container` on `port`; returns once it listens.
+#[track_caller]
+pub fn logger(lab: &Lab, container: &str, port: u16) -> Bg {
+    let bg = lab.spawn_exec(
+        container,
+        &["python3", "-u", "-c", UDP_LOGGER, &port.to_string()],
+    );
+    lab.wait_listening_in(container, "udp", port);
+    bg
+}
+
+/// Waits (10 s) until `log` shows `msg`; returns its source "ip:port".
+#[track_caller]
+pub fn logged(log: &Bg, msg: &str) -> String {
+    wait_for(
+        &format!("the logger receives {msg:?}"),
+        Duration::from_secs(10),
+        || {
+            log.stdout()
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{msg} ")).map(str::to_string))
+        },
+    )
+}
+
+/// The MAC of `container`'s eth0, as its own namespace sees it (not through /sys, which
+/// shows whatever namespace mounted it).
+#[track_caller]
+pub fn mac_of(lab: &Lab, container: &str) -> String {
+    let out = lab.exec_ok(container, &["ip", "-o", "link", "show", "dev", "eth0"]);
+    out.split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC in {container}'s eth0: {out}"))
+        .to_string()
 }

@@ -14,10 +14,10 @@
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{fx, run_d};
+use md_tests::helpers::{fx, logged, logger, mac_of, run_d, UDP_SEND};
 use md_tests::process::{run_timeout, show_output};
 use md_tests::{
-    require_e2e, require_tools, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
+    require_e2e, require_tools, stdout_str, wait_for, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
     OUTSIDE_IP,
 };
 use serde_json::Value;
@@ -46,23 +46,6 @@ for _ in range(2):
     print("%s from %s:%d" % (data.decode(errors="replace"), peer[0], peer[1]))
     sys.exit(0)
 sys.exit(3)
-"#;
-
-/// UDP logger: prints "MESSAGE SRC_IP:SRC_PORT" for every datagram on PORT.
-const UDP_LOGGER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-while True:
-    data, peer = s.recvfrom(2048)
-    print("%s %s:%d" % (data.decode(errors="replace"), peer[0], peer[1]), flush=True)
-"#;
-
-/// One-way UDP: sends MESSAGE to HOST PORT.
-const UDP_SEND: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
 "#;
 
 /// A hand-made Ethernet + IPv4 + UDP frame out of eth0 (AF_PACKET, so the sender's routing and
@@ -142,42 +125,6 @@ except OSError as e:
 print("got %r after %.1f s" % (got, time.time() - t0), flush=True)
 sys.exit(0 if b"late answer" in got else 1)
 "#;
-
-/// Starts a UDP logger inside `container` on `port`, once it listens.
-#[track_caller]
-fn logger(lab: &Lab, container: &str, port: u16) -> Bg {
-    let bg = lab.spawn_exec(
-        container,
-        &["python3", "-u", "-c", UDP_LOGGER, &port.to_string()],
-    );
-    lab.wait_listening_in(container, "udp", port);
-    bg
-}
-
-/// Waits until `log` shows `msg`; returns its source "ip:port".
-#[track_caller]
-fn logged(log: &Bg, msg: &str) -> String {
-    wait_for(
-        &format!("the logger receives {msg:?}"),
-        Duration::from_secs(10),
-        || {
-            log.stdout()
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{msg} ")).map(str::to_string))
-        },
-    )
-}
-
-/// The MAC of `container`'s eth0, as its own namespace sees it.
-#[track_caller]
-fn mac_of(lab: &Lab, container: &str) -> String {
-    let out = lab.exec_ok(container, &["ip", "-o", "link", "show", "dev", "eth0"]);
-    out.split("link/ether ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no MAC in {container}'s eth0: {out}"))
-        .to_string()
-}
 
 /// A counter of the uplink in `md-user stats --json` output `s` (e.g. "drops.unsolicited").
 #[track_caller]

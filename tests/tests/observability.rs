@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use md_common::maps as m;
-use md_tests::helpers::{fx, run_d};
+use md_tests::helpers::{fx, run_d, RAW_UDP};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
@@ -51,17 +51,6 @@ s.bind((sys.argv[1], int(sys.argv[2])))
 while True:
     data, peer = s.recvfrom(2048)
     print("%s %s:%d" % (data.decode(errors="replace"), peer[0], peer[1]), flush=True)
-"#;
-
-/// A forged UDP datagram through a raw socket: SRC DST PORT MESSAGE (source port 40000).
-const RAW_UDP: &str = r#"
-import socket, struct, sys
-src, dst, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
-udp = struct.pack("!HHHH", 40000, port, 8 + len(msg), 0) + msg
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
-                 socket.inet_aton(src), socket.inet_aton(dst))
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-s.sendto(ip + udp, (dst, 0))
 "#;
 
 /// One UDP flow: COUNT request/answer exchanges from one socket with HOST PORT.

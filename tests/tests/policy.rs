@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{fx, run_d};
+use md_tests::helpers::{fx, logged, logger, mac_of, run_d, RAW_UDP, UDP_SEND};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, which, Bg, Lab, GATEWAY,
@@ -25,7 +25,7 @@ const HTTP: u16 = 80;
 const UDP: u16 = 5300;
 const ECHO: u16 = 7000;
 /// Where the one-way UDP logger listens.
-const LOG_PORT: &str = "5400";
+const LOG_PORT: u16 = 5400;
 
 /// UDP probe: sends "probe" to HOST PORT, prints the reply. Exit 0 with a reply, 3 when none
 /// came (two tries, 1 s each), 1 on an error such as ECONNREFUSED.
@@ -42,37 +42,6 @@ for _ in range(2):
     print(data.decode())
     sys.exit(0)
 sys.exit(3)
-"#;
-
-/// UDP logger: prints "MESSAGE SRC_IP:SRC_PORT" for every datagram on PORT.
-const UDP_LOGGER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-while True:
-    data, peer = s.recvfrom(2048)
-    print("%s %s:%d" % (data.decode(errors="replace"), peer[0], peer[1]), flush=True)
-"#;
-
-/// One-way UDP: sends MESSAGE to HOST PORT, from BIND_ADDR when given.
-const UDP_SEND: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-if len(sys.argv) > 4:
-    s.bind((sys.argv[4], 0))
-s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
-"#;
-
-/// A forged UDP datagram through a raw socket (IP_HDRINCL): SRC DST PORT MESSAGE. The kernel
-/// routes by destination and sends the header as written, whatever the source says.
-const RAW_UDP: &str = r#"
-import socket, struct, sys
-src, dst, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
-udp = struct.pack("!HHHH", 40000, port, 8 + len(msg), 0) + msg
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
-                 socket.inet_aton(src), socket.inet_aton(dst))
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-s.sendto(ip + udp, (dst, 0))
 "#;
 
 /// UDP broadcast: sends "probe" to BCAST PORT with SO_BROADCAST and prints every reply as
@@ -331,40 +300,6 @@ fn session_line(s: &mut Bg, prefix: &str, what: &str) -> String {
     )
 }
 
-/// Starts a UDP logger in `container` on [`LOG_PORT`].
-#[track_caller]
-fn logger(lab: &Lab, container: &str) -> Bg {
-    let bg = lab.spawn_exec(container, &["python3", "-u", "-c", UDP_LOGGER, LOG_PORT]);
-    lab.wait_listening_in(container, "udp", LOG_PORT.parse().unwrap());
-    bg
-}
-
-/// The MAC of `container`'s eth0, as its own namespace sees it (not through /sys, which
-/// shows whatever namespace mounted it).
-#[track_caller]
-fn mac_of(lab: &Lab, container: &str) -> String {
-    let out = lab.exec_ok(container, &["ip", "-o", "link", "show", "dev", "eth0"]);
-    out.split("link/ether ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no MAC in {container}'s eth0: {out}"))
-        .to_string()
-}
-
-/// Waits until `log` shows `msg`; returns its source "ip:port".
-#[track_caller]
-fn logged(log: &Bg, msg: &str) -> String {
-    wait_for(
-        &format!("the logger receives {msg:?}"),
-        Duration::from_secs(10),
-        || {
-            log.stdout()
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{msg} ")).map(str::to_string))
-        },
-    )
-}
-
 // ---- tests ------------------------------------------------------------------------------
 
 #[test]
@@ -604,10 +539,11 @@ fn forged_source_addresses_are_dropped() {
     need_tools();
     let lab = Lab::new("policy-spoof-ip");
     let (a, b, c) = abc(&lab);
-    let log = logger(&lab, "c");
+    let log = logger(&lab, "c", LOG_PORT);
+    let log_port = LOG_PORT.to_string();
     policy(&lab, &["deny", "a", "c"]);
     let raw = |from: &str, src: &str, msg: &str| {
-        lab.exec_ok(from, &["python3", "-c", RAW_UDP, src, &c, LOG_PORT, msg]);
+        lab.exec_ok(from, &["python3", "-c", RAW_UDP, src, &c, &log_port, msg]);
     };
 
     // The raw sender works: b's datagram with its own address arrives.
@@ -658,7 +594,8 @@ fn extra_address_inside_a_container_is_dropped() {
     need_tools();
     let lab = Lab::new("policy-spoof-addr");
     let (a, b, _c) = abc(&lab);
-    let log = logger(&lab, "b");
+    let log = logger(&lab, "b", LOG_PORT);
+    let log_port = LOG_PORT.to_string();
     let b_mac = mac_of(&lab, "b");
     // a knows b's MAC for good, so a's sending never depends on ARP (which md also polices).
     lab.exec_ok(
@@ -677,7 +614,7 @@ fn extra_address_inside_a_container_is_dropped() {
         ],
     );
     let send = |bind: Option<&str>, msg: &str| {
-        let mut args = vec!["python3", "-c", UDP_SEND, &b, LOG_PORT, msg];
+        let mut args = vec!["python3", "-c", UDP_SEND, &b, &log_port, msg];
         args.extend(bind);
         lab.exec_ok("a", &args);
     };
@@ -712,7 +649,8 @@ fn changed_mac_inside_a_container_is_dropped() {
     need_tools();
     let lab = Lab::new("policy-spoof-mac");
     let (a, b, c) = abc(&lab);
-    let log = logger(&lab, "b");
+    let log = logger(&lab, "b", LOG_PORT);
+    let log_port = LOG_PORT.to_string();
     let b_mac = mac_of(&lab, "b");
     let a_mac = mac_of(&lab, "a");
     lab.exec_ok(
@@ -731,7 +669,7 @@ fn changed_mac_inside_a_container_is_dropped() {
         ],
     );
     let send = |msg: &str| {
-        lab.exec_ok("a", &["python3", "-c", UDP_SEND, &b, LOG_PORT, msg]);
+        lab.exec_ok("a", &["python3", "-c", UDP_SEND, &b, &log_port, msg]);
     };
     send("mac-own");
     assert_eq!(logged(&log, "mac-own").split(':').next(), Some(a.as_str()));
@@ -744,7 +682,7 @@ fn changed_mac_inside_a_container_is_dropped() {
     );
     send("mac-forged");
     // c's marker: once it arrives, a's forged frame would have too.
-    lab.exec_ok("c", &["python3", "-c", UDP_SEND, &b, LOG_PORT, "c-marker"]);
+    lab.exec_ok("c", &["python3", "-c", UDP_SEND, &b, &log_port, "c-marker"]);
     logged(&log, "c-marker");
     assert!(
         !log.stdout().contains("mac-forged"),
@@ -780,7 +718,8 @@ fn forged_sources_are_dropped_on_every_container_port() {
     run_d(&lab, "x", &["--network", "back"], &["sleep", "600"]);
     run_d(&lab, "y", &["--network", "back"], &["sleep", "600"]);
     lab.md_ok(&["network", "connect", "back", "a"]);
-    let log = logger(&lab, "y");
+    let log = logger(&lab, "y", LOG_PORT);
+    let log_port = LOG_PORT.to_string();
     let a0 = lab.ip_of("a");
     let a1 = wait_for("a has an address on back", Duration::from_secs(10), || {
         let out = lab.exec_ok("a", &["ip", "-o", "-4", "addr", "show"]);
@@ -792,7 +731,7 @@ fn forged_sources_are_dropped_on_every_container_port() {
     let x = address_on(&lab, "x");
     let y = address_on(&lab, "y");
     let raw = |from: &str, src: &str, msg: &str| {
-        lab.exec_ok(from, &["python3", "-c", RAW_UDP, src, &y, LOG_PORT, msg]);
+        lab.exec_ok(from, &["python3", "-c", RAW_UDP, src, &y, &log_port, msg]);
     };
     raw("a", &a1, "a-back-own");
     assert_eq!(logged(&log, "a-back-own"), format!("{a1}:40000"));
