@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::{fixture, wait_for, Bg, Lab};
 
 /// Absolute path of a file under `tests/fixtures/`, as a string for command lines.
@@ -100,4 +102,31 @@ pub fn mac_of(lab: &Lab, container: &str) -> String {
         .and_then(|r| r.split_whitespace().next())
         .unwrap_or_else(|| panic!("no MAC in {container}'s eth0: {out}"))
         .to_string()
+}
+
+// ---- stats ----------------------------------------------------------------------------------
+
+/// The row of container `name` in `md-user stats --json` output `stats`.
+#[track_caller]
+pub fn stats_row<'a>(stats: &'a Value, name: &str) -> &'a Value {
+    stats["containers"]
+        .as_array()
+        .and_then(|v| v.iter().find(|c| c["name"].as_str() == Some(name)))
+        .unwrap_or_else(|| panic!("stats --json has no container {name}: {stats}"))
+}
+
+/// A counter of a stats row or of `stats["uplink"]`, by dotted path (`"snat"`,
+/// `"drops.policy"`, …).
+#[track_caller]
+pub fn counter(r: &Value, path: &str) -> u64 {
+    path.split('.')
+        .fold(r, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats --json has no numeric {path} in {r}"))
+}
+
+/// drops.REASON of container `name` in `md-user stats --json`.
+#[track_caller]
+pub fn drops_of(lab: &Lab, name: &str, reason: &str) -> u64 {
+    counter(stats_row(&lab.stats(), name), &format!("drops.{reason}"))
 }

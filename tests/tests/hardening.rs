@@ -14,13 +14,12 @@
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{fx, logged, logger, mac_of, run_d, UDP_SEND};
+use md_tests::helpers::{counter, drops_of, fx, logged, logger, mac_of, run_d, UDP_SEND};
 use md_tests::process::{run_timeout, show_output};
 use md_tests::{
     require_e2e, require_tools, stdout_str, wait_for, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
     OUTSIDE_IP,
 };
-use serde_json::Value;
 
 /// md's container subnet (default network).
 const SUBNET: &str = "172.18.0.0/16";
@@ -126,28 +125,6 @@ print("got %r after %.1f s" % (got, time.time() - t0), flush=True)
 sys.exit(0 if b"late answer" in got else 1)
 "#;
 
-/// A counter of the uplink in `md-user stats --json` output `s` (e.g. "drops.unsolicited").
-#[track_caller]
-fn uplink_counter(s: &Value, path: &str) -> u64 {
-    path.split('.')
-        .fold(&s["uplink"], |v, k| &v[k])
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats --json has no numeric uplink.{path}: {s}"))
-}
-
-/// drops.REASON of container `name` in `md-user stats --json`.
-#[track_caller]
-fn drops_of(lab: &Lab, name: &str, reason: &str) -> u64 {
-    let s = lab.stats();
-    let c = s["containers"]
-        .as_array()
-        .and_then(|v| v.iter().find(|c| c["name"].as_str() == Some(name)))
-        .unwrap_or_else(|| panic!("stats has no container {name}: {s}"));
-    c["drops"][reason]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats of {name} has no numeric drops.{reason}: {c}"))
-}
-
 fn outside_curl(lab: &Lab, url: &str) -> Output {
     lab.outside(&["curl", "-sS", "--max-time", "2", url])
 }
@@ -236,8 +213,8 @@ fn outside_reaches_containers_only_through_published_ports() {
         show_output(&out)
     );
 
-    let before = uplink_counter(&stats_before, "drops.unsolicited");
-    let after = uplink_counter(&lab.stats(), "drops.unsolicited");
+    let before = counter(&stats_before["uplink"], "drops.unsolicited");
+    let after = counter(&lab.stats()["uplink"], "drops.unsolicited");
     assert!(
         after >= before + 4,
         "stats uplink.drops.unsolicited: {before} -> {after}, expected at least 4 more \

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{fx, run_args};
+use md_tests::helpers::{counter, fx, run_args};
 use md_tests::process::{alive, ns_inode, run_timeout, show_output};
 use md_tests::{
     is_md_veth, require_e2e, require_tools, stderr_str, stdout_str, wait_for, wait_until, Bg, Lab,
@@ -315,11 +315,7 @@ impl NLab {
             .as_array()
             .unwrap_or_else(|| panic!("stats --json has no containers array: {s}"))
             .iter()
-            .map(|c| {
-                c["drops"]["network-isolation"]
-                    .as_u64()
-                    .unwrap_or_else(|| panic!("stats entry without drops.network-isolation: {c}"))
-            })
+            .map(|c| counter(c, "drops.network-isolation"))
             .sum()
     }
 

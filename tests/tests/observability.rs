@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use md_common::maps as m;
-use md_tests::helpers::{fx, run_d, RAW_UDP};
+use md_tests::helpers::{counter, fx, run_d, stats_row, RAW_UDP};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
@@ -99,29 +99,12 @@ fn curl_ok(out: std::process::Output, what: &str) -> String {
 
 // ---- stats ------------------------------------------------------------------------------
 
-/// The stats row of container `name`.
-#[track_caller]
-fn row<'a>(stats: &'a Value, name: &str) -> &'a Value {
-    stats["containers"]
-        .as_array()
-        .and_then(|v| v.iter().find(|c| c["name"].as_str() == Some(name)))
-        .unwrap_or_else(|| panic!("stats --json has no container {name}: {stats}"))
-}
-
-/// A counter of a stats row (`"snat"`, `"drops.policy"`, …).
-#[track_caller]
-fn counter(r: &Value, path: &str) -> u64 {
-    let v = path.split('.').fold(r, |v, k| &v[k]);
-    v.as_u64()
-        .unwrap_or_else(|| panic!("stats row has no numeric {path}: {r}"))
-}
-
 /// after - before of a counter of container `name` (or of the uplink when `name` is None).
 #[track_caller]
 fn delta(before: &Value, after: &Value, name: Option<&str>, path: &str) -> u64 {
     let pick = |s: &'_ Value| -> u64 {
         match name {
-            Some(n) => counter(row(s, n), path),
+            Some(n) => counter(stats_row(s, n), path),
             None => counter(&s["uplink"], path),
         }
     };

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{fx, logged, logger, mac_of, run_d, RAW_UDP, UDP_SEND};
+use md_tests::helpers::{drops_of, fx, logged, logger, mac_of, run_d, RAW_UDP, UDP_SEND};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, which, Bg, Lab, GATEWAY,
@@ -249,19 +249,6 @@ fn rule_drops(list: &Value, from: &str, to: &str) -> u64 {
     r["drops"]
         .as_u64()
         .unwrap_or_else(|| panic!("rule {from} -> {to} has no numeric drops: {r}"))
-}
-
-/// drops.<reason> of container `name` in `md-user stats --json`.
-#[track_caller]
-fn drops_of(lab: &Lab, name: &str, reason: &str) -> u64 {
-    let s = lab.stats();
-    let c = s["containers"]
-        .as_array()
-        .and_then(|v| v.iter().find(|c| c["name"].as_str() == Some(name)))
-        .unwrap_or_else(|| panic!("stats has no container {name}: {s}"));
-    c["drops"][reason]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats of {name} has no numeric drops.{reason}: {c}"))
 }
 
 /// POLICY map entries as (verdict, drops) — the map is where the datapath reads rules.
