@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{fixture, wait_for, Bg, Lab};
+use crate::{fixture, wait_for, which, Bg, Lab};
 
 /// Absolute path of a file under `tests/fixtures/`, as a string for command lines.
 #[track_caller]
@@ -129,4 +129,77 @@ pub fn counter(r: &Value, path: &str) -> u64 {
 #[track_caller]
 pub fn drops_of(lab: &Lab, name: &str, reason: &str) -> u64 {
     counter(stats_row(&lab.stats(), name), &format!("drops.{reason}"))
+}
+
+// ---- waits and assertions -------------------------------------------------------------------
+
+/// Waits (20 s) until a background tcp_session.py has printed a line starting with `prefix`
+/// (panics at once if it printed an error or exited); returns the rest of that line.
+#[track_caller]
+pub fn session_line(s: &mut Bg, prefix: &str, what: &str) -> String {
+    wait_for(
+        &format!("{what} prints {prefix:?}"),
+        Duration::from_secs(20),
+        || {
+            let out = s.stdout();
+            if let Some(l) = out.lines().find_map(|l| l.strip_prefix(prefix)) {
+                return Some(l.trim().to_string());
+            }
+            let st = s.try_status();
+            if out.contains("error") || st.is_some() {
+                panic!(
+                    "{what} failed or exited ({st:?}) before {prefix:?}\n--- stdout ---\n{out}\
+                     --- stderr ---\n{}",
+                    s.stderr()
+                );
+            }
+            None
+        },
+    )
+}
+
+/// The files that list the x_tables tables (IPv4, IPv6, ARP) existing in the reading process's
+/// network namespace; tables are created lazily, so a namespace nobody touched has none.
+pub const X_TABLES_NAMES: [&str; 3] = [
+    "/proc/net/ip_tables_names",
+    "/proc/net/ip6_tables_names",
+    "/proc/net/arp_tables_names",
+];
+
+/// No netfilter state in the host namespace: each of `table_files` (see [`X_TABLES_NAMES`]) is
+/// empty where it can be read, and iptables-save and nft show no rules when installed.
+#[track_caller]
+pub fn assert_no_netfilter(lab: &Lab, table_files: &[&str]) {
+    for f in table_files {
+        let out = lab.host(&["cat", f]);
+        if out.status.success() {
+            let tables = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                tables.trim().is_empty(),
+                "x_tables tables exist in the host namespace ({f}): {tables}"
+            );
+        }
+    }
+    if which("iptables-save").is_some() {
+        let rules = lab.host_ok(&["iptables-save"]);
+        let meaningful: Vec<&str> = rules
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .collect();
+        assert!(
+            meaningful.is_empty(),
+            "iptables-save in the host namespace is not empty:\n{rules}"
+        );
+    } else {
+        eprintln!("iptables-save not installed: checked /proc/net/*_tables_names only");
+    }
+    if which("nft").is_some() {
+        let rules = lab.host_ok(&["nft", "list", "ruleset"]);
+        assert!(
+            rules.trim().is_empty(),
+            "nft list ruleset in the host namespace is not empty:\n{rules}"
+        );
+    } else {
+        eprintln!("nft not installed: nftables ruleset not checked");
+    }
 }

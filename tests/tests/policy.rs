@@ -13,17 +13,23 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{drops_of, fx, logged, logger, mac_of, run_d, RAW_UDP, UDP_SEND};
+use md_tests::helpers::{
+    assert_no_netfilter, drops_of, fx, logged, logger, mac_of, run_d, session_line, RAW_UDP,
+    UDP_SEND,
+};
 use md_tests::process::show_output;
 use md_tests::{
-    require_e2e, require_tools, stderr_str, stdout_str, wait_for, which, Bg, Lab, GATEWAY,
-    HOST_UPLINK_IP, OUTSIDE_IP,
+    require_e2e, require_tools, stderr_str, stdout_str, wait_for, Lab, GATEWAY, HOST_UPLINK_IP,
+    OUTSIDE_IP,
 };
 use serde_json::Value;
 
 const HTTP: u16 = 80;
 const UDP: u16 = 5300;
 const ECHO: u16 = 7000;
+/// The x_tables lists [`assert_no_netfilter`] reads here: IPv4 and IPv6 (snat.rs also reads
+/// the ARP one).
+const POLICY_TABLES_NAMES: [&str; 2] = ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"];
 /// Where the one-way UDP logger listens.
 const LOG_PORT: u16 = 5400;
 
@@ -263,28 +269,6 @@ fn policy_map(lab: &Lab) -> Vec<(u64, u64)> {
             )
         })
         .collect()
-}
-
-/// Waits until a background tcp_session.py printed a line starting with `prefix`.
-#[track_caller]
-fn session_line(s: &mut Bg, prefix: &str, what: &str) -> String {
-    wait_for(
-        &format!("{what} prints {prefix:?}"),
-        Duration::from_secs(20),
-        || {
-            let out = s.stdout();
-            if let Some(l) = out.lines().find_map(|l| l.strip_prefix(prefix)) {
-                return Some(l.trim().to_string());
-            }
-            if out.contains("error") || s.try_status().is_some() {
-                panic!(
-                    "{what} failed or exited before {prefix:?}\n--- stdout ---\n{out}--- stderr ---\n{}",
-                    s.stderr()
-                );
-            }
-            None
-        },
-    )
 }
 
 // ---- tests ------------------------------------------------------------------------------
@@ -995,43 +979,6 @@ fn policy_list_counts_drops_per_rule_exactly() {
     }
 }
 
-/// No netfilter state in the host namespace (see snat.rs for the reasoning).
-#[track_caller]
-fn assert_no_netfilter(lab: &Lab) {
-    for f in ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"] {
-        let out = lab.host(&["cat", f]);
-        if out.status.success() {
-            let tables = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                tables.trim().is_empty(),
-                "x_tables tables exist ({f}): {tables}"
-            );
-        }
-    }
-    if which("iptables-save").is_some() {
-        let rules = lab.host_ok(&["iptables-save"]);
-        let meaningful: Vec<&str> = rules
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-            .collect();
-        assert!(
-            meaningful.is_empty(),
-            "iptables-save is not empty:\n{rules}"
-        );
-    } else {
-        eprintln!("iptables-save not installed: not checked");
-    }
-    if which("nft").is_some() {
-        let rules = lab.host_ok(&["nft", "list", "ruleset"]);
-        assert!(
-            rules.trim().is_empty(),
-            "nft list ruleset is not empty:\n{rules}"
-        );
-    } else {
-        eprintln!("nft not installed: not checked");
-    }
-}
-
 #[test]
 fn policy_lives_in_bpf_maps_without_netfilter() {
     if !require_e2e() {
@@ -1052,7 +999,7 @@ fn policy_lives_in_bpf_maps_without_netfilter() {
         entries.len() == 1 && entries[0].0 == u64::from(md_common::POLICY_DENY) && entries[0].1 > 0,
         "POLICY should hold one deny entry that counted a's drops: {entries:?}"
     );
-    assert_no_netfilter(&lab);
+    assert_no_netfilter(&lab, &POLICY_TABLES_NAMES);
     policy(&lab, &["allow", "a", "c"]);
     tcp_ok(&lab, "a", &a, &c, HTTP, "a -> c after allow");
     assert!(
@@ -1064,5 +1011,5 @@ fn policy_lives_in_bpf_maps_without_netfilter() {
     );
     policy(&lab, &["default", "deny"]);
     tcp_dropped(&lab, "c", &a, HTTP, "c -> a under default deny");
-    assert_no_netfilter(&lab);
+    assert_no_netfilter(&lab, &POLICY_TABLES_NAMES);
 }

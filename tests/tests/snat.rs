@@ -8,12 +8,9 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use md_tests::helpers::{fx, run_d};
+use md_tests::helpers::{assert_no_netfilter, fx, run_d, session_line, X_TABLES_NAMES};
 use md_tests::process::show_output;
-use md_tests::{
-    fixture, require_e2e, require_tools, wait_for, which, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
-    OUTSIDE_IP,
-};
+use md_tests::{fixture, require_e2e, require_tools, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP};
 use serde_json::Value;
 
 /// Tracker lifetime of a closed TCP flow (md's default `ct_tcp_closing_secs`).
@@ -41,75 +38,6 @@ fn assert_masqueraded(peer: &str, what: &str) {
         port.parse::<u16>().is_ok_and(|p| p > 0),
         "{what}: port in {peer}"
     );
-}
-
-/// The issue's promise: no netfilter state in the host namespace. /proc/net/*_tables_names
-/// list the x_tables tables that exist in the reading process's namespace (they are created
-/// lazily, so a namespace nobody touched has none); iptables-save and nft are checked when
-/// installed.
-#[track_caller]
-fn assert_no_netfilter(lab: &Lab) {
-    for f in [
-        "/proc/net/ip_tables_names",
-        "/proc/net/ip6_tables_names",
-        "/proc/net/arp_tables_names",
-    ] {
-        let out = lab.host(&["cat", f]);
-        if out.status.success() {
-            let tables = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                tables.trim().is_empty(),
-                "x_tables tables exist in the host namespace ({f}): {tables}"
-            );
-        }
-    }
-    if which("iptables-save").is_some() {
-        let rules = lab.host_ok(&["iptables-save"]);
-        let meaningful: Vec<&str> = rules
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-            .collect();
-        assert!(
-            meaningful.is_empty(),
-            "iptables-save in the host namespace is not empty:\n{rules}"
-        );
-    } else {
-        eprintln!("iptables-save not installed: checked /proc/net/ip_tables_names only");
-    }
-    if which("nft").is_some() {
-        let rules = lab.host_ok(&["nft", "list", "ruleset"]);
-        assert!(
-            rules.trim().is_empty(),
-            "nft list ruleset in the host namespace is not empty:\n{rules}"
-        );
-    } else {
-        eprintln!("nft not installed: nftables ruleset not checked");
-    }
-}
-
-/// Waits until a background tcp_session.py has printed a line starting with `prefix` (or
-/// failed); returns the rest of that line.
-#[track_caller]
-fn session_line(s: &mut Bg, prefix: &str, what: &str) -> String {
-    wait_for(
-        &format!("{what} prints {prefix:?}"),
-        Duration::from_secs(20),
-        || {
-            let out = s.stdout();
-            if let Some(l) = out.lines().find_map(|l| l.strip_prefix(prefix)) {
-                return Some(l.trim().to_string());
-            }
-            let st = s.try_status();
-            if out.contains("error") || st.is_some() {
-                panic!(
-                    "{what} failed or exited ({st:?}) before {prefix:?}\n--- stdout ---\n{out}\
-                     --- stderr ---\n{}",
-                    s.stderr()
-                );
-            }
-            None
-        },
-    )
 }
 
 /// Asks md for the number of live tracker entries (stats collects expired ones first).
@@ -152,7 +80,7 @@ fn container_reaches_outside_http_masqueraded() {
     lab.md_ok(&["run", "-d", "--name", "d", "--", "sleep", "300"]);
     let body = lab.exec_ok("d", &["curl", "-sS", "--max-time", "5", &url]);
     assert_masqueraded(&body, "HTTP from container d");
-    assert_no_netfilter(&lab);
+    assert_no_netfilter(&lab, &X_TABLES_NAMES);
 }
 
 #[test]
@@ -193,7 +121,7 @@ fn container_pings_outside_with_no_netfilter_rule() {
         text.contains("2 received"),
         "expected both echo replies: {text}"
     );
-    assert_no_netfilter(&lab);
+    assert_no_netfilter(&lab, &X_TABLES_NAMES);
 }
 
 #[test]
@@ -355,7 +283,7 @@ fn burst_of_2000_connections_expires_and_long_session_survives() {
         ],
     );
     assert!(out.contains("ok=20 "), "20 more connections: {out}");
-    assert_no_netfilter(&lab);
+    assert_no_netfilter(&lab, &X_TABLES_NAMES);
 
     eprintln!(
         "conntrack.entries: baseline {baseline:?}, after the burst {after:?}, \
