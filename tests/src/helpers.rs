@@ -1,11 +1,13 @@
 //! Helpers shared by the end-to-end test files: fixture paths, detached runs, the one-way UDP
 //! logger and its scripts, `stats --json` readers, common waits and assertions.
 
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{fixture, wait_for, which, Bg, Lab};
+use crate::process::show_output;
+use crate::{fixture, stderr_str, wait_for, which, Bg, Lab};
 
 /// Absolute path of a file under `tests/fixtures/`, as a string for command lines.
 #[track_caller]
@@ -202,4 +204,21 @@ pub fn assert_no_netfilter(lab: &Lab, table_files: &[&str]) {
     } else {
         eprintln!("nft not installed: nftables ruleset not checked");
     }
+}
+
+/// `out` is a failure with exactly one non-empty line on stderr; returns that line.
+#[track_caller]
+pub fn assert_one_line_error(out: &Output, what: &str) -> String {
+    assert!(
+        !out.status.success(),
+        "{what} must fail\n{}",
+        show_output(out)
+    );
+    let err = stderr_str(out);
+    assert!(
+        !err.is_empty() && err.lines().count() == 1,
+        "{what}: expected exactly one line on stderr\n{}",
+        show_output(out)
+    );
+    err
 }

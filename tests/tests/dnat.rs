@@ -10,11 +10,9 @@ use std::collections::BTreeSet;
 use std::process::Output;
 use std::sync::OnceLock;
 
-use md_tests::helpers::{self, fx};
+use md_tests::helpers::{self, assert_one_line_error, fx};
 use md_tests::process::show_output;
-use md_tests::{
-    require_e2e, require_tools, stderr_str, stdout_str, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP,
-};
+use md_tests::{require_e2e, require_tools, stdout_str, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP};
 use serde_json::Value;
 
 fn need_tools() {
@@ -470,23 +468,6 @@ fn snapshot(lab: &Lab) -> Snapshot {
     }
 }
 
-/// Failure with exactly one non-empty line on stderr; returns that line.
-#[track_caller]
-fn one_line_error(out: &Output, what: &str) -> String {
-    assert!(
-        !out.status.success(),
-        "{what} must be refused\n{}",
-        show_output(out)
-    );
-    let err = stderr_str(out);
-    assert!(
-        !err.is_empty() && err.lines().count() == 1,
-        "{what}: expected exactly one line on stderr\n{}",
-        show_output(out)
-    );
-    err
-}
-
 const BAD_SPECS: &[&str] = &[
     "0:80",
     "80:0",
@@ -523,7 +504,7 @@ fn bad_specs_are_refused_before_anything_is_created() {
     let before = snapshot(&lab);
     for spec in ["0:80", "8080:80/sctp", "9000-9002:7000-7001"] {
         let out = lab.md(&run_args("bad", &[spec], &["sleep", "300"]));
-        one_line_error(&out, &format!("run -p {spec:?} on a fresh host"));
+        assert_one_line_error(&out, &format!("run -p {spec:?} on a fresh host"));
         assert_eq!(
             snapshot(&lab),
             before,
@@ -549,7 +530,7 @@ fn bad_specs_and_conflicts_are_refused_leaving_no_state() {
 
     for spec in BAD_SPECS {
         let out = lab.md(&run_args("bad", &[spec], &["sleep", "300"]));
-        one_line_error(&out, &format!("run -p {spec:?}"));
+        assert_one_line_error(&out, &format!("run -p {spec:?}"));
         assert_eq!(
             snapshot(&lab),
             before,
@@ -558,11 +539,11 @@ fn bad_specs_and_conflicts_are_refused_leaving_no_state() {
     }
     // One good spec with a bad one: nothing of the good one is published either.
     let out = lab.md(&run_args("bad", &["8090:80", "0:81"], &["sleep", "300"]));
-    one_line_error(&out, "run -p 8090:80 -p 0:81");
+    assert_one_line_error(&out, "run -p 8090:80 -p 0:81");
     assert_eq!(snapshot(&lab), before, "after -p 8090:80 -p 0:81");
     // The same host port twice in one run.
     let out = lab.md(&run_args("bad", &["8090:80", "8090:81"], &["sleep", "300"]));
-    one_line_error(&out, "run -p 8090:80 -p 8090:81");
+    assert_one_line_error(&out, "run -p 8090:80 -p 8090:81");
     assert_eq!(snapshot(&lab), before, "after -p 8090:80 -p 8090:81");
 
     // Host ports web already holds, in several spellings: refused, naming web.
@@ -576,7 +557,7 @@ fn bad_specs_and_conflicts_are_refused_leaving_no_state() {
         "5353:53/udp",
     ] {
         let out = lab.md(&run_args("other", &[spec], &["sleep", "300"]));
-        let err = one_line_error(&out, &format!("run -p {spec} while web publishes it"));
+        let err = assert_one_line_error(&out, &format!("run -p {spec} while web publishes it"));
         assert!(
             err.contains("web"),
             "the conflict message for -p {spec} should name the container holding the port: {err}"

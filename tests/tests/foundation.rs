@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers;
+use md_tests::helpers::{self, assert_one_line_error};
 use md_tests::process::{alive, children, comm, run_timeout, show_output};
 use md_tests::{
     is_md_veth, require_e2e, require_tools, stderr_str, wait_for, wait_until, Bg, Lab, GATEWAY,
@@ -47,22 +47,6 @@ fn ip_field(c: &Value) -> Ipv4Addr {
 fn in_default_subnet(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
     o[0] == 172 && o[1] == 18 && ip != GATEWAY.parse::<Ipv4Addr>().unwrap() && o[3] != 255
-}
-
-/// Failure with exactly one non-empty line on stderr.
-#[track_caller]
-fn assert_one_line_error(out: &Output, what: &str) {
-    assert!(
-        !out.status.success(),
-        "{what} must fail\n{}",
-        show_output(out)
-    );
-    let err = stderr_str(out);
-    assert!(
-        !err.is_empty() && err.lines().count() == 1,
-        "{what}: expected one clear line on stderr\n{}",
-        show_output(out)
-    );
 }
 
 #[track_caller]

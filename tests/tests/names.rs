@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{counter, fx, run_args};
+use md_tests::helpers::{assert_one_line_error, counter, fx, run_args};
 use md_tests::process::{alive, ns_inode, run_timeout, show_output};
 use md_tests::{
-    is_md_veth, require_e2e, require_tools, stderr_str, stdout_str, wait_for, wait_until, Bg, Lab,
-    GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT, OUTSIDE_IP,
+    is_md_veth, require_e2e, require_tools, stdout_str, wait_for, wait_until, Bg, Lab, GATEWAY,
+    HOST_UPLINK_IP, MD_TIMEOUT, OUTSIDE_IP,
 };
 use serde_json::Value;
 
@@ -493,17 +493,7 @@ struct Snapshot {
 /// Failure with exactly one non-empty line on stderr that mentions `token`.
 #[track_caller]
 fn assert_refused(out: &Output, what: &str, token: &str) {
-    assert!(
-        !out.status.success(),
-        "{what} must be refused\n{}",
-        show_output(out)
-    );
-    let err = stderr_str(out);
-    assert!(
-        !err.is_empty() && err.lines().count() == 1,
-        "{what}: expected one clear line on stderr\n{}",
-        show_output(out)
-    );
+    let err = assert_one_line_error(out, what);
     assert!(
         err.contains(token),
         "{what}: the error should name {token:?}\n{}",
