@@ -1,13 +1,14 @@
 //! Helpers shared by the end-to-end test files: fixture paths, detached runs, the one-way UDP
 //! logger and its scripts, `stats --json` readers, common waits and assertions.
 
+use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::process::show_output;
-use crate::{fixture, stderr_str, wait_for, which, Bg, Lab};
+use crate::{fixture, stderr_str, wait_for, which, Bg, Lab, OUTSIDE_IP};
 
 /// Absolute path of a file under `tests/fixtures/`, as a string for command lines.
 #[track_caller]
@@ -221,4 +222,37 @@ pub fn assert_one_line_error(out: &Output, what: &str) -> String {
         show_output(out)
     );
     err
+}
+
+// ---- upstream resolver ----------------------------------------------------------------------
+
+/// The only name the [`upstream_resolver`] knows; it answers with [`OUTSIDE_IP`].
+pub const OUTSIDE_NAME: &str = "outside.test";
+
+/// An upstream resolver (dnsmasq) in the outside namespace on [`OUTSIDE_IP`]:53 that knows
+/// exactly one name, [`OUTSIDE_NAME`] → [`OUTSIDE_IP`], and refuses everything else, and a
+/// resolv.conf in the lab's dir that points at it (for `MD_RESOLV_CONF`). Returns the dnsmasq
+/// process (its log shows the queries) and the resolv.conf once dnsmasq listens.
+#[track_caller]
+pub fn upstream_resolver(lab: &Lab) -> (Bg, PathBuf) {
+    let resolv = lab.dir().join("upstream-resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {OUTSIDE_IP}\n"))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", resolv.display()));
+    let listen = format!("--listen-address={OUTSIDE_IP}");
+    let address = format!("--address=/{OUTSIDE_NAME}/{OUTSIDE_IP}");
+    let upstream = lab.spawn_outside(&[
+        "dnsmasq",
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        &listen,
+        &address,
+        "--pid-file=",
+        "--log-queries",
+        "--log-facility=-",
+    ]);
+    lab.wait_listening_outside("udp", 53);
+    (upstream, resolv)
 }

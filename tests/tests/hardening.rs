@@ -14,7 +14,9 @@
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{counter, drops_of, fx, logged, logger, mac_of, run_d, UDP_SEND};
+use md_tests::helpers::{
+    counter, drops_of, fx, logged, logger, mac_of, run_d, upstream_resolver, UDP_SEND,
+};
 use md_tests::process::{run_timeout, show_output};
 use md_tests::{
     require_e2e, require_tools, stdout_str, wait_for, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
@@ -283,23 +285,8 @@ fn resolver_on_the_gateway_is_not_an_open_forwarder() {
     }
     require_tools(&["python3", "dig", "dnsmasq", "ss"]);
     let lab = Lab::new("hard-dns");
-    // An upstream resolver outside that knows one name; md-user forwards to it.
-    let resolv = lab.dir().join("upstream-resolv.conf");
-    std::fs::write(&resolv, format!("nameserver {OUTSIDE_IP}\n")).unwrap();
-    let _upstream = lab.spawn_outside(&[
-        "dnsmasq",
-        "--no-daemon",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        &format!("--listen-address={OUTSIDE_IP}"),
-        &format!("--address=/outside.test/{OUTSIDE_IP}"),
-        "--pid-file=",
-        "--log-queries",
-        "--log-facility=-",
-    ]);
-    lab.wait_listening_outside("udp", 53);
+    // An upstream resolver outside that knows one name, outside.test; md-user forwards to it.
+    let (_upstream, resolv) = upstream_resolver(&lab);
     let mut run = lab.host_md_cmd(
         lab.md_bin(),
         &["run", "-d", "--name", "asker", "--", "sleep", "600"],

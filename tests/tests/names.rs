@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{assert_one_line_error, counter, fx, run_args};
+use md_tests::helpers::{
+    assert_one_line_error, counter, fx, run_args, upstream_resolver, OUTSIDE_NAME,
+};
 use md_tests::process::{alive, ns_inode, run_timeout, show_output};
 use md_tests::{
     is_md_veth, require_e2e, require_tools, stdout_str, wait_for, wait_until, Bg, Lab, GATEWAY,
@@ -29,9 +31,6 @@ use serde_json::Value;
 /// What a resolver must finish within after a network's last container stops.
 const RESOLVER_GONE: Duration = Duration::from_millis(1500);
 const HTTP_PORT: u16 = 80;
-
-/// The upstream's only name and its address.
-const OUTSIDE_NAME: &str = "outside.test";
 
 /// The host's /etc/hosts and /etc/resolv.conf, read when the test starts: md must never write
 /// them (containers get their own copies, bind-mounted in private mount namespaces).
@@ -82,25 +81,7 @@ impl NLab {
         require_tools(&["dig", "dnsmasq", "getent", "ping", "curl", "python3", "ss"]);
         let host_files = HostFiles::read();
         let lab = Lab::new(name);
-        let resolv = lab.dir().join("upstream-resolv.conf");
-        std::fs::write(&resolv, format!("nameserver {OUTSIDE_IP}\n"))
-            .unwrap_or_else(|e| panic!("writing {}: {e}", resolv.display()));
-        let listen = format!("--listen-address={OUTSIDE_IP}");
-        let address = format!("--address=/{OUTSIDE_NAME}/{OUTSIDE_IP}");
-        let upstream = lab.spawn_outside(&[
-            "dnsmasq",
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &listen,
-            &address,
-            "--pid-file=",
-            "--log-queries",
-            "--log-facility=-",
-        ]);
-        lab.wait_listening_outside("udp", 53);
+        let (upstream, resolv) = upstream_resolver(&lab);
         NLab {
             upstream,
             resolv,
