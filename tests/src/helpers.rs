@@ -70,6 +70,24 @@ s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.sendto(ip + udp, (dst, 0))
 "#;
 
+/// UDP probe: sends "probe" to HOST PORT up to TRIES times, waiting 1 s for a reply after
+/// each, and prints the reply. Exit 0 with a reply, 3 when none came, 1 on an error such as
+/// ECONNREFUSED. usage: HOST PORT TRIES
+pub const UDP_PROBE: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+for _ in range(int(sys.argv[3])):
+    s.sendto(b"probe", (sys.argv[1], int(sys.argv[2])))
+    try:
+        data, _ = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    print(data.decode())
+    sys.exit(0)
+sys.exit(3)
+"#;
+
 /// Starts a [`UDP_LOGGER`] inside `container` on `port`; returns once it listens.
 #[track_caller]
 pub fn logger(lab: &Lab, container: &str, port: u16) -> Bg {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use md_common::maps as m;
-use md_tests::helpers::{counter, fx, run_d, stats_row, RAW_UDP};
+use md_tests::helpers::{counter, fx, run_d, stats_row, RAW_UDP, UDP_PROBE};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP,
@@ -18,21 +18,8 @@ use md_tests::{
 };
 use serde_json::Value;
 
-/// UDP probe: sends "probe" to HOST PORT, prints the reply; exit 0 with one, 3 without.
-const UDP_PROBE: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1)
-for _ in range(3):
-    s.sendto(b"probe", (sys.argv[1], int(sys.argv[2])))
-    try:
-        data, _ = s.recvfrom(2048)
-    except socket.timeout:
-        continue
-    print(data.decode())
-    sys.exit(0)
-sys.exit(3)
-"#;
+/// How many times [`UDP_PROBE`] sends before it gives up (1 s each).
+const UDP_PROBE_TRIES: &str = "3";
 
 /// Sends COUNT datagrams from one socket to HOST PORT (one flow, no answer expected).
 const UDP_BURST: &str = r#"
@@ -297,7 +284,14 @@ fn stats_count_published_port_hits_and_dnat_exactly() {
             "b -> 192.0.2.1:8080",
         );
     }
-    let out = lab.outside(&["python3", "-c", UDP_PROBE, HOST_UPLINK_IP, "5353"]);
+    let out = lab.outside(&[
+        "python3",
+        "-c",
+        UDP_PROBE,
+        HOST_UPLINK_IP,
+        "5353",
+        UDP_PROBE_TRIES,
+    ]);
     assert!(
         out.status.success(),
         "outside -> 5353/udp\n{}",
@@ -740,7 +734,14 @@ fn every_pinned_map_has_a_clear_name_and_dumps_with_btf_field_names() {
         "a pings outside\n{}",
         show_output(&out)
     );
-    let out = lab.host(&["python3", "-c", UDP_PROBE, "127.0.0.1", "5353"]);
+    let out = lab.host(&[
+        "python3",
+        "-c",
+        UDP_PROBE,
+        "127.0.0.1",
+        "5353",
+        UDP_PROBE_TRIES,
+    ]);
     assert!(
         out.status.success(),
         "host -> 127.0.0.1:5353/udp\n{}",

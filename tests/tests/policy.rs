@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use md_tests::helpers::{
     assert_no_netfilter, drops_of, fx, logged, logger, mac_of, run_d, session_line, RAW_UDP,
-    UDP_SEND,
+    UDP_PROBE, UDP_SEND,
 };
 use md_tests::process::show_output;
 use md_tests::{
@@ -33,22 +33,9 @@ const POLICY_TABLES_NAMES: [&str; 2] = ["/proc/net/ip_tables_names", "/proc/net/
 /// Where the one-way UDP logger listens.
 const LOG_PORT: u16 = 5400;
 
-/// UDP probe: sends "probe" to HOST PORT, prints the reply. Exit 0 with a reply, 3 when none
-/// came (two tries, 1 s each), 1 on an error such as ECONNREFUSED.
-const UDP_PROBE: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1)
-for _ in range(2):
-    s.sendto(b"probe", (sys.argv[1], int(sys.argv[2])))
-    try:
-        data, _ = s.recvfrom(2048)
-    except socket.timeout:
-        continue
-    print(data.decode())
-    sys.exit(0)
-sys.exit(3)
-"#;
+/// How many times [`UDP_PROBE`] sends before it gives up (1 s each): a dropped probe fails in
+/// 2 s.
+const UDP_PROBE_TRIES: &str = "2";
 
 /// UDP broadcast: sends "probe" to BCAST PORT with SO_BROADCAST and prints every reply as
 /// "REPLY FROM_IP" until none comes for 1.5 s.
@@ -126,7 +113,17 @@ fn http(lab: &Lab, from: &str, ip: &str, port: u16) -> Result<String, Output> {
 }
 
 fn udp(lab: &Lab, from: &str, ip: &str, port: u16) -> Result<String, Output> {
-    let out = lab.exec(from, &["python3", "-c", UDP_PROBE, ip, &port.to_string()]);
+    let out = lab.exec(
+        from,
+        &[
+            "python3",
+            "-c",
+            UDP_PROBE,
+            ip,
+            &port.to_string(),
+            UDP_PROBE_TRIES,
+        ],
+    );
     if out.status.success() {
         Ok(stdout_str(&out))
     } else {
