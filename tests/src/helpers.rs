@@ -1,14 +1,14 @@
 //! Helpers shared by the end-to-end test files: fixture paths, detached runs, the one-way UDP
 //! logger and its scripts, `stats --json` readers, common waits and assertions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::process::show_output;
-use crate::{fixture, stderr_str, wait_for, which, Bg, Lab, OUTSIDE_IP};
+use crate::process::{run_timeout, show_output};
+use crate::{fixture, stderr_str, wait_for, which, Bg, Lab, MD_TIMEOUT, OUTSIDE_IP};
 
 /// Absolute path of a file under `tests/fixtures/`, as a string for command lines.
 #[track_caller]
@@ -273,4 +273,13 @@ pub fn upstream_resolver(lab: &Lab) -> (Bg, PathBuf) {
     ]);
     lab.wait_listening_outside("udp", 53);
     (upstream, resolv)
+}
+
+/// md-user in the lab's host namespace with `MD_RESOLV_CONF=resolv` (e.g. the resolv.conf of
+/// [`upstream_resolver`]), deadline [`MD_TIMEOUT`].
+#[track_caller]
+pub fn md_resolv(lab: &Lab, resolv: &Path, args: &[&str]) -> Output {
+    let mut c = lab.host_md_cmd(lab.md_bin(), args);
+    c.env("MD_RESOLV_CONF", resolv);
+    run_timeout(&mut c, MD_TIMEOUT)
 }

@@ -15,12 +15,11 @@ use std::process::Output;
 use std::time::Duration;
 
 use md_tests::helpers::{
-    counter, drops_of, fx, logged, logger, mac_of, run_d, upstream_resolver, UDP_SEND,
+    counter, drops_of, fx, logged, logger, mac_of, md_resolv, run_d, upstream_resolver, UDP_SEND,
 };
-use md_tests::process::{run_timeout, show_output};
+use md_tests::process::show_output;
 use md_tests::{
-    require_e2e, require_tools, stdout_str, wait_for, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
-    OUTSIDE_IP,
+    require_e2e, require_tools, stdout_str, wait_for, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP,
 };
 
 /// md's container subnet (default network).
@@ -287,12 +286,11 @@ fn resolver_on_the_gateway_is_not_an_open_forwarder() {
     let lab = Lab::new("hard-dns");
     // An upstream resolver outside that knows one name, outside.test; md-user forwards to it.
     let (_upstream, resolv) = upstream_resolver(&lab);
-    let mut run = lab.host_md_cmd(
-        lab.md_bin(),
+    let out = md_resolv(
+        &lab,
+        &resolv,
         &["run", "-d", "--name", "asker", "--", "sleep", "600"],
     );
-    run.env("MD_RESOLV_CONF", &resolv);
-    let out = run_timeout(&mut run, MD_TIMEOUT);
     assert!(out.status.success(), "md-user run\n{}", show_output(&out));
     lab.wait_listening_host("udp", 53);
     route_to_containers(&lab);

@@ -19,7 +19,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use md_tests::helpers::{
-    assert_one_line_error, counter, fx, run_args, upstream_resolver, OUTSIDE_NAME,
+    assert_one_line_error, counter, fx, md_resolv, run_args, upstream_resolver, OUTSIDE_NAME,
 };
 use md_tests::process::{alive, ns_inode, run_timeout, show_output};
 use md_tests::{
@@ -93,9 +93,7 @@ impl NLab {
     /// md-user with `MD_RESOLV_CONF` set to the lab's resolv.conf.
     #[track_caller]
     fn md(&self, args: &[&str]) -> Output {
-        let mut c = self.lab.host_md_cmd(self.lab.md_bin(), args);
-        c.env("MD_RESOLV_CONF", &self.resolv);
-        run_timeout(&mut c, MD_TIMEOUT)
+        md_resolv(&self.lab, &self.resolv, args)
     }
 
     #[track_caller]
