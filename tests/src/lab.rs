@@ -365,12 +365,17 @@ impl Lab {
         })
     }
 
+    /// The `ps` entry of `name`; panics if not listed.
+    #[track_caller]
+    pub fn ps_entry(&self, name: &str) -> Value {
+        self.container(name)
+            .unwrap_or_else(|| panic!("{name} is not in ps"))
+    }
+
     /// The IP `ps` shows for `name` (panics if not listed).
     #[track_caller]
     pub fn ip_of(&self, name: &str) -> String {
-        let c = self
-            .container(name)
-            .unwrap_or_else(|| panic!("{name} is not in ps"));
+        let c = self.ps_entry(name);
         c["ip"]
             .as_str()
             .unwrap_or_else(|| panic!("ps entry of {name} has no string ip: {c}"))

@@ -164,9 +164,7 @@ fn port_map(lab: &Lab) -> Vec<String> {
 /// The ports `ps` shows for `name`.
 #[track_caller]
 fn ps_ports(lab: &Lab, name: &str) -> BTreeSet<String> {
-    let c = lab
-        .container(name)
-        .unwrap_or_else(|| panic!("{name} is not in ps"));
+    let c = lab.ps_entry(name);
     c["ports"]
         .as_array()
         .unwrap_or_else(|| panic!("ps entry of {name} has no ports array: {c}"))

@@ -301,10 +301,7 @@ impl NLab {
     /// `(network, ip)` of every interface `ps` shows for `name`.
     #[track_caller]
     fn ps_networks(&self, name: &str) -> Vec<(String, String)> {
-        let c = self
-            .lab
-            .container(name)
-            .unwrap_or_else(|| panic!("{name} is not in ps"));
+        let c = self.lab.ps_entry(name);
         c["networks"]
             .as_array()
             .unwrap_or_else(|| panic!("ps entry of {name} has no networks array: {c}"))
