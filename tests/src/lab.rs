@@ -103,6 +103,15 @@ fn cmd(program: &str, args: &[&str]) -> Command {
     c
 }
 
+/// True when `ss`, run by `run` where it should look, lists a listener on `proto` ("tcp"/"udp")
+/// port `port`.
+fn listens(proto: &str, port: u16, run: impl FnOnce(&[&str]) -> Output) -> bool {
+    let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
+    let filter = format!("sport = :{port}");
+    let out = run(&["ss", flag, &filter]);
+    out.status.success() && !out.stdout.is_empty()
+}
+
 #[track_caller]
 fn ok(out: Output, what: &str) -> String {
     assert!(
@@ -454,30 +463,20 @@ impl Lab {
     /// Waits until something listens on `proto` ("tcp"/"udp") port `port` in the outside ns.
     #[track_caller]
     pub fn wait_listening_outside(&self, proto: &str, port: u16) {
-        let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
-        let filter = format!("sport = :{port}");
         wait_for(
             &format!("{proto}/{port} listens outside"),
             Duration::from_secs(10),
-            || {
-                let out = self.outside(&["ss", flag, &filter]);
-                (out.status.success() && !out.stdout.is_empty()).then_some(())
-            },
+            || listens(proto, port, |ss| self.outside(ss)).then_some(()),
         )
     }
 
     /// Waits until something listens on `proto` ("tcp"/"udp") port `port` in the host ns.
     #[track_caller]
     pub fn wait_listening_host(&self, proto: &str, port: u16) {
-        let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
-        let filter = format!("sport = :{port}");
         wait_for(
             &format!("{proto}/{port} listens in the host ns"),
             Duration::from_secs(10),
-            || {
-                let out = self.host(&["ss", flag, &filter]);
-                (out.status.success() && !out.stdout.is_empty()).then_some(())
-            },
+            || listens(proto, port, |ss| self.host(ss)).then_some(()),
         )
     }
 
@@ -486,12 +485,9 @@ impl Lab {
     /// container's `ps` entry and `md-user logs`.
     #[track_caller]
     pub fn wait_listening_in(&self, container: &str, proto: &str, port: u16) {
-        let flag = if proto == "udp" { "-Hlun" } else { "-Hltn" };
-        let filter = format!("sport = :{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = self.exec(container, &["ss", flag, &filter]);
-            if out.status.success() && !out.stdout.is_empty() {
+            if listens(proto, port, |ss| self.exec(container, ss)) {
                 return;
             }
             if Instant::now() >= deadline {
