@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use md_tests::helpers::fx;
 use md_tests::process::alive;
 use md_tests::{
-    fixture, is_mountpoint, remove_pin_dir, require_e2e, require_tools, stdout_str, wait_for, Lab,
+    is_mountpoint, remove_pin_dir, require_e2e, require_tools, stdout_str, wait_for, Lab,
     HOST_UPLINK_IP, OUTSIDE_IP, UPLINK,
 };
 
@@ -101,8 +102,7 @@ fn lab_selftest() {
     );
 
     // Fixtures: the peer servers report the client address they saw.
-    let http = fixture("peer_http.py");
-    let _http = lab.spawn_outside(&["python3", http.to_str().unwrap(), "8080", OUTSIDE_IP]);
+    let _http = lab.spawn_outside(&["python3", &fx("peer_http.py"), "8080", OUTSIDE_IP]);
     lab.wait_listening_outside("tcp", 8080);
     let body = lab.host_ok(&["curl", "-sS", "--max-time", "5", "http://192.0.2.2:8080/"]);
     assert!(
@@ -110,11 +110,9 @@ fn lab_selftest() {
         "http peer said {body}"
     );
 
-    let udp = fixture("peer_udp.py");
-    let ask = fixture("udp_ask.py");
-    let _udp = lab.spawn_outside(&["python3", udp.to_str().unwrap(), "9090", OUTSIDE_IP]);
+    let _udp = lab.spawn_outside(&["python3", &fx("peer_udp.py"), "9090", OUTSIDE_IP]);
     lab.wait_listening_outside("udp", 9090);
-    let reply = lab.host_ok(&["python3", ask.to_str().unwrap(), OUTSIDE_IP, "9090"]);
+    let reply = lab.host_ok(&["python3", &fx("udp_ask.py"), OUTSIDE_IP, "9090"]);
     assert!(
         reply.trim().starts_with(&format!("{HOST_UPLINK_IP}:")),
         "udp peer said {reply}"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use md_tests::helpers::{assert_no_netfilter, fx, run_d, session_line, X_TABLES_NAMES};
 use md_tests::process::show_output;
-use md_tests::{fixture, require_e2e, require_tools, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP};
+use md_tests::{require_e2e, require_tools, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP};
 use serde_json::Value;
 
 /// Tracker lifetime of a closed TCP flow (md's default `ct_tcp_closing_secs`).
@@ -67,17 +67,16 @@ fn container_reaches_outside_http_masqueraded() {
     }
     require_tools(&["python3", "curl", "ss"]);
     let lab = Lab::new("snat-http");
-    let server = fixture("peer_http.py");
-    let _server = lab.spawn_outside(&["python3", server.to_str().unwrap(), "8080", OUTSIDE_IP]);
+    let _server = lab.spawn_outside(&["python3", &fx("peer_http.py"), "8080", OUTSIDE_IP]);
     lab.wait_listening_outside("tcp", 8080);
 
-    lab.md_ok(&["run", "-d", "--name", "c", "--", "sleep", "300"]);
+    run_d(&lab, "c", &[], &["sleep", "300"]);
     let url = format!("http://{OUTSIDE_IP}:8080/");
     let body = lab.exec_ok("c", &["curl", "-sS", "--max-time", "5", &url]);
     assert_masqueraded(&body, "HTTP from container c");
 
     // A second container, a second flow: both translated.
-    lab.md_ok(&["run", "-d", "--name", "d", "--", "sleep", "300"]);
+    run_d(&lab, "d", &[], &["sleep", "300"]);
     let body = lab.exec_ok("d", &["curl", "-sS", "--max-time", "5", &url]);
     assert_masqueraded(&body, "HTTP from container d");
     assert_no_netfilter(&lab, &X_TABLES_NAMES);
@@ -90,13 +89,11 @@ fn container_reaches_outside_udp_masqueraded() {
     }
     require_tools(&["python3", "ss"]);
     let lab = Lab::new("snat-udp");
-    let server = fixture("peer_udp.py");
-    let ask = fixture("udp_ask.py");
-    let _server = lab.spawn_outside(&["python3", server.to_str().unwrap(), "9090", OUTSIDE_IP]);
+    let _server = lab.spawn_outside(&["python3", &fx("peer_udp.py"), "9090", OUTSIDE_IP]);
     lab.wait_listening_outside("udp", 9090);
 
-    lab.md_ok(&["run", "-d", "--name", "c", "--", "sleep", "300"]);
-    let reply = lab.exec_ok("c", &["python3", ask.to_str().unwrap(), OUTSIDE_IP, "9090"]);
+    run_d(&lab, "c", &[], &["sleep", "300"]);
+    let reply = lab.exec_ok("c", &["python3", &fx("udp_ask.py"), OUTSIDE_IP, "9090"]);
     assert_masqueraded(&reply, "UDP from container c");
 }
 
