@@ -268,6 +268,27 @@ fn policy_map(lab: &Lab) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Gives `container` a permanent neighbour entry `ip` → `mac` on eth0, so its sending never
+/// depends on ARP (which md also polices).
+#[track_caller]
+fn pin_neighbour(lab: &Lab, container: &str, ip: &str, mac: &str) {
+    lab.exec_ok(
+        container,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+}
+
 // ---- tests ------------------------------------------------------------------------------
 
 #[test]
@@ -566,21 +587,7 @@ fn extra_address_inside_a_container_is_dropped() {
     let log_port = LOG_PORT.to_string();
     let b_mac = mac_of(&lab, "b");
     // a knows b's MAC for good, so a's sending never depends on ARP (which md also polices).
-    lab.exec_ok(
-        "a",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &b,
-            "lladdr",
-            &b_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    );
+    pin_neighbour(&lab, "a", &b, &b_mac);
     let send = |bind: Option<&str>, msg: &str| {
         let mut args = vec!["python3", "-c", UDP_SEND, &b, &log_port, msg];
         args.extend(bind);
@@ -621,21 +628,7 @@ fn changed_mac_inside_a_container_is_dropped() {
     let log_port = LOG_PORT.to_string();
     let b_mac = mac_of(&lab, "b");
     let a_mac = mac_of(&lab, "a");
-    lab.exec_ok(
-        "a",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &b,
-            "lladdr",
-            &b_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    );
+    pin_neighbour(&lab, "a", &b, &b_mac);
     let send = |msg: &str| {
         lab.exec_ok("a", &["python3", "-c", UDP_SEND, &b, &log_port, msg]);
     };
