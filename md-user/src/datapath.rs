@@ -429,30 +429,38 @@ impl Datapath {
     /// container that is gone never reach whoever gets its address or port next.
     pub fn purge_conntrack(&self, ip: Ipv4Addr) -> Result<usize> {
         let ip = ip.octets();
-        self.purge_conntrack_where(|k, v| {
+        let (removed, _) = self.purge_conntrack_where(|k, v| {
             k.saddr == ip || k.daddr == ip || v.nat_saddr == ip || v.nat_daddr == ip
-        })
+        })?;
+        Ok(removed)
     }
 
-    /// Deletes expired tracker entries; returns how many live ones remain.
-    pub fn gc_conntrack(&self) -> Result<usize> {
+    /// Deletes expired tracker entries; returns (collected, live ones remaining).
+    pub fn gc_conntrack(&self) -> Result<(usize, usize)> {
         let now = monotonic_ns();
-        self.purge_conntrack_where(|_, v| v.expires_ns <= now)?;
-        Ok(self.conntrack()?.keys().count())
+        let (removed, seen) = self.purge_conntrack_where(|_, v| v.expires_ns <= now)?;
+        Ok((removed, seen - removed))
     }
 
-    fn purge_conntrack_where(&self, pred: impl Fn(&CtKey, &CtEntry) -> bool) -> Result<usize> {
+    /// One pass over the tracker: deletes the entries `pred` picks. Returns how many it deleted
+    /// and how many it saw.
+    fn purge_conntrack_where(
+        &self,
+        pred: impl Fn(&CtKey, &CtEntry) -> bool,
+    ) -> Result<(usize, usize)> {
         let mut ct = self.conntrack()?;
+        let mut seen = 0;
         let doomed: Vec<CtKey> = ct
             .iter()
             .flatten()
+            .inspect(|_| seen += 1)
             .filter(|(k, v)| pred(k, v))
             .map(|(k, _)| k)
             .collect();
         for k in &doomed {
             let _ = ct.remove(k);
         }
-        Ok(doomed.len())
+        Ok((doomed.len(), seen))
     }
 }
 

@@ -102,9 +102,8 @@ pub async fn stats(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
     }
     // Expired tracker entries are collected here: md has no daemon to do it.
     let (entries, collected) = if loaded {
-        let before = dp.conntrack()?.keys().count();
-        let live = dp.gc_conntrack()?;
-        (live, before.saturating_sub(live))
+        let (collected, live) = dp.gc_conntrack()?;
+        (live, collected)
     } else {
         (0, 0)
     };
