@@ -514,17 +514,8 @@ fn netavark_setup(
                 let ns = lab.add_netns(c.name)?;
                 let file = lab.dir.join(format!("netavark-{}.json", c.name));
                 std::fs::write(&file, netavark_json(c))?;
-                let nv = |verb: &str| {
-                    let mut cmd = in_ns(&lab.host.path, bin, &[]);
-                    cmd.env("NETAVARK_FW", "nftables")
-                        .arg("--config")
-                        .arg(&cfg)
-                        .arg("-f")
-                        .arg(&file)
-                        .arg(verb)
-                        .arg(&ns.path);
-                    cmd
-                };
+                let nv =
+                    |verb: &str| netavark_cmd(&lab.host.path, bin, &cfg, &file, verb, &ns.path);
                 let t = Instant::now();
                 run_ok(&mut nv("setup"), Duration::from_secs(120))
                     .with_context(|| format!("netavark setup {}", c.name))?;
@@ -649,17 +640,7 @@ pub fn netavark_control_container(lab: &mut Lab, env: &Env, bin: &Path, port: u1
     let ns = lab.add_netns("a")?;
     let echo = ECHO_PORT.to_string();
     lab.spawn(&ns, &env.tool, &["bench-tool", "serve", "--echo", &echo])?;
-    let nv = |verb: &str| {
-        let mut cmd = in_ns(&lab.host.path, bin, &[]);
-        cmd.env("NETAVARK_FW", "nftables")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("-f")
-            .arg(&file)
-            .arg(verb)
-            .arg(&ns.path);
-        cmd
-    };
+    let nv = |verb: &str| netavark_cmd(&lab.host.path, bin, &cfg, &file, verb, &ns.path);
     run_ok(&mut nv("setup"), Duration::from_secs(60)).context("netavark setup")?;
     let done = super::sys::mono_ns();
     lab.on_teardown(nv("teardown"));
@@ -723,6 +704,27 @@ pub fn add_one_rule(s: &Setup, i: usize) -> Result<f64> {
         _ => bail!("{} has no policy rules", s.dp.name()),
     }
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// `netavark --config CFG -f FILE VERB NETNS` with the nftables driver, run in the lab's host
+/// namespace (netavark writes its rules into the namespace it runs in).
+fn netavark_cmd(
+    host_ns: &std::path::Path,
+    bin: &std::path::Path,
+    cfg: &std::path::Path,
+    file: &std::path::Path,
+    verb: &str,
+    container_ns: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = in_ns(host_ns, bin, &[]);
+    cmd.env("NETAVARK_FW", "nftables")
+        .arg("--config")
+        .arg(cfg)
+        .arg("-f")
+        .arg(file)
+        .arg(verb)
+        .arg(container_ns);
+    cmd
 }
 
 #[cfg(test)]
