@@ -19,7 +19,7 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
     for c in &containers {
         errors.extend(endpoint::teardown(&nl, &ctx.dp, c).await);
     }
-    errors.extend(host::teardown(&nl, &ctx.dp, &mut locked.state).await);
+    errors.extend(host::teardown(&nl, &ctx.dp, &mut locked.state, &ctx.state_dir.dir).await);
     // Nothing may outlive `down`, not even a pin dir someone else's state forgot.
     if let Err(e) = ctx.dp.unload() {
         errors.push(e);
