@@ -2632,3 +2632,4 @@ fn hardening_cut_short_l4_header_not_translated() {
     assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 0);
     assert_eq!(dp.port_hits([0; 4], 5353, IPPROTO_UDP), 0);
 }
+
