@@ -465,7 +465,9 @@ extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 fn create_with_port(f: &mut NewFlow, p: &Pkt) -> Option<u16> {
     let cfg = crate::config()?;
     let min = cfg.nat_port_min as u32;
-    let span = (cfg.nat_port_max as u32).saturating_sub(min).saturating_add(1);
+    let span = (cfg.nat_port_max as u32)
+        .saturating_sub(min)
+        .saturating_add(1);
     let mut s = PortSearch {
         f,
         p,

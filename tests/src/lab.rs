@@ -223,8 +223,8 @@ impl Lab {
         let ns = self.add_ns(tag);
         let h = self.host_ns.as_str();
         self.sh(&[
-            "ip", "-n", h, "link", "add", host_if, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
+            "ip", "-n", h, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
         ]);
         self.sh(&[
             "ip",
@@ -288,7 +288,16 @@ impl Lab {
         let cidr = |ip: &str| format!("{ip}/{prefix}");
         self.sh(&["ip", "-n", h, "addr", "add", &cidr(host_ip), "dev", host_if]);
         self.sh(&["ip", "-n", h, "link", "set", host_if, "up"]);
-        self.sh(&["ip", "-n", &ns, "addr", "add", &cidr(peer_ip), "dev", "tun1"]);
+        self.sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &cidr(peer_ip),
+            "dev",
+            "tun1",
+        ]);
         self.sh(&["ip", "-n", &ns, "link", "set", "tun1", "up"]);
         self.sh(&["ip", "-n", &ns, "route", "add", "default", "dev", "tun1"]);
         Segment {

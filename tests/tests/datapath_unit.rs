@@ -26,9 +26,9 @@ use aya::{
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
     PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
-    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, POLICY_ALLOW, POLICY_DENY, TCP_CLOSING,
-    TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV, TCP_SYN_SENT, HOST_ADDR_GATEWAY,
-    HOST_ADDR_LOCAL,
+    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, POLICY_ALLOW,
+    POLICY_DENY, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV,
+    TCP_SYN_SENT,
 };
 use md_tests::{
     pkt::{
@@ -120,10 +120,24 @@ fn private_netns() -> u32 {
     };
     let dotted = |a: Ip4| format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3]);
     ip(&["link", "set", "lo", "up"]);
-    ip(&["link", "add", UPLINK_DEV, "type", "veth", "peer", "name", "peer0"]);
+    ip(&[
+        "link", "add", UPLINK_DEV, "type", "veth", "peer", "name", "peer0",
+    ]);
     ip(&["link", "set", "peer0", "up"]);
-    ip(&["addr", "add", &format!("{}/24", dotted(HOST)), "dev", UPLINK_DEV]);
-    ip(&["addr", "add", &format!("{}/24", dotted(HOST2)), "dev", UPLINK_DEV]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", dotted(HOST)),
+        "dev",
+        UPLINK_DEV,
+    ]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", dotted(HOST2)),
+        "dev",
+        UPLINK_DEV,
+    ]);
     ip(&["link", "set", UPLINK_DEV, "up"]);
     ip(&["route", "add", "default", "via", &dotted(OUT)]);
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward in the test netns");
@@ -302,13 +316,13 @@ impl Dp {
 
     /// The entry for `key` in either tracker map (answered flows first).
     fn ct_get(&mut self, key: &CtKey) -> Option<CtEntry> {
-        m::TRACKERS.iter().find_map(|map| {
-            match self.hash::<CtKey, CtEntry>(map).get(key, 0) {
+        m::TRACKERS
+            .iter()
+            .find_map(|map| match self.hash::<CtKey, CtEntry>(map).get(key, 0) {
                 Ok(e) => Some(e),
                 Err(MapError::KeyNotFound) => None,
                 Err(e) => panic!("reading {map}: {e:?}"),
-            }
-        })
+            })
     }
 
     /// Which tracker map holds `key`: CONNTRACK (answered) or CONNTRACK_NEW.
@@ -996,7 +1010,11 @@ fn dnat_published_port_at_uplink() {
         "reverse DNAT C4:80 -> OUT:5555",
     );
     assert_eq!(dp.ct_must(&orig).tcp_state, TCP_SYN_RECV);
-    assert_eq!(dp.ct_map_of(&orig), Some(m::CONNTRACK_NEW), "not answered yet");
+    assert_eq!(
+        dp.ct_map_of(&orig),
+        Some(m::CONNTRACK_NEW),
+        "not answered yet"
+    );
     // The client's ACK completes the handshake: the flow is answered.
     let ack = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_ACK);
     expect_rewrite(
@@ -1553,7 +1571,11 @@ fn fragments_follow_their_first_fragment() {
     let stray = later_fragment(C2, OUT, 0x0777);
     let frame = stray.build();
     let (rc, out) = dp.run(UPLINK_EGRESS, &frame);
-    assert_verdict(rc, SHOT, "later fragment from a container, first never seen");
+    assert_verdict(
+        rc,
+        SHOT,
+        "later fragment from a container, first never seen",
+    );
     assert_frame_eq(&out, &frame, "stray fragment must not be translated");
     assert_eq!(dp.uplink_stat(|s| s.drop_unsupported), 1);
 
@@ -1569,7 +1591,14 @@ fn fragments_follow_their_first_fragment() {
         saddr: HOST,
         ..later.clone()
     };
-    expect_rewrite(&dp, UPLINK_EGRESS, &later, PASS, &want, "later fragment out");
+    expect_rewrite(
+        &dp,
+        UPLINK_EGRESS,
+        &later,
+        PASS,
+        &want,
+        "later fragment out",
+    );
 
     // In: the answer's first fragment is translated back, the later one follows.
     let answer = Ipv4Pkt {
@@ -1578,13 +1607,27 @@ fn fragments_follow_their_first_fragment() {
     }
     .frag(IP_MF);
     let want = with_tuple(&answer, CtKey::new(OUT, C2, 53, 40000, IPPROTO_UDP));
-    expect_rewrite(&dp, UPLINK_INGRESS, &answer, PASS, &want, "first fragment in");
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &answer,
+        PASS,
+        &want,
+        "first fragment in",
+    );
     let later = later_fragment(OUT, HOST, 0x0202);
     let want = Ipv4Pkt {
         daddr: C2,
         ..later.clone()
     };
-    expect_rewrite(&dp, UPLINK_INGRESS, &later, PASS, &want, "later fragment in");
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &later,
+        PASS,
+        &want,
+        "later fragment in",
+    );
 
     // A later fragment of another datagram to the host is the host's.
     expect_untouched(
@@ -1603,13 +1646,27 @@ fn fragments_follow_their_first_fragment() {
     }
     .frag(IP_MF);
     let want = with_tuple(&first, CtKey::new(OUT, C4, 7000, 53, IPPROTO_UDP));
-    expect_rewrite(&dp, UPLINK_INGRESS, &first, PASS, &want, "first fragment to a published port");
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &first,
+        PASS,
+        &want,
+        "first fragment to a published port",
+    );
     let later = later_fragment(OUT, HOST, 0x0404);
     let want = Ipv4Pkt {
         daddr: C4,
         ..later.clone()
     };
-    expect_rewrite(&dp, UPLINK_INGRESS, &later, PASS, &want, "its later fragment");
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &later,
+        PASS,
+        &want,
+        "its later fragment",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2497,6 +2554,37 @@ fn hardening_ct_half_close_keeps_established_lifetime() {
     );
 }
 
+/// A flow nobody answered keeps the SYN lifetime whatever it sends (a SYN then a FIN used to
+/// get the 6 h half-closed lifetime) and stays with the unanswered flows.
+#[test]
+fn hardening_ct_unanswered_flow_stays_short() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let cfg = dp.config();
+    let syn = Ipv4Pkt::tcp(C2, 40005, OUT, 80, TCP_SYN).seq_ack(1000, 0);
+    let (port, _) = expect_snat(&mut dp, &syn, "SYN");
+    let flow = [key_of(&syn), CtKey::new(OUT, HOST, 80, port, IPPROTO_TCP)];
+    let t = timed_run(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40005, OUT, 80, TCP_FIN | TCP_ACK).seq_ack(1001, 0),
+        PASS,
+        "FIN without an answer",
+    );
+    assert_ct_state(
+        &mut dp,
+        &flow,
+        TCP_SYN_SENT,
+        cfg.ct_tcp_syn_secs,
+        t,
+        "SYN then FIN, unanswered",
+    );
+    assert_eq!(dp.ct_map_of(&flow[0]), Some(m::CONNTRACK_NEW));
+    assert_eq!(dp.ct_map_of(&flow[1]), Some(m::CONNTRACK_NEW));
+}
+
 /// RST closes at once (closing lifetime), from either side.
 #[test]
 fn hardening_ct_rst_closes() {
@@ -2632,4 +2720,3 @@ fn hardening_cut_short_l4_header_not_translated() {
     assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 0);
     assert_eq!(dp.port_hits([0; 4], 5353, IPPROTO_UDP), 0);
 }
-

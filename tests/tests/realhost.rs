@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use md_tests::helpers::{counter, fx, logged, logger, md_resolv, run_d, RAW_UDP, UDP_SEND};
 use md_tests::process::show_output;
-use md_tests::{
-    require_e2e, require_tools, stdout_str, wait_for, Lab, HOST_UPLINK_IP, OUTSIDE_IP,
-};
+use md_tests::{require_e2e, require_tools, stdout_str, wait_for, Lab, HOST_UPLINK_IP, OUTSIDE_IP};
 
 const WEB_PORT: u16 = 8080;
 
@@ -28,7 +26,12 @@ fn curl(url: &str) -> [&str; 5] {
 
 /// The first field ("ip:port" → "ip") of a peer_http answer.
 fn ip_of_peer(answer: &str) -> String {
-    answer.trim().rsplit_once(':').map(|(ip, _)| ip).unwrap_or("").to_string()
+    answer
+        .trim()
+        .rsplit_once(':')
+        .map(|(ip, _)| ip)
+        .unwrap_or("")
+        .to_string()
 }
 
 /// An HTTP server answering with the client address it saw, in namespace `ns` on port 8000.
@@ -84,8 +87,16 @@ fn every_interface_masquerades_and_publishes() {
 
     for (server, seen, what) in [
         (OUTSIDE_IP, HOST_UPLINK_IP, "the default route's uplink"),
-        (o2.peer_ip.as_str(), o2.host_ip.as_str(), "a second Ethernet uplink"),
-        (vpn.peer_ip.as_str(), vpn.host_ip.as_str(), "a layer-3 VPN device"),
+        (
+            o2.peer_ip.as_str(),
+            o2.host_ip.as_str(),
+            "a second Ethernet uplink",
+        ),
+        (
+            vpn.peer_ip.as_str(),
+            vpn.host_ip.as_str(),
+            "a layer-3 VPN device",
+        ),
     ] {
         let url = format!("http://{server}:8000/");
         let answer = ok(lab.exec("cli", &curl(&url)), what);
@@ -102,7 +113,10 @@ fn every_interface_masquerades_and_publishes() {
         (vpn.ns.clone(), vpn.host_ip.as_str(), "tun0 (layer 3)"),
     ] {
         let url = format!("http://{addr}:{WEB_PORT}/");
-        let answer = ok(lab.in_ns(&ns, &curl(&url)), &format!("published port on {what}"));
+        let answer = ok(
+            lab.in_ns(&ns, &curl(&url)),
+            &format!("published port on {what}"),
+        );
         assert!(!answer.trim().is_empty(), "{what}: empty answer");
     }
     // Bound to up1's address: answers there, not on up0's.
@@ -140,10 +154,30 @@ fn no_direct_routes_and_no_forwarding_between_host_interfaces() {
     web(&lab, "web", &[]);
     let cip = lab.ip_of("web");
     // Neighbours that route through the host.
-    lab.in_ns_ok(&o2.ns, &["ip", "route", "add", "172.18.0.0/16", "via", &o2.host_ip]);
-    lab.in_ns_ok(&o2.ns, &["ip", "route", "add", "192.0.2.0/24", "via", &o2.host_ip]);
-    lab.outside_ok(&["ip", "route", "add", "198.51.100.0/24", "via", HOST_UPLINK_IP]);
-    lab.outside_ok(&["ip", "route", "add", "203.0.113.0/25", "via", HOST_UPLINK_IP]);
+    lab.in_ns_ok(
+        &o2.ns,
+        &["ip", "route", "add", "172.18.0.0/16", "via", &o2.host_ip],
+    );
+    lab.in_ns_ok(
+        &o2.ns,
+        &["ip", "route", "add", "192.0.2.0/24", "via", &o2.host_ip],
+    );
+    lab.outside_ok(&[
+        "ip",
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "via",
+        HOST_UPLINK_IP,
+    ]);
+    lab.outside_ok(&[
+        "ip",
+        "route",
+        "add",
+        "203.0.113.0/25",
+        "via",
+        HOST_UPLINK_IP,
+    ]);
 
     let url = format!("http://{cip}:80/");
     let out = lab.in_ns(&o2.ns, &curl(&url));
@@ -155,9 +189,17 @@ fn no_direct_routes_and_no_forwarding_between_host_interfaces() {
     assert!(uplink_counter(&lab, "up1", "drops.unsolicited") > 0);
 
     for (from, to, what) in [
-        (lab.outside_ns().to_string(), o2.peer_ip.clone(), "up0 -> up1"),
+        (
+            lab.outside_ns().to_string(),
+            o2.peer_ip.clone(),
+            "up0 -> up1",
+        ),
         (o2.ns.clone(), OUTSIDE_IP.to_string(), "up1 -> up0"),
-        (lab.outside_ns().to_string(), vpn.peer_ip.clone(), "up0 -> tun0"),
+        (
+            lab.outside_ns().to_string(),
+            vpn.peer_ip.clone(),
+            "up0 -> tun0",
+        ),
         (vpn.ns.clone(), OUTSIDE_IP.to_string(), "tun0 -> up0"),
     ] {
         let out = lab.in_ns(&from, &["ping", "-c", "2", "-W", "1", &to]);
@@ -193,8 +235,17 @@ fn published_53_takes_neither_the_stub_resolver_nor_container_dns() {
         &lab,
         &resolv,
         &[
-            "run", "-d", "--name", "fakedns", "-p", "53:53/udp", "--", "python3",
-            &fx("dns_stub.py"), "0.0.0.0", "203.0.113.99",
+            "run",
+            "-d",
+            "--name",
+            "fakedns",
+            "-p",
+            "53:53/udp",
+            "--",
+            "python3",
+            &fx("dns_stub.py"),
+            "0.0.0.0",
+            "203.0.113.99",
         ],
     );
     ok(out, "run fakedns");
@@ -206,17 +257,35 @@ fn published_53_takes_neither_the_stub_resolver_nor_container_dns() {
         bg.wait_for_line("ready", Duration::from_secs(20));
         bg
     };
-    let out = md_resolv(&lab, &resolv, &["run", "-d", "--name", "asker", "--", "sleep", "600"]);
+    let out = md_resolv(
+        &lab,
+        &resolv,
+        &["run", "-d", "--name", "asker", "--", "sleep", "600"],
+    );
     ok(out, "run asker");
 
     let ask = |args: &[&str]| ok(lab.host(args), &args.join(" ")).trim().to_string();
     assert_eq!(
-        ask(&["dig", "+short", "+tries=1", "+time=3", "@127.0.0.53", "anything.test"]),
+        ask(&[
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=3",
+            "@127.0.0.53",
+            "anything.test"
+        ]),
         "192.0.2.53",
         "the host's stub resolver answers its own address"
     );
     assert_eq!(
-        ask(&["dig", "+short", "+tries=1", "+time=3", "@127.0.0.1", "anything.test"]),
+        ask(&[
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=3",
+            "@127.0.0.1",
+            "anything.test"
+        ]),
         "203.0.113.99",
         "a 0.0.0.0 publish answers on 127.0.0.1"
     );
@@ -254,7 +323,13 @@ fn host_sockets_win_over_published_ports() {
     let (lab, _, _) = Lab::real_host("host-sockets");
     web(&lab, "web", &["8080:80"]);
     // Started after the publish, bound to the uplink address only.
-    let _host = lab.spawn_host(&["python3", &fx("where_http.py"), "--bind", HOST_UPLINK_IP, "8080"]);
+    let _host = lab.spawn_host(&[
+        "python3",
+        &fx("where_http.py"),
+        "--bind",
+        HOST_UPLINK_IP,
+        "8080",
+    ]);
     lab.wait_listening_host("tcp", 8080);
     let host_answer = format!("{HOST_UPLINK_IP}:8080");
     let from_outside = ok(
@@ -269,9 +344,15 @@ fn host_sockets_win_over_published_ports() {
         lab.host(&curl(&format!("http://{HOST_UPLINK_IP}:8080/"))),
         "host -> 192.0.2.1:8080",
     );
-    assert!(from_host.trim().ends_with(&host_answer), "got {from_host:?}");
+    assert!(
+        from_host.trim().ends_with(&host_answer),
+        "got {from_host:?}"
+    );
     // Where no host socket listens, the container still answers.
-    let via_lo = ok(lab.host(&curl("http://127.0.0.1:8080/")), "host -> 127.0.0.1:8080");
+    let via_lo = ok(
+        lab.host(&curl("http://127.0.0.1:8080/")),
+        "host -> 127.0.0.1:8080",
+    );
     assert!(
         !via_lo.contains(&host_answer),
         "127.0.0.1:8080 reaches the container, got {via_lo:?}"
@@ -318,7 +399,9 @@ fn forged_container_source_is_dropped_before_dnat() {
     let forged_src = lab.ip_of("other");
     run_d(&lab, "pub", &["-p", "5353:5353/udp"], &["sleep", "600"]);
     let log = logger(&lab, "pub", 5353);
-    let before = uplink_counter(&lab, "up0", "drops.spoofed-source");
+    // `stats.uplink` is the default route's interface (up0).
+    let spoofed = || counter(&lab.stats()["uplink"], "drops.spoofed-source");
+    let before = spoofed();
     lab.outside_ok(&[
         "python3",
         "-c",
@@ -336,9 +419,60 @@ fn forged_container_source_is_dropped_before_dnat() {
         "a datagram claiming {forged_src} was translated to the published container:\n{}",
         log.stdout()
     );
-    assert_eq!(
-        uplink_counter(&lab, "up0", "drops.spoofed-source"),
-        before + 1
+    assert_eq!(spoofed(), before + 1);
+}
+
+/// Item 5: a flood of spoofed SYNs to a published port (more than the whole tracker holds)
+/// must not evict an answered flow: an idle masqueraded session opened before the flood keeps
+/// its NAT port and works after it.
+#[test]
+fn syn_flood_does_not_evict_answered_flows() {
+    if !tools() {
+        return;
+    }
+    let lab = Lab::new("syn-flood");
+    let _echo = lab.spawn_outside(&["python3", &fx("tcp_echo.py"), "7000", OUTSIDE_IP]);
+    lab.wait_listening_outside("tcp", 7000);
+    web(&lab, "web", &["8080:80"]);
+    run_d(&lab, "c", &[], &["sleep", "600"]);
+    let go = lab.dir().join("flood-go");
+    let mut long = lab.spawn_exec(
+        "c",
+        &[
+            "python3",
+            &fx("tcp_session.py"),
+            OUTSIDE_IP,
+            "7000",
+            "--go",
+            go.to_str().unwrap(),
+        ],
+    );
+    let peer = md_tests::helpers::session_line(&mut long, "peer ", "the long session");
+    md_tests::helpers::session_line(&mut long, "echo one", "the long session");
+    let flood = ok(
+        lab.outside(&[
+            "python3",
+            &fx("syn_flood.py"),
+            HOST_UPLINK_IP,
+            "8080",
+            "140000",
+        ]),
+        "140,000 spoofed SYNs",
+    );
+    assert_eq!(flood.trim(), "sent 140000");
+    std::fs::write(&go, b"").unwrap();
+    let st = long.wait_timeout(Duration::from_secs(30));
+    let out = long.stdout();
+    assert!(
+        st.success() && out.contains("echo two"),
+        "the session opened as {peer} broke after the flood ({st})\n{out}{}",
+        long.stderr()
+    );
+    let s = lab.stats();
+    assert!(
+        s["conntrack"]["unanswered"].as_u64().unwrap_or(0) > 1000,
+        "the flood is tracked as unanswered: {}",
+        s["conntrack"]
     );
 }
 
@@ -375,11 +509,19 @@ sys.exit(3)
 "#;
     let _outside_echo = lab.spawn_outside(&["python3", "-c", SIZE_ECHO, "7001"]);
     lab.wait_listening_outside("udp", 7001);
-    run_d(&lab, "big", &["-p", "7002:7002/udp"], &["python3", "-c", SIZE_ECHO, "7002"]);
+    run_d(
+        &lab,
+        "big",
+        &["-p", "7002:7002/udp"],
+        &["python3", "-c", SIZE_ECHO, "7002"],
+    );
     lab.wait_listening_in("big", "udp", 7002);
     // Out and back: the container's 4000-byte datagram leaves in fragments, so does the answer.
     let got = ok(
-        lab.exec("big", &["python3", "-c", ASK_BIG, OUTSIDE_IP, "7001", "4000"]),
+        lab.exec(
+            "big",
+            &["python3", "-c", ASK_BIG, OUTSIDE_IP, "7001", "4000"],
+        ),
         "container -> outside, 4000 bytes",
     );
     assert_eq!(got.trim(), "4000 4005", "both ways whole");
@@ -429,7 +571,10 @@ print(" ".join(out))
     );
     let answers: Vec<&str> = got.split_whitespace().collect();
     assert_eq!(answers.len(), 2, "both connections answered: {got:?}");
-    assert!(answers.iter().all(|a| a.starts_with("192.0.2.2:")), "{got:?}");
+    assert!(
+        answers.iter().all(|a| a.starts_with("192.0.2.2:")),
+        "{got:?}"
+    );
 }
 
 /// Item 6: md follows the host. A DHCP-style address change is followed at once by new flows
@@ -452,9 +597,9 @@ fn follows_address_changes_and_interfaces_that_come_and_go() {
     };
     assert_eq!(seen(OUTSIDE_IP).as_deref(), Some(HOST_UPLINK_IP));
 
-    // DHCP gives up0 a new address.
-    lab.host_ok(&["ip", "addr", "add", "192.0.2.50/24", "dev", "up0"]);
+    // DHCP gives up0 a new address (the old one goes, and its default route with it).
     lab.host_ok(&["ip", "addr", "del", "192.0.2.1/24", "dev", "up0"]);
+    lab.host_ok(&["ip", "addr", "add", "192.0.2.50/24", "dev", "up0"]);
     lab.host_ok(&["ip", "route", "replace", "default", "via", OUTSIDE_IP]);
     assert_eq!(
         seen(OUTSIDE_IP).as_deref(),
@@ -482,7 +627,10 @@ fn follows_address_changes_and_interfaces_that_come_and_go() {
     ]);
     lab.host_ok(&["ip", "addr", "add", "198.51.100.1/24", "dev", "up1"]);
     lab.host_ok(&["ip", "link", "set", "up1", "up"]);
-    lab.in_ns_ok(&o2b.ns, &["ip", "addr", "add", "198.51.100.2/24", "dev", "eth0"]);
+    lab.in_ns_ok(
+        &o2b.ns,
+        &["ip", "addr", "add", "198.51.100.2/24", "dev", "eth0"],
+    );
     lab.in_ns_ok(&o2b.ns, &["ip", "link", "set", "eth0", "up"]);
     let new_idx = lab
         .link_table()
@@ -555,5 +703,19 @@ fn many_host_addresses() {
     );
     assert!(
         host_addrs["capacity"].as_u64().unwrap_or(0) > host_addrs["entries"].as_u64().unwrap_or(0)
+    );
+    // Per-interface counters are per CPU: allocated as interfaces come, not for 65,536 of them
+    // on every CPU up front.
+    let pin = lab.pin_dir().join("maps/IF_STATS");
+    // From the root namespace: pin paths are global (`ip netns exec` remounts /sys).
+    let show = std::process::Command::new("bpftool")
+        .args(["map", "show", "pinned", pin.to_str().unwrap(), "-j"])
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).expect("bpftool json");
+    assert_eq!(
+        v["flags"].as_u64().map(|f| f & 1),
+        Some(1),
+        "IF_STATS is BPF_F_NO_PREALLOC: {v}"
     );
 }
