@@ -163,7 +163,7 @@ impl Datapath {
         }
     }
 
-    fn prog_pin(&self, name: &str) -> PathBuf {
+    pub fn prog_pin(&self, name: &str) -> PathBuf {
         self.pin_dir.join("progs").join(name)
     }
 

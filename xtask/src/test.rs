@@ -36,6 +36,7 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
+    ("prometheus", "prometheus"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
@@ -241,7 +242,8 @@ mod tests {
                 "procps",
                 "util-linux",
                 "dnsutils",
-                "dnsmasq-base"
+                "dnsmasq-base",
+                "prometheus"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);
