@@ -79,6 +79,12 @@ fn describe(ev: &Event, names: &Names, after: Tuple, time: SystemTime) -> serde_
         _ => ("unknown", "unknown", ev.reason.to_string()),
     };
     let before = Tuple::of(ev);
+    // The datapath reports a hairpin to the caller's own port as DNAT; its tuple says more.
+    let reason = if ev.kind == EVENT_NAT && after.src != before.src && after.dst != before.dst {
+        "hairpin".to_string()
+    } else {
+        reason
+    };
     // A published port's client names no container until translated; a masqueraded one no
     // longer does after.
     let who = |a: (Ipv4Addr, u16), b: (Ipv4Addr, u16)| names.ip(a.0).or_else(|| names.ip(b.0));
