@@ -26,6 +26,13 @@ use serde_json::Value;
 const METRICS_PORT: u16 = 9464;
 const PROM_PORT: u16 = 9090;
 
+/// The example queries of the README (section "Metrics and flow logs").
+const README_DROPS_BY_REASON: &str =
+    r#"sum by (reason) (rate({__name__=~"md_(container|uplink)_drops_total"}[5m]))"#;
+const README_TOP_TALKERS: &str = "topk(5, sum by (container) (rate(md_container_bytes_total[5m])))";
+const README_NAT_PRESSURE: &str =
+    "max by (protocol) (md_nat_ports_used_busiest_destination) / scalar(md_nat_ports_capacity)";
+
 fn need_tools() {
     require_tools(&["python3", "curl", "ping", "ss", "prometheus", "promtool"]);
 }
@@ -364,6 +371,33 @@ fn prometheus_stores_what_the_traffic_was() {
     assert!(
         prom.value(r#"md_map_entries{map="CONNTRACK"}"#)
             >= prom.value(r#"sum(md_conntrack_entries)"#)
+    );
+
+    // The README's three queries answer.
+    let by = |q: &str, label: &str| -> BTreeMap<String, f64> {
+        prom.values(q)
+            .into_iter()
+            .map(|(m, v)| (m[label].as_str().unwrap_or_default().to_string(), v))
+            .collect()
+    };
+    let drops = by(README_DROPS_BY_REASON, "reason");
+    assert!(
+        drops.get("policy").is_some_and(|v| *v > 0.0),
+        "{README_DROPS_BY_REASON}: {drops:?}"
+    );
+    let talkers = by(README_TOP_TALKERS, "container");
+    assert!(
+        talkers.len() <= 5
+            && ["a", "c"]
+                .iter()
+                .all(|c| talkers.get(*c).is_some_and(|v| *v > 0.0)),
+        "{README_TOP_TALKERS}: {talkers:?}"
+    );
+    let pressure = by(README_NAT_PRESSURE, "protocol");
+    assert_eq!(
+        pressure.get("udp"),
+        Some(&(3.0 / 4536.0)),
+        "{README_NAT_PRESSURE}: {pressure:?}"
     );
 
     // Packet and byte counters: what Prometheus stores is what md counts at that moment.
@@ -817,4 +851,16 @@ fn metrics_and_flow_log_bad_input_is_one_line() {
         !Path::new(unmade).exists(),
         "a refused monitor created its output"
     );
+}
+
+#[test]
+fn readme_shows_the_queries_tested_here() {
+    let readme = include_str!("../../README.md");
+    for q in [
+        README_DROPS_BY_REASON,
+        README_TOP_TALKERS,
+        README_NAT_PRESSURE,
+    ] {
+        assert!(readme.contains(q), "README.md lacks the query {q}");
+    }
 }
