@@ -145,6 +145,10 @@ impl FlowLog {
         let what = || format!("writing {}", self.path.display());
         // A line longer than the limit still goes into a file of its own.
         if self.size > 0 && self.size + buf.len() as u64 > self.max_size {
+            if !self.path.parent().is_some_and(|d| d.is_dir()) {
+                // file-rotate would panic making it again.
+                anyhow::bail!("{}: its directory is gone", what());
+            }
             self.file.rotate().with_context(what)?;
             if !self.path.exists() {
                 // file-rotate would write nowhere, silently.

@@ -800,6 +800,12 @@ fn metrics_and_flow_log_bad_input_is_one_line() {
     }
     need_tools();
     let lab = Lab::new("metrics-bad");
+    // Before any container there is no datapath, and the exposition says only that.
+    let printed = samples(&lab.md_ok(&["stats", "--prometheus"]));
+    assert_eq!(
+        printed.into_iter().collect::<Vec<_>>(),
+        [("md_datapath_loaded".to_string(), 0.0)]
+    );
     run_d(&lab, "a", &[], &["sleep", "600"]);
     let listen = format!("{HOST_UPLINK_IP}:{METRICS_PORT}");
     let _server = lab.spawn_md(&["metrics", "--listen", &listen]);

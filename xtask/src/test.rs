@@ -37,6 +37,7 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
     ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
