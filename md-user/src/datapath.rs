@@ -355,7 +355,7 @@ impl Datapath {
         Map::from_map_data(data).with_context(|| format!("opening map {name}"))
     }
 
-    fn hash<K: Pod, V: Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
+    pub fn hash<K: Pod, V: Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
         Ok(HashMap::try_from(self.map_data(name)?)?)
     }
 

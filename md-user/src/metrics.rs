@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 use aya::{
-    maps::{HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuHashMap},
+    maps::{MapData, MapInfo, PerCpuHashMap},
     programs::ProgramInfo,
     Pod,
 };
@@ -195,13 +195,8 @@ pub fn proto_name(p: u8) -> String {
     }
 }
 
-fn open<K: Pod, V: Pod>(dp: &Datapath, name: &str) -> Result<BpfHashMap<MapData, K, V>> {
-    let data = MapData::from_pin(dp.map_pin(name))?;
-    Ok(BpfHashMap::try_from(Map::from_map_data(data)?)?)
-}
-
 fn count_keys<K: Pod, V: Pod>(dp: &Datapath, name: &str) -> Result<u64> {
-    Ok(open::<K, V>(dp, name)?.keys().filter(Result::is_ok).count() as u64)
+    Ok(dp.hash::<K, V>(name)?.keys().filter(Result::is_ok).count() as u64)
 }
 
 /// Whether kernel.bpf_stats_enabled is on (read only: md never writes it).
@@ -236,7 +231,7 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
         }
         t
     };
-    let port_map = open::<PortKey, PortTarget>(dp, m::PORT_MAP)?;
+    let port_map = dp.port_map()?;
     for c in &containers {
         for i in &c.interfaces {
             snap.interfaces.push(Interface {
@@ -258,12 +253,12 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
         snap.uplink = Some((d.uplink.clone(), sum(d.uplink_ifindex)));
     }
 
-    let ct = open::<CtKey, CtEntry>(dp, m::CONNTRACK)?;
+    let ct = dp.conntrack()?;
     snap.tracker = Tracker::tally(ct.iter().flatten(), monotonic_ns());
     let cfg = dp.config()?;
     snap.nat_port_capacity = (cfg.nat_port_max as u64).saturating_sub(cfg.nat_port_min as u64) + 1;
 
-    let policy = open::<PolicyKey, PolicyRule>(dp, m::POLICY)?;
+    let policy = dp.policy()?;
     for r in &state.policy.rules {
         let (Some(&src), Some(&dst)) = (state.identities.get(&r.from), state.identities.get(&r.to))
         else {
