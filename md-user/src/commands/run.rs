@@ -4,7 +4,7 @@
 
 use std::{
     ffi::CString,
-    fs::{self, File, OpenOptions},
+    fs::File,
     io::{Read, Write},
     os::fd::FromRawFd,
     path::{Path, PathBuf},
@@ -493,14 +493,7 @@ async fn create(
     let mut cmd = tokio::process::Command::new(&setup.program);
     cmd.arg0(&container.cmd[0]).args(&container.cmd[1..]);
     if container.detached {
-        let log = ctx.state_dir.log_file(name);
-        fs::create_dir_all(log.parent().expect("log dir"))?;
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&log)
-            .with_context(|| format!("opening {}", log.display()))?;
+        let f = ctx.state_dir.create_log(name)?;
         cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
     }
     let pre = PreExec {
