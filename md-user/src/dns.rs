@@ -46,6 +46,20 @@ fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option
         .map(|i| i.ip)
 }
 
+fn is_a_name(state: &State, name: &str) -> bool {
+    state
+        .containers
+        .values()
+        .any(|c| c.name.eq_ignore_ascii_case(name))
+}
+
+/// The hostname `c` is also known by, unless it is just its name or some container's name:
+/// names win, so `--hostname web` cannot take the name of a container `web`.
+fn alias(state: &State, c: &Container) -> Option<String> {
+    (!c.hostname.eq_ignore_ascii_case(&c.name) && !is_a_name(state, &c.hostname))
+        .then(|| c.hostname.clone())
+}
+
 /// Resolves a container name (or hostname) for someone on `nets`.
 pub fn lookup(
     state: &State,
@@ -54,10 +68,17 @@ pub fn lookup(
     name: &str,
 ) -> Option<Ipv4Addr> {
     let name = name.trim_end_matches('.');
+    let by_name = is_a_name(state, name);
     state
         .containers
         .values()
-        .filter(|c| c.name.eq_ignore_ascii_case(name) || c.hostname.eq_ignore_ascii_case(name))
+        .filter(|c| {
+            if by_name {
+                c.name.eq_ignore_ascii_case(name)
+            } else {
+                c.hostname.eq_ignore_ascii_case(name)
+            }
+        })
         .find_map(|c| shared_ip(c, nets, network))
 }
 
@@ -68,12 +89,9 @@ fn networks_of(c: &Container) -> Vec<String> {
 /// /etc/hosts of a container: localhost, itself, and its peers on the networks it is on.
 pub fn render_hosts(state: &State, c: &Container) -> String {
     let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    let own = |c: &Container| {
-        if c.hostname == c.name {
-            c.name.clone()
-        } else {
-            format!("{} {}", c.hostname, c.name)
-        }
+    let own = |c: &Container| match alias(state, c) {
+        Some(h) => format!("{h} {}", c.name),
+        None => c.name.clone(),
     };
     match c.primary_ip() {
         Some(ip) => s.push_str(&format!("{ip}\t{}\n", own(c))),
@@ -392,6 +410,34 @@ mod tests {
         assert!(!h.contains("\ta\n"));
         let r = render_resolv(&s, &s.containers["c"]).unwrap();
         assert!(r.contains("nameserver 10.9.0.1"));
+    }
+
+    #[test]
+    fn names_win_over_hostnames() {
+        let mut s = lab();
+        // d claims a's name as its hostname; e has a hostname of its own.
+        let mut d = container("d", &[("bridge", [172, 18, 0, 5])]);
+        d.hostname = "A".into();
+        let mut e = container("e", &[("bridge", [172, 18, 0, 6])]);
+        e.hostname = "mail".into();
+        s.containers.insert("d".into(), d);
+        s.containers.insert("e".into(), e);
+        for asker in [[172, 18, 0, 2], [172, 18, 0, 5]] {
+            let m = ask(&s, "bridge", asker, "a", RecordType::A).unwrap();
+            assert_eq!(a_record(&m), Some(Ipv4Addr::new(172, 18, 0, 2)));
+        }
+        let m = ask(&s, "bridge", [172, 18, 0, 2], "mail", RecordType::A).unwrap();
+        assert_eq!(a_record(&m), Some(Ipv4Addr::new(172, 18, 0, 6)));
+        for c in ["a", "d"] {
+            let h = render_hosts(&s, &s.containers[c]);
+            assert!(h.contains("172.18.0.2\ta\n"), "{c}: {h}");
+            assert!(h.contains("172.18.0.5\td\n"), "{c}: {h}");
+            assert!(h.contains("172.18.0.6\tmail e\n"), "{c}: {h}");
+        }
+        // A name that is nobody's name any more frees the hostname.
+        s.containers.remove("a");
+        let m = ask(&s, "bridge", [172, 18, 0, 6], "a", RecordType::A).unwrap();
+        assert_eq!(a_record(&m), Some(Ipv4Addr::new(172, 18, 0, 5)));
     }
 
     #[test]
