@@ -16,7 +16,8 @@ use crate::{
 
 /// Creates the veth pair (peer as `iface.name` inside `netns`), configures the container side
 /// (the default route only through the primary interface) and attaches md's programs to the
-/// host side. Returns the host side's ifindex.
+/// host side. Returns the host side's ifindex. On failure it removes what it made: the caller
+/// does not know the ifindex yet, so it could not find the map entries keyed by it.
 pub async fn setup(
     nl: &Netlink,
     dp: &Datapath,
@@ -30,12 +31,41 @@ pub async fn setup(
     let host = nl
         .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
         .await?;
+    match attach(dp, netns, net, iface, identity, primary, host.index) {
+        Ok(()) => Ok(host.index),
+        Err(e) => {
+            let made = Interface {
+                ifindex: host.index,
+                ..iface.clone()
+            };
+            for te in teardown_iface(nl, dp, &made).await {
+                eprintln!(
+                    "md-user: cleaning up {}: {}",
+                    iface.veth,
+                    crate::error::one_line(&te)
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The part of `setup` after the veth exists.
+fn attach(
+    dp: &Datapath,
+    netns: &Netns,
+    net: &Network,
+    iface: &Interface,
+    identity: u32,
+    primary: bool,
+    host_index: u32,
+) -> Result<()> {
     crate::netlink::configure_container_side(
         netns,
         Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
         primary.then(|| net.subnet.gateway()),
     )?;
-    dp.reset_if_stats(host.index)?;
+    dp.reset_if_stats(host_index)?;
     dp.attach_tc(
         &iface.veth,
         Hook::Ingress,
@@ -49,7 +79,7 @@ pub async fn setup(
         &iface.veth,
     )?;
     let ep = Endpoint {
-        ifindex: host.index,
+        ifindex: host_index,
         identity,
         net_id: net.id,
         ip: iface.ip.octets(),
@@ -57,12 +87,12 @@ pub async fn setup(
         _pad: [0; 2],
     };
     dp.veth_owners()?
-        .insert(host.index, ep, 0)
+        .insert(host_index, ep, 0)
         .context("writing VETH_OWNERS")?;
     dp.endpoints()?
         .insert(iface.ip.octets(), ep, 0)
         .context("writing ENDPOINTS")?;
-    Ok(host.index)
+    Ok(())
 }
 
 /// Publishes a container's ports in PORT_MAP.
