@@ -7,11 +7,12 @@ use md_common::{Endpoint, PortKey, PortTarget};
 
 use crate::{
     datapath::{Datapath, Hook},
+    hostports,
     netlink::Netlink,
     netns::Netns,
     network,
     portmap::PortMapping,
-    state::{Container, Interface, Network},
+    state::{Container, Interface, Locked, Network},
 };
 
 /// Creates the veth pair (peer as `iface.name` inside `netns`), configures the container side
@@ -95,11 +96,26 @@ fn attach(
     Ok(())
 }
 
-/// Publishes a container's ports in PORT_MAP.
-pub fn publish(dp: &Datapath, c: &Container, identity: u32) -> Result<()> {
+/// Publishes a container's ports: refused if a host process holds one; kept out of the host's
+/// ephemeral range (recorded and saved before the sysctl is written, so a crash leaves
+/// nothing md would not give back); then PORT_MAP.
+pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) -> Result<()> {
+    let c = locked
+        .state
+        .containers
+        .get(name)
+        .with_context(|| format!("no such container: {name}"))?
+        .clone();
     let Some(ip) = c.primary_ip() else {
         return Ok(());
     };
+    hostports::check_free(&c.ports, &locked.state)?;
+    let add = hostports::unreserved(&c.ports)?;
+    if !add.is_empty() {
+        locked.state.reserved_ports.extend(&add);
+        locked.save()?;
+        hostports::reserve(&add)?;
+    }
     let mut map = dp.port_map()?;
     for p in &c.ports {
         map.insert(
@@ -165,7 +181,8 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
 }
 
 /// Removes everything `setup`/`publish` created for a container. Keeps going on errors and
-/// returns them all.
+/// returns them all. Its reserved host ports are given back once it is out of the state
+/// (`network::containers_changed`).
 pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
     if dp.is_loaded() {

@@ -10,6 +10,7 @@ mod dns;
 mod endpoint;
 mod error;
 mod host;
+mod hostports;
 mod ipam;
 mod netlink;
 mod netns;

@@ -3,7 +3,7 @@
 //! writes it back, so the state survives crashes and lets teardown find what setup created.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fs::{self, DirBuilder, File, OpenOptions, Permissions},
     io::Write,
     net::Ipv4Addr,
@@ -32,6 +32,9 @@ pub struct State {
     pub next_network_id: u32,
     pub policy: PolicyState,
     pub datapath: Option<DatapathState>,
+    /// Host ports md added to `ip_local_reserved_ports` (and gives back when no container
+    /// publishes them any more); entries that were there before are not md's to remove.
+    pub reserved_ports: BTreeSet<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

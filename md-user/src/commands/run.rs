@@ -20,7 +20,7 @@ use crate::{
     cli::RunArgs,
     dns, endpoint,
     error::{one_line, require_privileges},
-    host,
+    host, hostports,
     ipam::mac_for,
     netlink::Netlink,
     netns::{Netns, PreExec, Uts},
@@ -348,6 +348,7 @@ async fn start(
             }
         }
     }
+    hostports::check_free(&setup.ports, state)?;
     network::ensure_default(state, &ctx.opts)?;
     let mut interfaces = Vec::new();
     match &setup.mode {
@@ -452,7 +453,7 @@ async fn create(
                 c.interfaces[0].ifindex = ifindex;
             }
             locked.save()?;
-            endpoint::publish(&ctx.dp, &locked.state.containers[name], identity)?;
+            endpoint::publish(&ctx.dp, locked, name, identity)?;
             network::ensure_resolver(&ctx.opts, &mut locked.state, net_name)?;
             binds.push((cstr(&hosts), c"/etc/hosts".to_owned()));
             binds.push((cstr(&resolv), c"/etc/resolv.conf".to_owned()));
