@@ -504,6 +504,7 @@ mod tests {
             status: Status::Running,
             detached: true,
             created_unix: 0,
+            privileged: false,
         }
     }
 

@@ -101,6 +101,10 @@ pub struct Container {
     pub status: Status,
     pub detached: bool,
     pub created_unix: u64,
+    /// `run --privileged`: CMD (and `exec`) keep every capability and the host's PID
+    /// namespace.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 fn default_mode() -> String {
