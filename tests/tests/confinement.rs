@@ -80,7 +80,6 @@ fn cmd_and_exec_keep_only_dockers_default_capabilities() {
     let lab = Lab::new("caps");
     run_d(&lab, "c", &[], &["sh", "-c", SHOW_CAPS]);
     run_d(&lab, "h", &["--network", "host"], &["sh", "-c", SHOW_CAPS]);
-    run_d(&lab, "p", &["--privileged"], &["sh", "-c", SHOW_CAPS]);
     for name in ["c", "h"] {
         assert_docker_caps(
             &caps(&log_with(&lab, name, "CapAmb")),
@@ -89,6 +88,16 @@ fn cmd_and_exec_keep_only_dockers_default_capabilities() {
         let st = lab.exec_ok(name, &["cat", "/proc/self/status"]);
         assert_docker_caps(&caps(&st), &format!("exec in {name}"));
     }
+    run_d(&lab, "p", &["--privileged"], &["sh", "-c", SHOW_CAPS]);
+    let privileged = |n: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.md_ok(&["inspect", n, "--json"])).expect("inspect --json");
+        v["HostConfig"]["Privileged"].as_bool()
+    };
+    assert_eq!(
+        (privileged("c"), privileged("p")),
+        (Some(false), Some(true))
+    );
     let full = full_caps();
     let p = caps(&log_with(&lab, "p", "CapAmb"));
     assert_eq!(
@@ -112,7 +121,6 @@ fn a_container_cannot_enter_the_hosts_network_namespace_or_open_mds_maps() {
     require_tools(&["nsenter", "bpftool"]);
     let lab = Lab::new("escape");
     run_d(&lab, "c", &[], &["sleep", "600"]);
-    run_d(&lab, "p", &["--privileged"], &["sleep", "600"]);
     // The lab's host namespace is a file every container's mount namespace still shows.
     let host_ns = format!("/run/netns/{}", lab.host_ns());
     let setns = ["nsenter", &format!("--net={host_ns}"), "--", "true"];
@@ -127,9 +135,11 @@ fn a_container_cannot_enter_the_hosts_network_namespace_or_open_mds_maps() {
         "{}",
         show_output(&out)
     );
+    run_d(&lab, "p", &["--privileged"], &["sleep", "600"]);
     lab.exec_ok("p", &setns);
 
-    // md's pinned maps: neither readable nor writable without CAP_BPF / CAP_SYS_ADMIN.
+    // md's pinned maps: out of reach, neither read nor written (the container's mount namespace
+    // has no bpffs, and it has no CAP_BPF or CAP_SYS_ADMIN to mount one).
     let maps = lab.pin_dir().join("maps");
     let config = maps.join("CONFIG").to_string_lossy().into_owned();
     let policy = maps.join("POLICY").to_string_lossy().into_owned();
@@ -156,7 +166,8 @@ fn a_container_cannot_enter_the_hosts_network_namespace_or_open_mds_maps() {
         "POLICY: {:?}",
         lab.map_dump("POLICY")
     );
-    // The same path is there: only the capabilities were missing.
+    assert!(!lab.exec("c", &["test", "-e", &config]).status.success());
+    // The privileged container, with the host's mounts and every capability, can.
     lab.exec_ok("p", &dump);
 }
 
@@ -169,7 +180,6 @@ fn cmd_has_its_own_pid_namespace_with_an_init_as_pid_1() {
     let lab = Lab::new("pidns");
     run_d(&lab, "c", &[], &["sh", "-c", SHOW_PID]);
     run_d(&lab, "h", &["--network", "host"], &["sh", "-c", SHOW_PID]);
-    run_d(&lab, "p", &["--privileged"], &["sh", "-c", SHOW_PID]);
     for name in ["c", "h"] {
         // CMD is the first child of the namespace's init.
         let log = log_with(&lab, name, "pid=");
@@ -199,6 +209,7 @@ fn cmd_has_its_own_pid_namespace_with_an_init_as_pid_1() {
         let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
         assert!(nspid.ends_with("\t2"), "{name}'s CMD {host_pid}: {nspid}");
     }
+    run_d(&lab, "p", &["--privileged"], &["sh", "-c", SHOW_PID]);
     let host_pid = lab.ps_entry("p")["pid"].as_u64().expect("pid");
     let log = log_with(&lab, "p", "pid=");
     assert!(
