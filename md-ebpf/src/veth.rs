@@ -14,7 +14,7 @@ use crate::{
     ct::{self, Spec},
     nat::{self, Verdict},
     parse::{self, Parsed, Pkt, L4},
-    policy, route, VETH_OWNERS,
+    fwd, policy, route, VETH_OWNERS,
 };
 
 /// What a container sends. ICMP errors come back as [`Verdict::Icmp`]: the entry point hands
@@ -162,7 +162,13 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         }
     }
     if let Some(dst) = nat::endpoint(&p.daddr) {
-        return to_container(p, &src, &dst, cfg);
+        return match to_container(p, &src, &dst, cfg) {
+            Verdict::Pass => fwd::between_containers(ctx, cfg, &dst),
+            v => v,
+        };
+    }
+    if fwd::redirecting(cfg) && !nat::is_host_addr(&p.daddr) && !nat::in_md_subnet(&p.daddr) {
+        return fwd::outbound(ctx, p, &src);
     }
     Verdict::Pass
 }
