@@ -136,6 +136,11 @@ pub fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint) -> Verdict {
     let Some(net) = (unsafe { NETWORKS.get(src.net_id) }) else {
         return Verdict::Pass;
     };
+    // Only frames sent to the gateway are routed (broadcast and multicast are not, whatever
+    // the FIB says about their address).
+    if ctx.load::<[u8; 6]>(0).ok() != Some(net.gateway_mac) {
+        return Verdict::Pass;
+    }
     let bridge_ifindex = net.bridge_ifindex;
     let mut f: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     f.family = AF_INET;

@@ -12,9 +12,10 @@ use md_common::{
 use crate::{
     csum,
     ct::{self, Spec},
+    fwd,
     nat::{self, Verdict},
     parse::{self, Parsed, Pkt, L4},
-    fwd, policy, route, VETH_OWNERS,
+    policy, route, VETH_OWNERS,
 };
 
 /// What a container sends. ICMP errors come back as [`Verdict::Icmp`]: the entry point hands
