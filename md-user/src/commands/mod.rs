@@ -12,6 +12,7 @@ mod ps;
 pub mod run;
 pub mod stats;
 mod stop;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -79,6 +80,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                     block_on(metrics::metrics(&ctx, listen, bpf_stats))
                 }
                 Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
+                Command::Trace { from, to, json } => block_on(trace::trace(&ctx, &from, &to, json)),
                 Command::Network(cmd) => block_on(network::network(&ctx, cmd)),
                 Command::Watch { ready_fd } => {
                     let ready = ready_fd.map(|fd| unsafe {
