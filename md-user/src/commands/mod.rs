@@ -44,10 +44,19 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         // `run` validates its arguments before checking privileges, so bad input gets the
         // precise message even without root.
         Command::Run(args) => run::run(&ctx, args),
+        // So does `trace`: a bad spec is named before anything else.
+        Command::Trace { from, to, json } => {
+            let (from, to) = (
+                crate::trace::spec::parse_from(&from)?,
+                crate::trace::spec::parse_to(&to)?,
+            );
+            require_privileges()?;
+            block_on(trace::trace(&ctx, from, to, json))
+        }
         command => {
             require_privileges()?;
             match command {
-                Command::Run(_) => unreachable!(),
+                Command::Run(_) | Command::Trace { .. } => unreachable!(),
                 Command::Ps { json } => block_on(ps::ps(&ctx, json)),
                 Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
                 Command::Exec { name, cmd } => {
@@ -80,7 +89,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                     block_on(metrics::metrics(&ctx, listen, bpf_stats))
                 }
                 Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
-                Command::Trace { from, to, json } => block_on(trace::trace(&ctx, &from, &to, json)),
                 Command::Network(cmd) => block_on(network::network(&ctx, cmd)),
                 Command::Watch { ready_fd } => {
                     let ready = ready_fd.map(|fd| unsafe {

@@ -1,16 +1,20 @@
 //! `md-user trace FROM TO[:PORT][/PROTO] [--json]`: what md's datapath does to a packet, hop by
 //! hop, on a private copy of it (see `crate::trace`).
 
-use std::process::ExitCode;
+use std::{io::Write, process::ExitCode};
 
 use anyhow::{bail, Result};
 
 use super::Ctx;
-use crate::{netlink::Netlink, trace};
+use crate::{
+    netlink::Netlink,
+    trace::{
+        self,
+        spec::{Dest, Peer},
+    },
+};
 
-pub async fn trace(ctx: &Ctx, from: &str, to: &str, json: bool) -> Result<ExitCode> {
-    let from = trace::spec::parse_from(from)?;
-    let to = trace::spec::parse_to(to)?;
+pub async fn trace(ctx: &Ctx, from: Peer, to: Dest, json: bool) -> Result<ExitCode> {
     if !ctx.dp.is_loaded() {
         bail!("md's datapath is not loaded (run a container first)");
     }
@@ -26,10 +30,14 @@ pub async fn trace(ctx: &Ctx, from: &str, to: &str, json: bool) -> Result<ExitCo
     }
     let nl = Netlink::connect()?;
     let report = trace::trace(&ctx.dp, state, &nl, &from, &to).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let text = if json {
+        serde_json::to_string_pretty(&report)? + "\n"
     } else {
-        print!("{}", trace::report::text(&report));
+        trace::report::text(&report)
+    };
+    // A reader that stops early (`| head`) is no error.
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -183,28 +183,24 @@ fn fmt_port_key(k: &PortKey) -> String {
 }
 
 /// The policy between two identities as the datapath decides it.
-pub fn policy_text(sb: &Sandbox, topo: &Topo, src: u32, dst: u32) -> (String, bool) {
-    let who = format!("{} → {}", topo.identity_name(src), topo.identity_name(dst));
+pub fn policy_text(sb: &Sandbox, src: u32, dst: u32) -> (String, bool) {
     if src == dst || src == 0 || dst == 0 {
-        return (format!("{who}: not subject to policy"), true);
+        return ("not subject to policy".into(), true);
     }
     let key = PolicyKey {
         src_identity: src,
         dst_identity: dst,
     };
     match sb.get::<PolicyKey, PolicyRule>(m::POLICY, &key) {
-        Some(r) if r.verdict == POLICY_DENY => (format!("{who}: rule deny"), false),
-        Some(_) => (format!("{who}: rule allow"), true),
+        Some(r) if r.verdict == POLICY_DENY => ("rule deny".into(), false),
+        Some(_) => ("rule allow".into(), true),
         None => {
             let deny = sb
                 .config()
                 .map(|c| c.policy_default == POLICY_DENY)
                 .unwrap_or(false);
             (
-                format!(
-                    "{who}: no rule, default {}",
-                    if deny { "deny" } else { "allow" }
-                ),
+                format!("no rule, default {}", if deny { "deny" } else { "allow" }),
                 !deny,
             )
         }
@@ -295,7 +291,13 @@ pub fn lookups(sb: &Sandbox, topo: &Topo, h: &Headers, now_ns: u64) -> Vec<Looku
         .map(|(_, t)| t.identity)
         .or_else(|| topo.port_by_ip(h.daddr).map(|p| p.ep.identity));
     if let (Some(s), Some(d)) = (src, dst) {
-        let (text, _) = policy_text(sb, topo, s, d);
+        let (mut text, _) = policy_text(sb, s, d);
+        let answer = ct_key(h)
+            .and_then(|k| ct_find(sb, &k))
+            .is_some_and(|(_, e)| e.dir != CT_DIR_ORIGINAL);
+        if answer {
+            text.push_str(" (not applied: answers of a tracked flow pass)");
+        }
         let key = format!("{} → {}", topo.identity_name(s), topo.identity_name(d));
         out.push(Lookup {
             map: m::POLICY.into(),

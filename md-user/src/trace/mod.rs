@@ -128,7 +128,9 @@ pub async fn trace(
     let mut responder = None;
     let mut answer = None;
     let mut refused = None;
-    if let End::Delivered { receiver, .. } = &request.end {
+    // A request that never met an md program (over lo) is answered the same way.
+    let touched = !request.hops.is_empty();
+    if let (End::Delivered { receiver, .. }, true) = (&request.end, touched) {
         if let Some((who, start, why)) = t.answer(receiver, &request.frame).await? {
             responder = Some(who);
             refused = why;
@@ -423,12 +425,17 @@ struct Tracer<'a> {
 impl Tracer<'_> {
     async fn leg(&mut self, start: Start) -> Result<Leg> {
         let mut leg = match start.end {
-            Some(end) => Leg {
-                before: Vec::new(),
-                hops: Vec::new(),
-                end,
-                frame: start.frame.clone(),
-            },
+            Some(mut end) => {
+                if let End::Delivered { packet, .. } = &mut end {
+                    *packet = PacketView::of(&start.frame);
+                }
+                Leg {
+                    before: Vec::new(),
+                    hops: Vec::new(),
+                    end,
+                    frame: start.frame.clone(),
+                }
+            }
             None => self.walker.walk(start.step, start.frame).await?,
         };
         let mut before = start.before;
@@ -445,7 +452,7 @@ impl Tracer<'_> {
                 let topo = self.walker.topo;
                 let c = container(topo, name)?;
                 let sb = &*self.walker.sb;
-                self.from_container(
+                self.container_sends(
                     c,
                     None,
                     dst,
@@ -453,11 +460,11 @@ impl Tracer<'_> {
                     &[],
                 )
             }
-            Origin::Host => self.from_host(None, dst, to.proto, dport, true).await,
+            Origin::Host => self.host_sends(None, dst, to.proto, dport, true).await,
             Origin::Outside(ip) => {
                 let sport = free_port(self.walker.sb, *ip, dst, dport, to.proto);
                 let l4 = l4_for(to.proto, sport, dport);
-                self.from_outside(*ip, dst, l4).await
+                self.outside_sends(*ip, dst, l4).await
             }
         }
     }
@@ -465,7 +472,7 @@ impl Tracer<'_> {
     /// A frame container `c` sends to `dst`: out of the interface its own routing picks, from
     /// that interface's MAC and (unless `src` is given) the address routing picks, to the MAC
     /// the next hop has on md's bridge.
-    fn from_container(
+    fn container_sends(
         &self,
         c: &Container,
         src: Option<Ipv4Addr>,
@@ -491,9 +498,22 @@ impl Tracer<'_> {
             return Ok(ended(before, format!("{} has no route to {dst}", c.name)));
         }
         if route.as_ref().is_some_and(|r| r.local) {
+            let ip = route.as_ref().and_then(|r| r.source).unwrap_or(dst);
+            let h = Headers {
+                eth_src: [0; 6],
+                eth_dst: [0; 6],
+                saddr: ip,
+                daddr: dst,
+                ttl: 64,
+                l4: l4(ip),
+            };
+            before.push(format!(
+                "{dst} is {}'s own address: the packet stays on its lo, where no md program runs",
+                c.name
+            ));
             return Ok(Start {
                 step: Step::Stack { from: None },
-                frame: Vec::new(),
+                frame: packet::build(&h),
                 before,
                 end: Some(End::Delivered {
                     to: c.name.clone(),
@@ -583,7 +603,7 @@ impl Tracer<'_> {
     /// A packet a host process sends. With `sockets`, md's socket programs (connect4,
     /// sendmsg4) apply first: they cannot run under BPF_PROG_TEST_RUN, so their rule is
     /// applied here to the private maps, and said so.
-    async fn from_host(
+    async fn host_sends(
         &self,
         src: Option<Ipv4Addr>,
         dst: Ipv4Addr,
@@ -671,7 +691,7 @@ impl Tracer<'_> {
 
     /// A packet from `ip` beyond the host: it arrives on the interface the host routes `ip`
     /// through (the default uplink for an address md's bridges claim: a forged one).
-    async fn from_outside(&self, ip: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Result<Start> {
+    async fn outside_sends(&self, ip: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Result<Start> {
         let topo = self.walker.topo;
         let r = self.walker.nl.route_to(ip).await?;
         let uplink = topo.state.datapath.as_ref().map(|d| d.uplink_ifindex);
@@ -783,12 +803,12 @@ impl Tracer<'_> {
             Receiver::Container { name, .. } => {
                 let c = container(topo, name)?;
                 let l4 = h.l4;
-                let mut s = self.from_container(c, Some(h.saddr), h.daddr, |_| l4, &payload)?;
+                let mut s = self.container_sends(c, Some(h.saddr), h.daddr, |_| l4, &payload)?;
                 s.before.insert(0, text.clone());
                 s
             }
             Receiver::Host => {
-                let mut s = self.from_host_answer(h, &payload).await?;
+                let mut s = self.host_answers(h, &payload).await?;
                 s.before.insert(0, text.clone());
                 s
             }
@@ -807,7 +827,7 @@ impl Tracer<'_> {
 
     /// The host's answer (from the address the request reached), routed like any packet the
     /// host sends; socket programs do not touch answers.
-    async fn from_host_answer(&self, h: Headers, payload: &[u8]) -> Result<Start> {
+    async fn host_answers(&self, h: Headers, payload: &[u8]) -> Result<Start> {
         let frame = packet::build_with(&h, payload);
         match self.walker.nl.route_to(h.daddr).await? {
             Some(r) if r.local => Ok(Start {

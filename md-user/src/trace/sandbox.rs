@@ -243,6 +243,7 @@ impl Sandbox {
                 capacity: info.max_entries(),
             });
         }
+        copied.sort_by(|a, b| a.map.cmp(&b.map));
         let events = ebpf
             .take_map(m::EVENTS)
             .map(RingBuf::try_from)

@@ -44,7 +44,7 @@ pub enum Step {
 
 enum Next {
     Go(Step),
-    End(End),
+    End(Box<End>),
 }
 
 /// A frame's headers for display.
@@ -159,6 +159,12 @@ pub enum End {
         /// drop_reason_name of the counter that moved.
         reason: String,
         at: String,
+        program: String,
+        interface: String,
+        ifindex: u32,
+        /// The IF_STATS drop counter that moved (and on which interface).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        counter: Option<Counter>,
         hop: usize,
         detail: String,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -248,9 +254,20 @@ impl Walker<'_> {
             }
             match next {
                 Next::Go(s) => step = s,
-                Next::End(mut end) => {
-                    if let End::Delivered { packet, .. } = &mut end {
+                Next::End(end) => {
+                    let mut end = *end;
+                    if let End::Delivered {
+                        packet,
+                        receiver,
+                        to,
+                    } = &mut end
+                    {
                         *packet = PacketView::of(&frame);
+                        if let (Receiver::Outside { interface, .. }, Some(h)) =
+                            (receiver, &packet.headers)
+                        {
+                            *to = format!("{} (out of {interface})", h.daddr);
+                        }
                     }
                     leg.end = end;
                     leg.frame = frame;
@@ -289,21 +306,40 @@ impl Walker<'_> {
             let at = format!("{} on {}", prog, self.topo.describe_if(ifindex));
             let in_headers = hop.hop.packet_in.headers;
             let rules = hop.rules.clone();
+            let counter = hop
+                .hop
+                .counters
+                .iter()
+                .find(|c| c.counter.starts_with("drops."))
+                .cloned();
             leg.hops.push(hop.hop);
             match code {
                 TCX_NEXT => continue,
                 TC_ACT_OK => break,
                 TC_ACT_REDIRECT => return self.redirected(frame).await,
                 TC_ACT_SHOT => {
-                    let end = self.dropped(reason, at, n, in_headers, &rules);
-                    return Ok((Next::End(end), "dropped".into()));
+                    let mut end = self.dropped(reason, at, n, in_headers, &rules);
+                    if let End::Dropped {
+                        program,
+                        interface,
+                        ifindex: i,
+                        counter: c,
+                        ..
+                    } = &mut end
+                    {
+                        *program = prog.clone();
+                        *interface = self.topo.if_name(ifindex);
+                        *i = ifindex;
+                        *c = counter;
+                    }
+                    return Ok((Next::End(Box::new(end)), "dropped".into()));
                 }
                 c => {
                     let why = format!(
                         "{prog} returned {} (neither pass, drop nor redirect)",
                         verdict_name(c)
                     );
-                    return Ok((Next::End(End::Lost { why }), String::new()));
+                    return Ok((Next::End(Box::new(End::Lost { why })), String::new()));
                 }
             }
         }
@@ -437,7 +473,7 @@ impl Walker<'_> {
                     .clone()
                     .unwrap_or_else(|| Ipv4Addr::from(p.ep.ip).to_string());
                 (
-                    Next::End(End::Delivered {
+                    Next::End(Box::new(End::Delivered {
                         to: name.clone(),
                         receiver: Receiver::Container {
                             name,
@@ -445,7 +481,7 @@ impl Walker<'_> {
                             ip: Ipv4Addr::from(p.ep.ip),
                         },
                         packet: PacketView::of(&[]),
-                    }),
+                    })),
                     format!("passed: delivered into the container ({})", p.inside),
                 )
             }
@@ -458,14 +494,14 @@ impl Walker<'_> {
             (None, Dir::Egress) => {
                 let interface = self.topo.if_name(ifindex);
                 (
-                    Next::End(End::Delivered {
+                    Next::End(Box::new(End::Delivered {
                         to: "outside".into(),
                         receiver: Receiver::Outside {
                             interface: interface.clone(),
                             ifindex,
                         },
                         packet: PacketView::of(&[]),
-                    }),
+                    })),
                     format!("passed: sent out of {interface}"),
                 )
             }
@@ -529,11 +565,11 @@ impl Walker<'_> {
         };
         if r.local {
             return Ok((
-                Next::End(End::Delivered {
+                Next::End(Box::new(End::Delivered {
                     to: "host".into(),
                     receiver: Receiver::Host,
                     packet: PacketView::of(&[]),
-                }),
+                })),
                 format!(
                     "{} is the host's own address: delivered to the host",
                     h.daddr
@@ -662,6 +698,10 @@ impl Walker<'_> {
             return End::Dropped {
                 reason: "unknown".into(),
                 at,
+                program: String::new(),
+                interface: String::new(),
+                ifindex: 0,
+                counter: None,
                 hop,
                 detail: "the program dropped it without moving a drop counter".into(),
                 rule: None,
@@ -674,6 +714,10 @@ impl Walker<'_> {
         End::Dropped {
             reason: drop_reason_name(reason).to_string(),
             at,
+            program: String::new(),
+            interface: String::new(),
+            ifindex: 0,
+            counter: None,
             hop,
             detail,
             rule,
@@ -819,7 +863,7 @@ struct Ran {
 }
 
 fn lost(why: String) -> (Next, String) {
-    (Next::End(End::Lost { why }), String::new())
+    (Next::End(Box::new(End::Lost { why })), String::new())
 }
 
 impl Leg {
