@@ -49,6 +49,12 @@ pub struct GlobalOpts {
         global = true
     )]
     pub resolv_conf: PathBuf,
+    /// How packets md has decided on travel: `redirect` (md delivers them itself, past the
+    /// bridge and the host stack) or `stack` (they walk the bridge and the host's IP stack)
+    /// [default: redirect where the kernel has bpf_redirect_peer, else stack; once set, kept
+    /// until changed].
+    #[arg(long, env = "MD_DATAPATH", global = true, value_parser = ["redirect", "stack"])]
+    pub datapath: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,6 +143,16 @@ pub enum Command {
     Watch {
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
+    },
+    /// Internal: PID 1 of a container's PID namespace; starts CMD, forwards signals, reaps.
+    #[command(name = "__init", hide = true)]
+    Init {
+        #[arg(long)]
+        ready_fd: i32,
+        #[arg(long)]
+        program: PathBuf,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
     },
     /// Network settings of a container (address, gateway, MAC, veth, ports, policies).
     Inspect {
@@ -242,6 +258,10 @@ pub struct RunArgs {
     /// Static address on the network (checked for conflicts).
     #[arg(long)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Keep every capability and the host's PID namespace. By default CMD gets Docker's
+    /// default capabilities and a PID namespace of its own.
+    #[arg(long)]
+    pub privileged: bool,
     /// Internal: run as the detached supervisor, reporting readiness on this fd.
     #[arg(long, hide = true)]
     pub ready_fd: Option<i32>,
@@ -266,6 +286,9 @@ impl GlobalOpts {
             .arg(&self.resolv_conf);
         if let Some(u) = &self.uplink {
             cmd.arg("--uplink").arg(u);
+        }
+        if let Some(d) = &self.datapath {
+            cmd.arg("--datapath").arg(d);
         }
         cmd
     }

@@ -220,7 +220,6 @@ fn trace_predicts_allowed_policy_and_isolation_as_real_traffic() {
         t["request"]["hops"][0]["program"], "md_veth_ingress",
         "{t:#}"
     );
-    assert_eq!(t["request"]["hops"][0]["verdict"], "pass", "{t:#}");
     let before = lab.stats();
     let seen = seen_by_server(get_from(&lab, "a", &format!("http://{web}/")), "a -> web");
     assert_eq!(
@@ -618,7 +617,8 @@ fn trace_names_why_a_cannot_reach_c() {
     let lab = Lab::new("trace-why");
     serve(&lab, "web", &["-p", &format!("{PUBLISHED}:{HTTP}")]);
     run_d(&lab, "a", &[], &["sleep", "600"]);
-    run_d(&lab, "rogue", &[], &["sleep", "600"]);
+    // --privileged: changing its own address needs CAP_NET_ADMIN inside.
+    run_d(&lab, "rogue", &["--privileged"], &["sleep", "600"]);
 
     // Nothing published on that port: delivered to the host, which refuses.
     let t = trace(&lab, "a", &format!("{HOST_UPLINK_IP}:9999"));

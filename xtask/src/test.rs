@@ -36,6 +36,7 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
+    ("tcpdump", "tcpdump"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
 ];
@@ -244,6 +245,7 @@ mod tests {
                 "util-linux",
                 "dnsutils",
                 "dnsmasq-base",
+                "tcpdump",
                 "prometheus"
             ]
         );

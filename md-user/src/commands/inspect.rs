@@ -65,12 +65,16 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
             "Pid": c.pid,
             "Detached": c.detached,
         },
+        "HostConfig": {
+            "Privileged": c.privileged,
+        },
         "NetworkSettings": {
             "Networks": networks,
             "Ports": ports,
         },
         "Policies": policies,
         "PolicyDefault": state.policy.default.to_string(),
+        "Datapath": state.datapath.as_ref().map(|d| d.mode.clone()),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -80,6 +84,7 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
     println!("Id:        {}", c.id);
     println!("Hostname:  {}", c.hostname);
     println!("Pid:       {}", c.pid);
+    println!("Privileged: {}", c.privileged);
     for (net, n) in out["NetworkSettings"]["Networks"].as_object().unwrap() {
         println!("Network:   {net}");
         println!(
@@ -98,6 +103,9 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
     }
     for p in &c.ports {
         println!("Port:      {p}");
+    }
+    if let Some(d) = out["Datapath"].as_str() {
+        println!("Datapath:  {d}");
     }
     for r in &policies {
         println!(

@@ -53,10 +53,15 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             require_privileges()?;
             block_on(trace::trace(&ctx, from, to, json))
         }
+        Command::Init {
+            ready_fd,
+            program,
+            cmd,
+        } => crate::init::main(ready_fd, &program, &cmd),
         command => {
             require_privileges()?;
             match command {
-                Command::Run(_) | Command::Trace { .. } => unreachable!(),
+                Command::Run(_) | Command::Init { .. } | Command::Trace { .. } => unreachable!(),
                 Command::Ps { json } => block_on(ps::ps(&ctx, json)),
                 Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
                 Command::Exec { name, cmd } => {

@@ -337,7 +337,7 @@ impl Snapshot {
     }
 }
 
-fn stat_fields(s: &IfStats) -> [(&'static str, u64); 6] {
+fn stat_fields(s: &IfStats) -> [(&'static str, u64); 7] {
     [
         ("egress_packets", s.egress_packets),
         ("egress_bytes", s.egress_bytes),
@@ -345,6 +345,7 @@ fn stat_fields(s: &IfStats) -> [(&'static str, u64); 6] {
         ("ingress_bytes", s.ingress_bytes),
         ("snat", s.snat),
         ("dnat", s.dnat),
+        ("redirected", s.redirected),
     ]
 }
 

@@ -316,7 +316,14 @@ impl Walker<'_> {
             match code {
                 TCX_NEXT => continue,
                 TC_ACT_OK => break,
-                TC_ACT_REDIRECT => return self.redirected(frame).await,
+                TC_ACT_REDIRECT => {
+                    let counted = &leg
+                        .hops
+                        .last()
+                        .map(|h| h.counters.clone())
+                        .unwrap_or_default();
+                    return self.redirected(frame, dir, counted).await;
+                }
                 TC_ACT_SHOT => {
                     let mut end = self.dropped(reason, at, n, in_headers, &rules);
                     if let End::Dropped {
@@ -641,13 +648,49 @@ impl Walker<'_> {
         ))
     }
 
-    /// Where a redirected frame goes: to the container its destination now is (its veth's
-    /// egress), or out of the interface the host routes the destination through.
-    async fn redirected(&self, frame: &[u8]) -> Result<(Next, String)> {
+    /// Where a redirected frame goes: to the container its destination now is, or out of the
+    /// interface the host routes the destination through (its egress program runs there).
+    /// The return code does not say which helper redirected (bpf_redirect to the container's
+    /// veth, whose egress program then runs, or bpf_redirect_peer from an ingress hook straight
+    /// into the container's namespace, which skips it); a program that delivers into a
+    /// container itself counts the packet as that container's received one, so a redirect
+    /// from an ingress hook that moved the target's `ingress_packets` went straight in.
+    async fn redirected(
+        &self,
+        frame: &[u8],
+        dir: Dir,
+        counted: &[Counter],
+    ) -> Result<(Next, String)> {
         let Some(h) = packet::parse(frame) else {
             return Ok(lost("redirected, but not an IPv4 frame".into()));
         };
         if let Some(p) = self.topo.port_by_ip(h.daddr) {
+            let straight_in = dir == Dir::Ingress
+                && counted
+                    .iter()
+                    .any(|c| c.ifindex == p.ep.ifindex && c.counter == "ingress_packets");
+            if straight_in {
+                let name = p
+                    .container
+                    .clone()
+                    .unwrap_or_else(|| Ipv4Addr::from(p.ep.ip).to_string());
+                return Ok((
+                    Next::End(Box::new(End::Delivered {
+                        to: name.clone(),
+                        receiver: Receiver::Container {
+                            name: name.clone(),
+                            ifindex: p.ep.ifindex,
+                            ip: Ipv4Addr::from(p.ep.ip),
+                        },
+                        packet: PacketView::of(&[]),
+                    })),
+                    format!(
+                        "redirected straight into {name} ({}): the program counted it as received there, as bpf_redirect_peer delivers, past the bridge, the host stack and {}'s egress program",
+                        p.inside,
+                        self.topo.if_name(p.ep.ifindex)
+                    ),
+                ));
+            }
             let mut text = format!(
                 "redirected to {} (its egress)",
                 self.topo.describe_if(p.ep.ifindex)
