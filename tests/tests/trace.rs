@@ -296,16 +296,42 @@ fn trace_predicts_allowed_policy_and_isolation_as_real_traffic() {
 }
 
 #[test]
-fn trace_predicts_translations_as_the_peers_see_them() {
+fn trace_predicts_translations_in_the_redirect_datapath() {
+    translations("redirect");
+}
+
+#[test]
+fn trace_predicts_translations_in_the_stack_datapath() {
+    translations("stack");
+}
+
+/// The programs a leg of a trace ran, in order.
+fn programs(t: &Value, leg: &str) -> Vec<String> {
+    t[leg]["hops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["program"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// DNAT from outside, masquerade, hairpin (to another container and to oneself), a host
+/// process through 127.0.0.1, and unsolicited traffic, in datapath `mode`: what the peers see
+/// is what the trace predicts, and the trace follows the mode's way (redirects past the
+/// bridge, or the bridge and the host stack).
+fn translations(mode: &str) {
     if !require_e2e() {
         return;
     }
     need_tools();
-    let lab = Lab::new("trace-nat");
+    let lab = Lab::new(&format!("trace-nat-{mode}"));
     let _outside = outside_http(&lab);
-    serve(&lab, "web", &["-p", &format!("{PUBLISHED}:{HTTP}")]);
+    let dp = format!("--datapath={mode}");
+    serve(&lab, "web", &[&dp, "-p", &format!("{PUBLISHED}:{HTTP}")]);
     run_d(&lab, "a", &[], &["sleep", "600"]);
+    assert_eq!(lab.stats()["datapath"], mode);
     let (a, web) = (lab.ip_of("a"), lab.ip_of("web"));
+    let redirect = mode == "redirect";
     // DNAT from outside: the container sees the outside client; the answer leaves as the
     // published address.
     let url = format!("http://{HOST_UPLINK_IP}:{PUBLISHED}/");
@@ -328,6 +354,18 @@ fn trace_predicts_translations_as_the_peers_see_them() {
         "trace counts the DNAT on web's veth: {:?}",
         all_counters(&t)
     );
+    // Redirect: straight from the uplink into web; stack: through the host to web's veth.
+    assert_eq!(
+        programs(&t, "request"),
+        if redirect {
+            vec!["md_uplink_ingress"]
+        } else {
+            vec!["md_uplink_ingress", "md_veth_egress"]
+        },
+        "{t:#}"
+    );
+    let redirected = all_counters(&t).contains(&format!("{web_veth} redirected"));
+    assert_eq!(redirected, redirect, "{:?}", all_counters(&t));
     let before = lab.stats();
     let out = lab.outside(&curl_args(&url));
     assert!(out.status.success(), "{}", show_output(&out));
@@ -337,7 +375,13 @@ fn trace_predicts_translations_as_the_peers_see_them() {
         ip_part(&got["src"]),
         "web saw {seen}"
     );
-    assert!(stat(&lab.stats(), "web", "dnat") > stat(&before, "web", "dnat"));
+    let after = lab.stats();
+    assert!(stat(&after, "web", "dnat") > stat(&before, "web", "dnat"));
+    assert_eq!(
+        stat(&after, "web", "redirected") > stat(&before, "web", "redirected"),
+        redirect,
+        "the real packets were redirected as the trace says"
+    );
 
     // Masquerade: the outside server sees the host's address and a port from md's NAT range,
     // as the trace's rewritten source.
@@ -388,6 +432,12 @@ fn trace_predicts_translations_as_the_peers_see_them() {
     let t = trace(&lab, "a", &format!("{HOST_UPLINK_IP}:{PUBLISHED}"));
     let got = predicts_delivered(&t, "a -> published port (hairpin)");
     assert_eq!(t["request"]["hops"][0]["verdict"], "redirect", "{t:#}");
+    // bpf_redirect_peer straight into web, or bpf_redirect to web's veth.
+    assert_eq!(
+        programs(&t, "request").len(),
+        if redirect { 1 } else { 2 },
+        "{t:#}"
+    );
     assert_eq!(got["dst"], format!("{web}:{HTTP}"), "{t:#}");
     assert_eq!(
         t["answer"]["end"]["packet"]["src"],
