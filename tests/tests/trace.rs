@@ -733,6 +733,98 @@ fn trace_names_why_a_cannot_reach_c() {
     );
     let drop = predicts_drop(&t, "spoofed-source", "outside claiming an md address");
     assert_eq!(drop["interface"], UPLINK, "{t:#}");
+
+    // NAT ports exhausted: md's NAT range narrowed to two ports (CONFIG, written with
+    // bpftool), both held by live sessions to the same server; a third flow there has none.
+    let _echo = lab.spawn_outside(&["python3", &fx("tcp_echo.py"), &ECHO.to_string()]);
+    lab.wait_listening_outside("tcp", ECHO);
+    set_nat_range(&lab, 61000, 61001);
+    let go = lab.dir().join("sessions-go");
+    let go_s = go.to_string_lossy().into_owned();
+    let mut sessions: Vec<md_tests::Bg> = (0..2)
+        .map(|_| {
+            lab.spawn_exec(
+                "a",
+                &[
+                    "python3",
+                    &fx("tcp_session.py"),
+                    OUTSIDE_IP,
+                    &ECHO.to_string(),
+                    "--go",
+                    &go_s,
+                ],
+            )
+        })
+        .collect();
+    for s in &mut sessions {
+        let peer = session_line(s, "peer", "a's session");
+        assert!(
+            peer.ends_with(":61000") || peer.ends_with(":61001"),
+            "{peer}"
+        );
+    }
+    let t = trace(&lab, "a", &format!("outside:{OUTSIDE_IP}:{ECHO}"));
+    let drop = predicts_drop(&t, "nat-ports-exhausted", "a third flow to the same server");
+    assert_eq!(drop["program"], "md_uplink_egress", "{t:#}");
+    assert_eq!(drop["counter"]["interface"], UPLINK, "{t:#}");
+    assert!(
+        drop["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("61000-61001")),
+        "{t:#}"
+    );
+    let before = lab.stats();
+    let out = lab.exec("a", &curl_args(&format!("http://{OUTSIDE_IP}:{ECHO}/")));
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "dropped\n{}",
+        show_output(&out)
+    );
+    let path = "drops.nat-ports-exhausted";
+    assert!(uplink_stat(&lab.stats(), path) > uplink_stat(&before, path));
+    // Another server still has free ports: reached.
+    let t = trace(&lab, "a", &format!("outside:{OUTSIDE_IP}:9"));
+    assert_ne!(t["verdict"]["reason"], "nat-ports-exhausted", "{t:#}");
+    std::fs::write(&go, "go").unwrap();
+}
+
+/// Narrows md's NAT port range in the live CONFIG map (bytes 16..20 of `Config`: nat_port_min,
+/// nat_port_max, little-endian).
+#[track_caller]
+fn set_nat_range(lab: &Lab, min: u16, max: u16) {
+    let entry = lab.map_dump("CONFIG").pop().expect("CONFIG has its slot");
+    let mut value: Vec<u8> = entry["value"]
+        .as_array()
+        .expect("CONFIG value bytes")
+        .iter()
+        .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+        .collect();
+    value[16..18].copy_from_slice(&min.to_le_bytes());
+    value[18..20].copy_from_slice(&max.to_le_bytes());
+    let pin = lab.pin_dir().join("maps/CONFIG");
+    let mut args = vec![
+        "bpftool".to_string(),
+        "map".into(),
+        "update".into(),
+        "pinned".into(),
+        pin.to_string_lossy().into_owned(),
+        "key".into(),
+    ];
+    args.extend(["0", "0", "0", "0"].map(String::from));
+    args.push("value".into());
+    args.extend(value.iter().map(|b| b.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{}", show_output(&out));
+    let cfg = &lab.map_dump("CONFIG")[0]["formatted"]["value"];
+    assert_eq!(
+        (cfg["nat_port_min"].as_u64(), cfg["nat_port_max"].as_u64()),
+        (Some(min as u64), Some(max as u64))
+    );
 }
 
 #[test]

@@ -139,7 +139,7 @@ pub async fn trace(
     }
     let verdict = summarize(&topo, &request, answer.as_ref(), refused, to);
     let mut warnings = verdict.warnings;
-    warnings.extend(tracker_warnings(&sb));
+    warnings.extend(tracker_warnings(&sb.copied));
     for p in &sb.programs {
         if !p.same_as_live {
             warnings.push(format!(
@@ -863,9 +863,9 @@ fn ended(before: Vec<String>, why: String) -> Start {
     }
 }
 
-/// "Nearly full" for a tracker: LRU eviction starts around here.
-fn tracker_warnings(sb: &Sandbox) -> Vec<String> {
-    sb.copied
+/// Trackers at 95 % or more: LRU eviction starts around there.
+fn tracker_warnings(copied: &[Copied]) -> Vec<String> {
+    copied
         .iter()
         .filter(|c| m::TRACKERS.contains(&c.map.as_str()))
         .filter(|c| c.entries as u64 * 100 >= c.capacity as u64 * 95)
@@ -966,6 +966,30 @@ fn summarize(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_trackers_are_named() {
+        let c = |map: &str, entries, capacity| Copied {
+            map: map.into(),
+            entries,
+            capacity,
+        };
+        let w = tracker_warnings(&[
+            c(m::CONNTRACK, 10, 131072),
+            c(m::CONNTRACK_NEW, 65536, 65536),
+            c(m::PORT_MAP, 65536, 65536),
+        ]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("tracker-full: CONNTRACK_NEW holds 65536 of 65536"),
+            "{w:?}"
+        );
+        assert!(tracker_warnings(&[c(m::CONNTRACK, 124518, 131072)]).is_empty());
+        assert_eq!(
+            tracker_warnings(&[c(m::CONNTRACK, 124519, 131072)]).len(),
+            1
+        );
+    }
 
     #[test]
     fn proc_net_addresses() {
