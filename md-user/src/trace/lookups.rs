@@ -462,16 +462,8 @@ pub fn fmt_event(topo: &Topo, ev: &Event) -> String {
         String::new()
     };
     match ev.kind {
-        EVENT_DROP | EVENT_POLICY => format!(
-            "{} {} {}{at}",
-            if ev.kind == EVENT_POLICY {
-                "policy-deny"
-            } else {
-                "drop"
-            },
-            drop_reason_name(ev.reason),
-            fmt_key(&k)
-        ),
+        EVENT_POLICY => format!("policy-deny {}{at}", fmt_key(&k)),
+        EVENT_DROP => format!("drop {} {}{at}", drop_reason_name(ev.reason), fmt_key(&k)),
         EVENT_NAT => format!(
             "nat {} {} as {}:{}{at}",
             kind_name(ev.reason),

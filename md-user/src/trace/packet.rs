@@ -1,17 +1,19 @@
-//! The packets a trace sends: built from scratch with their checksums (RFC 1071), parsed back
-//! for display after each program rewrote them, and turned around into the answer the
-//! destination would send. Pure byte work, unit-tested without root.
+//! The packets a trace sends: built with their checksums, parsed back (and their checksums
+//! checked) after each program rewrote them, and turned around into the answer the destination
+//! would send. The bytes are etherparse's work; unit-tested without root.
 
 use std::{fmt, net::Ipv4Addr};
 
+use etherparse::{
+    Ethernet2Slice, IpHeaders, IpNumber, Ipv4Header, Ipv4HeaderSlice, Ipv4Slice, LinkSlice,
+    NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
+};
 use md_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
 
 pub type Mac = [u8; 6];
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IP_HLEN: usize = 20;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -156,43 +158,24 @@ impl fmt::Display for Headers {
     }
 }
 
-/// The Internet checksum (RFC 1071) of `data`, folded and inverted.
-pub fn checksum(data: &[u8]) -> u16 {
-    !fold(sum(data))
-}
-
-fn sum(data: &[u8]) -> u32 {
-    let mut s: u32 = 0;
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        s = s.wrapping_add(w as u32);
-    }
-    s
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
-fn pseudo_sum(saddr: Ipv4Addr, daddr: Ipv4Addr, proto: u8, len: usize) -> u32 {
-    let mut p = Vec::with_capacity(12);
-    p.extend_from_slice(&saddr.octets());
-    p.extend_from_slice(&daddr.octets());
-    p.extend_from_slice(&[0, proto]);
-    p.extend_from_slice(&(len as u16).to_be_bytes());
-    sum(&p)
-}
-
-/// The L4 header and payload of `h` with its checksum.
-fn l4_bytes(h: &Headers, payload: &[u8]) -> Vec<u8> {
-    let mut b = match h.l4 {
+/// An Ethernet/IPv4 frame with `h`'s headers and `payload` after the L4 header (for an ICMP
+/// error: the quoted packet), every checksum computed (etherparse's packet builder).
+pub fn build_with(h: &Headers, payload: &[u8]) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(
+        0,
+        h.ttl,
+        IpNumber(h.l4.proto()),
+        h.saddr.octets(),
+        h.daddr.octets(),
+    )
+    .expect("an empty payload fits");
+    ip.identification = IP_ID;
+    // Don't fragment, as Linux sends TCP and small datagrams.
+    ip.dont_fragment = true;
+    let b =
+        PacketBuilder::ethernet2(h.eth_src, h.eth_dst).ip(IpHeaders::Ipv4(ip, Default::default()));
+    let mut out = Vec::new();
+    let written = match h.l4 {
         L4::Tcp {
             sport,
             dport,
@@ -200,77 +183,32 @@ fn l4_bytes(h: &Headers, payload: &[u8]) -> Vec<u8> {
             ack,
             flags,
         } => {
-            let mut t = Vec::with_capacity(20);
-            t.extend_from_slice(&sport.to_be_bytes());
-            t.extend_from_slice(&dport.to_be_bytes());
-            t.extend_from_slice(&seq.to_be_bytes());
-            t.extend_from_slice(&ack.to_be_bytes());
-            t.extend_from_slice(&[5 << 4, flags]);
-            t.extend_from_slice(&64240u16.to_be_bytes());
-            t.extend_from_slice(&[0, 0, 0, 0]);
-            t
-        }
-        L4::Udp { sport, dport } => {
-            let mut u = Vec::with_capacity(8);
-            u.extend_from_slice(&sport.to_be_bytes());
-            u.extend_from_slice(&dport.to_be_bytes());
-            u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            u.extend_from_slice(&[0, 0]);
-            u
-        }
-        L4::Icmp { typ, code, id, seq } => {
-            let mut i = vec![typ, code, 0, 0];
-            i.extend_from_slice(&id.to_be_bytes());
-            i.extend_from_slice(&seq.to_be_bytes());
-            i
-        }
-        L4::Other { .. } => Vec::new(),
-    };
-    b.extend_from_slice(payload);
-    match h.l4 {
-        L4::Tcp { .. } => {
-            let c = !fold(pseudo_sum(h.saddr, h.daddr, IPPROTO_TCP, b.len()) + sum(&b));
-            b[16..18].copy_from_slice(&c.to_be_bytes());
-        }
-        L4::Udp { .. } => {
-            let mut c = !fold(pseudo_sum(h.saddr, h.daddr, IPPROTO_UDP, b.len()) + sum(&b));
-            if c == 0 {
-                c = 0xffff;
+            let mut t = b.tcp(sport, dport, seq, 64240);
+            if flags & TCP_SYN != 0 {
+                t = t.syn();
             }
-            b[6..8].copy_from_slice(&c.to_be_bytes());
+            if flags & TCP_ACK != 0 {
+                t = t.ack(ack);
+            }
+            if flags & TCP_RST != 0 {
+                t = t.rst();
+            }
+            if flags & TCP_FIN != 0 {
+                t = t.fin();
+            }
+            t.write(&mut out, payload)
         }
-        L4::Icmp { .. } => {
-            let c = checksum(&b);
-            b[2..4].copy_from_slice(&c.to_be_bytes());
+        L4::Udp { sport, dport } => b.udp(sport, dport).write(&mut out, payload),
+        L4::Icmp { typ, code, id, seq } => {
+            let [i0, i1] = id.to_be_bytes();
+            let [s0, s1] = seq.to_be_bytes();
+            b.icmpv4_raw(typ, code, [i0, i1, s0, s1])
+                .write(&mut out, payload)
         }
-        L4::Other { .. } => {}
-    }
-    b
-}
-
-/// An Ethernet/IPv4 frame with `h`'s headers and `payload` after the L4 header (for an ICMP
-/// error: the quoted packet).
-pub fn build_with(h: &Headers, payload: &[u8]) -> Vec<u8> {
-    let l4 = l4_bytes(h, payload);
-    let mut f = Vec::with_capacity(ETH_HLEN + IP_HLEN + l4.len());
-    f.extend_from_slice(&h.eth_dst);
-    f.extend_from_slice(&h.eth_src);
-    f.extend_from_slice(&ETH_P_IP.to_be_bytes());
-    let mut ip = [0u8; IP_HLEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((IP_HLEN + l4.len()) as u16).to_be_bytes());
-    ip[4..6].copy_from_slice(&IP_ID.to_be_bytes());
-    // Don't fragment, as Linux sends TCP and small datagrams.
-    ip[6] = 0x40;
-    ip[8] = h.ttl;
-    ip[9] = h.l4.proto();
-    ip[12..16].copy_from_slice(&h.saddr.octets());
-    ip[16..20].copy_from_slice(&h.daddr.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4);
-    f
+        L4::Other { .. } => return out,
+    };
+    written.expect("a small frame serializes");
+    out
 }
 
 /// The frame a sender would put on the wire for `h`: a SYN carries nothing, a datagram or an
@@ -283,49 +221,55 @@ pub fn build(h: &Headers) -> Vec<u8> {
     build_with(h, payload)
 }
 
+fn sliced(
+    f: &[u8],
+) -> Option<(
+    Ethernet2Slice<'_>,
+    Ipv4Slice<'_>,
+    Option<TransportSlice<'_>>,
+)> {
+    let p = SlicedPacket::from_ethernet(f).ok()?;
+    match (p.link, p.net) {
+        (Some(LinkSlice::Ethernet2(eth)), Some(NetSlice::Ipv4(ip))) => Some((eth, ip, p.transport)),
+        _ => None,
+    }
+}
+
 /// Parses an Ethernet/IPv4 frame's headers; None for anything else.
 pub fn parse(f: &[u8]) -> Option<Headers> {
-    if f.len() < ETH_HLEN + IP_HLEN || u16::from_be_bytes([f[12], f[13]]) != ETH_P_IP {
-        return None;
-    }
-    let mac = |o: usize| -> Mac { f[o..o + 6].try_into().unwrap() };
-    let ip = &f[ETH_HLEN..];
-    if ip[0] >> 4 != 4 {
-        return None;
-    }
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    if ihl < IP_HLEN || ip.len() < ihl {
-        return None;
-    }
-    let l4 = &ip[ihl..];
-    let be16 = |b: &[u8], o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
-    let be32 = |b: &[u8], o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    let l4 = match ip[9] {
-        IPPROTO_TCP if l4.len() >= 20 => L4::Tcp {
-            sport: be16(l4, 0),
-            dport: be16(l4, 2),
-            seq: be32(l4, 4),
-            ack: be32(l4, 8),
-            flags: l4[13],
+    let (eth, ip, transport) = sliced(f)?;
+    let hdr = ip.header();
+    let l4 = match transport {
+        Some(TransportSlice::Tcp(t)) => L4::Tcp {
+            sport: t.source_port(),
+            dport: t.destination_port(),
+            seq: t.sequence_number(),
+            ack: t.acknowledgment_number(),
+            flags: t.header_slice()[13],
         },
-        IPPROTO_UDP if l4.len() >= 8 => L4::Udp {
-            sport: be16(l4, 0),
-            dport: be16(l4, 2),
+        Some(TransportSlice::Udp(u)) => L4::Udp {
+            sport: u.source_port(),
+            dport: u.destination_port(),
         },
-        IPPROTO_ICMP if l4.len() >= 8 => L4::Icmp {
-            typ: l4[0],
-            code: l4[1],
-            id: be16(l4, 4),
-            seq: be16(l4, 6),
+        Some(TransportSlice::Icmpv4(i)) => {
+            let b = i.bytes5to8();
+            L4::Icmp {
+                typ: i.type_u8(),
+                code: i.code_u8(),
+                id: u16::from_be_bytes([b[0], b[1]]),
+                seq: u16::from_be_bytes([b[2], b[3]]),
+            }
+        }
+        _ => L4::Other {
+            number: hdr.protocol().0,
         },
-        n => L4::Other { number: n },
     };
     Some(Headers {
-        eth_src: mac(6),
-        eth_dst: mac(0),
-        saddr: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        daddr: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        ttl: ip[8],
+        eth_src: eth.source(),
+        eth_dst: eth.destination(),
+        saddr: hdr.source_addr(),
+        daddr: hdr.destination_addr(),
+        ttl: hdr.ttl(),
         l4,
     })
 }
@@ -333,23 +277,26 @@ pub fn parse(f: &[u8]) -> Option<Headers> {
 /// Whether the IPv4 header checksum and the L4 checksum (TCP, UDP unless 0, ICMP) of an
 /// Ethernet/IPv4 frame are right.
 pub fn checksums_ok(f: &[u8]) -> bool {
-    if f.len() < ETH_HLEN + IP_HLEN {
+    let Some((_, ip, transport)) = sliced(f) else {
+        return false;
+    };
+    let hdr = ip.header();
+    if hdr.to_header().calc_header_checksum() != hdr.header_checksum() {
         return false;
     }
-    let ip = &f[ETH_HLEN..];
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    if ihl < IP_HLEN || tot < ihl || ip.len() < tot || fold(sum(&ip[..ihl])) != 0xffff {
-        return false;
-    }
-    let saddr = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let daddr = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let l4 = &ip[ihl..tot];
-    match ip[9] {
-        IPPROTO_TCP => fold(pseudo_sum(saddr, daddr, IPPROTO_TCP, l4.len()) + sum(l4)) == 0xffff,
-        IPPROTO_UDP if l4.len() >= 8 && l4[6..8] == [0, 0] => true,
-        IPPROTO_UDP => fold(pseudo_sum(saddr, daddr, IPPROTO_UDP, l4.len()) + sum(l4)) == 0xffff,
-        IPPROTO_ICMP => fold(sum(l4)) == 0xffff,
+    let (src, dst) = (hdr.source(), hdr.destination());
+    match transport {
+        Some(TransportSlice::Tcp(t)) => t.calc_checksum_ipv4(src, dst).ok() == Some(t.checksum()),
+        Some(TransportSlice::Udp(u)) => {
+            u.checksum() == 0
+                || u.to_header()
+                    .calc_checksum_ipv4_raw(src, dst, u.payload())
+                    .ok()
+                    == Some(u.checksum())
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            i.header().icmp_type.calc_checksum(i.payload()) == i.checksum()
+        }
         _ => true,
     }
 }
@@ -359,13 +306,17 @@ pub fn checksums_ok(f: &[u8]) -> bool {
 pub fn relink(f: &mut [u8], src: Mac, dst: Mac, routed: bool) {
     f[0..6].copy_from_slice(&dst);
     f[6..12].copy_from_slice(&src);
-    if routed && f.len() >= ETH_HLEN + IP_HLEN {
-        let ip = &mut f[ETH_HLEN..ETH_HLEN + IP_HLEN];
-        ip[8] = ip[8].saturating_sub(1);
-        ip[10..12].copy_from_slice(&[0, 0]);
-        let c = checksum(ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
+    if !routed {
+        return;
     }
+    let Ok(hdr) = Ipv4HeaderSlice::from_slice(&f[ETH_HLEN..]) else {
+        return;
+    };
+    let mut hdr = hdr.to_header();
+    hdr.time_to_live = hdr.time_to_live.saturating_sub(1);
+    hdr.header_checksum = hdr.calc_header_checksum();
+    let bytes = hdr.to_bytes();
+    f[ETH_HLEN..ETH_HLEN + bytes.len()].copy_from_slice(&bytes);
 }
 
 /// The sequence number a trace's answers start with.
@@ -513,15 +464,15 @@ mod tests {
 
     #[test]
     fn a_checksum_catches_a_changed_byte() {
-        let mut f = build(&syn());
-        f[ETH_HLEN + 12] ^= 1;
-        assert!(!checksums_ok(&f));
-        // The known header of RFC 1071's worked example sums to 0xffff with its checksum.
-        let hdr = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
-        assert_eq!(checksum(&hdr), 0);
+        for h in [syn(), answer(&syn()).unwrap()] {
+            let good = build(&h);
+            // Source address (IP header and TCP pseudo-header), a port, the TCP checksum.
+            for at in [ETH_HLEN + 12, ETH_HLEN + 20, ETH_HLEN + 36] {
+                let mut f = good.clone();
+                f[at] ^= 1;
+                assert!(!checksums_ok(&f), "{h}: byte {at} changed");
+            }
+        }
     }
 
     #[test]

@@ -779,7 +779,7 @@ impl Walker<'_> {
                         to: t.identity_name(k.dst_identity),
                         verdict: "deny".into(),
                     };
-                    let d = format!("policy rule: deny {} → {}", rule.from, rule.to);
+                    let d = format!("rule deny {} → {}", rule.from, rule.to);
                     return (d, Some(rule));
                 }
                 let src = t.port_by_ip(h.saddr).map(|p| p.ep.identity);
