@@ -856,3 +856,91 @@ fn trace_refuses_bad_input_with_one_line() {
     }
     assert_eq!(lab.pin_entries(), pins);
 }
+
+/// On a host with a second Ethernet uplink and a layer-3 VPN device: masquerade out of each,
+/// and a published port reached through the VPN, as their servers and clients see it. The
+/// VPN's programs are layer-3 ones, run as their Ethernet twins.
+#[test]
+fn trace_follows_the_hosts_routing_to_every_uplink() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let (lab, o2, vpn) = Lab::real_host("trace-uplinks");
+    let mut servers = Vec::new();
+    for ns in [o2.ns.as_str(), vpn.ns.as_str()] {
+        servers.push(lab.spawn_in_ns(
+            ns,
+            &["python3", &fx("peer_http.py"), &OUTSIDE_HTTP.to_string()],
+        ));
+        lab.wait_listening_ns(ns, "tcp", OUTSIDE_HTTP);
+    }
+    serve(&lab, "web", &["-p", &format!("{PUBLISHED}:{HTTP}")]);
+    run_d(&lab, "a", &[], &["sleep", "600"]);
+    for (seg, program) in [(&o2, "md_uplink_egress"), (&vpn, "md_l3_egress")] {
+        let t = trace(
+            &lab,
+            "a",
+            &format!("outside:{}:{OUTSIDE_HTTP}", seg.peer_ip),
+        );
+        let got = predicts_delivered(&t, &seg.host_if);
+        let hops = t["request"]["hops"].as_array().unwrap();
+        let last = hops.last().unwrap();
+        assert_eq!(last["interface"], seg.host_if.as_str(), "{t:#}");
+        assert_eq!(last["program"], program, "{t:#}");
+        if program == "md_l3_egress" {
+            assert_eq!(last["ran_as"], "md_uplink_egress", "{t:#}");
+        }
+        let seen = seen_by_server(
+            get_from(
+                &lab,
+                "a",
+                &format!("http://{}:{OUTSIDE_HTTP}/", seg.peer_ip),
+            ),
+            &seg.host_if,
+        );
+        assert_eq!(
+            ip_part(&Value::from(seen.clone())),
+            ip_part(&got["src"]),
+            "{seen}"
+        );
+        assert_eq!(ip_part(&got["src"]), seg.host_ip, "{t:#}");
+    }
+    // A client behind the VPN reaches the published port on the host's VPN address.
+    let t = trace(
+        &lab,
+        &format!("outside:{}", vpn.peer_ip),
+        &format!("{}:{PUBLISHED}", vpn.host_ip),
+    );
+    let got = predicts_delivered(&t, "VPN client -> published port");
+    assert_eq!(t["request"]["hops"][0]["program"], "md_l3_ingress", "{t:#}");
+    assert_eq!(
+        t["request"]["hops"][0]["ran_as"], "md_uplink_ingress",
+        "{t:#}"
+    );
+    if t["request"]["hops"][0]["verdict"] == "redirect" {
+        // The twin can redirect where the layer-3 program leaves the packet to the stack:
+        // the trace says so.
+        assert!(
+            t["verdict"]["warnings"]
+                .to_string()
+                .contains("md_l3_ingress on tun0 ran as"),
+            "{t:#}"
+        );
+    }
+    assert_eq!(
+        t["request"]["hops"][0]["interface"],
+        vpn.host_if.as_str(),
+        "{t:#}"
+    );
+    let out = lab.in_ns(
+        &vpn.ns,
+        &curl_args(&format!("http://{}:{PUBLISHED}/", vpn.host_ip)),
+    );
+    assert!(out.status.success(), "{}", show_output(&out));
+    assert_eq!(
+        ip_part(&Value::from(stdout_str(&out).trim())),
+        ip_part(&got["src"])
+    );
+    assert_eq!(ip_part(&got["src"]), vpn.peer_ip);
+}

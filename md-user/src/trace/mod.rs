@@ -121,6 +121,7 @@ pub async fn trace(
             topo: &topo,
             nl,
             count: 0,
+            warnings: Vec::new(),
         },
     };
     let start = t.request(&origin, dst, to).await?;
@@ -137,8 +138,10 @@ pub async fn trace(
             answer = Some(t.leg(start).await?);
         }
     }
+    let mut warnings = std::mem::take(&mut t.walker.warnings);
+    drop(t);
     let verdict = summarize(&topo, &request, answer.as_ref(), refused, to);
-    let mut warnings = verdict.warnings;
+    warnings.extend(verdict.warnings.iter().cloned());
     warnings.extend(tracker_warnings(&sb.copied));
     for p in &sb.programs {
         if !p.same_as_live {

@@ -226,6 +226,8 @@ pub struct Walker<'a> {
     pub nl: &'a Netlink,
     /// Hops numbered across both legs.
     pub count: usize,
+    /// Where the trace may differ from the real packet.
+    pub warnings: Vec<String>,
 }
 
 fn ip_forwarding() -> bool {
@@ -306,6 +308,7 @@ impl Walker<'_> {
             let at = format!("{} on {}", prog, self.topo.describe_if(ifindex));
             let in_headers = hop.hop.packet_in.headers;
             let rules = hop.rules.clone();
+            let twin = hop.hop.ran_as.clone();
             let counter = hop
                 .hop
                 .counters
@@ -316,6 +319,21 @@ impl Walker<'_> {
             match code {
                 TCX_NEXT => continue,
                 TC_ACT_OK => break,
+                TC_ACT_REDIRECT if twin.is_some() => {
+                    // The Ethernet twin may redirect where the layer-3 program cannot (it has
+                    // no Ethernet header to rewrite): say so, and follow the twin.
+                    self.warnings.push(format!(
+                        "{prog} on {} ran as {} and redirected; the layer-3 program itself may leave the packet to the host stack there (same destination, another way)",
+                        self.topo.if_name(ifindex),
+                        twin.unwrap_or_default()
+                    ));
+                    let counted = &leg
+                        .hops
+                        .last()
+                        .map(|h| h.counters.clone())
+                        .unwrap_or_default();
+                    return self.redirected(frame, dir, counted).await;
+                }
                 TC_ACT_REDIRECT => {
                     let counted = &leg
                         .hops
