@@ -114,7 +114,7 @@ pub async fn trace(
     let topo = Topo::read(dp, &sb, state, nl).await?;
     let origin = resolve_from(&topo, &sb, from, to)?;
     let dst = resolve_to(&topo, nl, &origin, to).await?;
-    let sender = describe_origin(&topo, &origin);
+    let sender = describe_origin(&origin);
     let mut t = Tracer {
         walker: Walker {
             sb: &mut sb,
@@ -174,14 +174,11 @@ pub async fn trace(
     })
 }
 
-fn describe_origin(topo: &Topo, o: &Origin) -> String {
+fn describe_origin(o: &Origin) -> String {
     match o {
         Origin::Container(n) => format!("container {n}"),
         Origin::Host => "a process of the host".into(),
-        Origin::Outside(ip) => {
-            let _ = topo;
-            format!("{ip}, outside the host")
-        }
+        Origin::Outside(ip) => format!("{ip}, outside the host"),
     }
 }
 

@@ -114,8 +114,7 @@ pub fn text(r: &Report) -> String {
         copied.join(", ")
     );
     leg(&mut out, &format!("request from {}", r.sender), &r.request);
-    if let (Some(who), Some(a)) = (&r.responder, &r.answer) {
-        let _ = who;
+    if let Some(a) = &r.answer {
         leg(&mut out, "answer", a);
     }
     let reason = r
