@@ -29,9 +29,11 @@ pub async fn setup(
     primary: bool,
 ) -> Result<u32> {
     let bridge = network::ensure_bridge(nl, dp, net).await?;
+    crate::timing::mark("bridge");
     let host = nl
         .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
         .await?;
+    crate::timing::mark("veth");
     match attach(dp, netns, net, iface, identity, primary, host.index) {
         Ok(()) => Ok(host.index),
         Err(e) => {
@@ -66,7 +68,9 @@ fn attach(
         Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
         primary.then(|| net.subnet.gateway()),
     )?;
+    crate::timing::mark("container side");
     dp.reset_if_stats(host_index)?;
+    crate::timing::mark("stats");
     dp.attach_tc(
         &iface.veth,
         Hook::Ingress,
@@ -79,6 +83,7 @@ fn attach(
         md_common::maps::PROG_VETH_EGRESS,
         &iface.veth,
     )?;
+    crate::timing::mark("tc");
     let ep = Endpoint {
         ifindex: host_index,
         identity,

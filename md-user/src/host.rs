@@ -99,9 +99,14 @@ pub async fn ensure_datapath(
     if fresh {
         crate::policy::sync(dp, state)?;
     }
-    sync_uplinks(nl, dp, &owned_links(state), &opts.state_dir).await?;
-    dp.attach_cgroup()?;
-    set_host_addrs(dp, &addrs)?;
+    // Uplinks and host addresses follow the host through the watcher; without one (or on a
+    // fresh load) they are set here. With a thousand containers that saves a dump of a
+    // thousand links per container.
+    if fresh || !watcher_running(&opts.state_dir) {
+        sync_uplinks(nl, dp, &owned_links(state), &opts.state_dir).await?;
+        dp.attach_cgroup()?;
+        set_host_addrs(dp, &addrs)?;
+    }
     state.datapath = Some(DatapathState {
         uplink: uplink.name.clone(),
         uplink_ifindex: uplink.index,
@@ -279,6 +284,11 @@ fn watcher_lock(state_dir: &Path) -> std::path::PathBuf {
 
 fn watcher_pid(state_dir: &Path) -> std::path::PathBuf {
     state_dir.join("watch.pid")
+}
+
+/// Whether a watcher holds `watch.lock` (it does while it lives).
+fn watcher_running(state_dir: &Path) -> bool {
+    matches!(lock_file(&watcher_lock(state_dir), false), Ok(None))
 }
 
 /// Starts the watcher unless one runs (it holds `watch.lock` while it lives, whoever started

@@ -23,6 +23,7 @@ mod policy;
 mod portmap;
 mod proc;
 mod state;
+mod timing;
 mod trace;
 
 use std::process::ExitCode;
@@ -30,6 +31,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    timing::start();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

@@ -277,6 +277,7 @@ async fn supervise(
         }
     };
     if let Some(r) = ready {
+        crate::timing::mark("ready");
         r.send("ok");
     }
     let pid = child.id().unwrap_or(0) as i32;
@@ -339,10 +340,13 @@ async fn start(
     setup: &Setup,
 ) -> Result<(tokio::process::Child, Option<Netns>)> {
     let name = setup.name.as_str();
+    crate::timing::mark("start");
     let mut locked = ctx.state_dir.lock()?;
+    crate::timing::mark("locked");
     if !reconcile(ctx, nl, &mut locked.state).await.is_empty() {
         locked.save()?;
     }
+    crate::timing::mark("reconciled");
     let state = &mut locked.state;
     if state.containers.contains_key(name) {
         bail!("container name {name} is already in use");
@@ -376,6 +380,7 @@ async fn start(
                 None => net.subnet.allocate(&used)?,
             };
             host::ensure_datapath(nl, &ctx.dp, state, &ctx.opts).await?;
+            crate::timing::mark("datapath");
             interfaces.push(Interface {
                 network: net_name.clone(),
                 ip,
@@ -448,6 +453,7 @@ async fn create(
     let (netns, uts) = match &setup.mode {
         Mode::Net(net_name) => {
             let netns = Netns::create()?;
+            crate::timing::mark("netns");
             let net = locked.state.networks[net_name].clone();
             let ifindex = endpoint::setup(
                 nl,
@@ -462,9 +468,12 @@ async fn create(
             if let Some(c) = locked.state.containers.get_mut(name) {
                 c.interfaces[0].ifindex = ifindex;
             }
+            crate::timing::mark("endpoint");
             locked.save()?;
             endpoint::publish(&ctx.dp, locked, name, identity)?;
+            crate::timing::mark("published");
             network::ensure_resolver(&ctx.opts, &mut locked.state, net_name)?;
+            crate::timing::mark("resolver");
             binds.push((cstr(&hosts), c"/etc/hosts".to_owned()));
             binds.push((cstr(&resolv), c"/etc/resolv.conf".to_owned()));
             (
@@ -499,7 +508,8 @@ async fn create(
         }
     };
     // Its own and its peers' hosts files now list it.
-    dns::refresh(&ctx.state_dir, &locked.state)?;
+    dns::added(&ctx.state_dir, &locked.state, name)?;
+    crate::timing::mark("names");
 
     let log = if container.detached {
         Some(ctx.state_dir.create_log(name)?)
@@ -514,12 +524,14 @@ async fn create(
         confine: (!container.privileged).then(Confinement::docker_default),
     };
     let (child, pid) = init::spawn(&setup.program, &container.cmd, log, pre)?;
+    crate::timing::mark("spawned");
     if let Some(c) = locked.state.containers.get_mut(name) {
         c.pid = pid;
         c.pid_start = proc::start_time(pid).unwrap_or(0);
         c.status = Status::Running;
     }
     locked.save()?;
+    crate::timing::mark("saved");
     // Kept for the container's life when it is its own, so its leftovers can be found.
     let own = matches!(setup.mode, Mode::Net(_) | Mode::None);
     Ok((child, netns.filter(|_| own)))
