@@ -134,22 +134,16 @@ fn set_host_addrs(dp: &Datapath, addrs: &[(u32, Ipv4Addr, u8)]) -> Result<()> {
     dp.set_host_addrs(&ips)
 }
 
-/// Removes every network (bridge, resolver) and the whole datapath. Best effort; idempotent.
-pub async fn teardown(nl: &Netlink, dp: &Datapath, state: &mut State) -> Vec<anyhow::Error> {
+/// Removes the whole datapath (the networks go first: `network::remove_all`). Best effort;
+/// idempotent.
+pub fn teardown(dp: &Datapath, state: &mut State) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
-    for net in state.networks.values_mut() {
-        crate::network::stop_resolver(net);
-        if let Err(e) = crate::network::remove_bridge(nl, dp, net).await {
-            errors.push(e);
-        }
-    }
     if let Err(e) = dp.detach_tc(UPLINK_PIN) {
         errors.push(e);
     }
     if let Err(e) = dp.unload() {
         errors.push(e);
     }
-    state.networks.clear();
     state.datapath = None;
     errors
 }

@@ -3,6 +3,7 @@
 //! There is no daemon: every command takes the state lock, reconciles what it finds, does its
 //! work and exits. What the datapath needs outlives the command because it is pinned.
 
+mod attach;
 mod cli;
 mod commands;
 mod datapath;

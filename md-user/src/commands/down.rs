@@ -3,7 +3,7 @@ use std::{fs, process::ExitCode, time::Duration};
 use anyhow::Result;
 
 use super::Ctx;
-use crate::{endpoint, error::one_line, host, netlink::Netlink, proc};
+use crate::{endpoint, error::one_line, host, netlink::Netlink, network, proc};
 
 /// Removes every container, bridge, program, pinned object and state md created. Idempotent.
 pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
@@ -19,7 +19,8 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
     for c in &containers {
         errors.extend(endpoint::teardown(&nl, &ctx.dp, c).await);
     }
-    errors.extend(host::teardown(&nl, &ctx.dp, &mut locked.state).await);
+    errors.extend(network::remove_all(&nl, &ctx.dp, &mut locked.state).await);
+    errors.extend(host::teardown(&ctx.dp, &mut locked.state));
     // Nothing may outlive `down`, not even a pin dir someone else's state forgot.
     if let Err(e) = ctx.dp.unload() {
         errors.push(e);
