@@ -24,7 +24,7 @@ use crate::{
     netlink::Netlink,
     netns::Netns,
     network, proc,
-    state::{Container, Interface, Locked, State, StateDir, Status},
+    state::{CniOwner, Container, Interface, Locked, State, StateDir, Status},
 };
 
 /// What every front end works with: its options, the state directory and the datapath.
@@ -57,6 +57,9 @@ pub struct Spec {
     pub ports: Vec<crate::portmap::PortMapping>,
     pub cmd: Vec<String>,
     pub detached: bool,
+    pub aliases: Vec<String>,
+    /// The runtime that attached it through the CNI plugin, if one did.
+    pub cni: Option<CniOwner>,
 }
 
 /// One interface on an md network.
@@ -121,6 +124,8 @@ pub async fn reserve(
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs(),
+        aliases: spec.aliases,
+        cni: spec.cni,
     };
     state.identity_for(name);
     // Recorded before anything exists, so a crash mid-setup is reclaimed by the next command.
@@ -327,15 +332,130 @@ pub async fn remove_interface(
     Ok(())
 }
 
+/// Compares what exists with what the state says for the interface `ifname` of a container:
+/// the host-side veth on its bridge, the interface, its address and default route inside
+/// `netns`, the datapath's map entries and published ports, and md's programs on the veth and
+/// the uplink. Returns every difference found (empty: no drift).
+pub async fn check(
+    ctx: &Ctx,
+    nl: &Netlink,
+    state: &State,
+    c: &Container,
+    ifname: &str,
+    netns: &Netns,
+) -> Result<Vec<String>> {
+    use crate::datapath::Hook;
+    use md_common::maps as m;
+    let mut drift = Vec::new();
+    let (pos, iface) = c
+        .interfaces
+        .iter()
+        .enumerate()
+        .find(|(_, i)| i.name == ifname)
+        .with_context(|| format!("container {} has no interface {ifname}", c.name))?;
+    let net = state
+        .networks
+        .get(&iface.network)
+        .with_context(|| format!("network {} is gone", iface.network))?;
+    let gw = net.subnet.gateway();
+    match nl.link_by_name(&iface.veth).await? {
+        None => drift.push(format!("host veth {} is missing", iface.veth)),
+        Some(l) if l.index != iface.ifindex => drift.push(format!(
+            "host veth {} has index {}, not {}",
+            iface.veth, l.index, iface.ifindex
+        )),
+        Some(l) => {
+            let bridge = nl.link_by_name(&net.bridge).await?;
+            if bridge.is_none() || l.controller != bridge.map(|b| b.index) {
+                drift.push(format!(
+                    "host veth {} is not on bridge {}",
+                    iface.veth, net.bridge
+                ));
+            }
+            if !l.up {
+                drift.push(format!("host veth {} is down", iface.veth));
+            }
+            for (hook, prog) in [
+                (Hook::Ingress, m::PROG_VETH_INGRESS),
+                (Hook::Egress, m::PROG_VETH_EGRESS),
+            ] {
+                if !ctx.dp.tc_attached(&iface.veth, hook, prog).unwrap_or(false) {
+                    drift.push(format!("program {prog} is not attached to {}", iface.veth));
+                }
+            }
+        }
+    }
+    match crate::netlink::inspect_container_side(netns, ifname)? {
+        None => drift.push(format!("interface {ifname} is missing in the container")),
+        Some(side) => {
+            if side.mac != iface.mac {
+                drift.push(format!("{ifname} has another MAC address"));
+            }
+            if !side.up {
+                drift.push(format!("{ifname} is down"));
+            }
+            if !side.addresses.contains(&(iface.ip, net.subnet.prefix_len)) {
+                drift.push(format!(
+                    "address {}/{} is missing on {ifname}",
+                    iface.ip, net.subnet.prefix_len
+                ));
+            }
+            if pos == 0 && side.default_gateway != Some(gw) {
+                drift.push(format!("the default route via {gw} is missing"));
+            }
+        }
+    }
+    if !ctx.dp.is_loaded() {
+        drift.push("md's datapath is not loaded".to_string());
+        return Ok(drift);
+    }
+    let ep = ctx.dp.endpoints()?.get(&iface.ip.octets(), 0).ok();
+    if ep.is_none_or(|e| e.ifindex != iface.ifindex) {
+        drift.push(format!("ENDPOINTS has no entry for {}", iface.ip));
+    }
+    if ctx.dp.veth_owners()?.get(&iface.ifindex, 0).is_err() {
+        drift.push(format!("VETH_OWNERS has no entry for {}", iface.veth));
+    }
+    if ctx.dp.networks()?.get(&net.id, 0).is_err() {
+        drift.push(format!(
+            "NETWORKS has no entry for network {}",
+            iface.network
+        ));
+    }
+    if pos == 0 {
+        let ports = ctx.dp.port_map()?;
+        for p in &c.ports {
+            let t = ports.get(&endpoint::port_key(p), 0).ok();
+            if t.is_none_or(|t| t.ip != iface.ip.octets() || t.port != p.container_port) {
+                drift.push(format!("published port {p} is missing from PORT_MAP"));
+            }
+        }
+    }
+    if let Some(d) = &state.datapath {
+        for (hook, prog) in [
+            (Hook::Ingress, m::PROG_UPLINK_INGRESS),
+            (Hook::Egress, m::PROG_UPLINK_EGRESS),
+        ] {
+            if !ctx.dp.tc_attached(&d.uplink, hook, prog).unwrap_or(false) {
+                drift.push(format!(
+                    "program {prog} is not attached to uplink {}",
+                    d.uplink
+                ));
+            }
+        }
+    }
+    Ok(drift)
+}
+
 /// Tears down containers whose owner is gone (a foreground run killed with -9 included).
 /// Returns their names.
 pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String> {
-    let dead: Vec<String> = state
-        .containers
-        .values()
-        .filter(|c| !proc::alive(c.supervisor_pid, c.supervisor_start))
-        .map(|c| c.name.clone())
-        .collect();
+    let mut dead = Vec::new();
+    for c in state.containers.values() {
+        if !owner_alive(nl, c).await {
+            dead.push(c.name.clone());
+        }
+    }
     for name in &dead {
         let c = state.containers.remove(name).expect("listed above");
         if c.status == Status::Running {
@@ -345,6 +465,24 @@ pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String
         detach(ctx, nl, state, &c).await;
     }
     dead
+}
+
+/// A container lives while its supervisor does, or, once a CNI ADD has finished (there is no
+/// supervisor then), while its network namespace does. A veth pair goes with the namespace of
+/// either end, so the host-side veths tell without holding the namespace open.
+async fn owner_alive(nl: &Netlink, c: &Container) -> bool {
+    if c.cni.is_none() || c.status == Status::Creating {
+        return proc::alive(c.supervisor_pid, c.supervisor_start);
+    }
+    for i in &c.interfaces {
+        match nl.link_by_name(&i.veth).await {
+            Ok(Some(l)) if l.index == i.ifindex => return true,
+            Ok(_) => {}
+            // Unsure: keep it, the next command looks again.
+            Err(_) => return true,
+        }
+    }
+    false
 }
 
 pub fn random_u64() -> u64 {

@@ -57,7 +57,7 @@ pub fn lookup(
     state
         .containers
         .values()
-        .filter(|c| c.name.eq_ignore_ascii_case(name) || c.hostname.eq_ignore_ascii_case(name))
+        .filter(|c| c.answers_to(name))
         .find_map(|c| shared_ip(c, nets, network))
 }
 
@@ -122,7 +122,8 @@ pub fn files(dir: &StateDir, name: &str) -> (PathBuf, PathBuf) {
 /// Rewrites every container's files from the state (containers came or went).
 pub fn refresh(dir: &StateDir, state: &State) -> Result<()> {
     for c in state.containers.values() {
-        if c.mode == "host" || c.mode.starts_with("container:") {
+        // The runtime writes a CNI container's files.
+        if c.mode == "host" || c.mode.starts_with("container:") || c.cni.is_some() {
             continue;
         }
         let (hosts, resolv) = files(dir, &c.name);
@@ -318,6 +319,8 @@ mod tests {
             status: Status::Running,
             detached: true,
             created_unix: 0,
+            aliases: vec![],
+            cni: None,
         }
     }
 

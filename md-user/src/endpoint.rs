@@ -99,20 +99,37 @@ pub fn port_key(p: &PortMapping) -> PortKey {
 pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
     if dp.is_loaded() {
+        // The interface's index, or, when setup was killed before recording it, the indexes
+        // the datapath lists for its address and MAC (still ours: the address is recorded).
+        let ifindexes: Vec<u32> = if iface.ifindex != 0 {
+            vec![iface.ifindex]
+        } else {
+            dp.veth_owners()
+                .map(|m| {
+                    m.iter()
+                        .flatten()
+                        .filter(|(_, e)| e.ip == iface.ip.octets() && e.mac == iface.mac)
+                        .map(|(k, _)| k)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         if let Ok(mut eps) = dp.endpoints() {
             // Only our entry: the address may already belong to someone else.
             if eps
                 .get(&iface.ip.octets(), 0)
-                .is_ok_and(|e| e.ifindex == iface.ifindex)
+                .is_ok_and(|e| ifindexes.contains(&e.ifindex))
             {
                 let _ = eps.remove(&iface.ip.octets());
             }
         }
-        if let Ok(mut owners) = dp.veth_owners() {
-            let _ = owners.remove(&iface.ifindex);
-        }
-        if let Ok(mut stats) = dp.if_stats() {
-            let _ = stats.remove(&iface.ifindex);
+        for ifindex in &ifindexes {
+            if let Ok(mut owners) = dp.veth_owners() {
+                let _ = owners.remove(ifindex);
+            }
+            if let Ok(mut stats) = dp.if_stats() {
+                let _ = stats.remove(ifindex);
+            }
         }
         if let Err(e) = dp.purge_conntrack(iface.ip) {
             errors.push(e);

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Pin name of the uplink's TC links.
-const UPLINK_PIN: &str = "uplink";
+pub const UPLINK_PIN: &str = "uplink";
 
 /// Loads and attaches the datapath if it is not, and refreshes what it knows about the host.
 pub async fn ensure_datapath(

@@ -5,6 +5,7 @@
 
 mod attach;
 mod cli;
+mod cni;
 mod commands;
 mod datapath;
 mod dns;
@@ -25,6 +26,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    if cni::called_as_plugin() {
+        return cni::main();
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

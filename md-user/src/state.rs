@@ -95,6 +95,24 @@ pub struct Container {
     pub status: Status,
     pub detached: bool,
     pub created_unix: u64,
+    /// Extra names the container answers to on its networks (CNI `aliases`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Set when a runtime attached the container through md's CNI plugin: no supervisor then,
+    /// the container lives as long as its network namespace (and so its veths).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniOwner>,
+}
+
+/// Who attached a CNI container, as the runtime names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniOwner {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_NETNS at ADD time.
+    pub netns: String,
+    /// The CNI network (configuration `name`) of each interface, by interface name.
+    pub networks: BTreeMap<String, String>,
 }
 
 fn default_mode() -> String {
@@ -108,6 +126,13 @@ impl Container {
 
     pub fn on_network(&self, network: &str) -> bool {
         self.interfaces.iter().any(|i| i.network == network)
+    }
+
+    /// Whether `name` (case-insensitive) is its name, hostname or one of its aliases.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+            || self.hostname.eq_ignore_ascii_case(name)
+            || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
     }
 }
 

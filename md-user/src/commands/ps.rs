@@ -30,6 +30,9 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                 "detached": c.detached,
                 "command": c.cmd.join(" "),
                 "created": c.created_unix,
+                "aliases": c.aliases,
+                // Attached by a runtime through the CNI plugin: its container id and namespace.
+                "cni": c.cni.as_ref().map(|o| json!({"container_id": o.container_id, "netns": o.netns})),
             })
         })
         .collect();

@@ -330,6 +330,8 @@ async fn start(
         ports: setup.ports.clone(),
         cmd: args.cmd.clone(),
         detached: args.ready_fd.is_some(),
+        aliases: Vec::new(),
+        cni: None,
     };
     let container = attach::create(ctx, nl, &mut locked, spec, netns.as_ref()).await?;
     match spawn(ctx, &mut locked, setup, &container, netns.as_ref()) {
