@@ -476,3 +476,84 @@ fn cni_plugin_killed_midway_is_reclaimed() {
         lab.cni("DEL", Some(&a), &conf).ok();
     }
 }
+
+/// `dig +short NAME @GATEWAY` from a namespace: md's resolver for the network.
+fn dig_in(lab: &Lab, ns: &Path, name: &str) -> String {
+    let o = lab.in_netns(
+        ns,
+        &[
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=2",
+            &format!("@{GATEWAY}"),
+            name,
+        ],
+    );
+    stdout_str(&o)
+}
+
+/// A CNI container and an `md-user run` container resolve each other (and the CNI
+/// container's alias) through md's resolver, and `md-user policy deny` between them drops
+/// their traffic one way while the other way still flows.
+#[test]
+fn cni_containers_share_names_and_policy_with_run_containers() {
+    if !require_e2e() {
+        return;
+    }
+    require_tools(&["dig", "curl", "python3"]);
+    let lab = Lab::new("cni names policy");
+    let ns = lab.add_netns("c1");
+    let conf = lab.cni_conf(
+        "1.0.0",
+        NET,
+        json!({"runtimeConfig": {"aliases": {NET: ["alias-of-alpha"]}}}),
+    );
+    let a = attach("c0ffee06", &ns, "K8S_POD_NAME=alpha");
+    let alpha_ip = ip_of(lab.cni("ADD", Some(&a), &conf).ok());
+    run_d(&lab, "runner", &[], &["python3", &fx("peer_http.py"), "80"]);
+    let runner_ip = lab.ip_of("runner");
+
+    assert_eq!(dig_in(&lab, &ns, "runner"), runner_ip);
+    let from_runner = |name: &str| {
+        stdout_str(&lab.exec("runner", &["dig", "+short", "+time=2", "+tries=2", name]))
+    };
+    assert_eq!(from_runner("alpha"), alpha_ip);
+    assert_eq!(from_runner("alias-of-alpha"), alpha_ip);
+
+    let _srv = lab.spawn_in_netns(&ns, &["python3", &fx("peer_http.py"), "80"]);
+    lab.wait_listening_in("runner", "tcp", 80);
+    // TCP from runner to alpha (true) or from alpha to runner (false) gets an answer.
+    let curl_ok = |from_runner: bool| {
+        let out = if from_runner {
+            let url = format!("http://{alpha_ip}/");
+            lab.exec("runner", &["curl", "-sS", "--max-time", "2", &url])
+        } else {
+            let url = format!("http://{runner_ip}/");
+            lab.in_netns(&ns, &["curl", "-sS", "--max-time", "2", &url])
+        };
+        out.status.success()
+    };
+    wait_for("alpha serves", Duration::from_secs(30), || {
+        curl_ok(true).then_some(())
+    });
+    assert!(curl_ok(false), "alpha cannot reach runner before any rule");
+
+    lab.md_ok(&["policy", "deny", "runner", "alpha"]);
+    assert!(!curl_ok(true), "runner still reaches alpha after the deny");
+    assert!(curl_ok(false), "alpha lost runner: the deny is one way");
+    let stats = lab.stats();
+    assert!(
+        stats_row(&stats, "runner")["drops"]["policy"]
+            .as_u64()
+            .unwrap_or(0)
+            + stats_row(&stats, "alpha")["drops"]["policy"]
+                .as_u64()
+                .unwrap_or(0)
+            > 0,
+        "no policy drop counted: {stats}"
+    );
+    lab.md_ok(&["policy", "allow", "runner", "alpha"]);
+    assert!(curl_ok(true), "the allow did not lift the deny");
+    lab.cni("DEL", Some(&a), &conf).ok();
+}
