@@ -129,6 +129,9 @@ impl Lab {
 
 /// Runs `c` feeding `stdin`, within [`MD_TIMEOUT`].
 pub fn run_with_stdin(c: &mut Command, stdin: &str) -> CniOut {
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap_or_else(|e| panic!("spawning {c:?}: {e}"));
     if let Some(mut i) = child.stdin.take() {
         let _ = i.write_all(stdin.as_bytes());

@@ -16,6 +16,7 @@ pub mod helpers;
 mod lab;
 pub mod pkt;
 pub mod process;
+pub mod runtimes;
 
 use std::path::{Path, PathBuf};
 use std::thread;

@@ -36,6 +36,13 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
+    // md's CNI plugin under real runtimes (tests/tests/cni_runtimes.rs).
+    ("podman", "podman"),
+    ("conmon", "conmon"),
+    ("runc", "runc"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("busybox", "busybox-static"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
@@ -241,7 +248,12 @@ mod tests {
                 "procps",
                 "util-linux",
                 "dnsutils",
-                "dnsmasq-base"
+                "dnsmasq-base",
+                "podman",
+                "conmon",
+                "runc",
+                "containerd",
+                "busybox-static"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);
