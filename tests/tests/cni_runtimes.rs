@@ -26,8 +26,7 @@ fn answer(nslookup: &str) -> Option<String> {
         .filter(|l| l.starts_with("Address"))
         .filter_map(|l| l.split_whitespace().last())
         .map(|a| a.trim_end_matches("#53").to_string())
-        .filter(|a| a != GATEWAY && !a.starts_with(&format!("{GATEWAY}:")))
-        .last()
+        .rfind(|a| a != GATEWAY && !a.starts_with(&format!("{GATEWAY}:")))
 }
 
 /// A shell line for a busybox container: GET / from `ip`:80 with nc, printing the response
