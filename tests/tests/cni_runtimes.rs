@@ -78,11 +78,27 @@ fn podman_containers_on_md() {
     let httpd = ["httpd", "-f", "-p", "80", "-h", "/tmp"];
     podman.run_d(
         "web",
-        &["--network", "mdnet", "-p", "8080:80"],
+        &[
+            "--network",
+            "mdnet",
+            "-p",
+            "8080:80",
+            "--network-alias",
+            "www",
+        ],
         &rootfs,
         &httpd,
     );
-    podman.run_d("api", &["--network", "mdnet"], &rootfs, &httpd);
+    // --ip and --mac-address reach md's IPAM through CNI_ARGS.
+    let api_opts = [
+        "--network",
+        "mdnet",
+        "--ip",
+        "172.18.0.50",
+        "--mac-address",
+        "02:00:00:00:00:50",
+    ];
+    podman.run_d("api", &api_opts, &rootfs, &httpd);
     run_d(&lab, "runner", &[], &["python3", &fx("peer_http.py"), "80"]);
 
     // md-user sees Podman's containers by their Podman names.
@@ -90,6 +106,9 @@ fn podman_containers_on_md() {
     let api_ip = ps_ip(&lab, "api").expect("api in md-user ps");
     let runner_ip = lab.ip_of("runner");
     assert_eq!(lab.ps_entry("web")["ports"][0], "8080:80/tcp");
+    assert_eq!(api_ip, "172.18.0.50");
+    let mac = podman.ok(&["exec", "api", "cat", "/sys/class/net/eth0/address"]);
+    assert_eq!(mac, "02:00:00:00:00:50");
     // Podman's own view agrees with md's IPAM.
     let inspect = podman.ok(&[
         "inspect",
@@ -111,6 +130,7 @@ fn podman_containers_on_md() {
     );
     let lookup = |from: &str, name: &str| answer(&podman.ok(&["exec", from, "nslookup", name]));
     assert_eq!(lookup("web", "api").as_deref(), Some(api_ip.as_str()));
+    assert_eq!(lookup("api", "www").as_deref(), Some(web_ip.as_str()));
     assert_eq!(lookup("api", "runner").as_deref(), Some(runner_ip.as_str()));
     assert_eq!(dig(&lab, "runner", "web"), web_ip);
 
