@@ -617,14 +617,20 @@ fn cni_call(
     let ty = plugin["type"].as_str().context("plugin type")?;
     let file = lab.dir.join(format!("cni-{id}-{ty}-{verb}.json"));
     std::fs::write(&file, conf.to_string())?;
-    let mut cmd = in_ns(&lab.host.path, Path::new(CNI_PLUGIN_DIR).join(ty), &[]);
+    let plugin = Path::new(CNI_PLUGIN_DIR).join(ty);
+    let (plugin, file) = (plugin.to_string_lossy(), file.to_string_lossy());
+    // The configuration on stdin (the bench's runner gives commands none of their own).
+    let mut cmd = in_ns(
+        &lab.host.path,
+        "sh",
+        &["-c", "exec \"$0\" < \"$1\"", &plugin, &file],
+    );
     cmd.env("CNI_COMMAND", verb)
         .env("CNI_CONTAINERID", id)
         .env("CNI_NETNS", &ns.path)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_ARGS", args)
-        .env("CNI_PATH", CNI_PLUGIN_DIR)
-        .stdin(std::fs::File::open(&file)?);
+        .env("CNI_PATH", CNI_PLUGIN_DIR);
     Ok(cmd)
 }
 
