@@ -36,6 +36,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
     // md's CNI plugin under real runtimes (tests/tests/cni_runtimes.rs).
     ("podman", "podman"),
     ("conmon", "conmon"),
@@ -249,6 +251,7 @@ mod tests {
                 "util-linux",
                 "dnsutils",
                 "dnsmasq-base",
+                "prometheus",
                 "podman",
                 "conmon",
                 "runc",
