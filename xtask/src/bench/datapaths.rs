@@ -148,8 +148,8 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 pub fn supports(dp: Dp, extra: Extra) -> bool {
     match extra {
         Extra::None => true,
-        // portmap adds a published port's rules one iptables call at a time (1,000 ports took
-        // 106 s here): 10,000 would take longer than the rest of the bench together.
+        // portmap took 106 s to install 1,000 ports here: 10,000 would take longer than the
+        // rest of the bench together.
         Extra::Ports(n) => dp != Dp::Plain && !(dp == Dp::CniRef && n > 1_000),
         // Neither plain routing nor netavark has inter-container policy.
         Extra::Policies(_) => matches!(dp, Dp::Docker | Dp::Md),
