@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 use crate::process::show_output;
 use crate::{Lab, MD_TIMEOUT, UPLINK};
 
+/// Where Debian's containernetworking-plugins installs the reference plugins.
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
 /// What one plugin call returned.
 #[derive(Debug)]
 pub struct CniOut {
@@ -119,6 +122,21 @@ impl Lab {
                 .env("CNI_ARGS", a.args);
         }
         run_with_stdin(&mut c, stdin)
+    }
+
+    /// Runs one of Debian's reference plugins (`/usr/lib/cni/<plugin>`) the same way.
+    pub fn cni_reference(&self, plugin: &str, command: &str, a: &Attach, conf: &Value) -> CniOut {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.host_ns()))
+            .arg("--")
+            .arg(Path::new(REFERENCE_PLUGINS).join(plugin))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", a.container_id)
+            .env("CNI_NETNS", a.netns)
+            .env("CNI_IFNAME", a.ifname)
+            .env("CNI_ARGS", a.args)
+            .env("CNI_PATH", REFERENCE_PLUGINS);
+        run_with_stdin(&mut c, &conf.to_string())
     }
 
     /// Runs the plugin with a JSON configuration.

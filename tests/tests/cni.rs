@@ -557,3 +557,64 @@ fn cni_containers_share_names_and_policy_with_run_containers() {
     assert!(curl_ok(true), "the allow did not lift the deny");
     lab.cni("DEL", Some(&a), &conf).ok();
 }
+
+/// md in a chain as a runtime runs a conflist, between two reference plugins: Debian's
+/// `loopback` before it (md keeps its result in front of its own) and `tuning` after it (which
+/// takes md's result as its prevResult and sets a sysctl in the namespace). CHECK accepts the
+/// chain's final result; DEL runs in reverse.
+#[test]
+fn cni_chain_passes_prev_result_through() {
+    if !require_e2e() {
+        return;
+    }
+    let lo_bin = format!("{}/loopback", md_tests::cni::REFERENCE_PLUGINS);
+    let tuning_bin = format!("{}/tuning", md_tests::cni::REFERENCE_PLUGINS);
+    require_tools(&[&lo_bin, &tuning_bin]);
+    let lab = Lab::new("cni chain");
+    let ns = lab.add_netns("c1");
+    let a = attach("chain01", &ns, "IgnoreUnknown=1;K8S_POD_NAME=chained");
+    let lo_conf = json!({"cniVersion": "1.0.0", "name": NET, "type": "loopback"});
+    let lo = lab
+        .cni_reference("loopback", "ADD", &a, &lo_conf)
+        .ok()
+        .clone();
+    let md_conf = lab.cni_conf("1.0.0", NET, json!({}));
+    let md = lab
+        .cni("ADD", Some(&a), &with_prev(&md_conf, &lo))
+        .ok()
+        .clone();
+    let n_lo = lo["interfaces"].as_array().unwrap().len();
+    assert_eq!(md["interfaces"][0], lo["interfaces"][0], "{md}");
+    assert_eq!(md["ips"][0], lo["ips"][0], "{md}");
+    let mine = md["ips"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(mine["interface"], n_lo + 1, "{md}");
+    assert_eq!(md["interfaces"][n_lo + 1]["name"], "eth0");
+
+    let tuning_conf = json!({
+        "cniVersion": "1.0.0",
+        "name": NET,
+        "type": "tuning",
+        "sysctl": {"net.core.somaxconn": "321"},
+    });
+    let tuned = lab
+        .cni_reference("tuning", "ADD", &a, &with_prev(&tuning_conf, &md))
+        .ok()
+        .clone();
+    assert_eq!(
+        tuned["ips"], md["ips"],
+        "tuning must pass md's addresses through"
+    );
+    let somax = lab.in_netns(&ns, &["cat", "/proc/sys/net/core/somaxconn"]);
+    assert_eq!(stdout_str(&somax), "321");
+    let ip = ip_of(&md);
+    assert_eq!(ps_of(&lab, "chained").unwrap()["ip"], ip.as_str());
+    lab.cni("CHECK", Some(&a), &with_prev(&md_conf, &tuned))
+        .ok();
+
+    lab.cni_reference("tuning", "DEL", &a, &with_prev(&tuning_conf, &tuned))
+        .ok();
+    lab.cni("DEL", Some(&a), &with_prev(&md_conf, &tuned)).ok();
+    lab.cni_reference("loopback", "DEL", &a, &with_prev(&lo_conf, &tuned))
+        .ok();
+    assert_nothing_left(&lab);
+}

@@ -45,6 +45,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("containerd", "containerd"),
     ("ctr", "containerd"),
     ("busybox", "busybox-static"),
+    // Reference plugins chained around md (tests/tests/cni.rs).
+    ("/usr/lib/cni/tuning", "containernetworking-plugins"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
@@ -256,7 +258,8 @@ mod tests {
                 "conmon",
                 "runc",
                 "containerd",
-                "busybox-static"
+                "busybox-static",
+                "containernetworking-plugins"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);
