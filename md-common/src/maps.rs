@@ -15,9 +15,11 @@ pub const VETH_OWNERS: &str = "VETH_OWNERS";
 pub const NETWORKS: &str = "NETWORKS";
 pub const NETWORKS_MAX: usize = 256;
 
-/// The host namespace's own IPv4 addresses: published ports answer on these.
+/// The host namespace's own IPv4 addresses: published ports answer on these. The value holds
+/// [`crate::HOST_ADDR_LOCAL`]/[`crate::HOST_ADDR_GATEWAY`] flags. md-user sizes the map from the
+/// host when it loads the datapath (at least this many).
 pub const HOST_ADDRS: &str = "HOST_ADDRS";
-pub const HOST_ADDRS_MAX: usize = 256;
+pub const HOST_ADDRS_MAX: usize = 1024;
 
 /// Host-wide settings, one slot ([`crate::Config`]).
 pub const CONFIG: &str = "CONFIG";
@@ -26,15 +28,31 @@ pub const CONFIG: &str = "CONFIG";
 pub const PORT_MAP: &str = "PORT_MAP";
 pub const PORT_MAP_MAX: usize = 65536;
 
-/// Connection tracker and NAT bindings, two entries per flow ([`crate::CtKey`] → [`crate::CtEntry`]).
+/// Connection tracker and NAT bindings, two entries per flow ([`crate::CtKey`] → [`crate::CtEntry`]):
+/// flows that were answered (TCP: handshake complete; UDP/ICMP: a reply seen).
 pub const CONNTRACK: &str = "CONNTRACK";
 pub const CONNTRACK_MAX: usize = 131072;
+/// Flows not answered yet, in an LRU of their own: a flood of them (spoofed SYNs) evicts only
+/// its own kind, never an answered flow (Linux conntrack's early_drop of unassured entries).
+pub const CONNTRACK_NEW: &str = "CONNTRACK_NEW";
+pub const CONNTRACK_NEW_MAX: usize = 65536;
+/// Both tracker maps.
+pub const TRACKERS: &[&str] = &[CONNTRACK, CONNTRACK_NEW];
+
+/// Later fragments of a translated datagram ([`crate::FragKey`] → [`crate::FragEntry`]).
+pub const FRAGS: &str = "FRAGS";
+pub const FRAGS_MAX: usize = 8192;
+
+/// Subnets of md's networks (LPM trie, prefix → network id): no packet from the wire may claim
+/// or reach an address in them except through a translation.
+pub const MD_SUBNETS: &str = "MD_SUBNETS";
 
 /// Inter-container policy rules by (source identity, destination identity).
 pub const POLICY: &str = "POLICY";
 pub const POLICY_MAX: usize = 65536;
 
-/// Per-interface counters, per CPU ([`crate::IfStats`]).
+/// Per-interface counters, per CPU ([`crate::IfStats`]); not preallocated, so a host with many
+/// CPUs pays only for the interfaces md counts.
 pub const IF_STATS: &str = "IF_STATS";
 pub const IF_STATS_MAX: usize = 65536;
 
@@ -55,6 +73,9 @@ pub const ALL_MAPS: &[&str] = &[
     CONFIG,
     PORT_MAP,
     CONNTRACK,
+    CONNTRACK_NEW,
+    FRAGS,
+    MD_SUBNETS,
     POLICY,
     IF_STATS,
     SOCK_REV,
@@ -66,6 +87,9 @@ pub const PROG_VETH_INGRESS: &str = "md_veth_ingress";
 pub const PROG_VETH_EGRESS: &str = "md_veth_egress";
 pub const PROG_UPLINK_INGRESS: &str = "md_uplink_ingress";
 pub const PROG_UPLINK_EGRESS: &str = "md_uplink_egress";
+/// The same for layer-3 devices (tun, WireGuard: no Ethernet header).
+pub const PROG_L3_INGRESS: &str = "md_l3_ingress";
+pub const PROG_L3_EGRESS: &str = "md_l3_egress";
 /// Socket programs at the cgroup-v2 root (host processes reaching published ports).
 pub const PROG_SOCK_CONNECT4: &str = "md_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "md_sock_sendmsg4";

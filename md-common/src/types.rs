@@ -47,7 +47,8 @@ pod! {
         /// netns cookie of md's host namespace: socket programs act only there.
         pub host_netns_cookie: u64,
         pub uplink_ifindex: u32,
-        /// Source address of masqueraded traffic.
+        /// Address of the default route's interface (informational: masquerade takes the
+        /// address the host's routing picks for each flow's way out).
         pub uplink_ip: Ip4,
         /// Source ports SNAT allocates from, inclusive (outside the host's ephemeral range).
         pub nat_port_min: u16,
@@ -118,7 +119,12 @@ pod! {
         pub ifindex: u32,
         /// Policy identity of the container the original direction is headed to (0: none).
         pub identity: u32,
-    } = 48;
+        /// TCP: the sequence number just after the last segment this direction sent (seq + data
+        /// + SYN/FIN); 0 before the first. With `ack` it is the window edge a RST must hit.
+        pub seq_next: u32,
+        /// TCP: the last acknowledgement number this direction sent (0: none yet).
+        pub ack: u32,
+    } = 56;
 
     /// A policy rule between two container identities.
     pub struct PolicyKey {
@@ -150,7 +156,27 @@ pod! {
         pub drop_nat_ports: u64,
         pub drop_malformed: u64,
         pub drop_unsolicited: u64,
-    } = 104;
+        pub drop_forward: u64,
+        pub drop_no_source: u64,
+    } = 120;
+
+    /// A fragmented datagram as it arrived: later fragments carry no ports, so they follow the
+    /// translation of their first fragment (Cilium's ipfrag map).
+    pub struct FragKey {
+        pub saddr: Ip4,
+        pub daddr: Ip4,
+        pub id: u16,
+        pub proto: u8,
+        pub _pad: u8,
+    } = 12;
+
+    /// The addresses a datagram's first fragment was given.
+    pub struct FragEntry {
+        pub saddr: Ip4,
+        pub daddr: Ip4,
+        /// CLOCK_MONOTONIC nanoseconds after which later fragments no longer follow.
+        pub expires_ns: u64,
+    } = 16;
 
     /// Reverse translation for a host UDP socket whose destination connect4/sendmsg4 rewrote.
     pub struct SockRevKey {
@@ -210,6 +236,29 @@ pub const TCP_CLOSING: u8 = 3;
 /// One side sent FIN (half-closed): the other may still talk for long.
 pub const TCP_FIN_ORIGINAL: u8 = 4;
 pub const TCP_FIN_REPLY: u8 = 5;
+/// The reply direction answered the first packet; the handshake is not complete yet.
+pub const TCP_SYN_RECV: u8 = 6;
+
+/// Human name of a tracker TCP state.
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        TCP_SYN_SENT => "syn-sent",
+        TCP_SYN_RECV => "syn-recv",
+        TCP_ESTABLISHED => "established",
+        TCP_CLOSING => "closing",
+        TCP_FIN_ORIGINAL => "fin-original",
+        TCP_FIN_REPLY => "fin-reply",
+        _ => "none",
+    }
+}
+
+/// HOST_ADDRS values: flags of one of the host's addresses.
+pub const HOST_ADDR_LOCAL: u32 = 1;
+/// The gateway of an md network: its resolver listens there and is never translated.
+pub const HOST_ADDR_GATEWAY: u32 = 2;
+
+/// Where each network's resolver listens (UDP and TCP), on the gateway.
+pub const RESOLVER_PORT: u16 = 53;
 
 pub const POLICY_ALLOW: u8 = 1;
 pub const POLICY_DENY: u8 = 2;
@@ -226,6 +275,11 @@ pub const DROP_NAT_PORTS: u8 = 5;
 pub const DROP_MALFORMED: u8 = 6;
 /// From the uplink straight to a container address, not through a published port.
 pub const DROP_UNSOLICITED: u8 = 7;
+/// Arrived on a host interface to be routed out of another, not md's: the host forwards only
+/// md's traffic (Docker sets FORWARD to DROP).
+pub const DROP_FORWARD: u8 = 8;
+/// A container's flow leaves by an interface without an address to masquerade it behind.
+pub const DROP_NO_SOURCE: u8 = 9;
 
 /// Human name of a drop reason (stats, monitor).
 pub fn drop_reason_name(reason: u8) -> &'static str {
@@ -237,6 +291,8 @@ pub fn drop_reason_name(reason: u8) -> &'static str {
         DROP_NAT_PORTS => "nat-ports-exhausted",
         DROP_MALFORMED => "malformed",
         DROP_UNSOLICITED => "unsolicited",
+        DROP_FORWARD => "not-forwarded",
+        DROP_NO_SOURCE => "no-source-address",
         _ => "unknown",
     }
 }

@@ -9,9 +9,7 @@
 use aya_ebpf::programs::TcContext;
 use md_common::{CtKey, Ip4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::parse::{
-    Pkt, ETH_HLEN, ICMP_CSUM, ICMP_ID, IP_CSUM, IP_DADDR, IP_SADDR, L4, TCP_CSUM, UDP_CSUM,
-};
+use crate::parse::{Pkt, ICMP_CSUM, ICMP_ID, IP_CSUM, IP_DADDR, IP_SADDR, L4, TCP_CSUM, UDP_CSUM};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -47,8 +45,8 @@ pub fn set_addr(ctx: &TcContext, p: &Pkt, src: bool, from: Ip4, to: Ip4) -> R {
     if let Some((off, flags)) = l4_csum(p) {
         ctx.l4_csum_replace(off, raw32(from), raw32(to), flags | BPF_F_PSEUDO_HDR | 4)?;
     }
-    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, raw32(from), raw32(to), 4)?;
-    let off = ETH_HLEN + if src { IP_SADDR } else { IP_DADDR };
+    ctx.l3_csum_replace(p.l3_off + IP_CSUM, raw32(from), raw32(to), 4)?;
+    let off = p.l3_off + if src { IP_SADDR } else { IP_DADDR };
     ctx.store(off, &to, 0)?;
     Ok(())
 }

@@ -1,20 +1,24 @@
 //! Connection tracker: two entries per flow (original tuple, reply tuple), each saying what a
 //! packet with that tuple becomes. Entries carry their own expiry, refreshed on both halves by
-//! every packet, so a dead flow is a miss even before anyone deletes it; the LRU map bounds
-//! the total and md-user collects what expired.
+//! every packet, so a dead flow is a miss even before anyone deletes it.
+//!
+//! New flows start in CONNTRACK_NEW and move to CONNTRACK once answered (TCP: handshake
+//! complete; UDP/ICMP: a reply seen). Both are LRU maps, so a flood of flows that are never
+//! answered (spoofed SYNs) only evicts its own kind, never an answered flow (Linux conntrack
+//! drops unassured entries first for the same reason).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop},
 };
 use md_common::{
     Config, CtEntry, CtKey, CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_ICMP, IPPROTO_TCP, TCP_CLOSING,
-    TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_NONE, TCP_SYN_SENT,
+    TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_NONE, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
 use crate::{
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONNTRACK,
+    CONNTRACK, CONNTRACK_NEW, FLOW_SCRATCH,
 };
 
 /// How many ports SNAT tries before giving up on a flow (Cilium uses 32-128).
@@ -25,20 +29,58 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// A live entry for `key`.
+/// A live entry and the map it lives in.
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub e: *mut CtEntry,
+    /// In CONNTRACK (answered) rather than CONNTRACK_NEW.
+    pub answered: bool,
+}
+
 #[inline(always)]
-pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
-    let e = CONNTRACK.get_ptr_mut(key)?;
-    if unsafe { (*e).expires_ns } <= now {
+fn get(answered: bool, key: &CtKey) -> Option<*mut CtEntry> {
+    if answered {
+        CONNTRACK.get_ptr_mut(key)
+    } else {
+        CONNTRACK_NEW.get_ptr_mut(key)
+    }
+}
+
+#[inline(always)]
+fn insert(answered: bool, key: &CtKey, e: &CtEntry, flags: u32) -> Result<(), i32> {
+    if answered {
+        CONNTRACK.insert(key, e, flags as u64)
+    } else {
+        CONNTRACK_NEW.insert(key, e, flags as u64)
+    }
+}
+
+#[inline(always)]
+fn live(e: *mut CtEntry, now: u64) -> bool {
+    unsafe { (*e).expires_ns > now }
+}
+
+/// A live entry for `key`, answered flows first.
+#[inline(always)]
+pub fn lookup(key: &CtKey, now: u64) -> Option<Found> {
+    if let Some(e) = CONNTRACK.get_ptr_mut(key) {
+        if live(e, now) {
+            return Some(Found { e, answered: true });
+        }
+    }
+    let e = CONNTRACK_NEW.get_ptr_mut(key)?;
+    if !live(e, now) {
         return None;
     }
-    Some(e)
+    Some(Found { e, answered: false })
 }
 
 #[inline(always)]
 fn lifetime_ns(cfg: &Config, proto: u8, state: u8) -> u64 {
     let secs = match (proto, state) {
-        (IPPROTO_TCP, TCP_SYN_SENT) => cfg.ct_tcp_syn_secs,
+        // Unanswered flows keep the short lifetime whatever else they send (a SYN then a FIN
+        // must not hold an entry for hours).
+        (IPPROTO_TCP, TCP_SYN_SENT | TCP_SYN_RECV) => cfg.ct_tcp_syn_secs,
         (IPPROTO_TCP, TCP_CLOSING) => cfg.ct_tcp_closing_secs,
         (IPPROTO_TCP, _) => cfg.ct_tcp_established_secs,
         (IPPROTO_ICMP, _) => cfg.ct_icmp_secs,
@@ -60,43 +102,117 @@ pub fn initial_state(p: &Pkt) -> u8 {
     }
 }
 
+/// `a` is at or after `b` in sequence space.
 #[inline(always)]
-fn next_state(state: u8, dir: u8, flags: u8) -> u8 {
-    let fin_here = if dir == CT_DIR_ORIGINAL {
-        TCP_FIN_ORIGINAL
-    } else {
-        TCP_FIN_REPLY
+fn seq_ge(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+/// Whether a RST from the direction `me` describes hits the receiver's window edge: its sequence
+/// number lies between what the receiver last acknowledged and what this side has sent, or it
+/// acknowledges exactly what the receiver sent (the answer to a SYN). A blind RST has to guess
+/// a 32-bit number; without the other half there is nothing to check against.
+#[inline(always)]
+fn rst_in_window(p: &Pkt, me: &CtEntry, other: Option<*mut CtEntry>) -> bool {
+    let Some(o) = other else {
+        return true;
     };
+    let (o_ack, o_next) = unsafe { ((*o).ack, (*o).seq_next) };
+    if p.tcp_flags & TCP_ACK != 0 && o_next != 0 && p.ack_seq == o_next {
+        return true;
+    }
+    if o_ack == 0 {
+        return false;
+    }
+    let hi = if me.seq_next != 0 && seq_ge(me.seq_next, o_ack) {
+        me.seq_next
+    } else {
+        o_ack
+    };
+    seq_ge(p.seq, o_ack) && seq_ge(hi, p.seq)
+}
+
+#[inline(always)]
+fn next_state(state: u8, dir: u8, p: &Pkt, me: &CtEntry, other: Option<*mut CtEntry>) -> u8 {
+    let flags = p.tcp_flags;
     if flags & TCP_RST != 0 {
-        // Shorten the lifetime, don't delete: the last segments must still pass.
-        TCP_CLOSING
-    } else if flags & TCP_FIN != 0 {
+        // Shorten the lifetime, don't delete: the last segments must still pass. A RST off the
+        // window changes nothing (the receiver drops it too).
+        return if rst_in_window(p, me, other) {
+            TCP_CLOSING
+        } else {
+            state
+        };
+    }
+    let mut s = state;
+    if s == TCP_SYN_SENT && dir == CT_DIR_REPLY && flags & TCP_ACK != 0 {
+        s = TCP_SYN_RECV;
+    } else if s == TCP_SYN_RECV
+        && dir == CT_DIR_ORIGINAL
+        && flags & TCP_ACK != 0
+        && flags & TCP_SYN == 0
+    {
+        s = TCP_ESTABLISHED;
+    }
+    if flags & TCP_FIN != 0 {
         // Closing only once both sides sent FIN: a half-closed flow may stay quiet for long.
-        match state {
-            TCP_CLOSING => TCP_CLOSING,
-            TCP_FIN_ORIGINAL | TCP_FIN_REPLY if state != fin_here => TCP_CLOSING,
-            _ => fin_here,
-        }
-    } else if state == TCP_CLOSING
+        let fin_here = if dir == CT_DIR_ORIGINAL {
+            TCP_FIN_ORIGINAL
+        } else {
+            TCP_FIN_REPLY
+        };
+        s = match s {
+            TCP_ESTABLISHED => fin_here,
+            TCP_FIN_ORIGINAL | TCP_FIN_REPLY if s != fin_here => TCP_CLOSING,
+            _ => s,
+        };
+    } else if s == TCP_CLOSING
         && dir == CT_DIR_ORIGINAL
         && flags & TCP_SYN != 0
         && flags & TCP_ACK == 0
     {
         // A SYN on a closing flow starts it again.
-        TCP_SYN_SENT
-    } else if state == TCP_SYN_SENT && dir == CT_DIR_REPLY && flags & TCP_ACK != 0 {
-        TCP_ESTABLISHED
-    } else {
-        state
+        s = TCP_SYN_SENT;
+    }
+    s
+}
+
+/// Records how far this direction has sent and acknowledged (TCP).
+#[inline(always)]
+fn track_seq(me: &mut CtEntry, p: &Pkt) {
+    if p.tcp_flags & TCP_RST != 0 {
+        return;
+    }
+    let end = p.seq.wrapping_add(p.seq_len);
+    if me.seq_next == 0 || !seq_ge(me.seq_next, end) {
+        me.seq_next = end;
+    }
+    if p.tcp_flags & TCP_ACK != 0 && (me.ack == 0 || !seq_ge(me.ack, p.ack_seq)) {
+        me.ack = p.ack_seq;
     }
 }
 
-/// Accounts a packet to its live entry and refreshes both halves of the flow.
 #[inline(always)]
-pub fn touch(e: *mut CtEntry, p: &Pkt, now: u64, cfg: &Config) {
-    let entry = unsafe { &mut *e };
+fn answered_by(proto: u8, state: u8, dir: u8) -> bool {
+    if proto == IPPROTO_TCP {
+        matches!(state, TCP_ESTABLISHED | TCP_FIN_ORIGINAL | TCP_FIN_REPLY)
+    } else {
+        dir == CT_DIR_REPLY
+    }
+}
+
+/// Accounts a packet to its live entry (found under `p.key()`) and refreshes both halves of the
+/// flow; the flow moves to CONNTRACK when this packet answers it.
+#[inline(never)]
+pub fn touch(f: Found, p: &Pkt, now: u64, cfg: &Config) {
+    let entry = unsafe { &mut *f.e };
+    // The other half is keyed by what this packet becomes, reversed.
+    let partner = entry.nat_tuple(p.proto).reversed();
+    let other = get(f.answered, &partner);
     let state = if p.proto == IPPROTO_TCP {
-        next_state(entry.tcp_state, entry.dir, p.tcp_flags)
+        let s = next_state(entry.tcp_state, entry.dir, p, entry, other);
+        track_seq(entry, p);
+        s
     } else {
         TCP_NONE
     };
@@ -105,12 +221,10 @@ pub fn touch(e: *mut CtEntry, p: &Pkt, now: u64, cfg: &Config) {
     entry.expires_ns = expires;
     entry.packets += 1;
     entry.bytes += p.len as u64;
-    // The other half is keyed by what this packet becomes, reversed.
-    let partner = entry.nat_tuple(p.proto).reversed();
-    match CONNTRACK.get_ptr_mut(&partner) {
-        Some(other) => unsafe {
-            (*other).tcp_state = state;
-            (*other).expires_ns = expires;
+    match other {
+        Some(o) => unsafe {
+            (*o).tcp_state = state;
+            (*o).expires_ns = expires;
         },
         // LRU eviction (or a collector racing us) took the reply half: put it back, or the
         // answers of a live flow would go nowhere. It leads back to this packet's tuple.
@@ -125,10 +239,45 @@ pub fn touch(e: *mut CtEntry, p: &Pkt, now: u64, cfg: &Config) {
             );
             back.tcp_state = state;
             back.expires_ns = expires;
-            let _ = CONNTRACK.insert(&partner, &back, BPF_NOEXIST as u64);
+            let _ = insert(f.answered, &partner, &back, BPF_NOEXIST);
         }
         None => {}
     }
+    if !f.answered && answered_by(p.proto, state, entry.dir) {
+        promote(&p.key(), &partner);
+    }
+}
+
+/// Moves both halves of a flow from CONNTRACK_NEW to CONNTRACK.
+#[inline(never)]
+fn promote(key: &CtKey, partner: &CtKey) {
+    for k in [key, partner] {
+        if let Some(e) = CONNTRACK_NEW.get_ptr(k) {
+            let copy = unsafe { *e };
+            if CONNTRACK.insert(k, &copy, BPF_ANY as u64).is_ok() {
+                let _ = CONNTRACK_NEW.remove(k);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn fill(e: &mut CtEntry, nat: &CtKey, kind: u8, dir: u8, hook: u8, ifindex: u32, identity: u32) {
+    e.nat_saddr = nat.saddr;
+    e.nat_daddr = nat.daddr;
+    e.nat_sport = nat.sport;
+    e.nat_dport = nat.dport;
+    e.kind = kind;
+    e.dir = dir;
+    e.tcp_state = 0;
+    e.hook = hook;
+    e.expires_ns = 0;
+    e.packets = 0;
+    e.bytes = 0;
+    e.ifindex = ifindex;
+    e.identity = identity;
+    e.seq_next = 0;
+    e.ack = 0;
 }
 
 /// An entry saying "becomes `nat`".
@@ -148,10 +297,15 @@ pub fn entry(nat: &CtKey, kind: u8, dir: u8, hook: u8, ifindex: u32, identity: u
         bytes: 0,
         ifindex,
         identity,
+        seq_next: 0,
+        ack: 0,
     }
 }
 
-/// Both halves of a flow about to be tracked.
+/// Both halves of a new flow about to be tracked. Built in a per-CPU scratch slot (FLOW_SCRATCH),
+/// not on the 512-byte stack.
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct NewFlow {
     pub orig: CtKey,
     pub orig_e: CtEntry,
@@ -159,59 +313,176 @@ pub struct NewFlow {
     pub reply_e: CtEntry,
 }
 
-/// Inserts both halves of a new flow with the first packet's state and lifetime. The reply
-/// half goes in with NOEXIST: a live entry there belongs to another flow (inserting over it
-/// would steal that flow's mapping). Returns 0, or a negative errno on such a clash.
+/// How a new flow's translated source port is chosen.
+pub const PORT_KEEP: u8 = 0;
+/// Keep it when its reply tuple is free, else take one from the NAT range (Linux NAT does the
+/// same: two flows of one client port to two addresses of one published port must not share a
+/// reply tuple).
+pub const PORT_KEEP_OR_REMAP: u8 = 1;
+/// Always from the NAT range (masquerade, hairpin to oneself).
+pub const PORT_ALLOCATE: u8 = 2;
+
+/// What a new flow is, besides its tuples.
+pub struct Spec {
+    pub kind: u8,
+    pub hook: u8,
+    pub port: u8,
+    /// Host-side veth the original direction is counted on; the reply's.
+    pub orig_ifindex: u32,
+    pub reply_ifindex: u32,
+    /// Identity the original direction is headed to; the reply's.
+    pub orig_identity: u32,
+    pub reply_identity: u32,
+}
+
+/// Tracks a new flow whose packets (`p`'s tuple) become `nat`, and their answers the reverse.
+/// With PORT_KEEP_OR_REMAP/PORT_ALLOCATE, `nat.sport` is set to the port chosen. Returns false
+/// when no reply tuple is free (a clash with a live flow, or NAT ports exhausted).
 #[inline(never)]
-pub fn create(f: &mut NewFlow, p: &Pkt) -> i64 {
+pub fn open(p: &Pkt, nat: &mut CtKey, spec: &Spec) -> bool {
+    let Some(f) = FLOW_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let f = unsafe { &mut *f };
+    f.orig = p.key();
+    f.reply = nat.reversed();
+    // Field by field into the scratch slot: a CtEntry built on the stack first would cost
+    // the call chain 56 bytes twice.
+    fill(
+        &mut f.orig_e,
+        nat,
+        spec.kind,
+        CT_DIR_ORIGINAL,
+        spec.hook,
+        spec.orig_ifindex,
+        spec.orig_identity,
+    );
+    let back = f.orig.reversed();
+    fill(
+        &mut f.reply_e,
+        &back,
+        spec.kind,
+        CT_DIR_REPLY,
+        spec.hook,
+        spec.reply_ifindex,
+        spec.reply_identity,
+    );
+    if spec.port != PORT_ALLOCATE && create(f, p) == 0 {
+        return true;
+    }
+    if spec.port == PORT_KEEP {
+        return false;
+    }
+    match create_with_port(f, p) {
+        Some(port) => {
+            nat.sport = port;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Inserts both halves of a new flow (into CONNTRACK_NEW) with the first packet's state and
+/// lifetime. The reply half goes in with NOEXIST: a live entry there, in either map, belongs to
+/// another flow (inserting over it would steal that flow's mapping). Returns 0, or a negative
+/// errno on such a clash.
+#[inline(never)]
+fn create(f: &mut NewFlow, p: &Pkt) -> i64 {
     let now = now();
     let Some(cfg) = crate::config() else {
         return -1;
     };
+    if let Some(e) = CONNTRACK.get_ptr_mut(&f.reply) {
+        if live(e, now) {
+            return -17;
+        }
+    }
     let state = initial_state(p);
     let expires = now + lifetime_ns(cfg, p.proto, state);
     f.orig_e.tcp_state = state;
     f.orig_e.expires_ns = expires;
     f.orig_e.packets = 1;
     f.orig_e.bytes = p.len as u64;
+    if p.proto == IPPROTO_TCP {
+        track_seq(&mut f.orig_e, p);
+    }
     f.reply_e.tcp_state = state;
     f.reply_e.expires_ns = expires;
-    if CONNTRACK
+    if CONNTRACK_NEW
         .insert(&f.reply, &f.reply_e, BPF_NOEXIST as u64)
         .is_err()
     {
-        if let Some(old) = CONNTRACK.get_ptr(&f.reply) {
-            if unsafe { (*old).expires_ns } > now {
+        if let Some(old) = CONNTRACK_NEW.get_ptr_mut(&f.reply) {
+            if live(old, now) {
                 return -17;
             }
         }
-        if let Err(e) = CONNTRACK.insert(&f.reply, &f.reply_e, BPF_ANY as u64) {
+        if let Err(e) = CONNTRACK_NEW.insert(&f.reply, &f.reply_e, BPF_ANY as u64) {
             return e as i64;
         }
     }
-    if let Err(e) = CONNTRACK.insert(&f.orig, &f.orig_e, BPF_ANY as u64) {
-        let _ = CONNTRACK.remove(&f.reply);
+    if let Err(e) = CONNTRACK_NEW.insert(&f.orig, &f.orig_e, BPF_ANY as u64) {
+        let _ = CONNTRACK_NEW.remove(&f.reply);
         return e as i64;
+    }
+    0
+}
+
+/// The state of a NAT port search, shared with [`try_port`] through bpf_loop.
+struct PortSearch {
+    f: *mut NewFlow,
+    p: *const Pkt,
+    min: u32,
+    span: u32,
+    start: u32,
+    /// The port found, or 0.
+    found: u32,
+}
+
+/// One try of the NAT port search: port `min + (start + i) % span`; stops the loop (1) when
+/// the flow went in with it.
+extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let s = unsafe { &mut *(ctx as *mut PortSearch) };
+    if s.span == 0 {
+        return 1;
+    }
+    let port = (s.min + (s.start.wrapping_add(i as u32)) % s.span) as u16;
+    let (f, p) = unsafe { (&mut *s.f, &*s.p) };
+    f.reply.dport = port;
+    f.orig_e.nat_sport = port;
+    if create(f, p) == 0 {
+        s.found = port as u32;
+        return 1;
     }
     0
 }
 
 /// Picks a source port (or ICMP identifier) for a translated flow whose original half says
 /// "becomes (nat address, port)" and whose reply tuple carries that port as destination.
-/// Starts at a random port in CONFIG's range and steps on clashes.
+/// Starts at a random port in CONFIG's range and steps on clashes. The tries run under
+/// bpf_loop: an unrolled loop would have the verifier walk `create` once per try.
 #[inline(always)]
-pub fn create_with_port(f: &mut NewFlow, p: &Pkt) -> Option<u16> {
+fn create_with_port(f: &mut NewFlow, p: &Pkt) -> Option<u16> {
     let cfg = crate::config()?;
     let min = cfg.nat_port_min as u32;
-    let span = (cfg.nat_port_max as u32).saturating_sub(min) + 1;
-    let start = unsafe { bpf_get_prandom_u32() } % span;
-    for i in 0..NAT_PORT_TRIES {
-        let port = (min + (start + i) % span) as u16;
-        f.reply.dport = port;
-        f.orig_e.nat_sport = port;
-        if create(f, p) == 0 {
-            return Some(port);
-        }
-    }
-    None
+    let span = (cfg.nat_port_max as u32)
+        .saturating_sub(min)
+        .saturating_add(1);
+    let mut s = PortSearch {
+        f,
+        p,
+        min,
+        span,
+        start: unsafe { bpf_get_prandom_u32() } % span,
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            NAT_PORT_TRIES,
+            try_port as *mut core::ffi::c_void,
+            &mut s as *mut PortSearch as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    (s.found != 0).then_some(s.found as u16)
 }

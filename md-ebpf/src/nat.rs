@@ -1,18 +1,20 @@
 //! Translations: published ports (DNAT), masquerade (SNAT), hairpin, and ICMP errors that
 //! quote a translated packet. Each creates both tracker halves, then rewrites the packet.
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use md_common::{
-    CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK,
-    CT_HOOK_VETH, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS,
-    EVENT_NAT,
+    CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
+    CT_KIND_HAIRPIN, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT, HOST_ADDR_GATEWAY,
+    RESOLVER_PORT,
 };
 
 use crate::{
     csum,
-    ct::{self, NewFlow},
+    ct::{self, Spec},
+    frag,
     parse::{parse_ipv4_at, Pkt, L4, TCP_ACK, TCP_SYN},
-    stats, ENDPOINTS, HOST_ADDRS, NETWORKS, PORT_MAP,
+    stats, ENDPOINTS, HOST_ADDRS, MD_SUBNETS, NETWORKS, PORT_MAP,
 };
 
 /// What the hook should do with the packet.
@@ -20,15 +22,26 @@ pub enum Verdict {
     Pass,
     Redirect(i32),
     Drop(u8),
+    /// An ICMP error: the entry point runs the hook's ICMP handler on a frame of its own.
+    Icmp,
 }
 
-/// The published port a packet to a host address `ip`:`port` reaches: a mapping bound to that
-/// exact address wins over one published on every host address.
+/// The published port a packet to `ip`:`port` reaches: a mapping bound to that exact address
+/// wins over one published on every host address, which answers only on the host's own
+/// addresses (`wildcard_ok`: the caller checked that `ip` is one). A network's resolver
+/// (gateway:53) is never translated, whatever is published on 53.
 #[inline(always)]
-pub fn port_lookup(ip: &Ip4, port: u16, proto: u8) -> Option<*mut PortTarget> {
-    PORT_MAP
-        .get_ptr_mut(PortKey::new(*ip, port, proto))
-        .or_else(|| PORT_MAP.get_ptr_mut(PortKey::new([0; 4], port, proto)))
+pub fn port_lookup(ip: &Ip4, port: u16, proto: u8, wildcard_ok: bool) -> Option<*mut PortTarget> {
+    if port == RESOLVER_PORT && is_gateway(ip) {
+        return None;
+    }
+    if let Some(t) = PORT_MAP.get_ptr_mut(PortKey::new(*ip, port, proto)) {
+        return Some(t);
+    }
+    if !wildcard_ok {
+        return None;
+    }
+    PORT_MAP.get_ptr_mut(PortKey::new([0; 4], port, proto))
 }
 
 /// Whether a packet may open a translated flow: for TCP only a SYN. Anything else to a
@@ -41,6 +54,17 @@ pub fn opens_flow(p: &Pkt) -> bool {
 #[inline(always)]
 pub fn is_host_addr(ip: &Ip4) -> bool {
     unsafe { HOST_ADDRS.get(ip) }.is_some()
+}
+
+#[inline(always)]
+fn is_gateway(ip: &Ip4) -> bool {
+    unsafe { HOST_ADDRS.get(ip) }.is_some_and(|f| f & HOST_ADDR_GATEWAY != 0)
+}
+
+/// Whether `ip` lies in one of md's networks (a container's, the gateway's, or an unused one).
+#[inline(always)]
+pub fn in_md_subnet(ip: &Ip4) -> bool {
+    MD_SUBNETS.get(&Key::new(32, *ip)).is_some()
 }
 
 #[inline(always)]
@@ -77,30 +101,17 @@ fn count_dnat(t: &PortTarget, target: *mut PortTarget) {
 #[inline(always)]
 pub fn dnat_from_uplink(ctx: &TcContext, p: &Pkt, target: *mut PortTarget) -> Verdict {
     let t = unsafe { *target };
-    let orig = p.key();
-    let nat = CtKey::new(p.saddr, t.ip, p.sport, t.port, p.proto);
-    let reply = nat.reversed();
-    let mut flow = NewFlow {
-        orig,
-        orig_e: ct::entry(
-            &nat,
-            CT_KIND_DNAT,
-            CT_DIR_ORIGINAL,
-            CT_HOOK_UPLINK,
-            0,
-            t.identity,
-        ),
-        reply,
-        reply_e: ct::entry(
-            &orig.reversed(),
-            CT_KIND_DNAT,
-            CT_DIR_REPLY,
-            CT_HOOK_UPLINK,
-            0,
-            0,
-        ),
+    let mut nat = CtKey::new(p.saddr, t.ip, p.sport, t.port, p.proto);
+    let spec = Spec {
+        kind: CT_KIND_DNAT,
+        hook: CT_HOOK_UPLINK,
+        port: ct::PORT_KEEP_OR_REMAP,
+        orig_ifindex: 0,
+        reply_ifindex: 0,
+        orig_identity: t.identity,
+        reply_identity: 0,
     };
-    if ct::create(&mut flow, p) != 0 {
+    if !ct::open(p, &mut nat, &spec) {
         return Verdict::Drop(DROP_NAT_PORTS);
     }
     count_dnat(&t, target);
@@ -108,6 +119,7 @@ pub fn dnat_from_uplink(ctx: &TcContext, p: &Pkt, target: *mut PortTarget) -> Ve
     if csum::rewrite(ctx, p, &nat).is_err() {
         return Verdict::Drop(DROP_MALFORMED);
     }
+    frag::remember(p, &nat);
     Verdict::Pass
 }
 
@@ -123,65 +135,34 @@ pub fn dnat_from_container(
     target: *mut PortTarget,
 ) -> Verdict {
     let t = unsafe { *target };
-    let orig = p.key();
-    let reply_nat = orig.reversed();
-    let nat = if t.ip == p.saddr {
+    let (mut nat, kind, port) = if t.ip == p.saddr {
         let Some(net) = (unsafe { NETWORKS.get(src.net_id) }) else {
             return Verdict::Drop(DROP_MALFORMED);
         };
-        let mut nat = CtKey::new(net.gateway, t.ip, 0, t.port, p.proto);
-        let mut flow = NewFlow {
-            orig,
-            orig_e: ct::entry(
-                &nat,
-                CT_KIND_HAIRPIN,
-                CT_DIR_ORIGINAL,
-                CT_HOOK_VETH,
-                src.ifindex,
-                t.identity,
-            ),
-            reply: nat.reversed(),
-            reply_e: ct::entry(
-                &reply_nat,
-                CT_KIND_HAIRPIN,
-                CT_DIR_REPLY,
-                CT_HOOK_VETH,
-                src.ifindex,
-                src.identity,
-            ),
-        };
-        match ct::create_with_port(&mut flow, p) {
-            Some(port) => nat.sport = port,
-            None => return Verdict::Drop(DROP_NAT_PORTS),
-        }
-        nat
+        (
+            CtKey::new(net.gateway, t.ip, 0, t.port, p.proto),
+            CT_KIND_HAIRPIN,
+            ct::PORT_ALLOCATE,
+        )
     } else {
-        let nat = CtKey::new(p.saddr, t.ip, p.sport, t.port, p.proto);
-        let mut flow = NewFlow {
-            orig,
-            orig_e: ct::entry(
-                &nat,
-                CT_KIND_DNAT,
-                CT_DIR_ORIGINAL,
-                CT_HOOK_VETH,
-                src.ifindex,
-                t.identity,
-            ),
-            reply: nat.reversed(),
-            reply_e: ct::entry(
-                &reply_nat,
-                CT_KIND_DNAT,
-                CT_DIR_REPLY,
-                CT_HOOK_VETH,
-                src.ifindex,
-                src.identity,
-            ),
-        };
-        if ct::create(&mut flow, p) != 0 {
-            return Verdict::Drop(DROP_NAT_PORTS);
-        }
-        nat
+        (
+            CtKey::new(p.saddr, t.ip, p.sport, t.port, p.proto),
+            CT_KIND_DNAT,
+            ct::PORT_KEEP_OR_REMAP,
+        )
     };
+    let spec = Spec {
+        kind,
+        hook: CT_HOOK_VETH,
+        port,
+        orig_ifindex: src.ifindex,
+        reply_ifindex: src.ifindex,
+        orig_identity: t.identity,
+        reply_identity: src.identity,
+    };
+    if !ct::open(p, &mut nat, &spec) {
+        return Verdict::Drop(DROP_NAT_PORTS);
+    }
     count_dnat(&t, target);
     stats::emit(EVENT_NAT, CT_KIND_DNAT, src.ifindex, p, t.ip, t.port);
     if csum::rewrite(ctx, p, &nat).is_err() {
@@ -190,48 +171,31 @@ pub fn dnat_from_container(
     deliver(ctx, &nat.daddr)
 }
 
-/// A container's new flow leaving through the uplink: masquerade behind the uplink address
-/// with a port from md's NAT range.
+/// A container's new flow leaving the host: masquerade behind `uplink_ip` (the address the
+/// host's routing picks for the way out) with a port from md's NAT range. `src` is None for an
+/// address of an md subnet that is no container (the gateway, a stale address).
 #[inline(always)]
-pub fn snat(ctx: &TcContext, p: &Pkt, src: &Endpoint, uplink_ip: Ip4) -> Verdict {
-    let orig = p.key();
+pub fn snat(ctx: &TcContext, p: &Pkt, src: Option<Endpoint>, uplink_ip: Ip4) -> Verdict {
+    let (ifindex, identity) = src.map(|s| (s.ifindex, s.identity)).unwrap_or((0, 0));
     let mut nat = CtKey::new(uplink_ip, p.daddr, 0, p.dport, p.proto);
-    let mut flow = NewFlow {
-        orig,
-        orig_e: ct::entry(
-            &nat,
-            CT_KIND_SNAT,
-            CT_DIR_ORIGINAL,
-            CT_HOOK_UPLINK,
-            src.ifindex,
-            0,
-        ),
-        reply: nat.reversed(),
-        reply_e: ct::entry(
-            &orig.reversed(),
-            CT_KIND_SNAT,
-            CT_DIR_REPLY,
-            CT_HOOK_UPLINK,
-            src.ifindex,
-            src.identity,
-        ),
+    let spec = Spec {
+        kind: CT_KIND_SNAT,
+        hook: CT_HOOK_UPLINK,
+        port: ct::PORT_ALLOCATE,
+        orig_ifindex: ifindex,
+        reply_ifindex: ifindex,
+        orig_identity: 0,
+        reply_identity: identity,
     };
-    match ct::create_with_port(&mut flow, p) {
-        Some(port) => nat.sport = port,
-        None => return Verdict::Drop(DROP_NAT_PORTS),
+    if !ct::open(p, &mut nat, &spec) {
+        return Verdict::Drop(DROP_NAT_PORTS);
     }
-    stats::count(src.ifindex, |s| s.snat += 1);
-    stats::emit(
-        EVENT_NAT,
-        CT_KIND_SNAT,
-        src.ifindex,
-        p,
-        uplink_ip,
-        nat.sport,
-    );
+    stats::count(ifindex, |s| s.snat += 1);
+    stats::emit(EVENT_NAT, CT_KIND_SNAT, ifindex, p, uplink_ip, nat.sport);
     if csum::rewrite(ctx, p, &nat).is_err() {
         return Verdict::Drop(DROP_MALFORMED);
     }
+    frag::remember(p, &nat);
     Verdict::Pass
 }
 
@@ -248,9 +212,13 @@ pub fn icmp_error(ctx: &TcContext, outer: &Pkt, hook: u8, from_container: bool) 
 
 /// The flow an ICMP error is about.
 pub struct QuotedFlow {
+    /// The quoted packet (its IP header at `inner.l3_off`).
     pub inner: Pkt,
-    pub inner_l3: usize,
-    pub entry: md_common::CtEntry,
+    /// The flow's kind and direction of the quoted packet's flow half (the entry is not
+    /// copied: 56 bytes the stack cannot spare).
+    pub kind: u8,
+    pub dir: u8,
+    pub hook: u8,
     /// What the quoted packet becomes; its source is where the error goes.
     pub quoted: CtKey,
 }
@@ -269,24 +237,24 @@ pub fn icmp_error_flow(
     if inner.l4 != L4::Ports || (from_container && inner.daddr != outer.saddr) {
         return None;
     }
-    let e = ct::lookup(&inner.key().reversed(), ct::now())?;
-    let entry = unsafe { *e };
-    if entry.hook != hook {
+    let f = ct::lookup(&inner.key().reversed(), ct::now())?;
+    let e = unsafe { &*f.e };
+    if e.hook != hook {
         return None;
     }
-    let quoted = entry.nat_tuple(inner.proto).reversed();
     Some(QuotedFlow {
         inner,
-        inner_l3,
-        entry,
-        quoted,
+        kind: e.kind,
+        dir: e.dir,
+        hook: e.hook,
+        quoted: e.nat_tuple(inner.proto).reversed(),
     })
 }
 
 #[inline(always)]
 pub fn translate_icmp_error(ctx: &TcContext, outer: &Pkt, f: &QuotedFlow) -> Verdict {
     let (inner, quoted) = (&f.inner, &f.quoted);
-    if csum::rewrite_quoted(ctx, outer, inner, f.inner_l3, quoted).is_err() {
+    if csum::rewrite_quoted(ctx, outer, inner, inner.l3_off, quoted).is_err() {
         return Verdict::Drop(DROP_MALFORMED);
     }
     let mut to = outer.key();
@@ -297,7 +265,7 @@ pub fn translate_icmp_error(ctx: &TcContext, outer: &Pkt, f: &QuotedFlow) -> Ver
     if csum::rewrite(ctx, outer, &to).is_err() {
         return Verdict::Drop(DROP_MALFORMED);
     }
-    if f.entry.hook == CT_HOOK_VETH {
+    if f.hook == CT_HOOK_VETH {
         deliver(ctx, &to.daddr)
     } else {
         Verdict::Pass

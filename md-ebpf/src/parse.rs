@@ -41,9 +41,21 @@ pub enum L4 {
     Opaque,
 }
 
-/// The parsed IPv4 packet at offset `ETH_HLEN`.
+/// Whether a packet is part of a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    None,
+    /// Offset 0 with more to come: carries the ports.
+    First,
+    /// Offset > 0: no L4 header; follows its first fragment's translation.
+    Later,
+}
+
+/// The parsed IPv4 packet whose header starts at `l3_off` (14 behind Ethernet, 0 on a layer-3
+/// device).
 #[derive(Clone, Copy)]
 pub struct Pkt {
+    pub l3_off: usize,
     pub l4_off: usize,
     pub len: u32,
     pub proto: u8,
@@ -55,8 +67,14 @@ pub struct Pkt {
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub l4: L4,
-    /// More fragments follow or this is not the first: reassembly is needed to see ports.
-    pub fragment: bool,
+    pub frag: Frag,
+    /// The IP identification (fragments of one datagram share it).
+    pub ip_id: u16,
+    /// TCP: sequence and acknowledgement numbers, and the segment's length in sequence space
+    /// (data + SYN + FIN).
+    pub seq: u32,
+    pub ack_seq: u32,
+    pub seq_len: u32,
     /// The L4 header is cut short (fine in an ICMP error's quote, not for a packet of its own).
     pub truncated: bool,
 }
@@ -97,7 +115,9 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     let more_fragments = frag & 0x2000 != 0;
     let offset = frag & 0x1fff;
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
     let mut p = Pkt {
+        l3_off: l3,
         l4_off: l3 + ihl,
         len: ctx.len(),
         proto: ip[9],
@@ -108,12 +128,21 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
         tcp_flags: 0,
         icmp_type: 0,
         l4: L4::Opaque,
-        fragment: more_fragments || offset != 0,
+        frag: if offset != 0 {
+            Frag::Later
+        } else if more_fragments {
+            Frag::First
+        } else {
+            Frag::None
+        },
+        ip_id: u16::from_be_bytes([ip[4], ip[5]]),
+        seq: 0,
+        ack_seq: 0,
+        seq_len: 0,
         truncated: false,
     };
-    // Fragments are never translated, the first one included: later ones carry no ports, and
-    // translating only part of a datagram would break reassembly. They stay Opaque.
-    if p.fragment {
+    // Later fragments carry no L4 header: they stay Opaque and follow their first fragment.
+    if p.frag == Frag::Later {
         return Some(p);
     }
     let l4 = p.l4_off;
@@ -129,7 +158,16 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
             let full = if p.proto == IPPROTO_TCP { 20 } else { 8 };
             match ctx.load::<u8>(l4 + full - 1) {
                 Ok(_) if p.proto == IPPROTO_TCP => {
-                    p.tcp_flags = ctx.load::<u8>(l4 + 13).unwrap_or(0);
+                    if let Ok(t) = ctx.load::<[u8; 14]>(l4) {
+                        p.seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+                        p.ack_seq = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+                        p.tcp_flags = t[13];
+                        let doff = ((t[12] >> 4) as u32) * 4;
+                        let data = tot_len.saturating_sub(ihl as u32 + doff);
+                        p.seq_len = data
+                            + (p.tcp_flags & TCP_SYN != 0) as u32
+                            + (p.tcp_flags & TCP_FIN != 0) as u32;
+                    }
                 }
                 Ok(_) => {}
                 Err(_) => p.truncated = true,
@@ -160,21 +198,41 @@ pub fn parse_ipv4_at(ctx: &TcContext, l3: usize) -> Option<Pkt> {
     Some(p)
 }
 
+/// Parses a frame behind an Ethernet header.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
     match eth_proto(ctx) {
-        Some(ETH_P_IP) => match parse_ipv4_at(ctx, ETH_HLEN) {
-            // A packet of its own with a cut-short header has no ports to trust.
-            Some(mut p) => {
-                if p.truncated {
-                    p.l4 = L4::Opaque;
-                }
-                Parsed::Ipv4(p)
-            }
-            None => Parsed::Malformed,
-        },
+        Some(ETH_P_IP) => ipv4(ctx, ETH_HLEN),
         Some(ETH_P_ARP) => Parsed::Arp,
         _ => Parsed::Other,
+    }
+}
+
+/// Parses a packet on a device with `l3` bytes of link header: 14 (Ethernet) or 0 (a
+/// layer-3 device such as tun or WireGuard, whose packets start with the IP header).
+#[inline(always)]
+pub fn parse_at(ctx: &TcContext, l3: usize) -> Parsed {
+    if l3 == ETH_HLEN {
+        return parse(ctx);
+    }
+    if u16::from_be(ctx.skb.protocol() as u16) == ETH_P_IP {
+        ipv4(ctx, l3)
+    } else {
+        Parsed::Other
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, l3: usize) -> Parsed {
+    match parse_ipv4_at(ctx, l3) {
+        // A packet of its own with a cut-short header has no ports to trust.
+        Some(mut p) => {
+            if p.truncated {
+                p.l4 = L4::Opaque;
+            }
+            Parsed::Ipv4(p)
+        }
+        None => Parsed::Malformed,
     }
 }
 

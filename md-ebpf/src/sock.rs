@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use md_common::{Ip4, SockRevKey, SockRevValue, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{config, nat, stats, SOCK_REV};
+use crate::{config, nat, route, stats, SOCK_REV};
 
 /// Cgroup sock_addr programs return 1 to let the call proceed.
 pub const ALLOW: i32 = 1;
@@ -26,8 +26,10 @@ fn in_host_netns(ctx: &SockAddrContext) -> bool {
     }
 }
 
-/// connect4 and sendmsg4: a published port on 127.0.0.0/8 or a host address becomes the
-/// container's address and port; the original is remembered for recvmsg4/getpeername4.
+/// connect4 and sendmsg4: a published port becomes the container's address and port; the
+/// original is remembered for recvmsg4/getpeername4. A port published on every address answers
+/// on 127.0.0.1 and the host's own addresses only (not on 127.0.0.53, a stub resolver's), one
+/// bound to an address only there; and a destination a host socket listens on is the host's.
 #[inline(always)]
 pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     if !in_host_netns(ctx) {
@@ -44,12 +46,13 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return ALLOW;
     }
-    if ip[0] != 127 && !nat::is_host_addr(&ip) {
-        return ALLOW;
-    }
-    let Some(target) = nat::port_lookup(&ip, port, proto) else {
+    let wildcard_ok = ip == [127, 0, 0, 1] || nat::is_host_addr(&ip);
+    let Some(target) = nat::port_lookup(&ip, port, proto, wildcard_ok) else {
         return ALLOW;
     };
+    if route::host_socket(ctx, proto, [0; 4], 0, ip, port) {
+        return ALLOW;
+    }
     let t = unsafe { *target };
     unsafe {
         (*sa).user_ip4 = u32::from_ne_bytes(t.ip);

@@ -11,10 +11,14 @@ pub fn count(ifindex: u32, f: impl FnOnce(&mut IfStats)) {
     }
 }
 
-/// Sends an event to `md-user monitor`; dropped silently when the ring is full.
+/// Sends an event to `md-user monitor`; dropped silently when the ring is full. Written in place
+/// in the ring (reserve/submit), not built on the stack.
 #[inline(always)]
 pub fn emit(kind: u8, reason: u8, ifindex: u32, p: &Pkt, nat_addr: Ip4, nat_port: u16) {
-    let ev = Event {
+    let Some(mut slot) = EVENTS.reserve(0) else {
+        return;
+    };
+    slot.write(Event {
         ts_ns: crate::ct::now(),
         kind,
         reason,
@@ -29,6 +33,6 @@ pub fn emit(kind: u8, reason: u8, ifindex: u32, p: &Pkt, nat_addr: Ip4, nat_port
         nat_port,
         _pad2: 0,
         _pad3: 0,
-    };
-    let _ = EVENTS.output(&ev, 0);
+    });
+    slot.submit(0);
 }

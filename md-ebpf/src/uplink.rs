@@ -1,27 +1,46 @@
-//! The uplink. Masquerade happens at egress, after the host routed the packet (SNAT earlier
-//! would hand the stack a forwarded packet with a local source, dropped as martian); its
-//! answers are translated back at ingress, before the stack looks at them. Published ports
-//! are translated at ingress too, and their answers at egress.
+//! The host's interfaces other than md's own (every NIC, VPN and bridge md did not make; md
+//! calls them uplinks). Masquerade happens at egress, after the host routed the packet (SNAT
+//! earlier would hand the stack a forwarded packet with a local source, dropped as martian);
+//! its answers are translated back at ingress, before the stack looks at them. Published ports
+//! are translated at ingress too, and their answers at egress. `l3` is where the IP header
+//! starts: 14 behind Ethernet, 0 on a layer-3 device (tun, WireGuard).
 
 use aya_ebpf::programs::TcContext;
-use md_common::{Config, CT_HOOK_UPLINK, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED};
+use md_common::{
+    Config, CT_HOOK_UPLINK, DROP_FORWARD, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF,
+    DROP_UNSOLICITED, DROP_UNSUPPORTED,
+};
 
 use crate::{
-    csum, ct,
+    csum, ct, frag,
     nat::{self, Verdict},
-    parse::{self, Parsed, Pkt, L4},
+    parse::{self, Frag, Parsed, Pkt, L4},
+    route,
 };
 
 #[inline(always)]
-pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
-    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+fn rewritten(r: Result<(), i64>) -> Verdict {
+    match r {
+        Ok(()) => Verdict::Pass,
+        Err(_) => Verdict::Drop(DROP_MALFORMED),
+    }
+}
+
+/// What arrives on an uplink. ICMP errors come back as [`Verdict::Icmp`] for [`icmp_in`].
+#[inline(never)]
+pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdict {
+    let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
         return Verdict::Pass;
     };
+    // The source first: nothing from the wire may claim an md address, translated or not.
+    if nat::in_md_subnet(&p.saddr) {
+        return Verdict::Drop(DROP_SPOOF);
+    }
+    if let Some(r) = frag::follow(ctx, &p) {
+        return rewritten(r);
+    }
     match p.l4 {
-        L4::IcmpError => match nat::icmp_error(ctx, &p, CT_HOOK_UPLINK, false) {
-            Some(v) => v,
-            None => unsolicited(&p),
-        },
+        L4::IcmpError => return Verdict::Icmp,
         L4::Ports => {
             if let Some(v) = tracked(ctx, &p, cfg) {
                 return v;
@@ -29,13 +48,40 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
             // Loopback never is a host address here: a packet from the wire addressed to
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
             if nat::is_host_addr(&p.daddr) && nat::opens_flow(&p) {
-                if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto) {
-                    return nat::dnat_from_uplink(ctx, &p, target);
+                if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto, true) {
+                    if !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
+                        return nat::dnat_from_uplink(ctx, &p, target);
+                    }
                 }
             }
-            unsolicited(&p)
         }
-        L4::Opaque => unsolicited(&p),
+        L4::Opaque => {}
+    }
+    unsolicited(ctx, &p, ifindex)
+}
+
+/// An ICMP error arriving on an uplink: about a flow translated here, it is translated back;
+/// otherwise it is what it is, unsolicited or not.
+#[inline(never)]
+pub fn icmp_in(ctx: &TcContext, l3: usize, ifindex: u32) -> Verdict {
+    let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
+        return Verdict::Pass;
+    };
+    match nat::icmp_error(ctx, &p, CT_HOOK_UPLINK, false) {
+        Some(v) => v,
+        None => unsolicited(ctx, &p, ifindex),
+    }
+}
+
+/// An ICMP error leaving by an uplink: from a container, about a flow translated here.
+#[inline(never)]
+pub fn icmp_out(ctx: &TcContext, l3: usize, ifindex: u32) -> Verdict {
+    let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
+        return Verdict::Pass;
+    };
+    match nat::icmp_error(ctx, &p, CT_HOOK_UPLINK, true) {
+        Some(v) => v,
+        None => leaving(ctx, &p, ifindex),
     }
 }
 
@@ -43,55 +89,71 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
 #[inline(always)]
 fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Option<Verdict> {
     let now = ct::now();
-    let e = ct::lookup(&p.key(), now)?;
-    let entry = unsafe { *e };
-    if entry.hook != CT_HOOK_UPLINK {
+    let f = ct::lookup(&p.key(), now)?;
+    let e = unsafe { &*f.e };
+    if e.hook != CT_HOOK_UPLINK {
         return None;
     }
-    ct::touch(e, p, now, cfg);
-    if csum::rewrite(ctx, p, &entry.nat_tuple(p.proto)).is_err() {
-        return Some(Verdict::Drop(md_common::DROP_MALFORMED));
+    let to = e.nat_tuple(p.proto);
+    ct::touch(f, p, now, cfg);
+    if csum::rewrite(ctx, p, &to).is_err() {
+        return Some(Verdict::Drop(DROP_MALFORMED));
     }
+    frag::remember(p, &to);
     Some(Verdict::Pass)
 }
 
-/// What the uplink lets through untranslated. Containers are reached from outside only
-/// through published ports (as Docker 28 does): a packet routed straight to a container
-/// address is dropped, and so is one claiming to come from a container.
+/// What arrives untranslated. Containers are reached from outside only through published
+/// ports (as Docker 28 does): a packet routed straight to an md address that is not the host's
+/// is dropped. Anything else the host would route out again is dropped too: with forwarding on
+/// for md, the host must still not become a router between its other interfaces.
 #[inline(always)]
-fn unsolicited(p: &Pkt) -> Verdict {
-    if nat::endpoint(&p.saddr).is_some() {
-        return Verdict::Drop(DROP_SPOOF);
+fn unsolicited(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Verdict {
+    if nat::is_host_addr(&p.daddr) {
+        return Verdict::Pass;
     }
-    if nat::endpoint(&p.daddr).is_some() {
+    if nat::in_md_subnet(&p.daddr) {
         return Verdict::Drop(DROP_UNSOLICITED);
+    }
+    if route::forwarded(ctx, p, ifindex) {
+        return Verdict::Drop(DROP_FORWARD);
     }
     Verdict::Pass
 }
 
-#[inline(always)]
-pub fn egress(ctx: &TcContext, cfg: &Config) -> Verdict {
-    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+/// What leaves by an uplink. ICMP errors come back as [`Verdict::Icmp`] for [`icmp_out`].
+#[inline(never)]
+pub fn egress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdict {
+    let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
         return Verdict::Pass;
     };
+    if let Some(r) = frag::follow(ctx, &p) {
+        return rewritten(r);
+    }
     if p.l4 == L4::IcmpError {
-        // An error from a container about a flow translated here; other errors from a
-        // container are dropped below like anything else without ports.
-        if let Some(v) = nat::icmp_error(ctx, &p, CT_HOOK_UPLINK, true) {
-            return v;
-        }
-    } else if p.l4 == L4::Ports {
+        return Verdict::Icmp;
+    }
+    if p.l4 == L4::Ports {
         if let Some(v) = tracked(ctx, &p, cfg) {
             return v;
         }
     }
-    // A container's packet leaving the host: masquerade, or drop what cannot be translated
-    // (fragments, protocols without ports) rather than leak a container address.
-    let Some(src) = nat::endpoint(&p.saddr) else {
+    leaving(ctx, &p, ifindex)
+}
+
+/// An md address leaving the host untracked: masquerade, or drop what cannot be translated
+/// (fragments of untranslated datagrams, protocols without ports, errors about no flow of
+/// md's) rather than leak it.
+#[inline(always)]
+fn leaving(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Verdict {
+    if !nat::in_md_subnet(&p.saddr) {
         return Verdict::Pass;
-    };
-    if p.l4 != L4::Ports || p.fragment {
+    }
+    if p.l4 != L4::Ports || p.frag == Frag::Later {
         return Verdict::Drop(DROP_UNSUPPORTED);
     }
-    nat::snat(ctx, &p, &src, cfg.uplink_ip)
+    let Some(addr) = route::masquerade_source(ctx, p, ifindex) else {
+        return Verdict::Drop(DROP_NO_SOURCE);
+    };
+    nat::snat(ctx, p, nat::endpoint(&p.saddr), addr)
 }

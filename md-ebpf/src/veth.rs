@@ -5,19 +5,22 @@
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, Endpoint, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_VETH, CT_KIND_NONE, DROP_ISOLATION,
-    DROP_MALFORMED, DROP_POLICY, DROP_SPOOF, DROP_UNSUPPORTED,
+    Config, Endpoint, CT_DIR_ORIGINAL, CT_HOOK_VETH, CT_KIND_NONE, DROP_ISOLATION, DROP_MALFORMED,
+    DROP_POLICY, DROP_SPOOF, DROP_UNSUPPORTED,
 };
 
 use crate::{
     csum,
-    ct::{self, NewFlow},
+    ct::{self, Spec},
     nat::{self, Verdict},
     parse::{self, Parsed, Pkt, L4},
-    policy, VETH_OWNERS,
+    policy, route, VETH_OWNERS,
 };
 
-#[inline(always)]
+/// What a container sends. ICMP errors come back as [`Verdict::Icmp`]: the entry point hands
+/// them to [`icmp`], on a stack frame of their own (the verifier allows 512 bytes for a whole
+/// call chain).
+#[inline(never)]
 pub fn ingress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
     match parse::parse(ctx) {
         Parsed::Ipv4(p) => from_container(ctx, ifindex, &p, cfg),
@@ -25,6 +28,55 @@ pub fn ingress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
         Parsed::Other => Verdict::Drop(DROP_UNSUPPORTED),
         Parsed::Malformed => Verdict::Drop(DROP_MALFORMED),
     }
+}
+
+/// Anti-spoofing: the source address must be this port's container, with its MAC.
+#[inline(always)]
+fn sender(ctx: &TcContext, ifindex: u32, p: &Pkt) -> Option<Endpoint> {
+    match nat::endpoint(&p.saddr) {
+        Some(ep) if ep.ifindex == ifindex && Some(ep.mac) == parse::eth_src(ctx) => Some(ep),
+        _ => None,
+    }
+}
+
+/// An ICMP error a container sends. About a tracked flow, it goes where the quoted packet came
+/// from, the flow's peer, so isolation and policy apply as to that peer; otherwise it is
+/// checked like any packet to its destination.
+#[inline(never)]
+pub fn icmp(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
+    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+        return Verdict::Drop(DROP_MALFORMED);
+    };
+    let Some(src) = sender(ctx, ifindex, &p) else {
+        return Verdict::Drop(DROP_SPOOF);
+    };
+    if let Some(f) = nat::icmp_error_flow(ctx, &p, CT_HOOK_VETH, true) {
+        if let Some(dst) = nat::endpoint(&f.quoted.saddr) {
+            if f.kind == CT_KIND_NONE && dst.net_id != src.net_id {
+                return Verdict::Drop(DROP_ISOLATION);
+            }
+            if f.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, dst.identity) {
+                return Verdict::Drop(DROP_POLICY);
+            }
+        }
+        return nat::translate_icmp_error(ctx, &p, &f);
+    }
+    match nat::endpoint(&p.daddr) {
+        Some(dst) => between(&src, &dst, cfg).unwrap_or(Verdict::Pass),
+        None => Verdict::Pass,
+    }
+}
+
+/// Network isolation and policy from one container to another: a drop, or None.
+#[inline(always)]
+fn between(src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Option<Verdict> {
+    if dst.net_id != src.net_id {
+        return Some(Verdict::Drop(DROP_ISOLATION));
+    }
+    if !policy::allowed(cfg, src.identity, dst.identity) {
+        return Some(Verdict::Drop(DROP_POLICY));
+    }
+    None
 }
 
 /// Returns the verdict and the interface a drop is counted on: the sender's, as at ingress.
@@ -68,50 +120,38 @@ fn check_arp(ctx: &TcContext, ifindex: u32) -> Verdict {
 
 #[inline(always)]
 fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdict {
-    // Anti-spoofing: the source address must be this port's container, with its MAC.
-    let src = match nat::endpoint(&p.saddr) {
-        Some(ep) if ep.ifindex == ifindex && Some(ep.mac) == parse::eth_src(ctx) => ep,
-        _ => return Verdict::Drop(DROP_SPOOF),
+    let Some(src) = sender(ctx, ifindex, p) else {
+        return Verdict::Drop(DROP_SPOOF);
     };
     if p.l4 == L4::IcmpError {
-        if let Some(f) = nat::icmp_error_flow(ctx, p, CT_HOOK_VETH, true) {
-            // The error goes where the quoted packet came from: the flow's peer.
-            if let Some(dst) = nat::endpoint(&f.quoted.saddr) {
-                if f.entry.kind == CT_KIND_NONE && dst.net_id != src.net_id {
-                    return Verdict::Drop(DROP_ISOLATION);
-                }
-                if f.entry.dir == CT_DIR_ORIGINAL
-                    && !policy::allowed(cfg, src.identity, dst.identity)
-                {
-                    return Verdict::Drop(DROP_POLICY);
-                }
-            }
-            return nat::translate_icmp_error(ctx, p, &f);
-        }
+        return Verdict::Icmp;
     }
     if p.l4 == L4::Ports {
         let now = ct::now();
-        if let Some(e) = ct::lookup(&p.key(), now) {
-            let entry = unsafe { *e };
-            if entry.hook != CT_HOOK_VETH {
+        if let Some(f) = ct::lookup(&p.key(), now) {
+            let e = unsafe { &*f.e };
+            if e.hook != CT_HOOK_VETH {
                 // Translated at the uplink (masquerade, or an answer to an outside client).
                 return Verdict::Pass;
             }
-            if entry.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, entry.identity) {
+            if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
             }
-            ct::touch(e, p, now, cfg);
-            if entry.kind == CT_KIND_NONE {
+            let (kind, to) = (e.kind, e.nat_tuple(p.proto));
+            ct::touch(f, p, now, cfg);
+            if kind == CT_KIND_NONE {
                 return Verdict::Pass;
             }
-            let to = entry.nat_tuple(p.proto);
             if csum::rewrite(ctx, p, &to).is_err() {
                 return Verdict::Drop(DROP_MALFORMED);
             }
             return nat::deliver(ctx, &to.daddr);
         }
-        if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
-            if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto) {
+        if nat::is_host_addr(&p.daddr)
+            && nat::opens_flow(p)
+            && !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport)
+        {
+            if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto, true) {
                 let t = unsafe { *target };
                 if !policy::allowed(cfg, src.identity, t.identity) {
                     return Verdict::Drop(DROP_POLICY);
@@ -131,37 +171,22 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
 /// to an allowed flow pass even where the other direction is denied.
 #[inline(always)]
 fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdict {
-    if dst.net_id != src.net_id {
-        return Verdict::Drop(DROP_ISOLATION);
-    }
-    if !policy::allowed(cfg, src.identity, dst.identity) {
-        return Verdict::Drop(DROP_POLICY);
+    if let Some(drop) = between(src, dst, cfg) {
+        return drop;
     }
     if p.l4 == L4::Ports {
-        let orig = p.key();
-        let reply = orig.reversed();
-        let mut flow = NewFlow {
-            orig,
-            orig_e: ct::entry(
-                &orig,
-                CT_KIND_NONE,
-                CT_DIR_ORIGINAL,
-                CT_HOOK_VETH,
-                src.ifindex,
-                dst.identity,
-            ),
-            reply,
-            reply_e: ct::entry(
-                &reply,
-                CT_KIND_NONE,
-                CT_DIR_REPLY,
-                CT_HOOK_VETH,
-                dst.ifindex,
-                src.identity,
-            ),
+        let mut same = p.key();
+        let spec = Spec {
+            kind: CT_KIND_NONE,
+            hook: CT_HOOK_VETH,
+            port: ct::PORT_KEEP,
+            orig_ifindex: src.ifindex,
+            reply_ifindex: dst.ifindex,
+            orig_identity: dst.identity,
+            reply_identity: src.identity,
         };
         // A clash only means the flow is already known the other way round.
-        let _ = ct::create(&mut flow, p);
+        let _ = ct::open(p, &mut same, &spec);
     }
     Verdict::Pass
 }

@@ -131,6 +131,13 @@ pub enum Command {
         #[arg(long)]
         ready_fd: Option<i32>,
     },
+    /// Follow the host: cover interfaces that appear, forget those that go, track address
+    /// changes, collect expired tracker entries. Started by the first `run` (or by systemd's
+    /// md-watch.service); one per state directory.
+    Watch {
+        #[arg(long, hide = true)]
+        ready_fd: Option<i32>,
+    },
     /// Network settings of a container (address, gateway, MAC, veth, ports, policies).
     Inspect {
         name: String,

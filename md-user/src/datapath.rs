@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifier, TcAttachOptions, TcAttachType},
@@ -29,7 +32,7 @@ use aya::{
 };
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Ip4, Network, PolicyKey, PolicyRule,
-    PortKey, PortTarget,
+    PortKey, PortTarget, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -93,6 +96,8 @@ const TC_PROGRAMS: &[&str] = &[
     m::PROG_VETH_EGRESS,
     m::PROG_UPLINK_INGRESS,
     m::PROG_UPLINK_EGRESS,
+    m::PROG_L3_INGRESS,
+    m::PROG_L3_EGRESS,
 ];
 
 fn sock_programs() -> [(&'static str, aya::programs::CgroupSockAddrAttachType); 4] {
@@ -201,8 +206,9 @@ impl Datapath {
     }
 
     /// Loads every program and map from the object and pins them. Programs are loaded once
-    /// and shared: containers differ only by map entries.
-    pub fn load(&self) -> Result<()> {
+    /// and shared: containers differ only by map entries. HOST_ADDRS is sized for `host_addrs`
+    /// addresses with room to grow.
+    pub fn load(&self, host_addrs: usize) -> Result<()> {
         self.ensure_bpffs()?;
         for sub in ["progs", "maps", "links"] {
             fs::create_dir_all(self.pin_dir.join(sub))
@@ -210,8 +216,10 @@ impl Datapath {
         }
         let bytes = object_bytes()?;
         let btf = Btf::from_sys_fs().ok();
+        let host_addrs_max = (host_addrs * 4).max(m::HOST_ADDRS_MAX) as u32;
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
+            .map_max_entries(m::HOST_ADDRS, host_addrs_max)
             .load(&bytes)
             .context("loading md's eBPF object")?;
         for name in TC_PROGRAMS {
@@ -249,7 +257,9 @@ impl Datapath {
     pub fn attach_tc(&self, ifname: &str, hook: Hook, program: &str, pin_name: &str) -> Result<()> {
         let pin = self.link_pin(&format!("{pin_name}-{}", hook.name()));
         if pin.exists() {
-            if PinnedLink::from_pin(&pin).is_ok() {
+            // A TCX link whose interface went away stays pinned but defunct (ifindex 0): an
+            // interface recreated under the same name needs a new one.
+            if tcx_link_ifindex(&pin).is_some_and(|i| i != 0) {
                 return Ok(());
             }
             remove_file_if_exists(&pin)?;
@@ -280,6 +290,29 @@ impl Datapath {
             std::mem::forget(prog.take_link(id)?);
         }
         Ok(())
+    }
+
+    /// Names of the TC attachments pinned, without their `-ingress`/`-egress` suffix.
+    pub fn tc_pins(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_suffix("-ingress")
+                    .or_else(|| n.strip_suffix("-egress"))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The interface a pinned TC attachment is on: None when it is no live TCX link.
+    pub fn tc_pin_ifindex(&self, pin_name: &str, hook: Hook) -> Option<u32> {
+        tcx_link_ifindex(&self.link_pin(&format!("{pin_name}-{}", hook.name()))).filter(|i| *i != 0)
     }
 
     /// Removes a TC attachment made by `attach_tc` (the pin; an interface that is gone took
@@ -391,6 +424,26 @@ impl Datapath {
         self.hash(m::HOST_ADDRS)
     }
 
+    pub fn md_subnets(&self) -> Result<LpmTrie<MapData, Ip4, u32>> {
+        Ok(LpmTrie::try_from(self.map_data(m::MD_SUBNETS)?)?)
+    }
+
+    /// Tells the datapath an md network's subnet (nothing from the wire may claim or reach it).
+    pub fn add_subnet(&self, network: Ipv4Addr, prefix_len: u8, net_id: u32) -> Result<()> {
+        let key = LpmKey::new(prefix_len as u32, network.octets());
+        self.md_subnets()?
+            .insert(&key, net_id, 0)
+            .context("writing MD_SUBNETS")
+    }
+
+    pub fn remove_subnet(&self, network: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let key = LpmKey::new(prefix_len as u32, network.octets());
+        match self.md_subnets()?.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from MD_SUBNETS"),
+        }
+    }
+
     pub fn port_map(&self) -> Result<HashMap<MapData, PortKey, PortTarget>> {
         self.hash(m::PORT_MAP)
     }
@@ -399,8 +452,55 @@ impl Datapath {
         self.hash(m::POLICY)
     }
 
-    pub fn conntrack(&self) -> Result<HashMap<MapData, CtKey, CtEntry>> {
-        self.hash(m::CONNTRACK)
+    /// How full a pinned map is: (entries, capacity). Entries are counted by walking the keys
+    /// (BPF_MAP_GET_NEXT_KEY), which works for every hash-like map; ring buffers and arrays
+    /// report their capacity as entries.
+    pub fn map_fill(&self, name: &str) -> Result<(u64, u64)> {
+        use std::os::fd::{AsFd, AsRawFd};
+        const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+        let data = MapData::from_pin(self.map_pin(name))
+            .with_context(|| format!("opening pinned map {name}"))?;
+        let info = data.info()?;
+        let max = info.max_entries() as u64;
+        if matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::Array) | Ok(aya::maps::MapType::RingBuf)
+        ) {
+            return Ok((max, max));
+        }
+        let fd = data.fd().as_fd().as_raw_fd();
+        let size = info.key_size() as usize;
+        let (mut cur, mut next) = (vec![0u8; size], vec![0u8; size]);
+        let mut count = 0u64;
+        let mut first = true;
+        loop {
+            // union bpf_attr for map element commands: map_fd, pad, key, next_key.
+            let attr: [u64; 3] = [
+                fd as u64,
+                if first { 0 } else { cur.as_ptr() as u64 },
+                next.as_mut_ptr() as u64,
+            ];
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_GET_NEXT_KEY,
+                    attr.as_ptr(),
+                    std::mem::size_of_val(&attr),
+                )
+            };
+            if ret != 0 || count > max {
+                break;
+            }
+            count += 1;
+            first = false;
+            std::mem::swap(&mut cur, &mut next);
+        }
+        Ok((count, max))
+    }
+
+    /// Both tracker maps: answered flows, then flows not answered yet.
+    pub fn trackers(&self) -> Result<Vec<HashMap<MapData, CtKey, CtEntry>>> {
+        m::TRACKERS.iter().map(|n| self.hash(n)).collect()
     }
 
     pub fn if_stats(&self) -> Result<PerCpuHashMap<MapData, u32, IfStats>> {
@@ -427,57 +527,129 @@ impl Datapath {
         Ok(())
     }
 
-    /// Replaces HOST_ADDRS with the host namespace's current addresses.
-    pub fn set_host_addrs(&self, addrs: &[Ipv4Addr]) -> Result<()> {
+    /// Replaces HOST_ADDRS with the host namespace's current addresses, the gateways of md's
+    /// networks flagged as such. Returns the addresses that went away.
+    pub fn set_host_addrs(&self, addrs: &[Ipv4Addr]) -> Result<Vec<Ipv4Addr>> {
+        let gateways: Vec<Ip4> = self
+            .networks()?
+            .iter()
+            .flatten()
+            .map(|(_, n)| n.gateway)
+            .collect();
         let mut map = self.host_addrs()?;
         let want: Vec<Ip4> = addrs.iter().map(|a| a.octets()).collect();
         let stale: Vec<Ip4> = map.keys().flatten().filter(|k| !want.contains(k)).collect();
-        for k in stale {
-            let _ = map.remove(&k);
+        for k in &stale {
+            let _ = map.remove(k);
         }
         for a in want {
-            map.insert(a, 1, 0).context("writing HOST_ADDRS")?;
+            let flags = if gateways.contains(&a) {
+                HOST_ADDR_LOCAL | HOST_ADDR_GATEWAY
+            } else {
+                HOST_ADDR_LOCAL
+            };
+            if map.get(&a, 0).ok() != Some(flags) {
+                map.insert(a, flags, 0).context("writing HOST_ADDRS")?;
+            }
         }
-        Ok(())
+        Ok(stale.into_iter().map(Ipv4Addr::from).collect())
     }
 
     /// Deletes tracker entries involving `ip` (before or after translation), so flows of a
     /// container that is gone never reach whoever gets its address or port next.
     pub fn purge_conntrack(&self, ip: Ipv4Addr) -> Result<usize> {
         let ip = ip.octets();
-        let (removed, _) = self.purge_conntrack_where(|k, v| {
+        let per_map = self.purge_conntrack_where(|k, v| {
             k.saddr == ip || k.daddr == ip || v.nat_saddr == ip || v.nat_daddr == ip
         })?;
-        Ok(removed)
+        Ok(per_map.iter().map(|(removed, _)| removed).sum())
     }
 
-    /// Deletes expired tracker entries; returns (collected, live ones remaining).
-    pub fn gc_conntrack(&self) -> Result<(usize, usize)> {
-        let now = monotonic_ns();
-        let (removed, seen) = self.purge_conntrack_where(|_, v| v.expires_ns <= now)?;
-        Ok((removed, seen - removed))
+    /// Deletes expired tracker entries; returns (collected, live ones remaining) per tracker
+    /// map (answered, then unanswered).
+    pub fn gc_conntrack(&self) -> Result<Vec<(usize, usize)>> {
+        let expired = |_: &CtKey, v: &CtEntry| v.expires_ns <= monotonic_ns();
+        Ok(self
+            .purge_conntrack_where(expired)?
+            .into_iter()
+            .map(|(removed, seen)| (removed, seen - removed))
+            .collect())
     }
 
-    /// One pass over the tracker: deletes the entries `pred` picks. Returns how many it deleted
-    /// and how many it saw.
+    /// One pass over each tracker map: deletes the entries `pred` picks. Returns how many it
+    /// deleted and how many it saw, per map. An entry is checked again just before it goes:
+    /// the datapath may have reused the key for a new flow since the listing.
     fn purge_conntrack_where(
         &self,
         pred: impl Fn(&CtKey, &CtEntry) -> bool,
-    ) -> Result<(usize, usize)> {
-        let mut ct = self.conntrack()?;
-        let mut seen = 0;
-        let doomed: Vec<CtKey> = ct
-            .iter()
-            .flatten()
-            .inspect(|_| seen += 1)
-            .filter(|(k, v)| pred(k, v))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            let _ = ct.remove(k);
+    ) -> Result<Vec<(usize, usize)>> {
+        let mut out = Vec::new();
+        for mut ct in self.trackers()? {
+            let mut seen = 0;
+            let doomed: Vec<CtKey> = ct
+                .iter()
+                .flatten()
+                .inspect(|_| seen += 1)
+                .filter(|(k, v)| pred(k, v))
+                .map(|(k, _)| k)
+                .collect();
+            let mut removed = 0;
+            for k in &doomed {
+                if ct.get(k, 0).is_ok_and(|v| pred(k, &v)) && ct.remove(k).is_ok() {
+                    removed += 1;
+                }
+            }
+            out.push((removed, seen));
         }
-        Ok((doomed.len(), seen))
+        Ok(out)
     }
+}
+
+/// The interface of the TCX link pinned at `pin` (0 once its interface is gone), read with
+/// BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD: aya 0.14 does not expose a TCX link's ifindex. None
+/// when the pin is no TCX link.
+fn tcx_link_ifindex(pin: &Path) -> Option<u32> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let path = CString::new(pin.as_os_str().as_bytes()).ok()?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            get.as_mut_ptr(),
+            std::mem::size_of_val(&get),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) tcx { ifindex, attach_type }.
+    let mut info = [0u32; 16];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    (ret == 0 && info[0] == BPF_LINK_TYPE_TCX).then_some(info[4])
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.

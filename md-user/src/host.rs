@@ -1,21 +1,30 @@
-//! The host namespace side: forwarding, the datapath on the uplink and at the cgroup root.
-//! Set up on first use, torn down by `down`.
+//! The host namespace side: forwarding, the datapath on every host interface md did not make
+//! (its "uplinks": NICs, VPN devices, other bridges) and at the cgroup root, and the watcher
+//! that follows the host as interfaces and addresses come and go. Set up on first use, torn
+//! down by `down`.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::HashSet,
+    fs::{self, File, OpenOptions},
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::Path,
+};
 
 use anyhow::{bail, Context, Result};
-use md_common::Config;
+use md_common::{maps as m, Config};
 
 use crate::{
     cli::GlobalOpts,
     datapath::{Datapath, Hook},
-    netlink::Netlink,
-    netns,
-    state::{DatapathState, State},
+    netlink::{Layer, Link, Netlink},
+    netns, proc,
+    state::{DatapathState, State, StateDir},
 };
 
-/// Pin name of the uplink's TC links.
-pub const UPLINK_PIN: &str = "uplink";
+/// Pin name prefix of an uplink's TC links: `if<ifindex>`, so an interface recreated under the
+/// same name is a new attachment and a renamed one keeps its own.
+const UPLINK_PIN: &str = "if";
 
 /// Loads and attaches the datapath if it is not, and refreshes what it knows about the host.
 pub async fn ensure_datapath(
@@ -57,15 +66,6 @@ pub async fn ensure_datapath(
                 .context("the default route's interface vanished")?
         }
     };
-    if let Some(d) = &state.datapath {
-        if d.uplink != uplink.name && dp.is_loaded() {
-            bail!(
-                "md's datapath is attached to uplink {}; run `md-user down` before using {}",
-                d.uplink,
-                uplink.name
-            );
-        }
-    }
     let addrs = nl.ipv4_addresses().await?;
     let uplink_ip = addrs
         .iter()
@@ -75,22 +75,11 @@ pub async fn ensure_datapath(
 
     let fresh = !dp.is_loaded();
     if fresh {
-        dp.load()?;
+        dp.load(addrs.len())?;
     }
-    // Forwarding between the bridge and the uplink; written through procfs in this namespace.
+    // Forwarding between the bridges and the uplinks; written through procfs in this
+    // namespace. The uplink programs keep the host from forwarding anything else.
     netns::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-    dp.attach_tc(
-        &uplink.name,
-        Hook::Ingress,
-        md_common::maps::PROG_UPLINK_INGRESS,
-        UPLINK_PIN,
-    )?;
-    dp.attach_tc(
-        &uplink.name,
-        Hook::Egress,
-        md_common::maps::PROG_UPLINK_EGRESS,
-        UPLINK_PIN,
-    )?;
     let mut cfg = if fresh {
         Config::defaults()
     } else {
@@ -104,11 +93,9 @@ pub async fn ensure_datapath(
     if fresh {
         crate::policy::sync(dp, state)?;
     }
+    sync_uplinks(nl, dp, &owned_links(state), &opts.state_dir).await?;
     dp.attach_cgroup()?;
     set_host_addrs(dp, &addrs)?;
-    if fresh {
-        dp.reset_if_stats(uplink.index)?;
-    }
     state.datapath = Some(DatapathState {
         uplink: uplink.name.clone(),
         uplink_ifindex: uplink.index,
@@ -116,16 +103,114 @@ pub async fn ensure_datapath(
         netns_cookie: cookie,
         object_digest: digest,
     });
+    ensure_watcher(opts)?;
     Ok(())
+}
+
+/// Names of the links md made (bridges, container veths), from the state: they are recorded
+/// before they are created, so a link event never sees one of them unaccounted for.
+pub fn owned_links(state: &State) -> HashSet<String> {
+    state
+        .networks
+        .values()
+        .map(|n| n.bridge.clone())
+        .chain(
+            state
+                .containers
+                .values()
+                .flat_map(|c| c.interfaces.iter().map(|i| i.veth.clone())),
+        )
+        .collect()
+}
+
+/// Whether md leaves a link alone: loopback, its own links, ports of its bridges, and devices
+/// whose frames it cannot parse.
+fn skipped(link: &Link, owned: &HashSet<String>, bridges: &HashSet<u32>) -> bool {
+    matches!(link.layer, Layer::Loopback | Layer::Other)
+        || owned.contains(&link.name)
+        || bridges.contains(&link.index)
+        || link.controller.is_some_and(|c| bridges.contains(&c))
+        || is_md_veth_name(&link.name)
+}
+
+/// md's container veths are `md` + 8 hex digits (the id's first 8).
+pub fn is_md_veth_name(name: &str) -> bool {
+    name.len() == 10
+        && name
+            .strip_prefix("md")
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Attaches md's uplink programs to every host interface md did not make and removes the
+/// attachments of interfaces that are gone (an interface recreated under the same name is a
+/// new one). Idempotent; serialized with a lock so the watcher and a command never race.
+pub async fn sync_uplinks(
+    nl: &Netlink,
+    dp: &Datapath,
+    owned: &HashSet<String>,
+    state_dir: &Path,
+) -> Result<Vec<Link>> {
+    let _lock = lock_file(&state_dir.join("uplinks.lock"), true)?;
+    let links = nl.links().await?;
+    let owned_bridges: HashSet<String> = owned.clone();
+    let bridges: HashSet<u32> = links
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("bridge") && owned_bridges.contains(&l.name))
+        .map(|l| l.index)
+        .collect();
+    let uplinks: Vec<Link> = links
+        .into_iter()
+        .filter(|l| !skipped(l, owned, &bridges))
+        .collect();
+    let mut want = HashSet::new();
+    for l in &uplinks {
+        let pin = format!("{UPLINK_PIN}{}", l.index);
+        let (ingress, egress) = match l.layer {
+            Layer::Ip => (m::PROG_L3_INGRESS, m::PROG_L3_EGRESS),
+            _ => (m::PROG_UPLINK_INGRESS, m::PROG_UPLINK_EGRESS),
+        };
+        let new = dp.tc_pin_ifindex(&pin, Hook::Ingress).is_none();
+        if new {
+            dp.reset_if_stats(l.index)?;
+        }
+        dp.attach_tc(&l.name, Hook::Ingress, ingress, &pin)
+            .with_context(|| format!("covering interface {}", l.name))?;
+        dp.attach_tc(&l.name, Hook::Egress, egress, &pin)
+            .with_context(|| format!("covering interface {}", l.name))?;
+        want.insert(pin);
+    }
+    for pin in dp.tc_pins() {
+        let Some(idx) = pin
+            .strip_prefix(UPLINK_PIN)
+            .and_then(|i| i.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !want.contains(&pin) {
+            dp.detach_tc(&pin)?;
+            if let Ok(mut stats) = dp.if_stats() {
+                let _ = stats.remove(&idx);
+            }
+        }
+    }
+    Ok(uplinks)
+}
+
+/// The uplinks md has attached to (ifindex, pin present), for stats and monitor.
+pub fn uplink_ifindexes(dp: &Datapath) -> Vec<u32> {
+    dp.tc_pins()
+        .iter()
+        .filter_map(|p| p.strip_prefix(UPLINK_PIN)?.parse().ok())
+        .collect()
 }
 
 /// Tells the datapath the host's addresses (published ports answer on them). Never loopback:
 /// a packet from the wire to 127.0.0.1 must not reach a port published on 127.0.0.1.
-pub async fn refresh_host_addrs(nl: &Netlink, dp: &Datapath) -> Result<()> {
+pub async fn refresh_host_addrs(nl: &Netlink, dp: &Datapath) -> Result<Vec<Ipv4Addr>> {
     set_host_addrs(dp, &nl.ipv4_addresses().await?)
 }
 
-fn set_host_addrs(dp: &Datapath, addrs: &[(u32, Ipv4Addr, u8)]) -> Result<()> {
+fn set_host_addrs(dp: &Datapath, addrs: &[(u32, Ipv4Addr, u8)]) -> Result<Vec<Ipv4Addr>> {
     let ips: Vec<Ipv4Addr> = addrs
         .iter()
         .map(|(_, ip, _)| *ip)
@@ -134,12 +219,162 @@ fn set_host_addrs(dp: &Datapath, addrs: &[(u32, Ipv4Addr, u8)]) -> Result<()> {
     dp.set_host_addrs(&ips)
 }
 
-/// Removes the whole datapath (the networks go first: `network::remove_all`). Best effort;
-/// idempotent.
-pub fn teardown(dp: &Datapath, state: &mut State) -> Vec<anyhow::Error> {
+/// An exclusive flock on `path`, blocking or not; None when `wait` is false and someone else
+/// holds it.
+fn lock_file(path: &Path, wait: bool) -> Result<Option<File>> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let op = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(e).with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(Some(f))
+}
+
+fn watcher_lock(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("watch.lock")
+}
+
+fn watcher_pid(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("watch.pid")
+}
+
+/// Starts the watcher unless one runs (it holds `watch.lock` while it lives, whoever started
+/// it: this command, or systemd's md-watch.service).
+pub fn ensure_watcher(opts: &GlobalOpts) -> Result<()> {
+    if lock_file(&watcher_lock(&opts.state_dir), false)?.is_none() {
+        return Ok(());
+    }
+    let mut cmd = opts.self_command();
+    cmd.arg("watch");
+    let (child, msg) = proc::spawn_with_ready_pipe(cmd, |cmd, fd| {
+        cmd.arg("--ready-fd").arg(fd.to_string());
+    })
+    .context("starting md's host watcher")?;
+    if !msg.starts_with("ok") {
+        bail!("md's host watcher did not start: {}", msg.trim());
+    }
+    std::mem::forget(child);
+    Ok(())
+}
+
+/// Stops the watcher (for `down`) and waits for it to go.
+pub fn stop_watcher(state_dir: &Path) {
+    let Ok(text) = fs::read_to_string(watcher_pid(state_dir)) else {
+        return;
+    };
+    let mut it = text.split_whitespace();
+    let (Some(pid), Some(start)) = (
+        it.next().and_then(|p| p.parse::<u32>().ok()),
+        it.next().and_then(|s| s.parse::<u64>().ok()),
+    ) else {
+        return;
+    };
+    if proc::signal(pid, start, libc::SIGTERM) {
+        for _ in 0..200 {
+            if !proc::alive(pid, start) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let _ = fs::remove_file(watcher_pid(state_dir));
+}
+
+/// `md-user watch`: follows the host. On every link or IPv4 address change it covers new
+/// interfaces, drops the attachments of vanished ones and refreshes the host's addresses
+/// (flows masqueraded behind an address that went away are forgotten, as Linux's MASQUERADE
+/// does); every 30 s it collects expired tracker entries. One per state directory; `down`
+/// stops it.
+pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Result<()> {
+    use futures_util::StreamExt;
+    use rtnetlink::MulticastGroup;
+    let Some(_lock) = lock_file(&watcher_lock(&opts.state_dir), false)? else {
+        // Another watcher runs already: nothing to do.
+        if let Some(mut r) = ready {
+            std::io::Write::write_all(&mut r, b"ok")?;
+        }
+        return Ok(());
+    };
+    let (me, start) = proc::self_identity();
+    fs::write(watcher_pid(&opts.state_dir), format!("{me} {start}\n"))?;
+    let (conn, _, mut events) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
+            .context("subscribing to link and address events")?;
+    tokio::spawn(conn);
+    let nl = Netlink::connect()?;
+    if let Some(mut r) = ready {
+        std::io::Write::write_all(&mut r, b"ok")?;
+    }
+    let state_dir = StateDir::new(&opts.state_dir);
+    let mut gc = tokio::time::interval(std::time::Duration::from_secs(30));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            ev = events.next() => {
+                if ev.is_none() {
+                    bail!("the netlink event stream ended");
+                }
+                // A burst (an interface and its addresses) is handled once.
+                while let Ok(Some(_)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(20), events.next()).await
+                {}
+            }
+            _ = gc.tick() => {
+                if dp.is_loaded() {
+                    let _ = dp.gc_conntrack();
+                }
+                continue;
+            }
+            _ = term.recv() => break,
+        }
+        // Idle until a command loads the datapath (under systemd it starts before any).
+        if !dp.is_loaded() {
+            continue;
+        }
+        if let Err(e) = follow_host(&nl, dp, &state_dir, &opts.state_dir).await {
+            eprintln!("md-user watch: {}", crate::error::one_line(&e));
+        }
+    }
+    let _ = fs::remove_file(watcher_pid(&opts.state_dir));
+    Ok(())
+}
+
+async fn follow_host(nl: &Netlink, dp: &Datapath, sd: &StateDir, state_dir: &Path) -> Result<()> {
+    let state = sd.peek()?;
+    sync_uplinks(nl, dp, &owned_links(&state), state_dir).await?;
+    for gone in refresh_host_addrs(nl, dp).await? {
+        dp.purge_conntrack(gone)?;
+    }
+    Ok(())
+}
+
+/// Removes the whole datapath: the watcher, the uplinks' attachments and the pins (the
+/// networks go first: `network::remove_all`). Best effort; idempotent.
+pub fn teardown(dp: &Datapath, state: &mut State, state_dir: &Path) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
-    if let Err(e) = dp.detach_tc(UPLINK_PIN) {
-        errors.push(e);
+    stop_watcher(state_dir);
+    for pin in dp.tc_pins() {
+        if pin.starts_with(UPLINK_PIN) {
+            if let Err(e) = dp.detach_tc(&pin) {
+                errors.push(e);
+            }
+        }
     }
     if let Err(e) = dp.unload() {
         errors.push(e);

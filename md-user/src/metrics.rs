@@ -20,8 +20,8 @@ use aya::{
 use md_common::{
     drop_reason_name, maps as m, CtEntry, CtKey, Endpoint, IfStats, Ip4, Network, PolicyKey,
     PolicyRule, PortKey, PortTarget, SockRevKey, SockRevValue, CT_DIR_ORIGINAL, CT_KIND_SNAT,
-    DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_POLICY, DROP_SPOOF, DROP_UNSOLICITED,
-    DROP_UNSUPPORTED, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    DROP_FORWARD, DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_NO_SOURCE, DROP_POLICY,
+    DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use prometheus_client::{
     collector::Collector,
@@ -54,6 +54,9 @@ const FILLED_MAPS: &[&str] = &[
     m::HOST_ADDRS,
     m::PORT_MAP,
     m::CONNTRACK,
+    m::CONNTRACK_NEW,
+    m::FRAGS,
+    m::MD_SUBNETS,
     m::POLICY,
     m::IF_STATS,
     m::SOCK_REV,
@@ -174,7 +177,7 @@ pub struct Snapshot {
 }
 
 /// The drop counters of an interface by reason code.
-pub fn drops(s: &IfStats) -> [(u8, u64); 7] {
+pub fn drops(s: &IfStats) -> [(u8, u64); 9] {
     [
         (DROP_POLICY, s.drop_policy),
         (DROP_SPOOF, s.drop_spoof),
@@ -183,6 +186,8 @@ pub fn drops(s: &IfStats) -> [(u8, u64); 7] {
         (DROP_NAT_PORTS, s.drop_nat_ports),
         (DROP_MALFORMED, s.drop_malformed),
         (DROP_UNSOLICITED, s.drop_unsolicited),
+        (DROP_FORWARD, s.drop_forward),
+        (DROP_NO_SOURCE, s.drop_no_source),
     ]
 }
 
@@ -253,8 +258,11 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
         snap.uplink = Some((d.uplink.clone(), sum(d.uplink_ifindex)));
     }
 
-    let ct = dp.conntrack()?;
-    snap.tracker = Tracker::tally(ct.iter().flatten(), monotonic_ns());
+    let trackers = dp.trackers()?;
+    snap.tracker = Tracker::tally(
+        trackers.iter().flat_map(|t| t.iter().flatten()),
+        monotonic_ns(),
+    );
     let cfg = dp.config()?;
     snap.nat_port_capacity = (cfg.nat_port_max as u64).saturating_sub(cfg.nat_port_min as u64) + 1;
 
@@ -277,7 +285,7 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
 
     for &map in FILLED_MAPS {
         let entries = match map {
-            m::CONNTRACK => snap.tracker.entries,
+            m::CONNTRACK | m::CONNTRACK_NEW | m::FRAGS | m::MD_SUBNETS => dp.map_fill(map)?.0,
             m::ENDPOINTS => count_keys::<Ip4, Endpoint>(dp, map)?,
             m::VETH_OWNERS => count_keys::<u32, Endpoint>(dp, map)?,
             m::NETWORKS => count_keys::<u32, Network>(dp, map)?,

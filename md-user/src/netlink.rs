@@ -7,7 +7,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
-        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
         route::{RouteAttribute, RouteMessage},
     },
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
@@ -26,6 +26,37 @@ pub struct Link {
     pub controller: Option<u32>,
     /// IFF_UP is set.
     pub up: bool,
+    pub layer: Layer,
+}
+
+/// What a device's packets start with, as TC programs see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Ethernet,
+    /// The IP header (tun, WireGuard, IP tunnels, PPP).
+    Ip,
+    Loopback,
+    /// Anything md does not parse (InfiniBand, CAN, ...).
+    Other,
+}
+
+impl From<LinkLayerType> for Layer {
+    fn from(t: LinkLayerType) -> Layer {
+        use LinkLayerType as T;
+        match t {
+            T::Ether => Layer::Ethernet,
+            T::None
+            | T::Rawip
+            | T::Tunnel
+            | T::Tunnel6
+            | T::Ipgre
+            | T::Ip6gre
+            | T::Sit
+            | T::Ppp => Layer::Ip,
+            T::Loopback => Layer::Loopback,
+            _ => Layer::Other,
+        }
+    }
 }
 
 /// errno of a netlink error, if it is one.
@@ -47,6 +78,7 @@ fn parse_link(msg: LinkMessage) -> Link {
             .header
             .flags
             .contains(rtnetlink::packet_route::link::LinkFlags::Up),
+        layer: msg.header.link_layer_type.into(),
     };
     for attr in msg.attributes {
         match attr {
@@ -98,6 +130,16 @@ impl Netlink {
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("looking up link {index}")),
         }
+    }
+
+    /// Every link in this namespace.
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let mut out = Vec::new();
+        let mut s = self.handle.link().get().execute();
+        while let Some(msg) = s.try_next().await.context("listing links")? {
+            out.push(parse_link(msg));
+        }
+        Ok(out)
     }
 
     /// Creates the bridge if missing, with a fixed MAC (a bridge otherwise takes its lowest

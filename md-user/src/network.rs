@@ -105,6 +105,7 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
             0,
         )
         .context("writing NETWORKS")?;
+    dp.add_subnet(net.subnet.network, net.subnet.prefix_len, net.id)?;
     crate::host::refresh_host_addrs(nl, dp).await?;
     Ok(link.index)
 }
@@ -113,6 +114,7 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
 pub async fn remove_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result<()> {
     if dp.is_loaded() {
         let _ = dp.networks()?.remove(&net.id);
+        dp.remove_subnet(net.subnet.network, net.subnet.prefix_len)?;
     }
     if let Some(link) = nl.link_by_name(&net.bridge).await? {
         if link.kind.as_deref() == Some("bridge") {

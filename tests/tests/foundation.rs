@@ -375,7 +375,8 @@ fn md_user_never_executes_external_tools() {
         lab.host_md_cmd("strace", &a)
     };
 
-    // strace -f follows the detached supervisor, so it returns only when that exits (after stop).
+    // strace -f follows the detached supervisor and md's host watcher, so it returns only when
+    // both exit (after stop and down).
     let t_run = lab.log_path("strace-run.txt");
     let mut traced_run = Bg::spawn(
         &mut strace(&t_run, &["run", "-d", "--name", "st", "--", "sleep", "300"]),
@@ -385,11 +386,11 @@ fn md_user_never_executes_external_tools() {
     let t_stop = lab.log_path("strace-stop.txt");
     let out = run_timeout(&mut strace(&t_stop, &["stop", "st"]), MD_TIMEOUT);
     assert!(out.status.success(), "traced stop\n{}", show_output(&out));
-    let st = traced_run.wait_timeout(Duration::from_secs(30));
-    assert!(st.success(), "traced run -d: {st}\n{}", traced_run.stderr());
     let t_down = lab.log_path("strace-down.txt");
     let out = run_timeout(&mut strace(&t_down, &["down"]), MD_TIMEOUT);
     assert!(out.status.success(), "traced down\n{}", show_output(&out));
+    let st = traced_run.wait_timeout(Duration::from_secs(30));
+    assert!(st.success(), "traced run -d: {st}\n{}", traced_run.stderr());
 
     let md_name = bin.file_name().unwrap().to_string_lossy().into_owned();
     let allowed = |p: &str| {

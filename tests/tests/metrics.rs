@@ -370,6 +370,7 @@ fn prometheus_stores_what_the_traffic_was() {
     assert_eq!(prom.value(r#"md_map_capacity{map="CONNTRACK"}"#), 131072.0);
     assert!(
         prom.value(r#"md_map_entries{map="CONNTRACK"}"#)
+            + prom.value(r#"md_map_entries{map="CONNTRACK_NEW"}"#)
             >= prom.value(r#"sum(md_conntrack_entries)"#)
     );
 

@@ -20,7 +20,11 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
         errors.extend(endpoint::teardown(&nl, &ctx.dp, c).await);
     }
     errors.extend(network::remove_all(&nl, &ctx.dp, &mut locked.state).await);
-    errors.extend(host::teardown(&ctx.dp, &mut locked.state));
+    errors.extend(host::teardown(
+        &ctx.dp,
+        &mut locked.state,
+        &ctx.state_dir.dir,
+    ));
     // Nothing may outlive `down`, not even a pin dir someone else's state forgot.
     if let Err(e) = ctx.dp.unload() {
         errors.push(e);

@@ -68,6 +68,16 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
                 Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
                 Command::Network(cmd) => block_on(network::network(&ctx, cmd)),
+                Command::Watch { ready_fd } => {
+                    let ready = ready_fd.map(|fd| unsafe {
+                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                    });
+                    block_on(async {
+                        crate::host::watch(&ctx.opts, &ctx.dp, ready).await?;
+                        Ok(ExitCode::SUCCESS)
+                    })
+                }
                 Command::Dns {
                     network,
                     listen,

@@ -143,7 +143,7 @@ pub async fn monitor(ctx: &Ctx, as_json: bool, output: Option<Rotation>) -> Resu
         .context("opening the EVENTS ring buffer")?;
     let ring = RingBuf::try_from(Map::from_map_data(data)?)?;
     // Where a translated flow went when the event cannot say (a hairpin's new source).
-    let tracker = ctx.dp.conntrack()?;
+    let trackers = ctx.dp.trackers()?;
     // SAFETY: the ring owns its fd and lives inside the AsyncFd until both are dropped.
     let mut ring = ring;
     // Events queued while nobody listened are history, not what is happening now.
@@ -173,7 +173,7 @@ pub async fn monitor(ctx: &Ctx, as_json: bool, output: Option<Rotation>) -> Resu
                     let tracked = (ev.kind == EVENT_NAT)
                         .then(|| {
                             let key = CtKey::new(ev.saddr, ev.daddr, ev.sport, ev.dport, ev.proto);
-                            tracker.get(&key, 0).ok()
+                            trackers.iter().find_map(|t| t.get(&key, 0).ok())
                         })
                         .flatten();
                     let v = describe(&ev, &names, flowlog::translated(&ev, tracked.as_ref()), time);

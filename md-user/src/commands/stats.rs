@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use md_common::{drop_reason_name, IfStats};
+use md_common::{drop_reason_name, maps as m, IfStats};
 use serde_json::{json, Value};
 
 use super::{reconcile, Ctx};
@@ -35,6 +35,8 @@ pub fn add(a: &mut IfStats, b: &IfStats) {
     a.drop_nat_ports += b.drop_nat_ports;
     a.drop_malformed += b.drop_malformed;
     a.drop_unsolicited += b.drop_unsolicited;
+    a.drop_forward += b.drop_forward;
+    a.drop_no_source += b.drop_no_source;
 }
 
 fn counters(s: &IfStats) -> Value {
@@ -95,13 +97,15 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
             ports.push(json!({"container": c.name, "port": p.to_string(), "hits": hits}));
         }
     }
-    // Expired tracker entries are collected here: md has no daemon to do it.
-    let (entries, collected) = if loaded {
-        let (collected, live) = dp.gc_conntrack()?;
-        (live, collected)
+    // Expired tracker entries are collected here too (the watcher does it every 30 s).
+    let per_map = if loaded {
+        dp.gc_conntrack()?
     } else {
-        (0, 0)
+        Vec::new()
     };
+    let live = |i: usize| per_map.get(i).map(|(_, live)| *live).unwrap_or(0);
+    let (entries, unanswered) = (live(0), live(1));
+    let collected: usize = per_map.iter().map(|(c, _)| c).sum();
     let uplink = match (&state.datapath, loaded) {
         (Some(d), true) => {
             let mut u = counters(&if_stats(dp, d.uplink_ifindex));
@@ -110,15 +114,41 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
         }
         _ => Value::Null,
     };
+    // Every host interface md covers, by name.
+    let mut uplinks = Vec::new();
+    if loaded {
+        for idx in crate::host::uplink_ifindexes(dp) {
+            let name = match nl.link_by_index(idx).await {
+                Ok(Some(l)) => l.name,
+                _ => format!("if{idx}"),
+            };
+            let mut u = counters(&if_stats(dp, idx));
+            u["name"] = json!(name);
+            u["ifindex"] = json!(idx);
+            uplinks.push(u);
+        }
+    }
+    let mut maps = serde_json::Map::new();
+    if loaded {
+        for name in m::ALL_MAPS {
+            if let Ok((n, cap)) = dp.map_fill(name) {
+                maps.insert(name.to_string(), json!({"entries": n, "capacity": cap}));
+            }
+        }
+    }
     let out = json!({
         "containers": containers,
         "uplink": uplink,
+        "uplinks": uplinks,
         "conntrack": {
             "entries": entries,
+            "unanswered": unanswered,
             "collected": collected,
-            "capacity": md_common::maps::CONNTRACK_MAX,
+            "capacity": m::CONNTRACK_MAX,
+            "unanswered_capacity": m::CONNTRACK_NEW_MAX,
         },
         "ports": ports,
+        "maps": maps,
     });
     drop(locked);
     if as_json {
@@ -130,7 +160,8 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
         "CONTAINER", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "SNAT", "DNAT"
     );
     let rows = out["containers"].as_array().cloned().unwrap_or_default();
-    for r in rows.iter().chain(std::iter::once(&out["uplink"])) {
+    let uplink_rows = out["uplinks"].as_array().cloned().unwrap_or_default();
+    for r in rows.iter().chain(uplink_rows.iter()) {
         if r.is_null() {
             continue;
         }
@@ -169,10 +200,17 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
         );
     }
     println!(
-        "conntrack: {} live entries ({} expired collected), capacity {}",
+        "conntrack: {} answered flows' entries (capacity {}), {} unanswered (capacity {}), {} expired collected",
         entries,
+        m::CONNTRACK_MAX,
+        unanswered,
+        m::CONNTRACK_NEW_MAX,
         collected,
-        md_common::maps::CONNTRACK_MAX
     );
+    let fill: Vec<String> = maps
+        .iter()
+        .map(|(k, v)| format!("{k} {}/{}", v["entries"], v["capacity"]))
+        .collect();
+    println!("maps: {}", fill.join(", "));
     Ok(ExitCode::SUCCESS)
 }

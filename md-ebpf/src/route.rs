@@ -1,0 +1,115 @@
+//! What the host's routing and sockets say about a packet: the source address masquerade
+//! takes, whether the host would forward a packet, and whether a host socket owns it.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, bpf_sock_tuple, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC,
+    },
+    helpers::{bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    programs::TcContext,
+    EbpfContext,
+};
+use md_common::{Ip4, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::parse::Pkt;
+
+const AF_INET: u8 = 2;
+/// Look sockets up in the namespace of the packet's device (BPF_F_CURRENT_NETNS).
+const CURRENT_NETNS: u64 = u64::MAX;
+
+#[inline(always)]
+fn fib_params(p: &Pkt, ifindex: u32) -> bpf_fib_lookup {
+    let mut f: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    f.family = AF_INET;
+    f.l4_protocol = p.proto;
+    f.sport = p.sport.to_be();
+    f.dport = p.dport.to_be();
+    f.ifindex = ifindex;
+    f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(p.daddr);
+    f
+}
+
+/// The address the host would give a packet to `p.daddr` leaving by `ifindex` (what iptables'
+/// MASQUERADE picks), asked at the moment of each new flow so a changed address (DHCP) is
+/// followed at once.
+#[inline(always)]
+pub fn masquerade_source(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Option<Ip4> {
+    let src = fib_source(ctx, p, ifindex);
+    (src != 0).then(|| src.to_ne_bytes())
+}
+
+/// Out of line: the lookup's 64-byte parameter block stays off the callers' frames. 0 when the
+/// host has no route or no address for it.
+#[inline(never)]
+fn fib_source(ctx: &TcContext, p: &Pkt, ifindex: u32) -> u32 {
+    let mut f = fib_params(p, ifindex);
+    let flags = BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC;
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut f,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return 0;
+    }
+    unsafe { f.__bindgen_anon_3.ipv4_src }
+}
+
+/// Whether the host would route a packet that arrived on `ifindex` out again (to anything
+/// but itself: local, broadcast and multicast addresses are not forwarded).
+#[inline(never)]
+pub fn forwarded(ctx: &TcContext, p: &Pkt, ifindex: u32) -> bool {
+    let mut f = fib_params(p, ifindex);
+    f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(p.saddr);
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut f,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    ret == BPF_FIB_LKUP_RET_SUCCESS as i64
+        || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64
+        || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
+}
+
+/// Whether a socket of the host (a listener, or a socket this packet answers) owns the tuple
+/// `saddr:sport → daddr:dport`. Such a packet is never translated: a published port must not
+/// take over a host service or the answers to the host's own connections.
+#[inline(always)]
+pub fn host_socket<C: EbpfContext>(
+    ctx: &C,
+    proto: u8,
+    saddr: Ip4,
+    sport: u16,
+    daddr: Ip4,
+    dport: u16,
+) -> bool {
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    unsafe {
+        let v4 = &mut t.__bindgen_anon_1.ipv4;
+        v4.saddr = u32::from_ne_bytes(saddr);
+        v4.daddr = u32::from_ne_bytes(daddr);
+        v4.sport = sport.to_be();
+        v4.dport = dport.to_be();
+    }
+    let size = core::mem::size_of::<u32>() as u32 * 3;
+    let sk = unsafe {
+        match proto {
+            IPPROTO_TCP => bpf_sk_lookup_tcp(ctx.as_ptr(), &mut t, size, CURRENT_NETNS, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx.as_ptr(), &mut t, size, CURRENT_NETNS, 0),
+            _ => return false,
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
