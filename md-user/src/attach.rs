@@ -432,14 +432,18 @@ pub async fn check(
         }
     }
     if let Some(d) = &state.datapath {
-        for (hook, prog) in [
-            (Hook::Ingress, m::PROG_UPLINK_INGRESS),
-            (Hook::Egress, m::PROG_UPLINK_EGRESS),
+        // Ethernet uplinks run the uplink programs, layer-3 ones (tun, WireGuard) the L3 ones.
+        for (hook, progs) in [
+            (Hook::Ingress, [m::PROG_UPLINK_INGRESS, m::PROG_L3_INGRESS]),
+            (Hook::Egress, [m::PROG_UPLINK_EGRESS, m::PROG_L3_EGRESS]),
         ] {
-            if !ctx.dp.tc_attached(&d.uplink, hook, prog).unwrap_or(false) {
+            if !progs
+                .iter()
+                .any(|p| ctx.dp.tc_attached(&d.uplink, hook, p).unwrap_or(false))
+            {
                 drift.push(format!(
-                    "program {prog} is not attached to uplink {}",
-                    d.uplink
+                    "program {} is not attached to uplink {}",
+                    progs[0], d.uplink
                 ));
             }
         }
