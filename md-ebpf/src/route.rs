@@ -79,6 +79,22 @@ pub fn forwarded(ctx: &TcContext, p: &Pkt, ifindex: u32) -> bool {
         || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
 }
 
+/// Whether a published port gives way to a host socket owning the tuple: always, unless the
+/// runtime that published it reserved the host port with a socket of its own.
+#[inline(always)]
+pub fn yields_to_host<C: EbpfContext>(
+    ctx: &C,
+    target: *const md_common::PortTarget,
+    proto: u8,
+    (saddr, sport): (Ip4, u16),
+    (daddr, dport): (Ip4, u16),
+) -> bool {
+    if unsafe { (*target).flags } & md_common::PORT_RUNTIME_RESERVED != 0 {
+        return false;
+    }
+    host_socket(ctx, proto, saddr, sport, daddr, dport)
+}
+
 /// Whether a socket of the host (a listener, or a socket this packet answers) owns the tuple
 /// `saddr:sport → daddr:dport`. Such a packet is never translated: a published port must not
 /// take over a host service or the answers to the host's own connections.

@@ -78,6 +78,12 @@ pub fn publish(dp: &Datapath, c: &Container, identity: u32) -> Result<()> {
                 ip: ip.octets(),
                 port: p.container_port,
                 identity,
+                // A runtime's port (Podman's conmon holds it open to reserve it).
+                flags: if c.cni.is_some() {
+                    md_common::PORT_RUNTIME_RESERVED
+                } else {
+                    0
+                },
                 ..Default::default()
             },
             0,

@@ -618,3 +618,55 @@ fn cni_chain_passes_prev_result_through() {
         .ok();
     assert_nothing_left(&lab);
 }
+
+/// A runtime may hold the host port of a mapping itself (Podman's conmon listens on it to
+/// reserve it): a CNI-published port is translated even though a host socket listens there,
+/// from outside and from the host, as the reference portmap plugin's DNAT is. An `md-user
+/// run` port still gives way to a host server.
+#[test]
+fn cni_published_port_wins_over_the_runtimes_own_listener() {
+    if !require_e2e() {
+        return;
+    }
+    require_tools(&["curl", "python3"]);
+    let lab = Lab::new("cni port reserved");
+    // The runtime's reservation: a host listener on 8080 that answers (so a wrong winner shows).
+    let _reservation = lab.spawn_host(&["python3", &fx("where_http.py"), "8080", "8081"]);
+    lab.wait_listening_host("tcp", 8080);
+    let ns = lab.add_netns("c1");
+    let conf = lab.cni_conf(
+        "1.0.0",
+        NET,
+        json!({"runtimeConfig": {"portMappings": [
+            {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]}}),
+    );
+    let a = attach("c0ffee07", &ns, "K8S_POD_NAME=reserved");
+    let ip = ip_of(lab.cni("ADD", Some(&a), &conf).ok());
+    let _srv = lab.spawn_in_netns(&ns, &["python3", &fx("where_http.py"), "80"]);
+    let served_by = |from_host: bool, port: u16| {
+        let url = format!("http://{HOST_UPLINK_IP}:{port}/");
+        wait_for("an answer", Duration::from_secs(30), || {
+            let args = ["curl", "-s", "--max-time", "2", url.as_str()];
+            let o = if from_host {
+                lab.host(&args)
+            } else {
+                lab.outside(&args)
+            };
+            let out = stdout_str(&o);
+            (o.status.success() && !out.is_empty())
+                .then(|| out.split_whitespace().nth(1).unwrap_or("").to_string())
+        })
+    };
+    assert_eq!(served_by(false, 8080), format!("{ip}:80"), "from outside");
+    assert_eq!(served_by(true, 8080), format!("{ip}:80"), "from the host");
+    // md-user run's own port on 8081 yields to the host server there.
+    run_d(
+        &lab,
+        "runner",
+        &["-p", "8081:80"],
+        &["python3", &fx("where_http.py"), "80"],
+    );
+    lab.wait_listening_in("runner", "tcp", 80);
+    assert_eq!(served_by(false, 8081), format!("{HOST_UPLINK_IP}:8081"));
+    lab.cni("DEL", Some(&a), &conf).ok();
+}
