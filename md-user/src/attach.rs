@@ -60,6 +60,8 @@ pub struct Spec {
     pub aliases: Vec<String>,
     /// The runtime that attached it through the CNI plugin, if one did.
     pub cni: Option<CniOwner>,
+    /// `run --privileged`.
+    pub privileged: bool,
 }
 
 /// One interface on an md network.
@@ -97,6 +99,10 @@ pub async fn reserve(
         bail!("container name {name} is already in use");
     }
     check_ports(state, name, &spec.ports)?;
+    // A runtime may hold its ports itself (Podman's conmon does, to reserve them).
+    if spec.cni.is_none() {
+        crate::hostports::check_free(&spec.ports, state)?;
+    }
     network::ensure_default(state, &ctx.opts)?;
     let mut interfaces = Vec::new();
     if let Some(want) = &spec.iface {
@@ -126,6 +132,7 @@ pub async fn reserve(
             .as_secs(),
         aliases: spec.aliases,
         cni: spec.cni,
+        privileged: spec.privileged,
     };
     state.identity_for(name);
     // Recorded before anything exists, so a crash mid-setup is reclaimed by the next command.
@@ -204,7 +211,7 @@ pub async fn attach(
         c.interfaces[0].ifindex = ifindex;
     }
     locked.save()?;
-    endpoint::publish(&ctx.dp, &locked.state.containers[name], identity)?;
+    endpoint::publish(&ctx.dp, locked, name, identity)?;
     network::ensure_resolver(&ctx.opts, &mut locked.state, &iface.network)?;
     Ok(())
 }

@@ -138,6 +138,16 @@ pub enum Command {
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
     },
+    /// Internal: PID 1 of a container's PID namespace; starts CMD, forwards signals, reaps.
+    #[command(name = "__init", hide = true)]
+    Init {
+        #[arg(long)]
+        ready_fd: i32,
+        #[arg(long)]
+        program: PathBuf,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
     /// Network settings of a container (address, gateway, MAC, veth, ports, policies).
     Inspect {
         name: String,
@@ -230,6 +240,10 @@ pub struct RunArgs {
     /// Static address on the network (checked for conflicts).
     #[arg(long)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Keep every capability and the host's PID namespace. By default CMD gets Docker's
+    /// default capabilities and a PID namespace of its own.
+    #[arg(long)]
+    pub privileged: bool,
     /// Internal: run as the detached supervisor, reporting readiness on this fd.
     #[arg(long, hide = true)]
     pub ready_fd: Option<i32>,

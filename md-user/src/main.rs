@@ -4,6 +4,7 @@
 //! work and exits. What the datapath needs outlives the command because it is pinned.
 
 mod attach;
+mod caps;
 mod cli;
 mod cni;
 mod commands;
@@ -13,6 +14,8 @@ mod endpoint;
 mod error;
 mod flowlog;
 mod host;
+mod hostports;
+mod init;
 mod ipam;
 mod metrics;
 mod netlink;

@@ -154,6 +154,7 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
                     netns: env.netns.clone(),
                     networks: [(env.ifname.clone(), conf.name.clone())].into(),
                 }),
+                privileged: false,
             };
             attach::create(ctx, &nl, &mut locked, spec, Some(&netns)).await?;
             // Attached: from now on the namespace, not this process, keeps it alive.

@@ -31,10 +31,15 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         // `run` validates its arguments before checking privileges, so bad input gets the
         // precise message even without root.
         Command::Run(args) => run::run(&ctx, args),
+        Command::Init {
+            ready_fd,
+            program,
+            cmd,
+        } => crate::init::main(ready_fd, &program, &cmd),
         command => {
             require_privileges()?;
             match command {
-                Command::Run(_) => unreachable!(),
+                Command::Run(_) | Command::Init { .. } => unreachable!(),
                 Command::Ps { json } => block_on(ps::ps(&ctx, json)),
                 Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
                 Command::Exec { name, cmd } => {

@@ -4,11 +4,11 @@
 
 use std::{
     ffi::CString,
-    fs::{self, File, OpenOptions},
+    fs::File,
     io::Write,
     os::fd::FromRawFd,
     path::{Path, PathBuf},
-    process::{ExitCode, Stdio},
+    process::ExitCode,
 };
 
 use anyhow::{bail, Context, Result};
@@ -20,8 +20,9 @@ use crate::{
     cli::RunArgs,
     dns,
     error::{one_line, require_privileges},
+    init,
     netlink::Netlink,
-    netns::{Netns, PreExec, Uts},
+    netns::{Confinement, Netns, PreExec, Uts},
     portmap::{self, PortMapping},
     proc,
     state::{Container, Locked, Status},
@@ -207,6 +208,9 @@ fn detach(ctx: &Ctx, args: &RunArgs, name: &str) -> Result<ExitCode> {
     if let Some(ip) = &args.ip {
         cmd.arg("--ip").arg(ip.to_string());
     }
+    if args.privileged {
+        cmd.arg("--privileged");
+    }
     let (mut child, msg) = proc::spawn_with_ready_pipe(cmd, |cmd, fd| {
         cmd.arg("--ready-fd")
             .arg(fd.to_string())
@@ -332,6 +336,7 @@ async fn start(
         detached: args.ready_fd.is_some(),
         aliases: Vec::new(),
         cni: None,
+        privileged: args.privileged,
     };
     let container = attach::create(ctx, nl, &mut locked, spec, netns.as_ref()).await?;
     match spawn(ctx, &mut locked, setup, &container, netns.as_ref()) {
@@ -389,32 +394,19 @@ fn spawn(
         }
     };
 
-    let mut cmd = tokio::process::Command::new(&setup.program);
-    cmd.arg0(&container.cmd[0]).args(&container.cmd[1..]);
-    if container.detached {
-        let log = ctx.state_dir.log_file(name);
-        fs::create_dir_all(log.parent().expect("log dir"))?;
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
-    }
+    let log = if container.detached {
+        Some(ctx.state_dir.create_log(name)?)
+    } else {
+        None
+    };
     let pre = PreExec {
         netns: netns.map(|n| n.raw_fd()),
         uts,
         binds,
         parent: std::process::id() as i32,
+        confine: (!container.privileged).then(Confinement::docker_default),
     };
-    unsafe {
-        cmd.pre_exec(move || pre.apply());
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", container.cmd[0]))?;
-    let pid = child.id().context("CMD exited at once")?;
+    let (child, pid) = init::spawn(&setup.program, &container.cmd, log, pre)?;
     if let Some(c) = locked.state.containers.get_mut(name) {
         c.pid = pid;
         c.pid_start = proc::start_time(pid).unwrap_or(0);
