@@ -621,8 +621,8 @@ fn cni_chain_passes_prev_result_through() {
 
 /// A runtime may hold the host port of a mapping itself (Podman's conmon listens on it to
 /// reserve it): a CNI-published port is translated even though a host socket listens there,
-/// from outside and from the host, as the reference portmap plugin's DNAT is. An `md-user
-/// run` port still gives way to a host server.
+/// from outside and from the host, as the reference portmap plugin's DNAT is. `md-user run`
+/// still refuses a port a host process holds.
 #[test]
 fn cni_published_port_wins_over_the_runtimes_own_listener() {
     if !require_e2e() {
@@ -659,14 +659,21 @@ fn cni_published_port_wins_over_the_runtimes_own_listener() {
     };
     assert_eq!(served_by(false, 8080), format!("{ip}:80"), "from outside");
     assert_eq!(served_by(true, 8080), format!("{ip}:80"), "from the host");
-    // md-user run's own port on 8081 yields to the host server there.
-    run_d(
-        &lab,
+    // md-user run refuses a port a host process holds (there is no runtime holding it for
+    // the container).
+    let refused = lab.md(&md_tests::helpers::run_args(
         "runner",
         &["-p", "8081:80"],
-        &["python3", &fx("where_http.py"), "80"],
+        &["sleep", "60"],
+    ));
+    assert!(
+        !refused.status.success(),
+        "md-user run took a host process's port"
     );
-    lab.wait_listening_in("runner", "tcp", 80);
-    assert_eq!(served_by(false, 8081), format!("{HOST_UPLINK_IP}:8081"));
+    assert!(
+        md_tests::stderr_str(&refused).contains("in use by a host process"),
+        "{}",
+        md_tests::stderr_str(&refused)
+    );
     lab.cni("DEL", Some(&a), &conf).ok();
 }
