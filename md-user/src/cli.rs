@@ -49,6 +49,12 @@ pub struct GlobalOpts {
         global = true
     )]
     pub resolv_conf: PathBuf,
+    /// How packets md has decided on travel: `redirect` (md delivers them itself, past the
+    /// bridge and the host stack) or `stack` (they walk the bridge and the host's IP stack)
+    /// [default: redirect where the kernel has bpf_redirect_peer, else stack; once set, kept
+    /// until changed].
+    #[arg(long, env = "MD_DATAPATH", global = true, value_parser = ["redirect", "stack"])]
+    pub datapath: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -268,6 +274,9 @@ impl GlobalOpts {
             .arg(&self.resolv_conf);
         if let Some(u) = &self.uplink {
             cmd.arg("--uplink").arg(u);
+        }
+        if let Some(d) = &self.datapath {
+            cmd.arg("--datapath").arg(d);
         }
         cmd
     }

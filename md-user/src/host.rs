@@ -89,6 +89,12 @@ pub async fn ensure_datapath(
     cfg.uplink_ifindex = uplink.index;
     cfg.uplink_ip = uplink_ip.octets();
     cfg.policy_default = state.policy.default.map_value();
+    let mode = datapath_mode(opts, state.datapath.as_ref().map(|d| d.mode.as_str()))?;
+    cfg.datapath = if mode == "redirect" {
+        md_common::DATAPATH_REDIRECT
+    } else {
+        md_common::DATAPATH_STACK
+    };
     dp.set_config(&cfg)?;
     if fresh {
         crate::policy::sync(dp, state)?;
@@ -102,9 +108,30 @@ pub async fn ensure_datapath(
         uplink_ip,
         netns_cookie: cookie,
         object_digest: digest,
+        mode: mode.to_string(),
     });
     ensure_watcher(opts)?;
     Ok(())
+}
+
+/// Whether this kernel can deliver packets itself: bpf_redirect_peer and bpf_redirect_neigh
+/// came in Linux 5.10.
+pub fn redirect_supported() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 10, 0))
+}
+
+/// The datapath mode to run: the one asked for, else the one in use, else the fastest this
+/// kernel has. The seam for another mode (netkit, where kernels have it) is here and in
+/// `endpoint::setup`, which picks the device pair.
+fn datapath_mode(opts: &GlobalOpts, current: Option<&str>) -> Result<&'static str> {
+    let want = opts.datapath.as_deref().or(current);
+    match want {
+        Some("redirect") | None if redirect_supported() => Ok("redirect"),
+        Some("redirect") if opts.datapath.is_some() => {
+            bail!("--datapath redirect needs bpf_redirect_peer (Linux 5.10); this kernel has none")
+        }
+        _ => Ok("stack"),
+    }
 }
 
 /// Names of the links md made (bridges, container veths), from the state: they are recorded

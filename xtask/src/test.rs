@@ -36,6 +36,7 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
+    ("tcpdump", "tcpdump"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     // md's CNI plugin under real runtimes (tests/tests/cni_runtimes.rs).
@@ -253,6 +254,7 @@ mod tests {
                 "util-linux",
                 "dnsutils",
                 "dnsmasq-base",
+                "tcpdump",
                 "prometheus",
                 "podman",
                 "conmon",
