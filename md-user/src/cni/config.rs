@@ -105,6 +105,9 @@ pub struct NetConf {
     pub uplink: Option<String>,
     #[serde(default)]
     pub resolv_conf: Option<PathBuf>,
+    /// md-user's `--datapath`: `redirect` or `stack`.
+    #[serde(default)]
+    pub datapath: Option<String>,
     #[serde(default)]
     pub ipam: Option<Value>,
     #[serde(default)]
@@ -216,6 +219,11 @@ impl NetConf {
             s.parse::<crate::ipam::Subnet>()
                 .map_err(|e| bad(format!("subnet: {}", crate::error::one_line(&e))))?;
         }
+        if let Some(d) = self.datapath.as_deref() {
+            if d != "redirect" && d != "stack" {
+                return Err(bad(format!("datapath {d:?}: redirect or stack")));
+            }
+        }
         if let Some(n) = &self.network {
             crate::commands::run::validate_name(n)
                 .map_err(|e| bad(format!("network: {}", crate::error::one_line(&e))))?;
@@ -264,6 +272,7 @@ impl NetConf {
                 .clone()
                 .or_else(|| env("MD_RESOLV_CONF").map(PathBuf::from))
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
+            datapath: self.datapath.clone().or_else(|| env("MD_DATAPATH")),
         }
     }
 }
@@ -423,6 +432,9 @@ mod tests {
                 .unwrap_err();
         assert_eq!(e.code, Code::UnsupportedField as u32);
         let e = parse(r#"{"cniVersion":"1.0.0","name":"n","type":"md","subnet":"10.0.0.0/33"}"#)
+            .unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig as u32);
+        let e = parse(r#"{"cniVersion":"1.0.0","name":"n","type":"md","datapath":"fast"}"#)
             .unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig as u32);
     }
