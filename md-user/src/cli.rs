@@ -160,6 +160,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a packet from FROM to TO through md's programs (a private copy: nothing live
+    /// changes) and show every program, map entry and verdict on the way, and the answer's
+    /// way back. FROM/TO: a container name, outside:IP, host, or an address (FROM also a
+    /// published HOSTIP:PORT). TO takes :PORT (TCP by default) and /tcp, /udp or /icmp
+    /// (without a port: ICMP echo).
+    Trace {
+        from: String,
+        #[arg(value_name = "TO[:PORT][/PROTO]")]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

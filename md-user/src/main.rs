@@ -25,6 +25,7 @@ mod policy;
 mod portmap;
 mod proc;
 mod state;
+mod trace;
 
 use std::process::ExitCode;
 

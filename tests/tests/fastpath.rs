@@ -232,3 +232,49 @@ fn tcpdump_in_a_container_sees_redirected_traffic() {
     );
     assert!(redirected(&lab, "web") > 0);
 }
+
+/// The program id of a pinned program (bpftool, from the root namespace: pins are global).
+fn prog_id(lab: &Lab, prog: &str) -> Option<u64> {
+    let pin = lab.pin_dir().join("progs").join(prog);
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "pinned", pin.to_str()?, "-j"])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["id"].as_u64()
+}
+
+/// Programs load once per boot: `md-user watch` (md-watch.service) loads and attaches the
+/// datapath when it starts, before any container, and the first `run` uses what it loaded.
+#[test]
+fn the_watcher_loads_the_datapath_before_the_first_container() {
+    if !require_e2e() {
+        return;
+    }
+    require_tools(&["bpftool", "sleep"]);
+    let lab = Lab::new("fast-preload");
+    let _watch = lab.spawn_md(&["watch"]);
+    let uplink_pins = || {
+        std::fs::read_dir(lab.pin_dir().join("links"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("if"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // up0 covered (ingress and egress) before any container.
+    md_tests::wait_for(
+        "the watcher loaded and attached the datapath",
+        Duration::from_secs(60),
+        || (uplink_pins() == 2).then_some(()),
+    );
+    let before = prog_id(&lab, "md_veth_ingress");
+    assert!(before.is_some());
+    run_d(&lab, "first", &[], &["sleep", "60"]);
+    assert_eq!(
+        prog_id(&lab, "md_veth_ingress"),
+        before,
+        "the first container used the programs the watcher loaded"
+    );
+}
