@@ -322,7 +322,16 @@ fn cni_check_reports_drift() {
         .to_string();
     let pin = lab.pin_dir().join(format!("links/{veth}-ingress"));
     std::fs::remove_file(&pin).expect("the veth's ingress link pin");
-    let o = lab.cni("CHECK", Some(&a), &checked);
+    // The kernel frees the link (and detaches the program) once its last reference is gone,
+    // which may be a moment after the unlink.
+    let o = wait_for(
+        "CHECK sees the detached program",
+        Duration::from_secs(10),
+        || {
+            let o = lab.cni("CHECK", Some(&a), &checked);
+            (!o.success).then_some(o)
+        },
+    );
     assert_eq!(o.code(), 100, "{}", o.stdout);
     assert!(o.msg().contains("is not attached to"), "{}", o.msg());
 
