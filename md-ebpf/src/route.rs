@@ -79,20 +79,12 @@ pub fn forwarded(ctx: &TcContext, p: &Pkt, ifindex: u32) -> bool {
         || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
 }
 
-/// Whether a published port gives way to a host socket owning the tuple: always, unless the
-/// runtime that published it reserved the host port with a socket of its own.
+/// Whether the runtime that published a port holds the host port with a socket of its own
+/// (Podman's conmon): such a port does not give way to host sockets.
 #[inline(always)]
-pub fn yields_to_host<C: EbpfContext>(
-    ctx: &C,
-    target: *const md_common::PortTarget,
-    proto: u8,
-    (saddr, sport): (Ip4, u16),
-    (daddr, dport): (Ip4, u16),
-) -> bool {
-    if unsafe { (*target).flags } & md_common::PORT_RUNTIME_RESERVED != 0 {
-        return false;
-    }
-    host_socket(ctx, proto, saddr, sport, daddr, dport)
+pub fn runtime_reserved(target: *const md_common::PortTarget) -> bool {
+    let flags = unsafe { (*target).flags };
+    flags & md_common::PORT_RUNTIME_RESERVED != 0
 }
 
 /// Whether a socket of the host (a listener, or a socket this packet answers) owns the tuple

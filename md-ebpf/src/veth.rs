@@ -150,12 +150,8 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         }
         if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
             let target = nat::port_lookup(&p.daddr, p.dport, p.proto, true);
-            let (from, to) = ((p.saddr, p.sport), (p.daddr, p.dport));
-            let host = match target {
-                Some(t) => route::yields_to_host(ctx, t, p.proto, from, to),
-                None => route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport),
-            };
-            if !host {
+            let reserved = target.is_some_and(|t| route::runtime_reserved(t));
+            if reserved || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
                 if let Some(target) = target {
                     let t = unsafe { *target };
                     if !policy::allowed(cfg, src.identity, t.identity) {
