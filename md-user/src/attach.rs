@@ -134,7 +134,7 @@ pub async fn reserve(
         cni: spec.cni,
         privileged: spec.privileged,
     };
-    state.identity_for(name);
+    state.identity_for(name)?;
     // Recorded before anything exists, so a crash mid-setup is reclaimed by the next command.
     state.containers.insert(name.to_string(), container.clone());
     locked.save()?;
@@ -204,7 +204,7 @@ pub async fn attach(
     let Some(iface) = c.interfaces.first() else {
         return Ok(());
     };
-    let identity = locked.state.identity_for(name);
+    let identity = locked.state.identity_for(name)?;
     let net = locked.state.networks[&iface.network].clone();
     let ifindex = endpoint::setup(nl, &ctx.dp, netns, &net, iface, identity, true).await?;
     if let Some(c) = locked.state.containers.get_mut(name) {
@@ -261,7 +261,13 @@ pub async fn detach(ctx: &Ctx, nl: &Netlink, state: &mut State, c: &Container) {
         eprintln!("md-user: tearing down {}: {}", c.name, one_line(&e));
     }
     dns::remove_files(&ctx.state_dir, &c.name);
-    state.prune_identities();
+    if let Err(e) = state.prune_identity(&c.name) {
+        eprintln!(
+            "md-user: forgetting {}'s identity: {}",
+            c.name,
+            one_line(&e)
+        );
+    }
     network::containers_changed(&ctx.state_dir, state);
 }
 
@@ -287,7 +293,7 @@ pub async fn add_interface(
     let mut iface = allocate(state, &want, &new_veth_name())?;
     host::ensure_datapath(nl, &ctx.dp, state, &ctx.opts).await?;
     let net = state.networks[&want.network].clone();
-    let identity = state.identity_for(name);
+    let identity = state.identity_for(name)?;
     // Without an interface yet the container has no default route: this one gets it.
     let primary = c.interfaces.is_empty();
     match endpoint::setup(nl, &ctx.dp, netns, &net, &iface, identity, primary).await {
