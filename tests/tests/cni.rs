@@ -418,10 +418,42 @@ fn cni_gc_removes_attachments_not_listed() {
     assert_eq!(o.code(), 7, "{}", o.stdout);
 }
 
+/// ADD under strace in the lab's host namespace, `strace_args` before the plugin.
+fn traced_add(lab: &Lab, strace_args: &[String], id: &str, ns: &Path, conf: &Value) -> CniOut {
+    let mut c = std::process::Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", lab.host_ns()))
+        .args(["--", "strace", "-f"])
+        .args(strace_args)
+        .arg(lab.cni_bin_dir().join("md"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", ns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", lab.cni_bin_dir());
+    md_tests::cni::run_with_stdin(&mut c, &conf.to_string())
+}
+
+/// The main thread's `bpf` calls of a traced ADD, in order (strace -f output: "PID bpf(CMD,").
+fn bpf_calls(trace: &str) -> Vec<String> {
+    let lines: Vec<&str> = trace.lines().collect();
+    let main = lines
+        .first()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    lines
+        .iter()
+        .filter(|l| l.split_whitespace().next() == Some(main.as_str()))
+        .filter_map(|l| l.split_once("bpf(").map(|(_, rest)| rest))
+        .map(|rest| rest.split(',').next().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// A plugin killed in the middle of ADD (SIGKILL injected with strace at a chosen syscall)
 /// leaves a record that the next command reclaims with everything made so far: the veth pair
-/// after the first setns (the container side being configured), and the map entries too after
-/// the second state write (the datapath's entries exist, the veth's index is not yet saved).
+/// at the first setns (the container side being configured), and the datapath's entries too
+/// at the last map update of ADD (VETH_OWNERS written, the veth's index not yet saved: it is
+/// found by address and MAC). The last update is found in a traced ADD of the same build.
 #[test]
 fn cni_plugin_killed_midway_is_reclaimed() {
     if !require_e2e() {
@@ -434,29 +466,31 @@ fn cni_plugin_killed_midway_is_reclaimed() {
     let n0 = lab.add_netns("c0");
     lab.cni("ADD", Some(&attach("first01", &n0, "")), &conf)
         .ok();
+    // A probe ADD like the killed ones, traced: where is its last map update?
+    let probe_ns = lab.add_netns("probe");
+    let trace = lab.log_path("probe-trace");
+    let t = trace.to_string_lossy().into_owned();
+    let args = ["-e", "trace=bpf", "-o", &t].map(String::from);
+    traced_add(&lab, &args, "probe01", &probe_ns, &conf).ok();
+    let calls = bpf_calls(&std::fs::read_to_string(&trace).expect("strace output"));
+    let last_update = calls
+        .iter()
+        .rposition(|c| c == "BPF_MAP_UPDATE_ELEM")
+        .unwrap_or_else(|| panic!("no map update in the traced ADD: {calls:?}"));
+    lab.cni("DEL", Some(&attach("probe01", &probe_ns, "")), &conf)
+        .ok();
+
     for (i, inject) in [
-        "setns:signal=SIGKILL:when=1",
-        "rename:signal=SIGKILL:when=2",
+        "setns:signal=SIGKILL:when=1".to_string(),
+        format!("bpf:signal=SIGKILL:when={}", last_update + 1),
     ]
     .iter()
     .enumerate()
     {
         let ns = lab.add_netns(&format!("k{i}"));
         let id = format!("killed0{i}");
-        let mut c = std::process::Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", lab.host_ns()))
-            .args(["--", "strace", "-f", "-o", "/dev/null", "-e"])
-            .arg(format!("inject={inject}"))
-            .arg(lab.cni_bin_dir().join("md"))
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", &id)
-            .env("CNI_NETNS", &ns)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", lab.cni_bin_dir())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let out = md_tests::cni::run_with_stdin(&mut c, &conf.to_string());
+        let args = ["-o", "/dev/null", "-e", &format!("inject={inject}")].map(String::from);
+        let out = traced_add(&lab, &args, &id, &ns, &conf);
         assert!(!out.success, "ADD survived inject={inject}: {}", out.stdout);
         // It was killed after making something: the namespace has its eth0.
         let made = lab.in_netns(&ns, &["ip", "link", "show", "eth0"]);
