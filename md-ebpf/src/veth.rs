@@ -148,18 +148,19 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             }
             return nat::deliver(ctx, &to.daddr);
         }
-        if nat::is_host_addr(&p.daddr)
-            && nat::opens_flow(p)
-            && !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport)
-        {
-            if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto, true) {
-                let t = unsafe { *target };
-                if !policy::allowed(cfg, src.identity, t.identity) {
-                    return Verdict::Drop(DROP_POLICY);
+        if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
+            let target = nat::port_lookup(&p.daddr, p.dport, p.proto, true);
+            let reserved = target.is_some_and(|t| route::runtime_reserved(t));
+            if reserved || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
+                if let Some(target) = target {
+                    let t = unsafe { *target };
+                    if !policy::allowed(cfg, src.identity, t.identity) {
+                        return Verdict::Drop(DROP_POLICY);
+                    }
+                    return nat::dnat_from_container(ctx, p, &src, target);
                 }
-                return nat::dnat_from_container(ctx, p, &src, target);
+                return Verdict::Pass;
             }
-            return Verdict::Pass;
         }
     }
     if let Some(dst) = nat::endpoint(&p.daddr) {

@@ -112,7 +112,9 @@ pub fn lookup(
             if by_name {
                 c.name.eq_ignore_ascii_case(name)
             } else {
+                // Hostnames and aliases, unless a container has that name (names win).
                 c.hostname.eq_ignore_ascii_case(name)
+                    || c.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
             }
         })
         .find_map(|c| shared_ip(c, nets, network))
@@ -174,9 +176,10 @@ pub fn files(dir: &StateDir, name: &str) -> (PathBuf, PathBuf) {
     (d.join("hosts"), d.join("resolv.conf"))
 }
 
-/// Whether md writes `c`'s hosts and resolv.conf (not for host and container: modes).
+/// Whether md writes `c`'s hosts and resolv.conf: not for host and container: modes, and not
+/// for a CNI container (the runtime writes its files).
 fn has_files(c: &Container) -> bool {
-    !(c.mode == "host" || c.mode.starts_with("container:"))
+    !(c.mode == "host" || c.mode.starts_with("container:") || c.cni.is_some())
 }
 
 /// Rewrites every container's files from the state (containers came or went).
@@ -576,6 +579,8 @@ mod tests {
             status: Status::Running,
             detached: true,
             created_unix: 0,
+            aliases: vec![],
+            cni: None,
             privileged: false,
         }
     }

@@ -429,21 +429,11 @@ async fn follow_host(nl: &Netlink, dp: &Datapath, sd: &StateDir, state_dir: &Pat
     Ok(())
 }
 
-/// Removes every network (bridge, resolver) and the whole datapath. Best effort; idempotent.
-pub async fn teardown(
-    nl: &Netlink,
-    dp: &Datapath,
-    state: &mut State,
-    state_dir: &Path,
-) -> Vec<anyhow::Error> {
+/// Removes the whole datapath: the watcher, the uplinks' attachments and the pins (the
+/// networks go first: `network::remove_all`). Best effort; idempotent.
+pub fn teardown(dp: &Datapath, state: &mut State, state_dir: &Path) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
     stop_watcher(state_dir);
-    for net in state.networks.values_mut() {
-        crate::network::stop_resolver(net);
-        if let Err(e) = crate::network::remove_bridge(nl, dp, net).await {
-            errors.push(e);
-        }
-    }
     for pin in dp.tc_pins() {
         if pin.starts_with(UPLINK_PIN) {
             if let Err(e) = dp.detach_tc(&pin) {
@@ -454,7 +444,6 @@ pub async fn teardown(
     if let Err(e) = dp.unload() {
         errors.push(e);
     }
-    state.networks.clear();
     state.datapath = None;
     errors
 }

@@ -3,8 +3,10 @@
 //! There is no daemon: every command takes the state lock, reconciles what it finds, does its
 //! work and exits. What the datapath needs outlives the command because it is pinned.
 
+mod attach;
 mod caps;
 mod cli;
+mod cni;
 mod commands;
 mod datapath;
 mod dns;
@@ -32,6 +34,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     timing::start();
+    if cni::called_as_plugin() {
+        return cni::main();
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
