@@ -15,7 +15,7 @@ use crate::{
     csum, ct, frag, fwd,
     nat::{self, Verdict},
     parse::{self, Frag, Parsed, Pkt, L4},
-    route,
+    route, tunnel,
 };
 
 #[inline(always)]
@@ -32,6 +32,10 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
     let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
         return Verdict::Pass;
     };
+    // Issue 17: a container on another host of a natively routed overlay network.
+    if tunnel::native_peer(&p.saddr) {
+        return Verdict::Overlay;
+    }
     // The source first: nothing from the wire may claim an md address, translated or not.
     if nat::in_md_subnet(&p.saddr) {
         return Verdict::Drop(DROP_SPOOF);
@@ -162,6 +166,10 @@ pub fn egress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdict
 #[inline(always)]
 fn leaving(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Verdict {
     if !nat::in_md_subnet(&p.saddr) {
+        return Verdict::Pass;
+    }
+    // Issue 17: natively routed to a container on another host: untranslated.
+    if tunnel::native_peer(&p.daddr) {
         return Verdict::Pass;
     }
     if p.l4 != L4::Ports || p.frag == Frag::Later {

@@ -118,6 +118,27 @@ pub fn lookup(
             }
         })
         .find_map(|c| shared_ip(c, nets, network))
+        .or_else(|| remote_lookup(state, nets, name))
+}
+
+/// A container on another host of an overlay network the asker is on (issue 17): by name, then
+/// by hostname; local containers win.
+fn remote_lookup(state: &State, nets: &[String], name: &str) -> Option<Ipv4Addr> {
+    let on = |r: &&crate::state::RemoteContainer| nets.contains(&r.network);
+    state
+        .remote
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, r)| r)
+        .find(on)
+        .or_else(|| {
+            state
+                .remote
+                .values()
+                .filter(|r| r.hostname.eq_ignore_ascii_case(name))
+                .find(on)
+        })
+        .map(|r| r.ip)
 }
 
 fn networks_of(c: &Container) -> Vec<String> {
@@ -596,6 +617,7 @@ mod tests {
                     subnet: sub.parse::<Subnet>().unwrap(),
                     dns_pid: 0,
                     dns_start: 0,
+                    overlay: None,
                 },
             );
         }

@@ -31,7 +31,15 @@ pub async fn setup(
     let bridge = network::ensure_bridge(nl, dp, net).await?;
     crate::timing::mark("bridge");
     let host = nl
-        .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
+        .create_veth(
+            &iface.veth,
+            bridge,
+            &iface.name,
+            iface.mac,
+            netns.raw_fd(),
+            // An overlay's containers get the underlay MTU less the encapsulation.
+            net.overlay.as_ref().map(|o| o.mtu),
+        )
         .await?;
     crate::timing::mark("veth");
     match attach(dp, netns, net, iface, identity, primary, host.index) {

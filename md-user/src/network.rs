@@ -40,10 +40,12 @@ pub fn ensure_default(state: &mut State, opts: &GlobalOpts) -> Result<()> {
     Ok(())
 }
 
-fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<Network> {
+pub fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<Network> {
     for (other, net) in &state.networks {
-        if net.subnet.overlaps(&subnet) {
-            bail!("subnet {subnet} overlaps network {other} ({})", net.subnet);
+        // An overlay takes its whole subnet on every host, not just this host's block.
+        let taken = net.span();
+        if taken.overlaps(&subnet) {
+            bail!("subnet {subnet} overlaps network {other} ({taken})");
         }
         if net.bridge == bridge {
             bail!("bridge {bridge} is already used by network {other}");
@@ -58,6 +60,7 @@ fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<
         subnet,
         dns_pid: 0,
         dns_start: 0,
+        overlay: None,
     };
     state.networks.insert(name.to_string(), net.clone());
     Ok(net)
@@ -75,12 +78,15 @@ pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>) -> Result<N
         Some(s) => s,
         None => (19..=31)
             .map(|b| Subnet::new(std::net::Ipv4Addr::new(172, b, 0, 0), 16).expect("valid"))
-            .find(|s| !state.networks.values().any(|n| n.subnet.overlaps(s)))
+            .find(|s| !state.networks.values().any(|n| n.span().overlaps(s)))
             .context("no free 172.19-31.0.0/16 subnet left; pass --subnet")?,
     };
-    // Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex).
-    let bridge = format!("mdn{}", state.next_network_id.max(1));
-    add(state, name, bridge, subnet)
+    add(state, name, next_bridge_name(state), subnet)
+}
+
+/// Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex).
+pub fn next_bridge_name(state: &State) -> String {
+    format!("mdn{}", state.next_network_id.max(1))
 }
 
 /// Creates the network's bridge if needed and publishes it to the datapath.
@@ -106,6 +112,9 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
         )
         .context("writing NETWORKS")?;
     dp.add_subnet(net.subnet.network, net.subnet.prefix_len, net.id)?;
+    // An overlay's whole subnet too (issue 17).
+    let span = net.span();
+    dp.add_subnet(span.network, span.prefix_len, net.id)?;
     crate::host::refresh_host_addrs(nl, dp).await?;
     Ok(link.index)
 }
