@@ -627,7 +627,7 @@ pub fn owned_links(state: &State) -> impl Iterator<Item = String> {
 // ---- the watcher's side ----------------------------------------------------------------------
 
 /// Where the watcher says how the store is doing, for commands to tell (`ok`, or `down
-/// since UNIX-SECONDS: WHY`).
+/// since RFC-3339-TIME: WHY`).
 pub fn status_file(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("store.status")
 }
@@ -636,11 +636,16 @@ pub fn status_file(state_dir: &std::path::Path) -> PathBuf {
 pub fn store_warning(state: &State, state_dir: &std::path::Path) -> Option<String> {
     let c = state.cluster.as_ref()?;
     let s = std::fs::read_to_string(status_file(state_dir)).ok()?;
-    let why = s.strip_prefix("down ")?;
+    // "down since TIME: WHY": the time is enough here (the watcher logged why).
+    let since = s
+        .strip_prefix("down ")?
+        .split(": ")
+        .next()?
+        .trim()
+        .to_string();
     Some(format!(
-        "the store {} is down ({}); overlay peers are as it last said",
-        c.store,
-        why.trim()
+        "the store {} is down ({since}); overlay peers are as it last said",
+        c.store
     ))
 }
 
@@ -659,22 +664,22 @@ fn set_status(state_dir: &std::path::Path, status: &str) {
 /// the store. Never returns; errors are reported and retried.
 pub async fn follow(opts: GlobalOpts, dp: Datapath) {
     let sd = StateDir::new(&opts.state_dir);
-    let mut down_since: Option<u64> = None;
+    let mut down_since: Option<std::time::SystemTime> = None;
     loop {
         let cluster = sd.peek().ok().and_then(|s| s.cluster);
         if let Some(cluster) = cluster {
-            if let Err(e) = follow_store(&opts, &dp, &cluster).await {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs();
-                let since = *down_since.get_or_insert(now);
-                if since == now {
+            if let Err(e) = follow_store(&opts, &dp, &cluster, &mut down_since).await {
+                if down_since.is_none() {
                     eprintln!("md-user watch: {}", one_line(&e));
                 }
+                let since = *down_since.get_or_insert_with(std::time::SystemTime::now);
                 set_status(
                     &opts.state_dir,
-                    &format!("down since {since}: {}", one_line(&e)),
+                    &format!(
+                        "down since {}: {}",
+                        humantime::format_rfc3339_seconds(since),
+                        one_line(&e)
+                    ),
                 );
             }
         }
@@ -687,13 +692,21 @@ pub async fn follow(opts: GlobalOpts, dp: Datapath) {
 
 /// One session with the store: sync, then follow its changes, keep the lease alive and sync
 /// again when the local state changes. Returns on any store error.
-async fn follow_store(opts: &GlobalOpts, dp: &Datapath, cluster: &Cluster) -> Result<()> {
+async fn follow_store(
+    opts: &GlobalOpts,
+    dp: &Datapath,
+    cluster: &Cluster,
+    down_since: &mut Option<std::time::SystemTime>,
+) -> Result<()> {
     let nl = Netlink::connect()?;
     let mut st = Store::connect(&cluster.store).await?;
     let sd = StateDir::new(&opts.state_dir);
     let mut reader = sd.reader();
     let mut rev = sync(&mut st, &nl, dp, opts).await?;
     set_status(&opts.state_dir, "ok");
+    if down_since.take().is_some() {
+        eprintln!("md-user watch: the store {} is back", cluster.store);
+    }
     let mut watch = st.watch(rev + 1).await?;
     let every = Duration::from_secs((cluster.ttl / 3).max(1) as u64);
     let mut keep = tokio::time::interval(every);

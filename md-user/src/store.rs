@@ -175,7 +175,28 @@ pub struct Store {
 
 /// The error of a store that did not answer in time or could not be reached.
 fn down(url: &str, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("the store {url} is down or unreachable ({e})")
+    anyhow!(
+        "the store {url} is down or unreachable ({})",
+        short(&e.to_string())
+    )
+}
+
+/// The gist of a gRPC transport error (tonic's are a page long).
+fn short(e: &str) -> String {
+    const KNOWN: [(&str, &str); 6] = [
+        ("Connection refused", "connection refused"),
+        ("No route to host", "no route to host"),
+        ("Network is unreachable", "network unreachable"),
+        ("timed out", "timed out"),
+        ("tcp connect error", "cannot connect"),
+        ("transport error", "connection lost"),
+    ];
+    for (needle, say) in KNOWN {
+        if e.contains(needle) {
+            return say.to_string();
+        }
+    }
+    e.chars().take(160).collect()
 }
 
 impl Store {
