@@ -461,6 +461,11 @@ async fn ensure_device(nl: &Netlink, dp: &Datapath, cluster: &Cluster) -> Result
     })
 }
 
+/// The VXLAN device's ifindex, while md's program runs there.
+pub fn tunnel_ifindex(dp: &Datapath) -> Option<u32> {
+    dp.tc_pin_ifindex(TUNNEL_PIN, Hook::Ingress)
+}
+
 /// `network rm` of an overlay network: its block goes back to the store.
 pub async fn remove_network(
     ctx: &Ctx,
