@@ -95,7 +95,10 @@ fn remote_map(c: &Cluster, i: usize) -> Vec<String> {
         .iter()
         .filter_map(|e| {
             let k = e["key"].as_array()?;
-            let o: Vec<String> = k.iter().map(|b| b.as_u64().unwrap_or(0).to_string()).collect();
+            let o: Vec<String> = k
+                .iter()
+                .map(|b| b.as_u64().unwrap_or(0).to_string())
+                .collect();
             Some(o.join("."))
         })
         .collect()
@@ -131,7 +134,14 @@ fn overlay_tunnel_across_three_hosts() {
     c.md_ok(
         0,
         &[
-            "network", "create", "ov", "--driver", "overlay", "--store", STORE, "--subnet",
+            "network",
+            "create",
+            "ov",
+            "--driver",
+            "overlay",
+            "--store",
+            STORE,
+            "--subnet",
             "172.30.0.0/16",
         ],
     );
@@ -151,7 +161,11 @@ fn overlay_tunnel_across_three_hosts() {
     }
     blocks.sort();
     blocks.dedup();
-    assert_eq!(blocks.len(), 3, "every host leased its own block: {blocks:?}");
+    assert_eq!(
+        blocks.len(),
+        3,
+        "every host leased its own block: {blocks:?}"
+    );
     assert_eq!(c.store_keys("/md/blocks/ov/").len(), 3);
 
     let names = ["alpha", "bravo", "charlie"];
@@ -182,8 +196,8 @@ fn overlay_tunnel_across_three_hosts() {
             || remote_names(&c, i, "ov").len() == 2,
         );
     }
-    let rec = String::from_utf8_lossy(&c.etcdctl(&["get", "/md/containers/bravo"]).stdout)
-        .into_owned();
+    let rec =
+        String::from_utf8_lossy(&c.etcdctl(&["get", "/md/containers/bravo"]).stdout).into_owned();
     assert!(
         rec.contains(&ips[1]) && rec.contains(&underlay_ip(1)),
         "bravo registered with its address and host: {rec}"
@@ -210,7 +224,9 @@ fn overlay_tunnel_across_three_hosts() {
     assert!(ping(&c, 2, "charlie", "alpha", &[]), "ping across hosts");
     // MTU: the container's interface has the underlay's less the encapsulation, and a full
     // packet of it crosses (1422 + 28 = 1450) with DF set; one byte more does not leave.
-    let link = c.host(0).exec_ok("alpha", &["ip", "-o", "link", "show", "eth0"]);
+    let link = c
+        .host(0)
+        .exec_ok("alpha", &["ip", "-o", "link", "show", "eth0"]);
     assert!(link.contains("mtu 1450"), "{link}");
     assert!(ping(&c, 0, "alpha", &ips[1], &["-M", "do", "-s", "1422"]));
     assert!(!ping(&c, 0, "alpha", &ips[1], &["-M", "do", "-s", "1423"]));
@@ -219,16 +235,36 @@ fn overlay_tunnel_across_three_hosts() {
     // the VNI. alpha cannot open connections to charlie; charlie still reaches alpha (and its
     // answers come back), bravo still reaches charlie.
     c.md_ok(2, &["policy", "deny", "alpha", "charlie"]);
-    assert_eq!(http(&c, 0, "alpha", "charlie"), None, "denied at charlie's host");
+    assert_eq!(
+        http(&c, 0, "alpha", "charlie"),
+        None,
+        "denied at charlie's host"
+    );
     assert_eq!(udp(&c, 0, "alpha", "charlie"), None);
-    assert!(rule_drops(&c, 2, "alpha", "charlie") > 0, "dropped by the rule");
-    assert!(http(&c, 2, "charlie", "alpha").is_some(), "the other way is open");
-    assert!(http(&c, 1, "bravo", "charlie").is_some(), "others unaffected");
+    assert!(
+        rule_drops(&c, 2, "alpha", "charlie") > 0,
+        "dropped by the rule"
+    );
+    assert!(
+        http(&c, 2, "charlie", "alpha").is_some(),
+        "the other way is open"
+    );
+    assert!(
+        http(&c, 1, "bravo", "charlie").is_some(),
+        "others unaffected"
+    );
     // Policy at the sender: bravo → alpha denied on bravo's host.
     c.md_ok(1, &["policy", "deny", "bravo", "alpha"]);
-    assert_eq!(http(&c, 1, "bravo", "alpha"), None, "denied at bravo's host");
+    assert_eq!(
+        http(&c, 1, "bravo", "alpha"),
+        None,
+        "denied at bravo's host"
+    );
     assert!(rule_drops(&c, 1, "bravo", "alpha") > 0);
-    assert!(http(&c, 0, "alpha", "bravo").is_some(), "answers still pass");
+    assert!(
+        http(&c, 0, "alpha", "bravo").is_some(),
+        "answers still pass"
+    );
     c.md_ok(2, &["policy", "allow", "alpha", "charlie"]);
     assert!(http(&c, 0, "alpha", "charlie").is_some(), "lifted");
 
@@ -237,7 +273,13 @@ fn overlay_tunnel_across_three_hosts() {
         c.md_ok(
             i,
             &[
-                "network", "create", "ov2", "--driver", "overlay", "--subnet", "172.31.0.0/16",
+                "network",
+                "create",
+                "ov2",
+                "--driver",
+                "overlay",
+                "--subnet",
+                "172.31.0.0/16",
             ],
         );
     }
@@ -289,8 +331,17 @@ fn overlay_native_routing_across_hosts() {
         c.md_ok(
             i,
             &[
-                "--datapath", "stack", "network", "create", "nat", "--driver", "overlay",
-                "--mode", "native", "--subnet", "172.29.0.0/16",
+                "--datapath",
+                "stack",
+                "network",
+                "create",
+                "nat",
+                "--driver",
+                "overlay",
+                "--mode",
+                "native",
+                "--subnet",
+                "172.29.0.0/16",
             ],
         );
     }
@@ -321,7 +372,11 @@ fn overlay_native_routing_across_hosts() {
     }
     let routes = c.host(0).host_ok(&["ip", "route"]);
     assert!(routes.contains("unreachable 172.29.0.0/16"), "{routes}");
-    assert!(c.host(0).host_ok(&["ip", "link"]).lines().all(|l| !l.contains("mdvx0")));
+    assert!(c
+        .host(0)
+        .host_ok(&["ip", "link"])
+        .lines()
+        .all(|l| !l.contains("mdvx0")));
     assert_eq!(
         http(&c, 0, "golf", "hotel").as_deref().map(seen_ip),
         Some(ips[0].as_str())
@@ -362,7 +417,15 @@ fn overlay_host_death_and_store_outage() {
     // A short TTL: a dead host's registrations are gone within 3 s.
     let c = Cluster::new("ov-fail", 3);
     // Two /28 blocks only: the third host gets one when a holder's lease is gone.
-    let create = ["network", "create", "ov", "--driver", "overlay", "--subnet", "172.28.0.0/27"];
+    let create = [
+        "network",
+        "create",
+        "ov",
+        "--driver",
+        "overlay",
+        "--subnet",
+        "172.28.0.0/27",
+    ];
     c.md_ok(0, &create);
     c.md_ok(1, &create);
     let out = c.md(2, &create);
@@ -396,7 +459,10 @@ fn overlay_host_death_and_store_outage() {
     assert_eq!(n["block"], "172.28.0.0/28", "host 0's block: {n}");
     serve(&c, 2, "mike", "ov", &[]);
     let mike = ip_of(&c, 2, "mike");
-    assert!(in_subnet(&mike, "172.28.0.0", 28), "{mike} is in the reused block");
+    assert!(
+        in_subnet(&mike, "172.28.0.0", 28),
+        "{mike} is in the reused block"
+    );
     wait_until("lima's host knows mike", Duration::from_secs(15), || {
         remote_names(&c, 1, "ov") == ["mike"]
     });
@@ -405,7 +471,10 @@ fn overlay_host_death_and_store_outage() {
     // etcd goes away: what runs keeps running (names, traffic), longer than the TTL.
     c.stop_etcd();
     std::thread::sleep(Duration::from_secs(5));
-    assert!(http(&c, 1, "lima", "mike").is_some(), "traffic and names go on");
+    assert!(
+        http(&c, 1, "lima", "mike").is_some(),
+        "traffic and names go on"
+    );
     assert!(udp(&c, 2, "mike", "lima").is_some());
     assert_eq!(remote_names(&c, 1, "ov"), ["mike"]);
     // Commands that need the store say so, and leave nothing.
@@ -422,7 +491,15 @@ fn overlay_host_death_and_store_outage() {
     assert_eq!(c.host(1).ps_names(), before, "no container left");
     let out = c.md(
         1,
-        &["network", "create", "ov9", "--driver", "overlay", "--subnet", "172.27.0.0/24"],
+        &[
+            "network",
+            "create",
+            "ov9",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "172.27.0.0/24",
+        ],
     );
     let err = assert_one_line_error(&out, "network create with the store down");
     assert!(err.contains("is down or unreachable"), "{err}");
@@ -445,9 +522,11 @@ fn overlay_host_death_and_store_outage() {
             && keys.contains(&"/md/containers/mike".to_string()),
         "{keys:?}"
     );
-    wait_until("host 1 sees the store back", Duration::from_secs(15), || {
-        c.md(1, &["network", "ls"]).stderr.is_empty()
-    });
+    wait_until(
+        "host 1 sees the store back",
+        Duration::from_secs(15),
+        || c.md(1, &["network", "ls"]).stderr.is_empty(),
+    );
     serve(&c, 1, "papa", "ov", &[]);
     wait_until("mike's host knows papa", Duration::from_secs(15), || {
         remote_names(&c, 2, "ov").contains(&"papa".to_string())
@@ -464,15 +543,33 @@ fn overlay_bad_input_leaves_nothing() {
     let lab = Lab::new("ov-bad");
     let cases: &[(&[&str], &str)] = &[
         (
-            &["network", "create", "x", "--driver", "overlay", "--subnet", "172.30.0.0/16"],
+            &[
+                "network",
+                "create",
+                "x",
+                "--driver",
+                "overlay",
+                "--subnet",
+                "172.30.0.0/16",
+            ],
             "needs a store",
         ),
         (
-            &["network", "create", "x", "--driver", "overlay", "--store", "http://a:1"],
+            &[
+                "network",
+                "create",
+                "x",
+                "--driver",
+                "overlay",
+                "--store",
+                "http://a:1",
+            ],
             "only etcd://",
         ),
         (
-            &["network", "create", "x", "--driver", "overlay", "--store", "etcd://a"],
+            &[
+                "network", "create", "x", "--driver", "overlay", "--store", "etcd://a",
+            ],
             "needs a port",
         ),
         (
@@ -481,8 +578,15 @@ fn overlay_bad_input_leaves_nothing() {
         ),
         (
             &[
-                "network", "create", "x", "--driver", "overlay", "--store",
-                "etcd://192.0.2.2:2379", "--subnet", "172.30.0.0/28",
+                "network",
+                "create",
+                "x",
+                "--driver",
+                "overlay",
+                "--store",
+                "etcd://192.0.2.2:2379",
+                "--subnet",
+                "172.30.0.0/28",
             ],
             "too small",
         ),
@@ -499,8 +603,15 @@ fn overlay_bad_input_leaves_nothing() {
     // A store nobody answers at (the outside namespace has no etcd): one line, in seconds.
     let t = std::time::Instant::now();
     let out = lab.md(&[
-        "network", "create", "x", "--driver", "overlay", "--store", "etcd://192.0.2.2:2379",
-        "--subnet", "172.30.0.0/16",
+        "network",
+        "create",
+        "x",
+        "--driver",
+        "overlay",
+        "--store",
+        "etcd://192.0.2.2:2379",
+        "--subnet",
+        "172.30.0.0/16",
     ]);
     let err = assert_one_line_error(&out, "an unreachable store");
     assert!(err.contains("is down or unreachable"), "{err}");

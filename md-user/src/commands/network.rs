@@ -45,9 +45,6 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     let nl = Netlink::connect()?;
     let mut locked = ctx.state_dir.lock()?;
     reconcile(ctx, &nl, &mut locked.state).await;
-    if let Some(w) = crate::overlay::store_warning(&locked.state, &ctx.state_dir.dir) {
-        eprintln!("md-user: warning: {w}");
-    }
     network::ensure_default(&mut locked.state, &ctx.opts)?;
     let state = &mut locked.state;
     match cmd {
@@ -78,6 +75,10 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             println!("{name}");
         }
         NetworkCmd::Ls { json } => {
+            // Issue 17: overlay peers listed here are as the store last said.
+            if let Some(w) = crate::overlay::store_warning(state, &ctx.state_dir.dir) {
+                eprintln!("md-user: warning: {w}");
+            }
             let rows: Vec<_> = state
                 .networks
                 .iter()
