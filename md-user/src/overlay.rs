@@ -55,7 +55,7 @@ pub struct CreateArgs {
 /// The prefix of the blocks a subnet is cut into: /24 for a /16 (256 hosts of 253
 /// containers), smaller for smaller subnets, never below /28.
 pub fn block_prefix(subnet: &Subnet) -> Result<u8> {
-    let p = (subnet.prefix_len + 4).max(24).min(28);
+    let p = (subnet.prefix_len + 4).clamp(24, 28);
     if p <= subnet.prefix_len {
         bail!(
             "subnet {subnet} is too small for an overlay (blocks are /28 at least): use /27 or larger"
