@@ -176,24 +176,64 @@ async fn renew(st: &mut Store, state: &mut State) -> Result<()> {
     reregister(st, state, &cluster, None).await
 }
 
-/// Puts back what this host registers that the store lacks (`view`: what it has), and removes
-/// what it registered and no longer has (a container stopped while the store was down).
+/// Refreshes this host's lease at the end of a command that registered something: the watcher
+/// takes over only once the command's state is saved, and a short TTL may run out before that
+/// (the first command also loads the datapath). An expired lease is replaced, everything put
+/// back on the new one.
+async fn refresh(st: &mut Store, state: &mut State) -> Result<()> {
+    let lease = state.cluster.as_ref().context("not in a cluster")?.lease;
+    if !st.keep_alive(lease).await? {
+        renew(st, state).await?;
+    }
+    Ok(())
+}
+
+/// What this host registers and the store lacks or has otherwise (`puts`), and what the
+/// store holds for it that it no longer registers (`dels`: a container stopped, or a block
+/// given back, while the store was down).
+fn own_diff(
+    state: &State,
+    cluster: &Cluster,
+    view: &View,
+) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    let want = own_keys(state, cluster);
+    let wanted: BTreeSet<&str> = want.iter().map(|(k, _)| k.as_str()).collect();
+    let mut dels = Vec::new();
+    for (name, c) in &view.containers {
+        let key = store::container_key(name);
+        if c.host == cluster.host_id && !wanted.contains(key.as_str()) {
+            dels.push(key);
+        }
+    }
+    for ((net, block), h) in &view.blocks {
+        let key = store::block_key(net, *block);
+        if h.host == cluster.host_id && !wanted.contains(key.as_str()) {
+            dels.push(key);
+        }
+    }
+    // Unchanged keys need no write (every write wakes every host's watcher).
+    let puts = want
+        .into_iter()
+        .filter(|(k, v)| view.raw.get(k) != Some(&(v.clone(), cluster.lease)))
+        .collect();
+    (puts, dels)
+}
+
+/// Makes the store hold what this host registers (see [`own_diff`]). Under the state lock:
+/// commands change the store and the state together under it, so this never undoes a command
+/// half way (a container registered but not yet recorded, or the reverse).
 async fn reregister(
     st: &mut Store,
     state: &State,
     cluster: &Cluster,
     view: Option<&View>,
 ) -> Result<()> {
-    let want = own_keys(state, cluster);
     let view = match view {
         Some(v) => v.clone(),
         None => st.view().await?,
     };
-    for (key, value) in &want {
-        // Unchanged: no write (every write wakes every host's watcher).
-        if view.raw.get(key) == Some(&(value.clone(), cluster.lease)) {
-            continue;
-        }
+    let (puts, dels) = own_diff(state, cluster, &view);
+    for (key, value) in &puts {
         let (created, now) = st.create(key, value, Some(cluster.lease)).await?;
         if created {
             continue;
@@ -211,18 +251,8 @@ async fn reregister(
             );
         }
     }
-    let wanted: BTreeSet<&str> = want.iter().map(|(k, _)| k.as_str()).collect();
-    for (name, c) in &view.containers {
-        let key = store::container_key(name);
-        if c.host == cluster.host_id && !wanted.contains(key.as_str()) {
-            st.delete(&key).await?;
-        }
-    }
-    for ((net, block), h) in &view.blocks {
-        let key = store::block_key(net, *block);
-        if h.host == cluster.host_id && !wanted.contains(key.as_str()) {
-            st.delete(&key).await?;
-        }
+    for key in &dels {
+        st.delete(key).await?;
     }
     Ok(())
 }
@@ -415,7 +445,7 @@ pub async fn create_network(
         }
         return Err(e);
     }
-    Ok(())
+    refresh(&mut st, state).await
 }
 
 /// The whole overlay subnet in the datapath's md subnets (nothing from the wire may claim it)
@@ -769,7 +799,16 @@ async fn sync(st: &mut Store, nl: &Netlink, dp: &Datapath, opts: &GlobalOpts) ->
     let Some(cluster) = state.cluster.clone() else {
         return Ok(view.revision);
     };
-    reregister(st, &state, &cluster, Some(&view)).await?;
+    // This host's own registrations, under the state lock and only when something differs.
+    let (puts, dels) = own_diff(&state, &cluster, &view);
+    if !puts.is_empty() || !dels.is_empty() {
+        let sd2 = StateDir::new(&opts.state_dir);
+        let locked = tokio::task::spawn_blocking(move || sd2.lock()).await??;
+        if locked.state.cluster.as_ref().map(|c| &c.host_id) == Some(&cluster.host_id) {
+            let cluster = locked.state.cluster.clone().expect("checked");
+            reregister(st, &locked.state, &cluster, None).await?;
+        }
+    }
     let want = wanted_remote(&view, &state, &cluster.host_id);
     if dp.is_loaded() {
         // A datapath loaded afresh (another md build) has an empty TUNNEL slot.

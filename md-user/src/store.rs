@@ -313,14 +313,21 @@ impl Store {
         Ok(resp.ttl() > 0)
     }
 
-    /// Refreshes lease `id` once; false when it has expired.
+    /// Refreshes lease `id` once; false when it has expired (etcd answers a TTL of 0, or
+    /// that it knows no such lease).
     pub async fn keep_alive(&mut self, id: i64) -> Result<bool> {
         let mut c = self.client.clone();
-        let (mut keeper, mut stream) = self.call(c.lease_keep_alive(id)).await?;
-        self.call(keeper.keep_alive()).await?;
-        match self.call(stream.message()).await? {
-            Some(r) => Ok(r.ttl() > 0),
-            None => Err(down(&self.url, "the keep-alive stream closed")),
+        let once = async {
+            let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, once).await {
+            Ok(Ok(Some(r))) => Ok(r.ttl() > 0),
+            Ok(Err(e)) if e.to_string().contains("lease not found") => Ok(false),
+            Ok(Err(e)) => Err(down(&self.url, e)),
+            Ok(Ok(None)) => Err(down(&self.url, "the keep-alive stream closed")),
+            Err(_) => Err(down(&self.url, "no answer")),
         }
     }
 
