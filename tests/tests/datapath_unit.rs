@@ -2303,7 +2303,13 @@ fn hardening_uplink_drops_unsolicited_and_spoofed() {
     // From the wire with the container's own tuple of that flow: not the flow's (its entry
     // is for the way out), so no masquerade for it: dropped as spoofed.
     let forged = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_ACK);
-    expect_untouched(&dp, UPLINK_INGRESS, &forged, SHOT, "C2's own tuple from the wire");
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &forged,
+        SHOT,
+        "C2's own tuple from the wire",
+    );
     // A published port still works; the host's own addresses (the gateway too) are not md's.
     dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
     let d = Ipv4Pkt::tcp(OUT, 5556, HOST, 8080, TCP_SYN);
