@@ -1038,5 +1038,25 @@ mod tests {
         s.cluster = Some(cluster.clone());
         let keys: Vec<String> = own_keys(&s, &cluster).into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["/md/hosts/me", "/md/blocks/ov/172.30.1.0"]);
+        // The store has the host key on our lease, the block on an older one, a container of
+        // ours that no longer runs, and another host's container.
+        let own = own_keys(&s, &cluster);
+        let rec = |host: &str| ContainerRec {
+            host: host.into(),
+            addr: cluster.addr,
+            network: "ov".into(),
+            ip: "172.30.1.9".parse().unwrap(),
+            identity: 1 << 20,
+            hostname: "x".into(),
+        };
+        let mut v = View::default();
+        v.raw.insert(own[0].0.clone(), (own[0].1.clone(), 7));
+        v.raw.insert(own[1].0.clone(), (own[1].1.clone(), 6));
+        v.containers.insert("gone".into(), rec("me"));
+        v.containers.insert("theirs".into(), rec("h2"));
+        let (puts, dels) = own_diff(&s, &cluster, &v);
+        let puts: Vec<&str> = puts.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(puts, ["/md/blocks/ov/172.30.1.0"]);
+        assert_eq!(dels, ["/md/containers/gone"]);
     }
 }
