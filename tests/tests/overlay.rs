@@ -511,8 +511,21 @@ fn overlay_host_death_and_store_outage() {
         "{}",
         show_output(&out)
     );
-    // A container on a host-local network still starts.
-    c.md_ok(1, &run_args("oscar", &[], &["sleep", "60"]));
+    // A container on a host-local network still starts; that command, and one that only
+    // reads, say the store is down too (after their own output, on stderr).
+    let down = "warning: the store etcd://198.51.100.2:2379 is down";
+    for args in [
+        run_args("oscar", &[], &["sleep", "60"]),
+        vec!["inspect", "oscar"],
+    ] {
+        let out = c.md(1, &args);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stderr).contains(down),
+            "md-user {}: {}",
+            args.join(" "),
+            show_output(&out)
+        );
+    }
 
     // etcd comes back on the same data: nothing was lost, and new registrations work.
     c.start_etcd();
