@@ -55,6 +55,10 @@ fn tells_store(command: &Command) -> bool {
 }
 
 fn store_down_warning(ctx: &Ctx) {
+    // No watcher status, no cluster: spare the state read.
+    if !crate::overlay::status_file(&ctx.state_dir.dir).exists() {
+        return;
+    }
     let Ok(state) = ctx.state_dir.peek() else {
         return;
     };
