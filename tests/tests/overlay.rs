@@ -88,20 +88,28 @@ fn remote_names(c: &Cluster, i: usize, net: &str) -> Vec<String> {
         .collect()
 }
 
-/// Addresses in host `i`'s REMOTE map.
-fn remote_map(c: &Cluster, i: usize) -> Vec<String> {
+/// Host `i`'s REMOTE map: each entry's address and BTF-formatted value.
+fn remote_entries(c: &Cluster, i: usize) -> Vec<(String, Value)> {
     c.host(i)
         .map_dump("REMOTE")
         .iter()
-        .filter_map(|e| {
-            let k = e["key"].as_array()?;
+        .map(|e| {
+            let f = &e["formatted"];
+            let k = f["key"]
+                .as_array()
+                .unwrap_or_else(|| panic!("REMOTE entry without a formatted key: {e}"));
             let o: Vec<String> = k
                 .iter()
-                .map(|b| b.as_u64().unwrap_or(0).to_string())
+                .map(|b| b.as_u64().expect("key byte").to_string())
                 .collect();
-            Some(o.join("."))
+            (o.join("."), f["value"].clone())
         })
         .collect()
+}
+
+/// Addresses in host `i`'s REMOTE map.
+fn remote_map(c: &Cluster, i: usize) -> Vec<String> {
+    remote_entries(c, i).into_iter().map(|(a, _)| a).collect()
 }
 
 fn in_subnet(ip: &str, net: &str, prefix: u32) -> bool {
@@ -195,6 +203,29 @@ fn overlay_tunnel_across_three_hosts() {
             Duration::from_secs(15),
             || remote_names(&c, i, "ov").len() == 2,
         );
+    }
+    // One identity per name on every host: the store's, in the VNI's range above the per-host
+    // ones, and what each other host's REMOTE entry for that address carries.
+    for (i, (n, ip)) in names.iter().zip(&ips).enumerate() {
+        let key = format!("/md/identities/{n}");
+        let out = c.etcdctl(&["get", "--print-value-only", &key]);
+        let id: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}: {}", show_output(&out)));
+        assert!((1 << 20..1 << 24).contains(&id), "{n}: identity {id}");
+        for j in (0..3).filter(|&j| j != i) {
+            let entry = remote_entries(&c, j)
+                .into_iter()
+                .find(|(a, _)| a == ip)
+                .map(|(_, v)| v)
+                .unwrap_or_else(|| panic!("host {j} has no REMOTE entry for {n} ({ip})"));
+            assert_eq!(
+                entry["identity"].as_u64(),
+                Some(id),
+                "host {j}'s REMOTE entry for {n}: {entry}"
+            );
+        }
     }
     let rec =
         String::from_utf8_lossy(&c.etcdctl(&["get", "/md/containers/bravo"]).stdout).into_owned();
@@ -311,6 +342,10 @@ fn overlay_tunnel_across_three_hosts() {
     assert_eq!(seen_ip(got.trim()), OUTSIDE_IP);
 
     // A container that stops leaves the other hosts' names and maps.
+    assert!(
+        remote_map(&c, 0).contains(&ips[1]),
+        "bravo in host 0's REMOTE"
+    );
     c.md_ok(1, &["stop", "-t", "1", "bravo"]);
     wait_until("bravo leaves host 0", Duration::from_secs(15), || {
         !remote_names(&c, 0, "ov").contains(&"bravo".to_string())
@@ -318,6 +353,20 @@ fn overlay_tunnel_across_three_hosts() {
     });
     assert_eq!(http(&c, 0, "alpha", "bravo"), None);
     assert!(c.store_keys("/md/containers/bravo").is_empty());
+    leave_cleanly(&c);
+}
+
+/// `down` on every host succeeds (a stale MD_SUBNETS entry of the overlay made it fail), and
+/// each host's registrations leave the store at once, well within the 15 s TTL: `down`
+/// revokes the lease. A second `down` finds nothing to do.
+fn leave_cleanly(c: &Cluster) {
+    for i in 0..3 {
+        c.md_ok(i, &["down"]);
+        assert_eq!(c.store_keys("/md/hosts/").len(), 2 - i, "host {i} left");
+    }
+    assert!(c.store_keys("/md/containers/").is_empty());
+    assert!(c.store_keys("/md/blocks/").is_empty());
+    c.md_ok(0, &["down"]);
 }
 
 #[test]
@@ -407,6 +456,7 @@ fn overlay_native_routing_across_hosts() {
         seen.contains(&format!("{}.", ips[0])) && seen.contains(&format!("> {}.80", ips[1])),
         "{seen}"
     );
+    leave_cleanly(&c);
 }
 
 #[test]
@@ -444,6 +494,7 @@ fn overlay_host_death_and_store_outage() {
     );
 
     // Host 0 dies. Its block is not reused before its lease expires...
+    assert!(remote_map(&c, 1).contains(&kilo), "kilo in host 1's REMOTE");
     c.kill_host(0);
     let out = c.md(2, &create);
     assert_one_line_error(&out, "the dead host's block is still leased");
