@@ -704,12 +704,28 @@ impl Locked {
                         .map_err(sql_context("removing a container"))?;
                 }
             }
-            conn.execute_batch("COMMIT; BEGIN IMMEDIATE")
-                .map_err(sql_context("committing"))
+            conn.execute_batch("COMMIT")
+                .map_err(sql_context("committing"))?;
+            // The first command to open the database reads the whole WAL to rebuild its index
+            // (nothing checkpoints on close): keep it short, so one change stays a few pages.
+            if wal_len(&self.db) > WAL_CHECKPOINT_BYTES {
+                let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+            }
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(sql_context("beginning"))
         })?;
         self.saved = self.state.clone();
         Ok(())
     }
+}
+
+/// Past this, a save checkpoints the WAL into the database and empties it.
+const WAL_CHECKPOINT_BYTES: u64 = 256 << 10;
+
+fn wal_len(db: &Path) -> u64 {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    fs::metadata(&wal).map(|m| m.len()).unwrap_or(0)
 }
 
 impl Drop for Locked {
@@ -843,6 +859,32 @@ mod tests {
         assert!(!dir.join("state.json").exists(), "taken over");
         let l = sd.lock().unwrap();
         assert_eq!(l.state.rules().unwrap().len(), 1, "kept across locks");
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_big_change_is_checkpointed_so_the_next_command_reads_little() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        let mut l = sd.lock().unwrap();
+        l.save().unwrap();
+        for i in 0..5_000 {
+            let r = Rule {
+                from: format!("x{i}"),
+                to: format!("y{i}"),
+                verdict: crate::policy::Verdict::Deny,
+            };
+            l.state.put_rule(&r).unwrap();
+            l.state.identity_for(&r.from).unwrap();
+        }
+        l.save().unwrap();
+        // Without the checkpoint every page written stays in the WAL, and the next command
+        // to open the database reads all of it to rebuild the WAL index.
+        assert!(wal_len(&dir.join("state.db")) <= WAL_CHECKPOINT_BYTES);
+        drop(l);
+        let l = sd.lock().unwrap();
+        assert_eq!(l.state.rules().unwrap().len(), 5_000, "nothing lost");
         drop(l);
         fs::remove_dir_all(&dir).unwrap();
     }
