@@ -40,7 +40,10 @@ pod! {
         /// Gateway (bridge) MAC: the source MAC of frames md redirects into a container.
         pub gateway_mac: [u8; 6],
         pub bridge_ifindex: u32,
-    } = 20;
+        /// How the network meets the world beyond the host: [`NET_ROUTED4`], [`NET_INTERNAL`]
+        /// (none: Docker's default gateway mode, `nat`).
+        pub flags: u32,
+    } = 24;
 
     /// Host-wide settings, the single slot of `CONFIG`.
     pub struct Config {
@@ -221,6 +224,14 @@ pod! {
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// NETWORKS flags. IPv4 in routed mode (Docker's gateway_mode_ipv4=routed): no masquerade;
+/// from outside, only the containers' published ports (and ICMP echo) are reachable, directly
+/// on their own addresses and ports.
+pub const NET_ROUTED4: u32 = 4;
+/// An internal network (Docker's `--internal`, and gateway mode `isolated`, which needs it):
+/// nothing of it leaves by an uplink, nothing from an uplink reaches it.
+pub const NET_INTERNAL: u32 = 8;
 
 pub const CT_KIND_NONE: u8 = 0;
 pub const CT_KIND_SNAT: u8 = 1;
