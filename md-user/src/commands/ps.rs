@@ -22,7 +22,7 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                 "id": c.id,
                 "ip": c.primary_ip().map(|i| i.to_string()),
                 "network": c.mode,
-                "networks": c.interfaces.iter().map(|i| json!({"network": i.network, "ip": i.ip.to_string()})).collect::<Vec<_>>(),
+                "networks": c.interfaces.iter().map(|i| json!({"network": i.network, "ip": i.ip.to_string(), "aliases": i.aliases})).collect::<Vec<_>>(),
                 "hostname": c.hostname,
                 "pid": c.pid,
                 "ports": c.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
