@@ -50,7 +50,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         // Generated from the CLI definition; nothing is touched.
         Command::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "md-user", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "md-user", &mut script);
+            // Into a pipe that may close early (`| head`): no panic, just stop.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => {
