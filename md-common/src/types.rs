@@ -108,7 +108,8 @@ pod! {
         pub nat_daddr: Ip4,
         pub nat_sport: u16,
         pub nat_dport: u16,
-        /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`] or [`CT_KIND_HAIRPIN`].
+        /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`], [`CT_KIND_HAIRPIN`] or
+        /// [`CT_KIND_ROUTED`].
         pub kind: u8,
         /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
         pub dir: u8,
@@ -238,6 +239,9 @@ pub const CT_KIND_SNAT: u8 = 1;
 pub const CT_KIND_DNAT: u8 = 2;
 /// Container → host address → same container: DNAT plus SNAT to the gateway.
 pub const CT_KIND_HAIRPIN: u8 = 3;
+/// A routed network's flow, opened by the container's first packet leaving by an uplink:
+/// tracked at the uplink like a masqueraded one (its answers are let in), never translated.
+pub const CT_KIND_ROUTED: u8 = 4;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;

@@ -5,7 +5,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
 use md_common::{
     CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
-    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT,
+    CT_KIND_HAIRPIN, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT,
     HOST_ADDR_GATEWAY, NET_ROUTED4, RESOLVER_PORT,
 };
 
@@ -210,22 +210,39 @@ pub fn snat(ctx: &TcContext, p: &Pkt, src: Option<Endpoint>, uplink_ip: Ip4) -> 
     Verdict::Pass
 }
 
-/// Tracks a routed (untranslated) flow at the uplink so its answers pass: leaving
-/// (`outbound`) from container `ep`, or coming in to it.
+/// Tracks a routed network's flow leaving by an uplink, untranslated, so its answers pass
+/// (like a masqueraded flow's: the original half goes out).
 #[inline(always)]
-pub fn routed_flow(p: &Pkt, ep: Option<Endpoint>, outbound: bool) {
+pub fn routed_out(p: &Pkt, ep: Option<Endpoint>) {
     let (ifindex, identity) = ep.map(|s| (s.ifindex, s.identity)).unwrap_or((0, 0));
     let mut same = p.key();
     let spec = Spec {
-        kind: CT_KIND_NONE,
+        kind: CT_KIND_ROUTED,
         hook: CT_HOOK_UPLINK,
         port: ct::PORT_KEEP,
         orig_ifindex: ifindex,
         reply_ifindex: ifindex,
-        orig_identity: if outbound { 0 } else { identity },
-        reply_identity: if outbound { identity } else { 0 },
+        orig_identity: 0,
+        reply_identity: identity,
     };
     // A clash only means the flow is already known the other way round.
+    let _ = ct::open(p, &mut same, &spec);
+}
+
+/// Tracks a new flow from outside into container `ep` of a routed network, untranslated (an
+/// ICMP echo: its ports go through [`dnat_from_uplink`] with their own address and port).
+#[inline(always)]
+pub fn routed_in(p: &Pkt, ep: &Endpoint) {
+    let mut same = p.key();
+    let spec = Spec {
+        kind: CT_KIND_DNAT,
+        hook: CT_HOOK_UPLINK,
+        port: ct::PORT_KEEP,
+        orig_ifindex: ep.ifindex,
+        reply_ifindex: ep.ifindex,
+        orig_identity: ep.identity,
+        reply_identity: 0,
+    };
     let _ = ct::open(p, &mut same, &spec);
 }
 

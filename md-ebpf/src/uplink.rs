@@ -12,8 +12,9 @@
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, Ip4, CT_HOOK_UPLINK, DROP_FORWARD, DROP_ISOLATION, DROP_MALFORMED, DROP_NO_SOURCE,
-    DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED, IPPROTO_ICMP, NET_INTERNAL, NET_ROUTED4,
+    Config, Ip4, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_FORWARD,
+    DROP_ISOLATION, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
+    IPPROTO_ICMP, NET_INTERNAL, NET_ROUTED4,
 };
 
 use crate::{
@@ -37,7 +38,16 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
     let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
         return Verdict::Pass;
     };
-    // The source first: nothing from the wire may claim an md address, translated or not.
+    // An established flow first (its entry can only be an inbound one: see `tracked`), then
+    // the source: nothing else from the wire may claim an md address.
+    if p.l4 == L4::Ports {
+        if let Some(v) = tracked(ctx, &p, cfg, true) {
+            return match v {
+                Tracked::To(daddr) => fwd::inbound(ctx, cfg, l3, &daddr),
+                Tracked::Done(v) => v,
+            };
+        }
+    }
     if nat::in_md_subnet(&p.saddr) {
         return Verdict::Drop(DROP_SPOOF);
     }
@@ -47,12 +57,6 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
     match p.l4 {
         L4::IcmpError => return Verdict::Icmp,
         L4::Ports => {
-            if let Some(v) = tracked(ctx, &p, cfg) {
-                return match v {
-                    Tracked::To(daddr) => fwd::inbound(ctx, cfg, l3, &daddr),
-                    Tracked::Done(v) => v,
-                };
-            }
             // Loopback never is a host address here: a packet from the wire addressed to
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
             if nat::is_host_addr(&p.daddr) && nat::opens_flow(&p) {
@@ -104,13 +108,22 @@ enum Tracked {
     Done(Verdict),
 }
 
-/// A packet of a flow translated at the uplink (either way): rewrite it as its entry says.
+/// A packet of a flow translated at the uplink, in the direction it travels here: rewrite it
+/// as its entry says. Inbound only answers of masquerade and a published port's client
+/// match; outbound the other halves. So a packet from the wire that carries a container's own
+/// tuple is no flow of its, and an established flow needs no source check first.
 #[inline(always)]
-fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Option<Tracked> {
+fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config, inbound: bool) -> Option<Tracked> {
     let now = ct::now();
     let f = ct::lookup(&p.key(), now)?;
     let e = unsafe { &*f.e };
     if e.hook != CT_HOOK_UPLINK {
+        return None;
+    }
+    // Masquerade and routed flows start leaving; published ports' start coming in.
+    let leaves_first = e.kind == CT_KIND_SNAT || e.kind == CT_KIND_ROUTED;
+    let way_in = leaves_first == (e.dir == CT_DIR_REPLY);
+    if way_in != inbound {
         return None;
     }
     let to = e.nat_tuple(p.proto);
@@ -153,7 +166,7 @@ pub fn egress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdict
         return Verdict::Icmp;
     }
     if p.l4 == L4::Ports {
-        if let Some(v) = tracked(ctx, &p, cfg) {
+        if let Some(v) = tracked(ctx, &p, cfg, false) {
             return match v {
                 Tracked::To(_) => Verdict::Pass,
                 Tracked::Done(v) => v,
@@ -179,7 +192,7 @@ fn leaving(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Verdict {
         return Verdict::Drop(DROP_UNSUPPORTED);
     }
     if flags & NET_ROUTED4 != 0 {
-        nat::routed_flow(p, nat::endpoint(&p.saddr), true);
+        nat::routed_out(p, nat::endpoint(&p.saddr));
         return Verdict::Pass;
     }
     let Some(addr) = route::masquerade_source(ctx, p, ifindex) else {
@@ -198,7 +211,7 @@ fn routed_in(ctx: &TcContext, cfg: &Config, p: &Pkt) -> Verdict {
         let Some(ep) = nat::endpoint(&p.daddr).filter(|_| p.icmp_type == parse::ICMP_ECHO) else {
             return Verdict::Drop(DROP_UNSOLICITED);
         };
-        nat::routed_flow(p, Some(ep), false);
+        nat::routed_in(p, &ep);
         return fwd::inbound(ctx, cfg, p.l3_off, &p.daddr);
     }
     match nat::port_lookup(&p.daddr, p.dport, p.proto, false) {
