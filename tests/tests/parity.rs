@@ -290,6 +290,24 @@ fn aliases_round_robin_and_ptr() {
         firsts.insert(got[0].clone());
     }
     assert_eq!(firsts.len(), 3, "each answer starts elsewhere: {firsts:?}");
+    // The same answers over TCP.
+    let over_tcp: BTreeSet<String> = t
+        .exec_ok(
+            "client",
+            &[
+                "dig",
+                "+tcp",
+                "+short",
+                "+time=2",
+                &format!("@{gw}"),
+                "web",
+                "A",
+            ],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(over_tcp, ips, "web over TCP");
     // Real traffic by the alias reaches one of them.
     let seen = t.curl("client", "web").expect("GET http://web/");
     let served_by = seen.split_whitespace().nth(1).unwrap_or_default();
@@ -343,6 +361,15 @@ fn aliases_round_robin_and_ptr() {
         t.exec_ok("client", &["dig", "+short", "-x", &web1, "@10.61.0.1"])
             .trim(),
         "web1.svc."
+    );
+    assert_eq!(
+        t.exec_ok(
+            "client",
+            &["dig", "+tcp", "+short", "-x", &web1, "@10.61.0.1"]
+        )
+        .trim(),
+        "web1.svc.",
+        "PTR over TCP"
     );
     assert_eq!(
         t.dig("client", Some(gw), "web1.svc", "A"),
