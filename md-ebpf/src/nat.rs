@@ -6,7 +6,7 @@ use aya_ebpf::programs::TcContext;
 use md_common::{
     CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
     CT_KIND_HAIRPIN, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT,
-    HOST_ADDR_GATEWAY, NET_ROUTED4, RESOLVER_PORT,
+    HOST_ADDR_GATEWAY, NET_INTERNAL, NET_ROUTED4, RESOLVER_PORT,
 };
 
 use crate::{
@@ -73,6 +73,12 @@ pub fn in_md_subnet(ip: &Ip4) -> bool {
 pub fn network_flags(ip: &Ip4) -> Option<u32> {
     let id = MD_SUBNETS.get(&Key::new(32, *ip))?;
     Some(unsafe { NETWORKS.get(*id) }.map_or(0, |n| n.flags))
+}
+
+/// Whether network `net_id` is internal: nothing of it leaves, nor reaches another network.
+#[inline(always)]
+pub fn internal(net_id: u32) -> bool {
+    unsafe { NETWORKS.get(net_id) }.is_some_and(|n| n.flags & NET_INTERNAL != 0)
 }
 
 /// Whether `ip` lies in a network whose IPv4 is routed, not masqueraded.

@@ -3084,6 +3084,49 @@ fn gateway_mode_internal_at_the_uplink() {
     );
 }
 
+/// An internal network's container reaches no other network's container, not through a
+/// published port at a host address, nor a routed network's port at its own address: both
+/// dropped at its veth as network isolation, nothing tracked. Inside the network all is as
+/// before.
+#[test]
+fn gateway_mode_internal_reaches_no_other_network() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    dp.publish(C2, 80, IPPROTO_TCP, C2, 80);
+    dp.network_flags(1, NET_ROUTED4);
+    let c6_mac = [0x0e, 0x6d, 0, 0, 0, 2];
+    let via_host = Ipv4Pkt::tcp(C6, 42000, HOST, 8080, TCP_SYN).macs(mac(C6), c6_mac);
+    let routed = Ipv4Pkt::tcp(C6, 42001, C2, 80, TCP_SYN).macs(mac(C6), c6_mac);
+    // Net 2 in nat mode: both open.
+    let (rc, _) = dp.run(VETH_INGRESS, &via_host.build());
+    assert_verdict(rc, REDIRECT, "C6 -> HOST:8080 from a nat network");
+    expect_untouched(&dp, VETH_INGRESS, &routed, PASS, "C6 -> C2:80 (routed)");
+    assert_eq!(dp.stat(|s| s.drop_isolation), 0);
+    let tracked = dp.ct_keys().len();
+    dp.network_flags(2, NET_INTERNAL);
+    let via_host = Ipv4Pkt::tcp(C6, 42002, HOST, 8080, TCP_SYN).macs(mac(C6), c6_mac);
+    let routed = Ipv4Pkt::tcp(C6, 42003, C2, 80, TCP_SYN).macs(mac(C6), c6_mac);
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &via_host,
+        SHOT,
+        "internal C6 -> HOST:8080",
+    );
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &routed,
+        SHOT,
+        "internal C6 -> C2:80 (routed)",
+    );
+    assert_eq!(dp.stat(|s| s.drop_isolation), 2);
+    assert_eq!(dp.ct_keys().len(), tracked, "nothing more tracked");
+}
+
 /// A routed network's published port is open to containers of other networks too, on the
 /// container's own address (Docker's direct routing); its other ports stay isolated, and
 /// policy still applies.

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use md_tests::helpers::{assert_one_line_error, fx, md_resolv, run_args, OUTSIDE_NAME};
+use md_tests::helpers::{
+    assert_one_line_error, counter, fx, md_resolv, run_args, stats_row, OUTSIDE_NAME,
+};
 use md_tests::process::show_output;
 use md_tests::{
     require_e2e, require_tools, stdout_str, wait_for, Bg, Lab, GATEWAY, HOST_UPLINK_IP, OUTSIDE_IP,
@@ -828,17 +830,43 @@ fn internal_and_isolated_networks() {
         .lab
         .host_ok(&["curl", "-s", "--max-time", "3", &format!("http://{in1}/")]);
     assert!(!from_host.is_empty(), "the host reaches them");
-    assert!(t.curl("in2", &format!("{OUTSIDE_IP}:8088")).is_none());
-    // With a route of its own, the packets reach the uplink and are dropped there.
-    t.exec_ok(
-        "in2",
-        &["ip", "route", "add", "default", "via", "10.64.0.1"],
+    // Another network's published port, at the host's address on the internal bridge: not a
+    // way out either (Docker drops what an internal network forwards to another bridge).
+    t.server("pub", &["-p", "8080:80"], &[80]);
+    let out = t.lab.outside_ok(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        &format!("http://{HOST_UPLINK_IP}:8080/"),
+    ]);
+    assert!(
+        !out.trim().is_empty(),
+        "the published port works from outside"
+    );
+    let in1_isolation =
+        |lab: &Lab| counter(stats_row(&lab.stats(), "in1"), "drops.network-isolation");
+    let before = in1_isolation(&t.lab);
+    assert!(
+        t.curl("in1", "10.64.0.1:8080").is_none(),
+        "an internal container reached another network's published port"
+    );
+    assert!(
+        in1_isolation(&t.lab) > before,
+        "dropped at in1's veth as network isolation"
     );
     let isolation = |lab: &Lab| {
         lab.stats()["uplink"]["drops"]["network-isolation"]
             .as_u64()
             .unwrap_or(0)
     };
+    t.md_ok(&["stop", "-t", "1", "pub"]);
+    assert!(t.curl("in2", &format!("{OUTSIDE_IP}:8088")).is_none());
+    // With a route of its own, the packets reach the uplink and are dropped there.
+    t.exec_ok(
+        "in2",
+        &["ip", "route", "add", "default", "via", "10.64.0.1"],
+    );
     let before = isolation(&t.lab);
     assert!(t.curl("in2", &format!("{OUTSIDE_IP}:8088")).is_none());
     assert!(!t.pings("in2", OUTSIDE_IP));
