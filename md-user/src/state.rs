@@ -340,6 +340,22 @@ impl Container {
         self.interfaces.first().map(|i| i.ip)
     }
 
+    /// Every alias the container answers to on some network, each once (`ps` and `inspect`
+    /// list them all; the per-network lists are under each network).
+    pub fn all_aliases(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        for a in self
+            .aliases
+            .iter()
+            .chain(self.interfaces.iter().flat_map(|i| &i.aliases))
+        {
+            if !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all
+    }
+
     pub fn on_network(&self, network: &str) -> bool {
         self.interfaces.iter().any(|i| i.network == network)
     }

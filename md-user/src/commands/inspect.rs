@@ -75,7 +75,7 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
             "Networks": networks,
             "Ports": ports,
         },
-        "Aliases": c.aliases,
+        "Aliases": c.all_aliases(),
         "Cni": c.cni.as_ref().map(|o| json!({
             "ContainerID": o.container_id,
             "Netns": o.netns,

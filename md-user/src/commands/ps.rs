@@ -30,7 +30,7 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                 "detached": c.detached,
                 "command": c.cmd.join(" "),
                 "created": c.created_unix,
-                "aliases": c.aliases,
+                "aliases": c.all_aliases(),
                 // Attached by a runtime through the CNI plugin: its container id and namespace.
                 "cni": c.cni.as_ref().map(|o| json!({"container_id": o.container_id, "netns": o.netns})),
             })
