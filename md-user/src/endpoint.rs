@@ -38,7 +38,7 @@ pub async fn setup(
             iface.mac,
             netns.raw_fd(),
             // An overlay's containers get the underlay MTU less the encapsulation.
-            net.overlay.as_ref().map(|o| o.mtu),
+            net.overlay.as_ref().map(|o| o.mtu).or(net.mtu),
         )
         .await?;
     crate::timing::mark("veth");
@@ -74,7 +74,8 @@ fn attach(
     crate::netlink::configure_container_side(
         netns,
         Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
-        primary.then(|| net.subnet.gateway()),
+        // An internal network has no way out: no default route.
+        primary.then(|| net.default_route()).flatten(),
     )?;
     crate::timing::mark("container side");
     dp.reset_if_stats(host_index)?;

@@ -122,7 +122,7 @@ async fn underlay(nl: &Netlink, opts: &GlobalOpts, url: &str) -> Result<(Ipv4Add
     let mtu = nl
         .link_by_index(ifindex)
         .await?
-        .map(|l| l.mtu)
+        .and_then(|l| l.mtu)
         .filter(|m| *m > 0)
         .unwrap_or(1500);
     Ok((addr, mtu))

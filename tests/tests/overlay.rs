@@ -175,6 +175,16 @@ fn overlay_tunnel_across_three_hosts() {
         "every host leased its own block: {blocks:?}"
     );
     assert_eq!(c.store_keys("/md/blocks/ov/").len(), 3);
+    // `network inspect` (Docker's form) says what it is: the whole subnet, this host's block
+    // as the range it allocates from, the overlay's MTU.
+    let out = c.md_ok(0, &["network", "inspect", "ov", "--json"]);
+    let v: Value = serde_json::from_str(&out).expect("network inspect --json");
+    let n = &v[0];
+    assert_eq!(n["Driver"], "overlay", "{n}");
+    assert_eq!(n["IPAM"]["Config"][0]["Subnet"], "172.30.0.0/16", "{n}");
+    let block0 = network(&c, 0, "ov").expect("ov")["block"].clone();
+    assert_eq!(n["IPAM"]["Config"][0]["IPRange"], block0, "{n}");
+    assert_eq!(n["Options"]["com.docker.network.driver.mtu"], "1450", "{n}");
 
     let names = ["alpha", "bravo", "charlie"];
     for (i, n) in names.iter().enumerate() {
@@ -246,6 +256,16 @@ fn overlay_tunnel_across_three_hosts() {
     assert_eq!(
         http(&c, 2, "charlie", "alpha").as_deref().map(seen_ip),
         Some(ips[2].as_str())
+    );
+    // A remote container's address names it back (PTR, `NAME.NETWORK.` as Docker answers).
+    let ptr = c.host(0).exec_ok(
+        "alpha",
+        &["dig", "+short", "+time=2", "+tries=2", "-x", &ips[1]],
+    );
+    assert_eq!(
+        ptr.trim(),
+        "bravo.ov.",
+        "PTR of bravo's address from host 0"
     );
     // UDP and ICMP.
     assert_eq!(
@@ -657,6 +677,34 @@ fn overlay_bad_input_leaves_nothing() {
         (
             &["network", "create", "x", "--driver", "vlan"],
             "invalid value",
+        ),
+        // The bridge driver's settings: an overlay's MTU and gateway are md's to choose.
+        (
+            &[
+                "network",
+                "create",
+                "x",
+                "--driver",
+                "overlay",
+                "--store",
+                "etcd://192.0.2.2:2379",
+                "--mtu",
+                "1400",
+            ],
+            "options of --driver bridge",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "x",
+                "--driver",
+                "overlay",
+                "--store",
+                "etcd://192.0.2.2:2379",
+                "--internal",
+            ],
+            "options of --driver bridge",
         ),
     ];
     for (args, want) in cases {
