@@ -988,6 +988,14 @@ mod tests {
                     mode: mode.into(),
                     mtu: 1450,
                 }),
+                gateway: None,
+                ip_range: None,
+                mtu: None,
+                internal: false,
+                gateway_mode: Default::default(),
+                options: Default::default(),
+                uid: String::new(),
+                created_unix: 0,
             },
         );
         s
