@@ -189,8 +189,16 @@ impl Dp {
                 .unwrap_or_else(|| panic!("program {name} missing"))
                 .try_into()
                 .unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
+            // The verifier gives up with EAGAIN when a signal is pending: load again.
+            let mut tries = 0;
+            while let Err(e) = prog.load() {
+                let again = matches!(&e, aya::programs::ProgramError::LoadError { io_error, .. }
+                    if io_error.raw_os_error() == Some(libc::EAGAIN));
+                tries += 1;
+                if !again || tries > 5 {
+                    panic!("loading {name}: {e:?}");
+                }
+            }
         }
         let mut dp = Dp { ebpf, uplink };
         dp.set_config(|_| {});
