@@ -177,9 +177,9 @@ pub fn files(dir: &StateDir, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Whether md writes `c`'s hosts and resolv.conf: not for host and container: modes, and not
-/// for a CNI container (the runtime writes its files).
+/// for a runtime's container (CNI, Docker: the runtime writes its files).
 fn has_files(c: &Container) -> bool {
-    !(c.mode == "host" || c.mode.starts_with("container:") || c.cni.is_some())
+    !(c.mode == "host" || c.mode.starts_with("container:") || c.runtime_owned())
 }
 
 /// Rewrites every container's files from the state (containers came or went).
@@ -568,6 +568,7 @@ mod tests {
                     veth: String::new(),
                     ifindex: 0,
                     name: "eth0".into(),
+                    handover: None,
                 })
                 .collect(),
             ports: vec![],
@@ -582,6 +583,7 @@ mod tests {
             aliases: vec![],
             cni: None,
             privileged: false,
+            docker: None,
         }
     }
 

@@ -49,6 +49,15 @@ fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<
             bail!("bridge {bridge} is already used by network {other}");
         }
     }
+    // A pool md's IPAM driver gave Docker is taken, except by the network made for it.
+    if let Some(pool) = state
+        .docker
+        .pools
+        .values()
+        .find(|p| p.overlaps(&subnet) && **p != subnet)
+    {
+        bail!("subnet {subnet} overlaps {pool}, a pool md's IPAM driver gave Docker");
+    }
     state.next_network_id = state.next_network_id.max(1);
     let id = state.next_network_id;
     state.next_network_id += 1;
@@ -75,7 +84,10 @@ pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>) -> Result<N
         Some(s) => s,
         None => (19..=31)
             .map(|b| Subnet::new(std::net::Ipv4Addr::new(172, b, 0, 0), 16).expect("valid"))
-            .find(|s| !state.networks.values().any(|n| n.subnet.overlaps(s)))
+            .find(|s| {
+                !state.networks.values().any(|n| n.subnet.overlaps(s))
+                    && !state.docker.pools.values().any(|p| p.overlaps(s))
+            })
             .context("no free 172.19-31.0.0/16 subnet left; pass --subnet")?,
     };
     // Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex).

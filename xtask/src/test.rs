@@ -48,6 +48,10 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("busybox", "busybox-static"),
     // Reference plugins chained around md (tests/tests/cni.rs).
     ("/usr/lib/cni/tuning", "containernetworking-plugins"),
+    // md as Docker's network driver (tests/tests/docker.rs): Debian's daemon and client by
+    // path (another `docker` on PATH may be a different client).
+    ("/usr/sbin/dockerd", "docker.io"),
+    ("/usr/bin/docker", "docker.io"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
@@ -261,7 +265,8 @@ mod tests {
                 "runc",
                 "containerd",
                 "busybox-static",
-                "containernetworking-plugins"
+                "containernetworking-plugins",
+                "docker.io"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);

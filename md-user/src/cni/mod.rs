@@ -116,6 +116,8 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
         ip: req.ip,
         mac: req.mac,
         name: env.ifname.clone(),
+        reserved: false,
+        handover: false,
     };
     let name = match by_id(&locked.state, &env.container_id) {
         Some(c) if c.interfaces.iter().any(|i| i.name == env.ifname) => {
@@ -131,7 +133,7 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
         // interface of the same md container. Ports go with the first.
         Some(c) => {
             let name = c.name.clone();
-            attach::add_interface(ctx, &nl, &mut locked, &name, want, &netns).await?;
+            attach::add_interface(ctx, &nl, &mut locked, &name, want, Some(&netns)).await?;
             let c = locked.state.containers.get_mut(&name).expect("present");
             if let Some(o) = c.cni.as_mut() {
                 o.networks.insert(env.ifname.clone(), conf.name.clone());
@@ -155,6 +157,7 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
                     networks: [(env.ifname.clone(), conf.name.clone())].into(),
                 }),
                 privileged: false,
+                docker: None,
             };
             attach::create(ctx, &nl, &mut locked, spec, Some(&netns)).await?;
             // Attached: from now on the namespace, not this process, keeps it alive.

@@ -81,6 +81,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Command::Metrics { listen, bpf_stats } => {
                     block_on(metrics::metrics(&ctx, listen, bpf_stats))
                 }
+                Command::DockerPlugin {
+                    name,
+                    socket,
+                    docker_host,
+                } => {
+                    let socket = crate::docker::socket_path(&name, socket)?;
+                    crate::docker::serve(ctx, socket, &docker_host)
+                }
                 Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
                 Command::Network(cmd) => block_on(network::network(&ctx, cmd)),
                 Command::Watch { ready_fd } => {

@@ -59,6 +59,12 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         "gateway": n.subnet.gateway().to_string(),
                         "containers": members,
                         "dns": proc::alive(n.dns_pid, n.dns_start),
+                        // Docker's networks on it (md-user docker-plugin) and the addresses
+                        // md's IPAM driver has leased to Docker on its subnet.
+                        "docker_networks": state.docker.networks.iter()
+                            .filter(|(_, m)| *m == name).map(|(id, _)| id).collect::<Vec<_>>(),
+                        "docker_leases": state.docker.leased_in(&n.subnet)
+                            .map(|ip| ip.to_string()).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
@@ -141,8 +147,10 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 ip,
                 mac: None,
                 name,
+                reserved: false,
+                handover: false,
             };
-            attach::add_interface(ctx, &nl, &mut locked, &container, want, &netns).await?;
+            attach::add_interface(ctx, &nl, &mut locked, &container, want, Some(&netns)).await?;
         }
         NetworkCmd::Disconnect {
             network: net_name,

@@ -329,6 +329,8 @@ async fn start(
                 ip: args.ip,
                 mac: None,
                 name: "eth0".to_string(),
+                reserved: false,
+                handover: false,
             }),
             _ => None,
         },
@@ -338,6 +340,7 @@ async fn start(
         aliases: Vec::new(),
         cni: None,
         privileged: args.privileged,
+        docker: None,
     };
     let container = attach::create(ctx, nl, &mut locked, spec, netns.as_ref()).await?;
     match spawn(ctx, &mut locked, setup, &container, netns.as_ref()) {
