@@ -440,6 +440,13 @@ impl Datapath {
         let key = LpmKey::new(prefix_len as u32, network.octets());
         match self.md_subnets()?.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // An LPM trie says ENOENT for a prefix it never had (a network whose bridge was
+            // never made: the default network of a host that only ran Docker's).
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e).context("removing from MD_SUBNETS"),
         }
     }
