@@ -446,3 +446,231 @@ fn docker_containers_on_md() {
     }
     assert_no_netfilter(&lab, &X_TABLES_NAMES);
 }
+
+#[test]
+fn docker_network_connect_and_disconnect_live() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("docker connect");
+    let (d, _upstream) = docker_lab(&lab, &[]);
+    create_network(&lab, &d, "neta", &[]);
+    // Docker's default IPAM would do too; md's gives the subnet asked for.
+    let b = create_network(&lab, &d, "netb", &["--subnet", "10.77.0.0/24"]);
+    assert_eq!(b["subnet"], "10.77.0.0/24");
+    d.run_d("c1", &["--network", "neta", "-p", "8080:80"], &HTTPD);
+    d.run_d("c2", &["--network", "netb"], &HTTPD);
+    let c2 = md_ip(&lab, "c2", "netb");
+    answers_outside(&lab, 8080);
+    // Networks are isolated until connected.
+    assert!(!reaches(&d, "c1", &c2, 80), "c1 reaches c2 across networks");
+
+    d.ok(&["network", "connect", "netb", "c1"]);
+    let c1b = md_ip(&lab, "c1", "netb");
+    let docker_ip = d.ok(&[
+        "inspect",
+        "--format",
+        "{{(index .NetworkSettings.Networks \"netb\").IPAddress}}",
+        "c1",
+    ]);
+    assert_eq!(
+        docker_ip, c1b,
+        "Docker and md disagree on c1's netb address"
+    );
+    let addrs = d.ok(&["exec", "c1", "ip", "-o", "-4", "addr"]);
+    assert!(addrs.contains(&format!("{c1b}/24")), "{addrs}");
+    assert!(
+        reaches(&d, "c1", &c2, 80),
+        "c1 cannot reach c2 once connected"
+    );
+    assert_eq!(lookup(&d, "c1", "c2").as_deref(), Some(c2.as_str()));
+    answers_outside(&lab, 8080);
+
+    // Disconnected: the interface and its veth go, the networks are apart again.
+    let veth_b = md_veth(&lab, "c1", "netb");
+    d.ok(&["network", "disconnect", "netb", "c1"]);
+    let nets = md_ps(&lab, "c1").unwrap()["networks"].clone();
+    assert_eq!(nets.as_array().map(Vec::len), Some(1), "{nets}");
+    assert!(!lab.links().contains(&veth_b), "{veth_b} is left");
+    assert!(!map_mentions_ip(&lab, "ENDPOINTS", &c1b));
+    assert!(
+        !reaches(&d, "c1", &c2, 80),
+        "c1 reaches c2 after disconnect"
+    );
+    answers_outside(&lab, 8080);
+
+    // Connected again, then off its first network: Docker moves its default route and its
+    // published ports to netb, and so does md.
+    d.ok(&["network", "connect", "netb", "c1"]);
+    assert!(
+        reaches(&d, "c1", &c2, 80),
+        "c1 cannot reach c2 once reconnected"
+    );
+    d.ok(&["network", "disconnect", "neta", "c1"]);
+    let c1 = md_ps(&lab, "c1").unwrap();
+    assert_eq!(c1["networks"].as_array().map(Vec::len), Some(1), "{c1}");
+    assert_eq!(c1["ip"], md_ip(&lab, "c1", "netb").as_str(), "{c1}");
+    assert_eq!(c1["ports"][0], "8080:80/tcp", "{c1}");
+    answers_outside(&lab, 8080);
+    let route = d.ok(&["exec", "c1", "ip", "route"]);
+    assert!(route.contains("default via 10.77.0.1"), "{route}");
+}
+
+#[test]
+fn docker_networking_survives_restarts_of_plugin_and_dockerd() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("docker restarts");
+    let (mut d, _upstream) = docker_lab(&lab, &["--live-restore"]);
+    create_network(&lab, &d, "mynet", &[]);
+    d.run_d("web", &["--network", "mynet", "-p", "8080:80"], &HTTPD);
+    d.run_d("api", &["--network", "mynet"], &HTTPD);
+    let (web, api) = (md_ip(&lab, "web", "mynet"), md_ip(&lab, "api", "mynet"));
+    answers_outside(&lab, 8080);
+    lab.md_ok(&["policy", "deny", "api", "web"]);
+    assert!(
+        !reaches(&d, "api", &web, 80),
+        "api reaches web after the deny"
+    );
+
+    // The plugin killed: the pinned datapath keeps every container's network and policy.
+    d.stop_plugin(libc::SIGKILL);
+    answers_outside(&lab, 8080);
+    assert!(
+        reaches(&d, "web", &api, 80),
+        "web lost api with the plugin gone"
+    );
+    assert!(
+        !reaches(&d, "api", &web, 80),
+        "the deny went with the plugin"
+    );
+    // Started again (over its stale socket), it carries on from md's store: a new container
+    // gets a free address (the others' are still leased) and the old ones go cleanly.
+    d.start_plugin();
+    d.run_d("late", &["--network", "mynet"], &HTTPD);
+    let late = md_ip(&lab, "late", "mynet");
+    assert!(late != web && late != api, "late got a used address {late}");
+    assert!(reaches(&d, "late", &web, 80), "late cannot reach web");
+    d.ok(&["rm", "-f", "api"]);
+    assert!(md_ps(&lab, "api").is_none(), "api is left in md");
+    assert!(!map_mentions_ip(&lab, "ENDPOINTS", &api));
+
+    // dockerd stopped (--live-restore: its containers keep running) and started again.
+    d.stop_daemon();
+    answers_outside(&lab, 8080);
+    d.start_daemon();
+    answers_outside(&lab, 8080);
+    assert!(
+        reaches(&d, "late", &web, 80),
+        "late lost web over dockerd's restart"
+    );
+    // Docker's restored view and md's agree: new containers, connect and rm go through md.
+    d.run_d("after", &["--network", "mynet"], &HTTPD);
+    let after = md_ip(&lab, "after", "mynet");
+    assert!(
+        reaches(&d, "after", &web, 80),
+        "a container made after the restart is cut off"
+    );
+    assert_eq!(lookup(&d, "after", "web").as_deref(), Some(web.as_str()));
+    let web_veth = md_veth(&lab, "web", "mynet");
+    d.ok(&["rm", "-f", "web", "late", "after"]);
+    assert_eq!(
+        outside_get(&lab, 8080),
+        None,
+        "web's port answers after rm -f"
+    );
+    assert!(!lab.links().contains(&web_veth));
+    assert!(lab.ps().is_empty(), "{:?}", lab.ps());
+    assert!(!map_mentions_ip(&lab, "ENDPOINTS", &after));
+    assert_eq!(
+        md_network(&lab, "mynet").unwrap()["docker_leases"],
+        serde_json::json!([]),
+        "addresses are still leased"
+    );
+}
+
+/// What md refuses reaches the Docker user as md's one-line error, and leaves nothing: no md
+/// network, pool, lease, container, veth or map entry.
+#[test]
+fn docker_refusals_leave_nothing() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("docker refusals");
+    let (d, _upstream) = docker_lab(&lab, &[]);
+    let drv = d.driver.clone();
+    let refused = |args: &[&str], msg: &str| {
+        let out = d.docker(args);
+        assert!(
+            !out.status.success() && md_tests::stderr_str(&out).contains(msg),
+            "`docker {}` should fail with {msg:?}\n{}",
+            args.join(" "),
+            show_output(&out)
+        );
+    };
+    let create = ["network", "create", "-d", &drv, "--ipam-driver", &drv];
+    let with = |extra: &[&'static str]| {
+        let mut a: Vec<&str> = create.to_vec();
+        a.extend_from_slice(extra);
+        a
+    };
+    refused(&with(&["--ipv6", "v6net"]), "md's networks are IPv4");
+    refused(
+        &with(&["-o", "mtu=9000", "onet"]),
+        "md takes no driver options (-o mtu)",
+    );
+    refused(
+        &with(&["--subnet", "172.18.5.0/24", "over"]),
+        "overlaps md network bridge (172.18.0.0/16)",
+    );
+    refused(
+        &with(&["--subnet", "10.66.0.0/24", "--gateway", "10.66.0.9", "gw"]),
+        "md's gateway is the subnet's first address, 10.66.0.1",
+    );
+    let ls: Value = serde_json::from_str(&lab.md_ok(&["network", "ls", "--json"])).unwrap();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, ["bridge"], "refused networks left md networks: {ls}");
+
+    create_network(&lab, &d, "mynet", &[]);
+    run_d(&lab, "clash", &["-p", "8080:80"], &["sleep", "600"]);
+    let run = |name: &'static str, extra: &[&'static str]| {
+        let mut a = vec!["run", "-d", "--name", name, "--network", "mynet"];
+        a.extend_from_slice(extra);
+        a.push(md_tests::docker::IMAGE);
+        a.extend_from_slice(&HTTPD);
+        a
+    };
+    refused(
+        &run("sctp", &["-p", "80/sctp"]),
+        "port 80/sctp: md publishes tcp and udp ports",
+    );
+    refused(
+        &run("taken", &["-p", "8080:80"]),
+        "port 8080:80/tcp is already published by container clash",
+    );
+    refused(&run("clash", &[]), "container name clash is already in use");
+    // Only md-user run's container is left in md.
+    let names: Vec<String> = lab
+        .ps()
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(names, ["clash"]);
+    assert_eq!(lab.md_veths().len(), 1, "{:?}", lab.md_veths());
+    assert_eq!(lab.map_dump("ENDPOINTS").len(), 1);
+    assert_eq!(published_host_ports(&lab), [8080]);
+    assert_eq!(
+        md_network(&lab, "mynet").unwrap()["docker_leases"],
+        serde_json::json!([]),
+        "a refused container's address is still leased"
+    );
+}
