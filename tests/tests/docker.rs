@@ -52,14 +52,15 @@ fn docker_lab<'a>(lab: &'a Lab, extra: &[&str]) -> (Docker<'a>, Bg) {
 /// Docker's name and returns its `md-user network ls --json` row.
 #[track_caller]
 fn create_network(lab: &Lab, d: &Docker, name: &str, opts: &[&str]) -> Value {
-    let mut a = vec![
-        "network",
-        "create",
-        "-d",
-        &d.driver,
-        "--ipam-driver",
-        &d.driver,
-    ];
+    let mut a = vec!["--ipam-driver", &d.driver];
+    a.extend_from_slice(opts);
+    create_network_with(lab, d, name, &a)
+}
+
+/// `docker network create -d md NAME OPTS...` (Docker's own IPAM unless OPTS say otherwise).
+#[track_caller]
+fn create_network_with(lab: &Lab, d: &Docker, name: &str, opts: &[&str]) -> Value {
+    let mut a = vec!["network", "create", "-d", &d.driver];
     a.extend_from_slice(opts);
     a.push(name);
     d.ok(&a);
@@ -456,12 +457,13 @@ fn docker_network_connect_and_disconnect_live() {
     let lab = Lab::new("docker connect");
     let (d, _upstream) = docker_lab(&lab, &[]);
     create_network(&lab, &d, "neta", &[]);
-    // Docker's default IPAM would do too; md's gives the subnet asked for.
-    let b = create_network(&lab, &d, "netb", &["--subnet", "10.77.0.0/24"]);
+    // netb with Docker's own IPAM: md takes the addresses Docker hands out.
+    let b = create_network_with(&lab, &d, "netb", &["--subnet", "10.77.0.0/24"]);
     assert_eq!(b["subnet"], "10.77.0.0/24");
     d.run_d("c1", &["--network", "neta", "-p", "8080:80"], &HTTPD);
-    d.run_d("c2", &["--network", "netb"], &HTTPD);
+    d.run_d("c2", &["--network", "netb", "--ip", "10.77.0.42"], &HTTPD);
     let c2 = md_ip(&lab, "c2", "netb");
+    assert_eq!(c2, "10.77.0.42");
     answers_outside(&lab, 8080);
     // Networks are isolated until connected.
     assert!(!reaches(&d, "c1", &c2, 80), "c1 reaches c2 across networks");
