@@ -132,8 +132,9 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         if let Some(f) = ct::lookup(&p.key(), now) {
             let e = unsafe { &*f.e };
             if e.hook != CT_HOOK_VETH {
-                // Translated at the uplink (masquerade, or an answer to an outside client).
-                return Verdict::Pass;
+                // Translated at the uplink (masquerade, or an answer to an outside client):
+                // on its way there.
+                return outbound(ctx, p, &src, cfg);
             }
             if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
@@ -169,8 +170,15 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             v => v,
         };
     }
+    outbound(ctx, p, &src, cfg)
+}
+
+/// A container's packet for a routed destination: straight to the uplink's egress in the
+/// redirect datapath, through the bridge and the host stack otherwise.
+#[inline(always)]
+fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint, cfg: &Config) -> Verdict {
     if fwd::redirecting(cfg) && !nat::is_host_addr(&p.daddr) && !nat::in_md_subnet(&p.daddr) {
-        return fwd::outbound(ctx, p, &src);
+        return fwd::outbound(ctx, p, src);
     }
     Verdict::Pass
 }
