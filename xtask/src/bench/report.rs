@@ -288,6 +288,7 @@ fn color(dp: &str) -> &'static str {
         DOCKER => "#1d63ed",
         "podman-netavark" => "#892ca0",
         "cni-reference" => "#2f9e44",
+        "docker-daemon" => "#0b7285",
         "md-stack" => "#f59f00",
         _ => "#e8590c",
     }
