@@ -643,7 +643,10 @@ fn docker_refusals_leave_nothing() {
     assert_eq!(names, ["bridge"], "refused networks left md networks: {ls}");
     // Nor pools: the first network md's IPAM makes still gets the first free /16.
     let net = create_network(&lab, &d, "mynet", &[]);
-    assert_eq!(net["subnet"], "172.19.0.0/16", "a refused network kept its pool");
+    assert_eq!(
+        net["subnet"], "172.19.0.0/16",
+        "a refused network kept its pool"
+    );
     run_d(&lab, "clash", &["-p", "8080:80"], &["sleep", "600"]);
     let run = |name: &'static str, extra: &[&'static str]| {
         let mut a = vec!["run", "-d", "--name", name, "--network", "mynet"];

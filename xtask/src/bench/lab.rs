@@ -105,13 +105,14 @@ echo ready
 exec sleep 86400
 "#;
 
-/// Removes every container (so their processes go with them), then stops dockerd and waits.
+/// Removes every container (so their processes go with them), then stops dockerd and waits
+/// until it has exited (a zombie then: the bench, its parent, reaps it when the lab drops).
 const DOCKER_STOP: &str = r#"D="/usr/bin/docker -H unix://$1"
 ids=$($D ps -aq)
 [ -z "$ids" ] || $D rm -f $ids >/dev/null
 pid=$(cat "$2") || exit 0
 kill "$pid" 2>/dev/null || exit 0
-while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+while grep -qs '^State:[[:space:]]*[^Z]' "/proc/$pid/status"; do sleep 0.1; done
 "#;
 
 fn netns_path(name: &str) -> PathBuf {
