@@ -112,7 +112,7 @@ ids=$($D ps -aq)
 [ -z "$ids" ] || $D rm -f $ids >/dev/null
 pid=$(cat "$2") || exit 0
 kill "$pid" 2>/dev/null || exit 0
-while grep -qs '^State:[[:space:]]*[^Z]' "/proc/$pid/status"; do sleep 0.1; done
+while grep -qs '^State:[[:space:]]*[^Z[:space:]]' "/proc/$pid/status"; do sleep 0.1; done
 "#;
 
 fn netns_path(name: &str) -> PathBuf {
