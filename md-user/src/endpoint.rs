@@ -47,6 +47,7 @@ pub async fn setup(
             peer,
             iface.mac,
             netns.map(|ns| ns.raw_fd()),
+            net.mtu,
         )
         .await?;
     crate::timing::mark("veth");
@@ -83,7 +84,8 @@ fn attach(
         crate::netlink::configure_container_side(
             netns,
             Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
-            primary.then(|| net.subnet.gateway()),
+            // An internal network has no way out: no default route.
+            primary.then(|| net.default_route()).flatten(),
         )?;
     }
     crate::timing::mark("container side");

@@ -118,6 +118,8 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
         name: env.ifname.clone(),
         reserved: false,
         handover: false,
+        // CNI aliases are per network: this interface's.
+        aliases: req.aliases.clone(),
     };
     let name = match by_id(&locked.state, &env.container_id) {
         Some(c) if c.interfaces.iter().any(|i| i.name == env.ifname) => {
@@ -150,7 +152,6 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
                 ports: req.ports.clone(),
                 cmd: Vec::new(),
                 detached: true,
-                aliases: req.aliases.clone(),
                 cni: Some(CniOwner {
                     container_id: env.container_id.clone(),
                     netns: env.netns.clone(),
@@ -158,6 +159,9 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
                 }),
                 privileged: false,
                 docker: None,
+                dns: Default::default(),
+                extra_hosts: Vec::new(),
+                exposed: Vec::new(),
             };
             attach::create(ctx, &nl, &mut locked, spec, Some(&netns)).await?;
             // Attached: from now on the namespace, not this process, keeps it alive.

@@ -360,6 +360,7 @@ pub async fn join(pl: &Plugin, body: Value) -> Result<Value> {
         name: format!("eth{n}"),
         reserved: true,
         handover: true,
+        aliases: Vec::new(),
     };
     let (name, iface) = match sandbox {
         // One more network for a running container (`docker network connect`).
@@ -392,9 +393,12 @@ pub async fn join(pl: &Plugin, body: Value) -> Result<Value> {
                 ports: Vec::new(),
                 cmd: Vec::new(),
                 detached: true,
-                aliases: Vec::new(),
                 cni: None,
                 privileged: false,
+                // Docker writes the container's resolv.conf and hosts file itself.
+                dns: Default::default(),
+                extra_hosts: Vec::new(),
+                exposed: Vec::new(),
                 docker: Some(DockerOwner {
                     sandbox: req.sandbox_key.clone(),
                     container_id: names.container_id.clone(),

@@ -110,10 +110,10 @@ pub fn request_address(state: &mut State, req: &RequestAddress) -> Result<(Ipv4A
     }
     let ip = match wanted {
         Some(ip) => {
-            subnet.check_static(ip, &used)?;
+            subnet.check_static_with(ip, subnet.gateway(), &used)?;
             ip
         }
-        None => subnet.allocate(&used)?,
+        None => subnet.allocate_in(None, subnet.gateway(), &used)?,
     };
     state
         .docker

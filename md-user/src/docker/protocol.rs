@@ -217,6 +217,7 @@ pub fn mappings(
             host_port: first,
             container_port: b.port,
             proto,
+            routed: false,
         };
         if first != last {
             m.host_port = (first..=last)
@@ -358,6 +359,7 @@ mod tests {
             host_port: 8080,
             container_port: 80,
             proto: Proto::Udp,
+            routed: false,
         };
         let v = serde_json::to_value(PortBinding::of(&m, Ipv4Addr::new(172, 19, 0, 2))).unwrap();
         assert_eq!(
