@@ -25,7 +25,7 @@ use crate::{
     netlink::Netlink,
     netns::Netns,
     network, proc,
-    state::{CniOwner, Container, Interface, Locked, State, StateDir, Status},
+    state::{CniOwner, Container, DockerOwner, Interface, Locked, State, StateDir, Status},
 };
 
 /// What every front end works with: its options, the state directory and the datapath.
@@ -62,6 +62,8 @@ pub struct Spec {
     pub cni: Option<CniOwner>,
     /// `run --privileged`.
     pub privileged: bool,
+    /// Docker's sandbox and endpoints, when Docker attached it (`md-user docker-plugin`).
+    pub docker: Option<DockerOwner>,
     /// `--dns`, `--dns-search`, `--dns-option` (the rest of resolv.conf comes from the host's).
     pub dns: dns::DnsRequest,
     /// `--add-host NAME:IP` (or `NAME:host-gateway`).
@@ -80,6 +82,12 @@ pub struct IfaceSpec {
     pub mac: Option<[u8; 6]>,
     /// Name inside the namespace (eth0, ...).
     pub name: String,
+    /// `ip` was reserved for this interface beforehand (by md's IPAM driver for Docker, or by
+    /// Docker's own): only addresses on interfaces count as taken.
+    pub reserved: bool,
+    /// Leave the container end in md's host namespace, unconfigured, for the runtime to move
+    /// into its sandbox (Docker does); no network namespace is needed then.
+    pub handover: bool,
     /// Names it answers to on this network besides its own (`--network-alias`, `--alias`).
     pub aliases: Vec<String>,
 }
@@ -188,6 +196,7 @@ pub async fn reserve(
         aliases: Vec::new(),
         cni: spec.cni,
         privileged: spec.privileged,
+        docker: spec.docker,
         dns: dns_settings,
         extra_hosts,
         exposed: spec.exposed,
@@ -203,7 +212,7 @@ pub async fn reserve(
 }
 
 /// Refuses ports another container already publishes.
-fn check_ports(state: &State, name: &str, ports: &[crate::portmap::PortMapping]) -> Result<()> {
+pub fn check_ports(state: &State, name: &str, ports: &[crate::portmap::PortMapping]) -> Result<()> {
     for c in state.containers.values().filter(|c| c.name != name) {
         for p in ports {
             if let Some(q) = c.ports.iter().find(|q| q.conflicts_with(p)) {
@@ -223,7 +232,11 @@ fn allocate(state: &State, want: &IfaceSpec, veth: &str) -> Result<Interface> {
         .networks
         .get(&want.network)
         .with_context(|| format!("no such network: {}", want.network))?;
-    let used = state.used_ips(&want.network);
+    let used = if want.reserved {
+        state.interface_ips(&want.network)
+    } else {
+        state.used_ips(&want.network)
+    };
     let gw = net.gateway();
     let ip = match want.ip {
         Some(ip) => {
@@ -263,6 +276,11 @@ fn allocate(state: &State, want: &IfaceSpec, veth: &str) -> Result<Interface> {
         veth: veth.to_string(),
         ifindex: 0,
         name: want.name.clone(),
+        handover: want.handover.then(|| {
+            std::iter::repeat_with(new_veth_name)
+                .find(|n| n != veth)
+                .expect("an endless supply of names")
+        }),
         aliases: want.aliases.clone(),
     })
 }
@@ -272,15 +290,15 @@ fn new_veth_name() -> String {
     format!("md{:08x}", random_u64() as u32)
 }
 
-/// Attaches a reserved container's primary interface inside `netns` and publishes it: veth,
-/// address and route, programs, map entries, ports, the network's resolver, hosts files.
-/// On error the caller [`discard`]s the container.
+/// Attaches a reserved container's primary interface inside `netns` (or hands it over, see
+/// [`IfaceSpec::handover`]) and publishes it: veth, address and route, programs, map entries,
+/// ports, the network's resolver, hosts files. On error the caller [`discard`]s the container.
 pub async fn attach(
     ctx: &Ctx,
     nl: &Netlink,
     locked: &mut Locked,
     name: &str,
-    netns: &Netns,
+    netns: Option<&Netns>,
 ) -> Result<()> {
     let c = locked
         .state
@@ -320,7 +338,6 @@ pub async fn create(
     reserve(ctx, nl, locked, spec).await?;
     let attached = async {
         if has_iface {
-            let netns = netns.context("an interface needs a network namespace")?;
             attach(ctx, nl, locked, &name, netns).await?;
         }
         let names = dns::added(&ctx.state_dir, &locked.state, &name);
@@ -372,7 +389,7 @@ pub async fn add_interface(
     locked: &mut Locked,
     name: &str,
     want: IfaceSpec,
-    netns: &Netns,
+    netns: Option<&Netns>,
 ) -> Result<Interface> {
     let state = &mut locked.state;
     let c = state
@@ -436,6 +453,58 @@ pub async fn remove_interface(
     }
     network::containers_changed(&ctx.state_dir, state);
     Ok(())
+}
+
+/// Publishes `ports` for a running container on its interface whose host veth is `veth`, which
+/// becomes its primary one (Docker programs ports on the endpoint its default route goes
+/// through). What it published before is unpublished first. Refused like `run -p`: a port
+/// another container publishes or a host process holds; on failure it publishes nothing.
+pub fn publish_ports(
+    ctx: &Ctx,
+    locked: &mut Locked,
+    name: &str,
+    veth: &str,
+    ports: Vec<crate::portmap::PortMapping>,
+) -> Result<()> {
+    let c = locked
+        .state
+        .containers
+        .get(name)
+        .with_context(|| format!("no such container: {name}"))?;
+    let pos = c
+        .interfaces
+        .iter()
+        .position(|i| i.veth == veth)
+        .with_context(|| format!("container {name} has no interface {veth}"))?;
+    check_ports(&locked.state, name, &ports)?;
+    unpublish_ports(ctx, locked, name)?;
+    let c = locked.state.containers.get_mut(name).expect("checked");
+    let iface = c.interfaces.remove(pos);
+    c.interfaces.insert(0, iface);
+    c.ports = ports;
+    let identity = locked.state.identity_for(name)?;
+    if let Err(e) = endpoint::publish(&ctx.dp, locked, name, identity) {
+        unpublish_ports(ctx, locked, name)?;
+        return Err(e);
+    }
+    locked.save()
+}
+
+/// Unpublishes a running container's ports (Docker revokes an endpoint's external
+/// connectivity); its host ports go back to the host.
+pub fn unpublish_ports(ctx: &Ctx, locked: &mut Locked, name: &str) -> Result<()> {
+    let Some(c) = locked.state.containers.get_mut(name) else {
+        return Ok(());
+    };
+    let ports = std::mem::take(&mut c.ports);
+    endpoint::unpublish(&ctx.dp, &ports);
+    if let Err(e) = crate::hostports::release(&mut locked.state) {
+        eprintln!(
+            "md-user: giving back reserved ports: {}",
+            crate::error::one_line(&e)
+        );
+    }
+    locked.save()
 }
 
 /// Compares what exists with what the state says for the interface `ifname` of a container:
@@ -582,11 +651,12 @@ pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String
     dead
 }
 
-/// A container lives while its supervisor does, or, once a CNI ADD has finished (there is no
-/// supervisor then), while its network namespace does. A veth pair goes with the namespace of
-/// either end, so the host-side veths tell without holding the namespace open.
+/// A container lives while its supervisor does, or, once a runtime attached it (a CNI ADD or
+/// Docker's Join finished: there is no supervisor then), while its network namespace does. A
+/// veth pair goes with the namespace of either end, so the host-side veths tell without
+/// holding the namespace open (Docker deletes them with its endpoints).
 async fn owner_alive(nl: &Netlink, c: &Container) -> bool {
-    if c.cni.is_none() || c.status == Status::Creating {
+    if !c.runtime_owned() || c.status == Status::Creating {
         return proc::alive(c.supervisor_pid, c.supervisor_start);
     }
     for i in &c.interfaces {

@@ -157,6 +157,26 @@ pub enum Command {
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
     },
+    /// Serve Docker's remote network and IPAM driver protocol on a unix socket until killed:
+    /// `docker network create -d NAME --ipam-driver NAME NET` puts Docker's containers on md
+    /// (run it in md's host namespace, where dockerd runs).
+    DockerPlugin {
+        /// The driver's name in Docker (`-d NAME`); the socket is
+        /// /run/docker/plugins/NAME.sock.
+        #[arg(long, default_value = "md")]
+        name: String,
+        /// Listen here instead (Docker names a plugin by its socket's file name).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Docker's API, where md learns the names of Docker's containers and networks.
+        #[arg(
+            long,
+            env = "DOCKER_HOST",
+            value_name = "unix://PATH",
+            default_value = "unix:///var/run/docker.sock"
+        )]
+        docker_host: String,
+    },
     /// Internal: PID 1 of a container's PID namespace; starts CMD, forwards signals, reaps.
     #[command(name = "__init", hide = true)]
     Init {

@@ -440,9 +440,9 @@ impl Datapath {
     pub fn remove_subnet(&self, network: Ipv4Addr, prefix_len: u8) -> Result<()> {
         let key = LpmKey::new(prefix_len as u32, network.octets());
         match self.md_subnets()?.remove(&key) {
-            Ok(()) => Ok(()),
-            // Already gone (an overlay's span and its block, a teardown run again): aya reports
-            // a missing key as the syscall's ENOENT, not KeyNotFound.
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // Already gone (an overlay's span and its block, a teardown run again, the default
+            // network of a host that only ran Docker's): an LPM trie says ENOENT.
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
             {

@@ -459,9 +459,9 @@ pub fn files(dir: &StateDir, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Whether md writes `c`'s hosts and resolv.conf: not for host and container: modes, and not
-/// for a CNI container (the runtime writes its files).
+/// for a runtime's container (CNI, Docker: the runtime writes its files).
 fn has_files(c: &Container) -> bool {
-    !(c.mode == "host" || c.mode.starts_with("container:") || c.cni.is_some())
+    !(c.mode == "host" || c.mode.starts_with("container:") || c.runtime_owned())
 }
 
 /// Rewrites every container's files from the state (containers came or went).
@@ -901,6 +901,7 @@ mod tests {
                     veth: String::new(),
                     ifindex: 0,
                     name: "eth0".into(),
+                    handover: None,
                     aliases: vec![],
                 })
                 .collect(),
@@ -916,6 +917,7 @@ mod tests {
             aliases: vec![],
             cni: None,
             privileged: false,
+            docker: None,
             dns: DnsSettings::default(),
             extra_hosts: vec![],
             exposed: vec![],

@@ -17,26 +17,36 @@ use crate::{
 
 /// Creates the veth pair (peer as `iface.name` inside `netns`), configures the container side
 /// (the default route only through the primary interface) and attaches md's programs to the
-/// host side. Returns the host side's ifindex. On failure it removes what it made: the caller
-/// does not know the ifindex yet, so it could not find the map entries keyed by it.
+/// host side. An interface handed over (`iface.handover`) keeps its peer in md's host
+/// namespace under that name, with its MAC and nothing else: the runtime moves it into its
+/// sandbox, renames it and configures it (md's programs and map entries are all on the host
+/// side, so they do not care where the peer goes). Returns the host side's ifindex. On failure
+/// it removes what it made: the caller does not know the ifindex yet, so it could not find the
+/// map entries keyed by it.
 pub async fn setup(
     nl: &Netlink,
     dp: &Datapath,
-    netns: &Netns,
+    netns: Option<&Netns>,
     net: &Network,
     iface: &Interface,
     identity: u32,
     primary: bool,
 ) -> Result<u32> {
+    let netns = match (&iface.handover, netns) {
+        (Some(_), _) => None,
+        (None, Some(ns)) => Some(ns),
+        (None, None) => anyhow::bail!("an interface needs a network namespace"),
+    };
     let bridge = network::ensure_bridge(nl, dp, net).await?;
     crate::timing::mark("bridge");
+    let peer = iface.handover.as_deref().unwrap_or(&iface.name);
     let host = nl
         .create_veth(
             &iface.veth,
             bridge,
-            &iface.name,
+            peer,
             iface.mac,
-            netns.raw_fd(),
+            netns.map(|ns| ns.raw_fd()),
             // An overlay's containers get the underlay MTU less the encapsulation.
             net.overlay.as_ref().map(|o| o.mtu).or(net.mtu),
         )
@@ -64,19 +74,21 @@ pub async fn setup(
 /// The part of `setup` after the veth exists.
 fn attach(
     dp: &Datapath,
-    netns: &Netns,
+    netns: Option<&Netns>,
     net: &Network,
     iface: &Interface,
     identity: u32,
     primary: bool,
     host_index: u32,
 ) -> Result<()> {
-    crate::netlink::configure_container_side(
-        netns,
-        Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
-        // An internal network has no way out: no default route.
-        primary.then(|| net.default_route()).flatten(),
-    )?;
+    if let Some(netns) = netns {
+        crate::netlink::configure_container_side(
+            netns,
+            Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
+            // An internal network has no way out: no default route.
+            primary.then(|| net.default_route()).flatten(),
+        )?;
+    }
     crate::timing::mark("container side");
     dp.reset_if_stats(host_index)?;
     crate::timing::mark("stats");
@@ -157,6 +169,19 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
     Ok(())
 }
 
+/// Removes published ports from PORT_MAP (best effort: a missing entry is fine). The host ports
+/// are given back once no container publishes them (`network::containers_changed`).
+pub fn unpublish(dp: &Datapath, ports: &[PortMapping]) {
+    if !dp.is_loaded() {
+        return;
+    }
+    if let Ok(mut map) = dp.port_map() {
+        for p in ports {
+            let _ = map.remove(&port_key(p));
+        }
+    }
+}
+
 pub fn port_key(p: &PortMapping) -> PortKey {
     PortKey::new(
         p.host_ip.map(|i| i.octets()).unwrap_or([0; 4]),
@@ -226,13 +251,7 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
 /// (`network::containers_changed`).
 pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
-    if dp.is_loaded() {
-        if let Ok(mut map) = dp.port_map() {
-            for p in &c.ports {
-                let _ = map.remove(&port_key(p));
-            }
-        }
-    }
+    unpublish(dp, &c.ports);
     for iface in &c.interfaces {
         errors.extend(teardown_iface(nl, dp, iface).await);
     }

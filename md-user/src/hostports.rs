@@ -190,6 +190,27 @@ fn own_sockets(state: &State) -> HashSet<u32> {
     inodes
 }
 
+/// The ports host processes hold now, for picking a free one (Docker's `-P` and `-p 80`).
+pub struct Held {
+    holders: Vec<Holder>,
+    own: HashSet<u32>,
+}
+
+impl Held {
+    pub fn now(state: &State) -> Result<Held> {
+        Ok(Held {
+            holders: holders()?,
+            own: own_sockets(state),
+        })
+    }
+
+    pub fn holds(&self, p: &PortMapping) -> bool {
+        self.holders
+            .iter()
+            .any(|h| !self.own.contains(&h.inode) && h.clashes_with(p))
+    }
+}
+
 /// Refuses ports a host process holds in md's host namespace (the calling thread's), with one
 /// line naming the first.
 pub fn check_free(ports: &[PortMapping], state: &State) -> Result<()> {

@@ -10,6 +10,7 @@ mod cni;
 mod commands;
 mod datapath;
 mod dns;
+mod docker;
 mod endpoint;
 mod error;
 mod flowlog;

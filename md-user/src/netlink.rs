@@ -235,22 +235,24 @@ impl Netlink {
     }
 
     /// Creates a veth pair: `host` attached to `bridge` and up, its peer created directly in
-    /// the container's namespace as `peer` with `peer_mac` (no rename or move afterwards).
-    /// Returns the host side.
-    /// `mtu`: both ends' MTU (an overlay's), else the kernel's default.
+    /// the container's namespace (`netns_fd`; None: this one) as `peer` with `peer_mac` (no
+    /// rename or move afterwards). Returns the host side.
+    /// `mtu`: both ends' MTU (an overlay's, or the network's), else the kernel's default.
     pub async fn create_veth(
         &self,
         host: &str,
         bridge: u32,
         peer: &str,
         peer_mac: [u8; 6],
-        netns_fd: i32,
+        netns_fd: Option<i32>,
         mtu: Option<u32>,
     ) -> Result<Link> {
         let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
-            .address(peer_mac.to_vec())
-            .setns_by_fd(netns_fd);
+            .address(peer_mac.to_vec());
+        if let Some(fd) = netns_fd {
+            peer_msg = peer_msg.setns_by_fd(fd);
+        }
         let mut host_msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
             .name(host.to_string())
             .controller(bridge)

@@ -193,6 +193,15 @@ fn add_with(state: &mut State, name: &str, set: Settings) -> Result<Network> {
             bail!("bridge {bridge} is already used by network {other}");
         }
     }
+    // A pool md's IPAM driver gave Docker is taken, except by the network made for it.
+    if let Some(pool) = state
+        .docker
+        .pools
+        .values()
+        .find(|p| p.overlaps(&subnet) && **p != subnet)
+    {
+        bail!("subnet {subnet} overlaps {pool}, a pool md's IPAM driver gave Docker");
+    }
     let ip_range = set
         .ip_range
         .as_deref()
@@ -258,7 +267,10 @@ pub fn create_with(state: &mut State, name: &str, mut set: Settings) -> Result<N
         set.subnet = Some(
             (19..=31)
                 .map(|b| Subnet::new(std::net::Ipv4Addr::new(172, b, 0, 0), 16).expect("valid"))
-                .find(|s| !state.networks.values().any(|n| n.span().overlaps(s)))
+                .find(|s| {
+                    !state.networks.values().any(|n| n.span().overlaps(s))
+                        && !state.docker.pools.values().any(|p| p.overlaps(s))
+                })
                 .context("no free 172.19-31.0.0/16 subnet left; pass --subnet")?,
         );
     }

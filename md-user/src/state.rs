@@ -48,6 +48,10 @@ pub struct State {
     /// Host ports md added to `ip_local_reserved_ports` (and gives back when no container
     /// publishes them any more); entries that were there before are not md's to remove.
     pub reserved_ports: BTreeSet<u16>,
+    /// What Docker knows md by (`md-user docker-plugin`): its networks, pools, addresses and
+    /// endpoints.
+    #[serde(default, skip_serializing_if = "DockerState::is_empty")]
+    pub docker: DockerState,
     /// Where identities and rules are read and written (inside the lock's transaction).
     #[serde(skip)]
     pub store: Store,
@@ -288,6 +292,11 @@ pub struct Interface {
     pub ifindex: u32,
     /// Name inside the container (eth0, eth1, ...).
     pub name: String,
+    /// The container end's name in md's host namespace, for an interface md hands over to a
+    /// runtime that moves it into its sandbox and configures it itself (Docker); `md` + 8 hex
+    /// digits, so the watcher never takes it for an uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<String>,
     /// Names the container also answers to on this interface's network (`run
     /// --network-alias`, `network connect --alias`), shared by any number of containers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -337,6 +346,68 @@ pub struct Container {
     /// `--expose`d ports (published on random host ports with `-P`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exposed: Vec<(u16, crate::portmap::Proto)>,
+    /// Set when Docker attached the container through `md-user docker-plugin`: no supervisor
+    /// either; it lives while its veths do, until Docker deletes its endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerOwner>,
+}
+
+/// Who attached a Docker container, as Docker names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerOwner {
+    /// Docker's sandbox key (`<exec-root>/netns/<id>`): one md container per sandbox.
+    pub sandbox: String,
+    /// Docker's container id, when its API told it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The host-side veth of each joined Docker endpoint, by endpoint id.
+    pub endpoints: BTreeMap<String, String>,
+    /// How many interfaces Docker has moved into the sandbox (it names the next `eth<N>`).
+    #[serde(default)]
+    pub next_if: u32,
+}
+
+/// md's side of Docker's networks (see `docker/`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DockerState {
+    /// Docker network id → md network.
+    pub networks: BTreeMap<String, String>,
+    /// md networks the plugin made for Docker: removed once no Docker network, pool or
+    /// container uses them.
+    pub made: BTreeSet<String>,
+    /// Pools md's IPAM driver handed out: pool id → subnet.
+    pub pools: BTreeMap<String, Subnet>,
+    /// Addresses md's IPAM driver handed out and Docker has not released, by pool id. They
+    /// count as taken for every allocation on that subnet (`md-user run` included).
+    pub leases: BTreeMap<String, BTreeSet<Ipv4Addr>>,
+    /// Endpoints Docker created, by endpoint id.
+    pub endpoints: BTreeMap<String, DockerEndpoint>,
+}
+
+impl DockerState {
+    pub fn is_empty(&self) -> bool {
+        self == &DockerState::default()
+    }
+
+    /// Addresses leased from pools of exactly `subnet`.
+    pub fn leased_in<'a>(&'a self, subnet: &'a Subnet) -> impl Iterator<Item = Ipv4Addr> + 'a {
+        self.pools
+            .iter()
+            .filter(move |(_, s)| *s == subnet)
+            .filter_map(|(id, _)| self.leases.get(id))
+            .flatten()
+            .copied()
+    }
+}
+
+/// An endpoint as Docker created it (before and after it joins a sandbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerEndpoint {
+    /// Docker network id.
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
 }
 
 /// What a container's resolv.conf says besides its network's resolver.
@@ -414,11 +485,36 @@ impl Container {
     pub fn on_network(&self, network: &str) -> bool {
         self.interfaces.iter().any(|i| i.network == network)
     }
+
+    /// Attached by a runtime (CNI or Docker): no supervisor, no command of md's; the runtime
+    /// writes its files and stops it.
+    pub fn runtime_owned(&self) -> bool {
+        self.cni.is_some() || self.docker.is_some()
+    }
 }
 
 impl State {
-    /// Every address handed out on `network`.
+    /// Every address handed out on `network`: on interfaces, leased to Docker by md's IPAM
+    /// driver on its subnet, and given to Docker endpoints that have not joined yet.
     pub fn used_ips(&self, network: &str) -> HashSet<Ipv4Addr> {
+        let mut used = self.interface_ips(network);
+        if let Some(net) = self.networks.get(network) {
+            used.extend(self.docker.leased_in(&net.subnet));
+        }
+        used.extend(
+            self.docker
+                .endpoints
+                .values()
+                .filter(|e| {
+                    self.docker.networks.get(&e.network).map(String::as_str) == Some(network)
+                })
+                .map(|e| e.ip),
+        );
+        used
+    }
+
+    /// The addresses of interfaces on `network`.
+    pub fn interface_ips(&self, network: &str) -> HashSet<Ipv4Addr> {
         self.containers
             .values()
             .flat_map(|c| c.interfaces.iter())

@@ -12,6 +12,7 @@
 //! root, `MD_USER_BIN` missing), so `cargo xtask test` cannot pass by skipping silently.
 
 pub mod cni;
+pub mod docker;
 pub mod helpers;
 mod lab;
 pub mod multihost;

@@ -1,7 +1,8 @@
 //! `cargo xtask bench [--quick]`: md's datapath against plain routing, Docker-style iptables,
-//! Podman's netavark and the reference CNI plugins (bridge + host-local + portmap), on the same
-//! lab topology, in one run (issues 8 and 15); and containers across two hosts over md's
-//! overlay (VXLAN and native routing) against plain routing between them (issue 17).
+//! Docker's own daemon (20.10, bridge driver and iptables), Podman's netavark and the reference
+//! CNI plugins (bridge + host-local + portmap), on the same lab topology, in one run (issues
+//! 8, 15 and 16); and containers across two hosts over md's overlay (VXLAN and native routing)
+//! against plain routing between them (issue 17).
 //!
 //! Every measurement runs inside network namespaces the bench makes and removes itself (see
 //! `bench/lab.rs`); nothing touches the machine's interfaces, routes or firewall. Output: a
@@ -63,6 +64,10 @@ const TOOLS: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     // The reference CNI stack (cni-reference): bridge, host-local, portmap.
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    // Docker's own daemon (docker-daemon) and the image its containers run.
+    ("/usr/sbin/dockerd", "docker.io"),
+    ("/usr/bin/docker", "docker.io"),
+    ("busybox", "busybox-static"),
 ];
 
 /// How long and how often: `--quick` is a smoke run of a couple of minutes.
@@ -341,12 +346,41 @@ fn attempt(
     Ok(())
 }
 
+/// `MD_BENCH_ONLY=docker-daemon,md` measures those datapaths only (md's own sections run when
+/// md is among them): for working on one peer without a whole run.
+fn selected() -> Vec<Dp> {
+    let only = std::env::var("MD_BENCH_ONLY").unwrap_or_default();
+    pick(&only)
+}
+
+fn pick(only: &str) -> Vec<Dp> {
+    let names: Vec<&str> = only
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    ALL.into_iter()
+        .filter(|d| names.is_empty() || names.contains(&d.name()))
+        .collect()
+}
+
 fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
+    let all = selected();
+    if all.is_empty() {
+        bail!(
+            "MD_BENCH_ONLY names no datapath (they are: {})",
+            pick("")
+                .iter()
+                .map(|d| d.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     // 1. The datapaths themselves, interleaved: each round builds every datapath afresh, in a
     //    rotated order, so slow drift of a shared machine spreads over all of them.
     for rep in 0..plan.reps {
-        for i in 0..ALL.len() {
-            let dp = ALL[(i + rep) % ALL.len()];
+        for i in 0..all.len() {
+            let dp = all[(i + rep) % all.len()];
             eprintln!("bench: base round {}/{} {}", rep + 1, plan.reps, dp.name());
             attempt(r, &format!("{} base round {}", dp.name(), rep + 1), |r| {
                 let s = datapaths::build(dp, env, Extra::None)?;
@@ -377,7 +411,11 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
     for extra in extras {
         let sc = extra.scenario();
         let mut up: Vec<Setup> = Vec::new();
-        for dp in ALL.into_iter().filter(|&d| datapaths::supports(d, extra)) {
+        for dp in all
+            .iter()
+            .copied()
+            .filter(|&d| datapaths::supports(d, extra))
+        {
             eprintln!("bench: scaling {} {sc}: setting up", dp.name());
             attempt(r, &format!("{} {sc} setup", dp.name()), |r| {
                 let s = datapaths::build(dp, env, extra)?;
@@ -418,6 +456,9 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
                 })?;
             }
         }
+    }
+    if !all.contains(&Dp::Md) {
+        return Ok(());
     }
     // 3. Control plane.
     for rep in 0..plan.reps {
@@ -843,4 +884,16 @@ fn bpf_cost(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_picks_the_named_datapaths_in_bench_order() {
+        assert_eq!(pick(""), ALL.to_vec());
+        assert_eq!(pick("md, docker-daemon"), [Dp::DockerDaemon, Dp::Md]);
+        assert!(pick("dokker").is_empty());
+    }
 }

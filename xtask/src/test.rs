@@ -53,6 +53,10 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     // The store of overlay networks across hosts (tests/tests/overlay.rs).
     ("etcd", "etcd-server"),
     ("etcdctl", "etcd-client"),
+    // md as Docker's network driver (tests/tests/docker.rs): Debian's daemon and client by
+    // path (another `docker` on PATH may be a different client).
+    ("/usr/sbin/dockerd", "docker.io"),
+    ("/usr/bin/docker", "docker.io"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
@@ -238,7 +242,8 @@ mod tests {
                 "busybox-static",
                 "containernetworking-plugins",
                 "etcd-server",
-                "etcd-client"
+                "etcd-client",
+                "docker.io"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);

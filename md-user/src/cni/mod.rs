@@ -116,6 +116,8 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
         ip: req.ip,
         mac: req.mac,
         name: env.ifname.clone(),
+        reserved: false,
+        handover: false,
         // CNI aliases are per network: this interface's.
         aliases: req.aliases.clone(),
     };
@@ -133,7 +135,7 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
         // interface of the same md container. Ports go with the first.
         Some(c) => {
             let name = c.name.clone();
-            attach::add_interface(ctx, &nl, &mut locked, &name, want, &netns).await?;
+            attach::add_interface(ctx, &nl, &mut locked, &name, want, Some(&netns)).await?;
             let c = locked.state.containers.get_mut(&name).expect("present");
             if let Some(o) = c.cni.as_mut() {
                 o.networks.insert(env.ifname.clone(), conf.name.clone());
@@ -156,6 +158,7 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
                     networks: [(env.ifname.clone(), conf.name.clone())].into(),
                 }),
                 privileged: false,
+                docker: None,
                 dns: Default::default(),
                 extra_hosts: Vec::new(),
                 exposed: Vec::new(),

@@ -13,6 +13,17 @@ use crate::{
     state::{State, Status},
 };
 
+/// The runtime that attached a container, in words for messages.
+pub fn runtime_of(c: &crate::state::Container) -> Option<&'static str> {
+    if c.docker.is_some() {
+        Some("Docker")
+    } else if c.cni.is_some() {
+        Some("CNI")
+    } else {
+        None
+    }
+}
+
 /// Runs a command in a running container's namespaces (PID, network, UTS, mount) with its
 /// capabilities.
 pub fn exec(state: &State, name: &str, cmd: &[String]) -> Result<ExitCode> {
@@ -20,8 +31,8 @@ pub fn exec(state: &State, name: &str, cmd: &[String]) -> Result<ExitCode> {
         .containers
         .get(name)
         .with_context(|| format!("no such container: {name}"))?;
-    if c.cni.is_some() {
-        bail!("container {name} was attached by its runtime (CNI); exec through the runtime");
+    if let Some(rt) = runtime_of(c) {
+        bail!("container {name} was attached by its runtime ({rt}); exec through the runtime");
     }
     if c.status != Status::Running || !proc::alive(c.pid, c.pid_start) {
         bail!("container {name} is not running");

@@ -81,6 +81,12 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
             "Netns": o.netns,
             "Networks": o.networks,
         })),
+        // Attached by Docker through `md-user docker-plugin`.
+        "Docker": c.docker.as_ref().map(|o| json!({
+            "ContainerID": o.container_id,
+            "SandboxKey": o.sandbox,
+            "Endpoints": o.endpoints,
+        })),
         "Policies": policies,
         "PolicyDefault": state.policy.default.to_string(),
         "Datapath": state.datapath.as_ref().map(|d| d.mode.clone()),

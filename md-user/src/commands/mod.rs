@@ -29,6 +29,17 @@ use crate::{
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     let ctx = Ctx::new(cli.global);
+    // The plugin serves Docker until stopped and owns its context.
+    if let Command::DockerPlugin {
+        name,
+        socket,
+        docker_host,
+    } = cli.command
+    {
+        require_privileges()?;
+        let socket = crate::docker::socket_path(&name, socket)?;
+        return crate::docker::serve(ctx, socket, &docker_host);
+    }
     let tells_store = tells_store(&cli.command);
     let code = command(&ctx, cli.command)?;
     if tells_store {
@@ -107,6 +118,7 @@ fn command(ctx: &Ctx, command: Command) -> Result<ExitCode> {
             require_privileges()?;
             match command {
                 Command::Run(_)
+                | Command::DockerPlugin { .. }
                 | Command::Init { .. }
                 | Command::Trace { .. }
                 | Command::Completion { .. }

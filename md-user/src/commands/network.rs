@@ -182,6 +182,12 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         "containers": members,
                         "remote": remote,
                         "dns": proc::alive(n.dns_pid, n.dns_start),
+                        // Docker's networks on it (md-user docker-plugin) and the addresses
+                        // md's IPAM driver has leased to Docker on its subnet.
+                        "docker_networks": state.docker.networks.iter()
+                            .filter(|(_, m)| *m == name).map(|(id, _)| id).collect::<Vec<_>>(),
+                        "docker_leases": state.docker.leased_in(&n.subnet)
+                            .map(|ip| ip.to_string()).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
@@ -284,9 +290,11 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 ip,
                 mac: None,
                 name,
+                reserved: false,
+                handover: false,
                 aliases,
             };
-            attach::add_interface(ctx, &nl, &mut locked, &container, want, &netns).await?;
+            attach::add_interface(ctx, &nl, &mut locked, &container, want, Some(&netns)).await?;
         }
         NetworkCmd::Disconnect {
             network: net_name,

@@ -36,6 +36,8 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                 "aliases": c.all_aliases(),
                 // Attached by a runtime through the CNI plugin: its container id and namespace.
                 "cni": c.cni.as_ref().map(|o| json!({"container_id": o.container_id, "netns": o.netns})),
+                // Attached by Docker: its container id (when its API told) and sandbox.
+                "docker": c.docker.as_ref().map(|o| json!({"container_id": o.container_id, "sandbox": o.sandbox})),
             })
         })
         .collect();
@@ -65,10 +67,14 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
             } else {
                 ports.join(",")
             },
-            match r["cni"]["container_id"].as_str() {
-                // A runtime's container: md knows no command, only who attached it.
-                Some(id) => format!("(cni {})", &id[..id.len().min(12)]),
-                None => r["command"].as_str().unwrap_or("").to_string(),
+            // A runtime's container: md knows no command, only who attached it.
+            if let Some(id) = r["cni"]["container_id"].as_str() {
+                format!("(cni {})", &id[..id.len().min(12)])
+            } else if !r["docker"].is_null() {
+                let id = r["docker"]["container_id"].as_str().unwrap_or("?");
+                format!("(docker {})", &id[..id.len().min(12)])
+            } else {
+                r["command"].as_str().unwrap_or("").to_string()
             },
         );
     }

@@ -20,9 +20,10 @@ pub async fn stop(ctx: &Ctx, names: &[String], grace_secs: u64) -> Result<ExitCo
         for n in names {
             match locked.state.containers.get(n) {
                 None => bail!("no such container: {n}"),
-                Some(c) if c.cni.is_some() => {
-                    bail!("container {n} was attached by its runtime (CNI); stop it there")
-                }
+                Some(c) if c.runtime_owned() => bail!(
+                    "container {n} was attached by its runtime ({}); stop it there",
+                    super::exec::runtime_of(c).unwrap_or("a runtime")
+                ),
                 Some(_) => {}
             }
         }

@@ -12,7 +12,13 @@
 //! - cni-reference: the reference CNI plugins from Debian's containernetworking-plugins, the
 //!   stack kubenet-style Kubernetes nodes run (bridge + host-local IPAM + portmap, iptables),
 //!   called through the CNI protocol as a runtime does, in the lab's host namespace.
+//! - docker-daemon: Debian's Docker 20.10 daemon itself, in the lab's host namespace (and a
+//!   mount namespace of its own): its bridge driver makes the bridge and veths and writes its
+//!   iptables rules (`--userland-proxy=false`: published ports are DNAT rules only); the
+//!   containers are `docker run` busybox containers whose network namespaces the servers run in.
 //! - md: `md-user run -d -p ...` in the host namespace.
+//! - docker-md: the same Docker daemon with `--iptables=false` and md as its network and IPAM
+//!   driver (`md-user docker-plugin`): md's datapath as a Docker user gets it.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::lab::{Lab, Ns, BRIDGE, GATEWAY, HOST_IP, OUTSIDE_IP, SUBNET};
+use super::lab::{Lab, Ns, BRIDGE, DOCKER_IMAGE, GATEWAY, HOST_IP, OUTSIDE_IP, SUBNET};
 use super::sys::{in_ns, run_ok, sh};
 
 /// Container-side ports of the server, and the host ports they are published on.
@@ -49,15 +55,22 @@ pub enum Dp {
     Md,
     /// md with `--datapath stack`.
     MdStack,
+    /// Debian's Docker 20.10 daemon itself, with its bridge driver and iptables.
+    DockerDaemon,
+    /// The same daemon with `--iptables=false` and md as its network driver (`md-user
+    /// docker-plugin`, redirect mode): what a Docker user gets from md.
+    DockerMd,
 }
 
-pub const ALL: [Dp; 6] = [
+pub const ALL: [Dp; 8] = [
     Dp::Plain,
     Dp::Docker,
+    Dp::DockerDaemon,
     Dp::Netavark,
     Dp::CniRef,
     Dp::Md,
     Dp::MdStack,
+    Dp::DockerMd,
 ];
 
 impl Dp {
@@ -69,6 +82,8 @@ impl Dp {
             Dp::CniRef => "cni-reference",
             Dp::Md => "md",
             Dp::MdStack => "md-stack",
+            Dp::DockerDaemon => "docker-daemon",
+            Dp::DockerMd => "docker-md",
         }
     }
 
@@ -166,8 +181,9 @@ pub fn supports(dp: Dp, extra: Extra) -> bool {
         // portmap took 106 s to install 1,000 ports here: 10,000 would take longer than the
         // rest of the bench together.
         // md's stack mode is measured at the base; scaling is about the default mode.
+        // Docker 20.10 runs iptables several times per port: 10,000 would take minutes too.
         Extra::Ports(n) => {
-            let too_slow = dp == Dp::CniRef && n > 1_000;
+            let too_slow = matches!(dp, Dp::CniRef | Dp::DockerDaemon | Dp::DockerMd) && n > 1_000;
             !(matches!(dp, Dp::Plain | Dp::MdStack) || too_slow)
         }
         // Neither plain routing nor netavark has inter-container policy.
@@ -200,6 +216,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
         (Dp::Docker, _) => "one iptables-restore",
         (Dp::Netavark, _) => "netavark setup of the helper container",
         (Dp::CniRef, _) => "CNI ADD (bridge, portmap) of the helper container",
+        (Dp::DockerDaemon | Dp::DockerMd, _) => "docker run -d -p RANGE of the helper container",
         (Dp::Md, Extra::Ports(_)) => "md-user run -d -p RANGE of the helper container",
         _ => "",
     };
@@ -240,6 +257,14 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
         }
         Dp::CniRef => {
             let (c1, c2) = cni_reference_setup(&mut lab, extra, &mut install_secs)?;
+            let (e, i) = published(HOST_IP);
+            (c1, c2, C1_IP.to_string(), e, i)
+        }
+        Dp::DockerDaemon | Dp::DockerMd => {
+            if dp == Dp::DockerMd {
+                lab.enable_md_mode(&env.md_bin, Some("redirect"));
+            }
+            let (c1, c2) = docker_daemon_setup(&mut lab, dp, extra, &mut install_secs)?;
             let (e, i) = published(HOST_IP);
             (c1, c2, C1_IP.to_string(), e, i)
         }
@@ -311,6 +336,66 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
     };
     wait_ready(&setup, env)?;
     Ok(setup)
+}
+
+/// Docker's own datapath (docker-daemon): a user-defined bridge network (`br-bench`,
+/// 10.88.0.0/16) made by dockerd's bridge driver, every rule written by Docker itself. Or
+/// md's (docker-md): `-d md --ipam-driver md` on md's network of that subnet. Containers c2,
+/// c3 (with the extra ports) and c1 at the addresses the others use.
+fn docker_daemon_setup(
+    lab: &mut Lab,
+    dp: Dp,
+    extra: Extra,
+    install_secs: &mut Option<f64>,
+) -> Result<(Ns, Ns)> {
+    lab.enable_docker(dp == Dp::DockerMd)?;
+    let bridge = format!("com.docker.network.bridge.name={BRIDGE}");
+    let mut create = vec!["network", "create", "--subnet", SUBNET];
+    if dp == Dp::DockerMd {
+        create.extend(["-d", "md", "--ipam-driver", "md"]);
+    } else {
+        create.extend(["--gateway", GATEWAY, "-o", &bridge]);
+    }
+    create.push("bench");
+    lab.docker(&create)?;
+    let run = |lab: &Lab, name: &str, ip: &str, ports: &[String]| -> Result<()> {
+        let mut a = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "bench",
+            "--ip",
+            ip,
+        ];
+        for p in ports {
+            a.extend(["-p", p.as_str()]);
+        }
+        a.extend([DOCKER_IMAGE, "sleep", "10000000"]);
+        lab.docker(&a).map(|_| ())
+    };
+    run(lab, "c2", C2_IP, &[])?;
+    if let Extra::Ports(n) = extra {
+        let spec = format!(
+            "{a}-{b}:{a}-{b}",
+            a = EXTRA_PORTS_BASE,
+            b = EXTRA_PORTS_BASE as usize + n - 1
+        );
+        let t = Instant::now();
+        run(lab, "c3", C3_IP, &[spec])?;
+        *install_secs = Some(t.elapsed().as_secs_f64());
+    }
+    run(
+        lab,
+        "c1",
+        C1_IP,
+        &[
+            format!("{ECHO_PUBLISHED}:{ECHO_PORT}"),
+            format!("{IPERF_PORT}:{IPERF_PORT}"),
+        ],
+    )?;
+    Ok((lab.docker_container("c1")?, lab.docker_container("c2")?))
 }
 
 /// Waits until the echo server answers through the datapath and iperf3 accepts connections.
@@ -926,6 +1011,25 @@ mod tests {
         }
         assert_eq!(policy_pair(0), ("10.88.128.0".into(), "10.88.192.0".into()));
         assert_eq!(policy_pair(9_999).0, "10.88.167.15");
+    }
+
+    #[test]
+    fn docker_daemon_scales_as_far_as_docker_does() {
+        assert!(supports(Dp::DockerDaemon, Extra::None));
+        assert!(supports(Dp::DockerDaemon, Extra::Ports(1_000)));
+        // Several iptables runs per port: 10,000 ports would take minutes.
+        assert!(!supports(Dp::DockerDaemon, Extra::Ports(10_000)));
+        // Docker has no inter-container policy of its own (DOCKER-USER is the user's).
+        assert!(!supports(Dp::DockerDaemon, Extra::Policies(10)));
+        assert_eq!(Dp::DockerDaemon.name(), "docker-daemon");
+        // Docker with md scales as Docker does, for a like-for-like comparison.
+        assert!(supports(Dp::DockerMd, Extra::Ports(1_000)));
+        assert!(!supports(Dp::DockerMd, Extra::Ports(10_000)));
+        assert!(!supports(Dp::DockerMd, Extra::Policies(10)));
+        assert!(
+            !Dp::DockerMd.is_md(),
+            "its servers start in Docker's containers"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::sys::{in_ns, kill_in_netns, ns_inode, run_ok, run_timeout, sh, Bg};
@@ -72,8 +72,48 @@ pub struct Lab {
     /// Best-effort teardown commands, run in reverse order before anything is killed.
     teardown: Vec<Command>,
     pub md: Option<MdEnv>,
+    /// Debian's dockerd in this lab (docker-daemon), once started.
+    pub docker: Option<DockerEnv>,
     log_seq: u32,
 }
+
+/// dockerd's files (all in the lab's dir) and the private mount namespace it runs in.
+pub struct DockerEnv {
+    pub dir: PathBuf,
+    /// The process holding the mount namespace.
+    holder: u32,
+}
+
+/// The image the docker-daemon containers run (they only hold a network namespace; the
+/// bench's servers are started in it from outside, as for every datapath).
+pub const DOCKER_IMAGE: &str = "md-bench-busybox";
+/// Debian's daemon and client by path (another `docker` on PATH may be another client).
+pub const DOCKERD: &str = "/usr/sbin/dockerd";
+pub const DOCKER: &str = "/usr/bin/docker";
+
+/// A private mount namespace for dockerd: /etc, /var/lib and /run are overlays whose upper
+/// layers are on a tmpfs of that namespace (containerd's shim sockets in /run/containerd,
+/// /etc/docker, /run/docker never reach the machine); then sleep.
+const DOCKER_HOLDER: &str = r#"set -e
+mount -t tmpfs md-bench-overlays "$1"
+for d in etc var/lib run; do
+  n=$(echo "$d" | tr / _)
+  mkdir -p "$1/$n/up" "$1/$n/work"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$1/$n/up,workdir=$1/$n/work" "/$d"
+done
+echo ready
+exec sleep 86400
+"#;
+
+/// Removes every container (so their processes go with them), then stops dockerd and waits
+/// until it has exited (a zombie then: the bench, its parent, reaps it when the lab drops).
+const DOCKER_STOP: &str = r#"D="/usr/bin/docker -H unix://$1"
+ids=$($D ps -aq)
+[ -z "$ids" ] || $D rm -f $ids >/dev/null
+pid=$(cat "$2") || exit 0
+kill "$pid" 2>/dev/null || exit 0
+while grep -qs '^State:[[:space:]]*[^Z[:space:]]' "/proc/$pid/status"; do sleep 0.1; done
+"#;
 
 fn netns_path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
@@ -105,6 +145,7 @@ impl Lab {
             bg: Vec::new(),
             teardown: Vec::new(),
             md: None,
+            docker: None,
             log_seq: 0,
         };
         // From here on an error drops `lab`, which removes what was made.
@@ -323,6 +364,158 @@ impl Lab {
             },
             ip,
         ))
+    }
+}
+
+impl Lab {
+    /// Starts Debian's dockerd in the lab's host namespace and a private mount namespace of
+    /// its own, with everything in the lab's dir (data root, exec root, pid file, API socket)
+    /// and a busybox image. Without `md_plugin`: its bridge driver and its iptables rules (in
+    /// the lab's host namespace only; no IPv6). With it (after `enable_md_mode`): `md-user
+    /// docker-plugin --name md` first, in the same mount namespace (so its socket in
+    /// /run/docker/plugins never reaches the machine), and `--iptables=false`. Stopped, its
+    /// containers removed, when the lab is dropped.
+    pub fn enable_docker(&mut self, md_plugin: bool) -> Result<()> {
+        let dir = self.dir.join("docker");
+        let tmpfs = dir.join("overlays");
+        std::fs::create_dir_all(&tmpfs)?;
+        let log = self.log("mount-holder");
+        let mut holder = Bg::spawn(
+            Command::new("unshare")
+                .args(["-m", "--propagation", "slave", "--", "sh", "-c"])
+                .args([DOCKER_HOLDER, "holder"])
+                .arg(&tmpfs),
+            &log,
+            true,
+        )?;
+        let ready = holder.read_line()?;
+        if ready != "ready" {
+            bail!("the mount namespace for dockerd is not ready: {ready}");
+        }
+        self.docker = Some(DockerEnv {
+            dir: dir.clone(),
+            holder: holder.pid(),
+        });
+        self.bg.push(holder);
+        std::fs::write(dir.join("daemon.json"), "{}")?;
+        let sock = format!("unix://{}", dir.join("docker.sock").display());
+        if md_plugin {
+            let md = self.md.as_ref().context("enable_md_mode first")?;
+            let mut plugin = self.docker_cmd(&md.bin.to_string_lossy());
+            plugin
+                .args(["docker-plugin", "--name", "md", "--docker-host", &sock])
+                .env("MD_STATE_DIR", &md.state_dir)
+                .env("MD_BPF_PIN_DIR", &md.pin_dir)
+                .env("MD_UPLINK", UPLINK)
+                .env("MD_BRIDGE", BRIDGE)
+                .env("MD_SUBNET", SUBNET);
+            if let Some(d) = md.datapath {
+                plugin.env("MD_DATAPATH", d);
+            }
+            let log = self.log("docker-plugin");
+            self.bg.push(Bg::spawn(&mut plugin, &log, false)?);
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !std::fs::read_to_string(&log)?.contains("serving Docker's") {
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "md-user docker-plugin does not serve (see {})",
+                        log.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let mut dockerd = self.docker_cmd(DOCKERD);
+        dockerd
+            .arg("--config-file")
+            .arg(dir.join("daemon.json"))
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .args(["-H", &sock])
+            .arg(format!("--iptables={}", !md_plugin))
+            .args([
+                "--ip6tables=false",
+                "--bridge=none",
+                // Published ports are DNAT rules only (no docker-proxy per port).
+                "--userland-proxy=false",
+                "--storage-driver=vfs",
+                "--default-ulimit",
+                "nofile=1024:1024",
+                "--default-ulimit",
+                "nproc=4096:4096",
+            ]);
+        let log = self.log("dockerd");
+        self.bg.push(Bg::spawn(&mut dockerd, &log, false)?);
+        let mut stop = self.docker_cmd("sh");
+        stop.args(["-c", DOCKER_STOP, "stop"])
+            .arg(dir.join("docker.sock"))
+            .arg(dir.join("docker.pid"));
+        self.on_teardown(stop);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.docker(&["version"]).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("dockerd did not come up (see {})", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The image: busybox-static alone, imported.
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin"))?;
+        let busybox = util::which("busybox").context("busybox (busybox-static)")?;
+        std::fs::copy(&busybox, rootfs.join("bin/busybox"))?;
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep"))?;
+        let tar = dir.join("rootfs.tar");
+        sh(&[
+            "tar",
+            "-C",
+            &rootfs.to_string_lossy(),
+            "-cf",
+            &tar.to_string_lossy(),
+            ".",
+        ])?;
+        self.docker(&["import", &tar.to_string_lossy(), DOCKER_IMAGE])?;
+        Ok(())
+    }
+
+    /// `program` in dockerd's mount namespace and the lab's host namespace.
+    pub fn docker_cmd(&self, program: &str) -> Command {
+        let d = self.docker.as_ref().expect("enable_docker first");
+        let mut c = util::command("nsenter");
+        c.arg(format!("--mount=/proc/{}/ns/mnt", d.holder))
+            .arg(format!("--net={}", self.host.path.display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// `docker ARGS` against the lab's dockerd; its stdout.
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
+        let d = self.docker.as_ref().context("enable_docker first")?;
+        let mut c = self.docker_cmd(DOCKER);
+        c.env("DOCKER_CONFIG", d.dir.join("cli"))
+            .arg("-H")
+            .arg(format!("unix://{}", d.dir.join("docker.sock").display()))
+            .args(args);
+        run_ok(&mut c, Duration::from_secs(300))
+    }
+
+    /// The network namespace of Docker container `name` (through its process).
+    pub fn docker_container(&mut self, name: &str) -> Result<Ns> {
+        let pid = self.docker(&["inspect", "--format", "{{.State.Pid}}", name])?;
+        let pid: i32 = pid
+            .trim()
+            .parse()
+            .with_context(|| format!("docker inspect {name}: pid {pid:?}"))?;
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        self.track_ns(&path);
+        Ok(Ns {
+            name: name.to_string(),
+            path,
+        })
     }
 }
 

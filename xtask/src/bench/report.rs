@@ -193,10 +193,10 @@ pub fn table(r: &Results) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | metric | {} | md/best peer | md/iptables | md/plain |",
+        "| scenario | metric | {} | md/best peer | md/iptables | md/plain | docker-md/docker-daemon |",
         dps().join(" | ")
     );
-    let _ = writeln!(s, "|---|---|{}---|---|---|", "---|".repeat(dps().len()));
+    let _ = writeln!(s, "|---|---|{}---|---|---|---|", "---|".repeat(dps().len()));
     for (sc, m, unit) in rows(&sum) {
         let better = match unit.as_str() {
             "Gbit/s" | "req/s" | "conn/s" => " ↑",
@@ -227,12 +227,17 @@ pub fn table(r: &Results) -> String {
                     o.reverse()
                 }
             });
+        // Docker with md against Docker's own bridge driver and iptables (issue 16).
         let _ = write!(
             line,
-            " {} | {} | {} |",
+            " {} | {} | {} | {} |",
             ratio(md, best_peer),
             ratio(md, find(&sum, DOCKER, &sc, &m)),
-            ratio(md, plain)
+            ratio(md, plain),
+            ratio(
+                find(&sum, "docker-md", &sc, &m),
+                find(&sum, "docker-daemon", &sc, &m)
+            )
         );
         s += &line;
         s.push('\n');
@@ -288,6 +293,8 @@ fn color(dp: &str) -> &'static str {
         DOCKER => "#1d63ed",
         "podman-netavark" => "#892ca0",
         "cni-reference" => "#2f9e44",
+        "docker-daemon" => "#0b7285",
+        "docker-md" => "#c2255c",
         "md-stack" => "#f59f00",
         _ => "#e8590c",
     }
@@ -456,6 +463,8 @@ mod tests {
         }
         r.add("md", "1000 ports", "rr p50", 16.0, "µs", 0);
         r.add("docker-iptables", "1000 ports", "rr p50", 32.0, "µs", 0);
+        r.add("docker-daemon", "1000 ports", "rr p50", 40.0, "µs", 0);
+        r.add("docker-md", "1000 ports", "rr p50", 10.0, "µs", 0);
         r
     }
 
@@ -465,17 +474,17 @@ mod tests {
         let base = t.lines().find(|l| l.starts_with("| base")).unwrap();
         assert!(base.contains("11.0 (10.0–12.0)"), "{base}");
         assert!(base.contains("| — |"), "netavark missing: {base}");
-        assert!(base.ends_with("| 0.76 | 1.45 |"), "{base}");
+        assert!(base.ends_with("| 0.76 | 1.45 | — |"), "{base}");
         let scaled = t.lines().find(|l| l.starts_with("| 1000 ports")).unwrap();
-        // md/plain against plain's base value.
-        assert!(scaled.ends_with("| 0.50 | 1.45 |"), "{scaled}");
+        // md/plain against plain's base value; Docker on md against Docker's own.
+        assert!(scaled.ends_with("| 0.50 | 1.45 | 0.25 |"), "{scaled}");
     }
 
     #[test]
     fn chart_is_one_svg_with_a_bar_per_value() {
         let svg = chart(&results().summaries());
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<title>").count(), 5);
+        assert_eq!(svg.matches("<title>").count(), 7);
         // Latency is inverted: plain 11 µs vs docker 21 µs → docker at 52%.
         assert!(svg.contains("docker-iptables: 52%"), "{svg}");
     }

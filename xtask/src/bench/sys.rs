@@ -159,6 +159,10 @@ impl Bg {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The next line of stdout (blocking; the process's own deadline bounds it).
     pub fn read_line(&mut self) -> Result<String> {
         let r = self
