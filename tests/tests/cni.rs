@@ -371,8 +371,15 @@ fn cni_del_after_the_namespace_is_gone() {
     let ip2 = ip_of(&r2);
     assert!(map_has_ip(&lab, "ENDPOINTS", &ip2));
     lab.del_netns(&ns2);
-    // No DEL yet: the next md-user command finds the veth gone and reclaims the rest.
-    assert!(lab.ps().is_empty(), "{:?}", lab.ps());
+    // No DEL yet: the next md-user command finds the veth gone and reclaims the rest. The
+    // kernel dismantles a deleted namespace (and the veth with it) in the background: wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut left = lab.ps();
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left = lab.ps();
+    }
+    assert!(left.is_empty(), "{left:?}");
     assert!(!map_has_ip(&lab, "ENDPOINTS", &ip2));
     lab.cni("DEL", Some(&a2), &conf).ok();
     assert_nothing_left(&lab);
