@@ -13,6 +13,7 @@
 
 pub mod helpers;
 mod lab;
+pub mod model;
 pub mod pkt;
 pub mod process;
 

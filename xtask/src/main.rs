@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod mutants;
 mod test;
 mod toolchain;
 mod util;
@@ -33,6 +34,9 @@ enum Command {
     Toolchain,
     /// Run the demo.
     Demo,
+    /// Mutation score of md-user's port specs, IPAM, policy, state and DNS answers
+    /// (cargo-mutants, installed when missing; slow: not part of `test`).
+    Mutants(mutants::Options),
     /// Run the benchmarks.
     Bench {
         /// Short runs, for a smoke test.
@@ -51,6 +55,7 @@ fn main() {
         Command::Test(opts) => test::run(&opts),
         Command::Toolchain => toolchain::show(),
         Command::Demo => demo::run(),
+        Command::Mutants(opts) => mutants::run(&opts),
         Command::Bench { quick } => bench::run(quick),
         Command::BenchTool(cmd) => bench::tool::run(cmd),
     };
