@@ -9,9 +9,7 @@
 use aya_ebpf::programs::TcContext;
 use md_common::{CtKey, Ip4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::parse::{
-    Pkt, ICMP_CSUM, ICMP_ID, IP_CSUM, IP_DADDR, IP_SADDR, L4, TCP_CSUM, UDP_CSUM,
-};
+use crate::parse::{Pkt, ICMP_CSUM, ICMP_ID, IP_CSUM, IP_DADDR, IP_SADDR, L4, TCP_CSUM, UDP_CSUM};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;

@@ -1,8 +1,8 @@
 //! Translations: published ports (DNAT), masquerade (SNAT), hairpin, and ICMP errors that
 //! quote a translated packet. Each creates both tracker halves, then rewrites the packet.
 
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use md_common::{
     CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
     CT_KIND_HAIRPIN, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT, HOST_ADDR_GATEWAY,

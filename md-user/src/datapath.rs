@@ -312,8 +312,7 @@ impl Datapath {
 
     /// The interface a pinned TC attachment is on: None when it is no live TCX link.
     pub fn tc_pin_ifindex(&self, pin_name: &str, hook: Hook) -> Option<u32> {
-        tcx_link_ifindex(&self.link_pin(&format!("{pin_name}-{}", hook.name())))
-            .filter(|i| *i != 0)
+        tcx_link_ifindex(&self.link_pin(&format!("{pin_name}-{}", hook.name()))).filter(|i| *i != 0)
     }
 
     /// Removes a TC attachment made by `attach_tc` (the pin; an interface that is gone took

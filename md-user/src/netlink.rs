@@ -7,9 +7,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
-        link::{
-            InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage,
-        },
+        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
         route::{RouteAttribute, RouteMessage},
     },
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,

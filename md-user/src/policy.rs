@@ -154,4 +154,59 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(s.identity_for("a"), a);
     }
+
+    #[test]
+    fn verdicts_map_to_the_datapath_values() {
+        assert_eq!(Verdict::Allow.map_value(), POLICY_ALLOW);
+        assert_eq!(Verdict::Deny.map_value(), POLICY_DENY);
+        assert_eq!(Verdict::Allow.to_string(), "allow");
+        assert_eq!(Verdict::Deny.to_string(), "deny");
+        assert_eq!(Verdict::default(), Verdict::Allow);
+    }
+
+    #[test]
+    fn set_keys_rules_by_both_names() {
+        let mut p = PolicyState::default();
+        assert!(p.set("a", "c", Verdict::Deny));
+        assert!(p.set("a", "d", Verdict::Allow));
+        assert!(p.set("b", "c", Verdict::Allow));
+        let got: Vec<_> = p
+            .rules
+            .iter()
+            .map(|r| (r.from.as_str(), r.to.as_str(), r.verdict))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", "c", Verdict::Deny),
+                ("a", "d", Verdict::Allow),
+                ("b", "c", Verdict::Allow)
+            ]
+        );
+    }
+
+    /// Without a loaded datapath, rules only get identities (written when it loads) and a
+    /// sync fails (the default verdict lives in CONFIG).
+    #[test]
+    fn rules_without_a_datapath() {
+        let dp = Datapath::new(std::path::Path::new("/nonexistent/md-policy-test"));
+        let mut s = State::default();
+        let rule = Rule {
+            from: "web".into(),
+            to: "db".into(),
+            verdict: Verdict::Deny,
+        };
+        assert_eq!(drops(&dp, &s, &rule), 0, "no identities yet");
+        install(&dp, &mut s, &rule).unwrap();
+        assert_eq!(s.identities.get("web"), Some(&1));
+        assert_eq!(s.identities.get("db"), Some(&2));
+        assert_eq!(drops(&dp, &s, &rule), 0, "no map to read");
+        s.policy.rules.push(Rule {
+            from: "cache".into(),
+            to: "db".into(),
+            verdict: Verdict::Allow,
+        });
+        assert!(sync(&dp, &mut s).is_err());
+        assert_eq!(s.identities.get("cache"), Some(&3));
+    }
 }

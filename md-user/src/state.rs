@@ -305,4 +305,117 @@ mod tests {
         assert_eq!(fs::read_to_string(&counter_file).unwrap(), "160");
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn iface(network: &str, ip: [u8; 4]) -> Interface {
+        Interface {
+            network: network.into(),
+            ip: Ipv4Addr::from(ip),
+            mac: [0; 6],
+            veth: String::new(),
+            ifindex: 0,
+            name: "eth0".into(),
+        }
+    }
+
+    fn container(name: &str, ifaces: Vec<Interface>) -> Container {
+        let json = serde_json::json!({
+            "name": name, "id": "x", "hostname": name, "interfaces": [], "ports": [],
+            "cmd": [], "pid": 0, "pid_start": 0, "supervisor_pid": 0, "supervisor_start": 0,
+            "status": "running", "detached": true, "created_unix": 0
+        });
+        let mut c: Container = serde_json::from_value(json).unwrap();
+        c.interfaces = ifaces;
+        c
+    }
+
+    #[test]
+    fn containers_and_their_addresses() {
+        let c = container(
+            "web",
+            vec![iface("a", [10, 0, 0, 2]), iface("b", [10, 1, 0, 2])],
+        );
+        assert_eq!(
+            c.mode, "bridge",
+            "a saved container without a mode is on the default network"
+        );
+        assert_eq!(c.primary_ip(), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert!(c.on_network("a") && c.on_network("b") && !c.on_network("c"));
+        assert_eq!(container("none", vec![]).primary_ip(), None);
+        let mut s = State::default();
+        s.containers.insert("web".into(), c);
+        let db = container("db", vec![iface("a", [10, 0, 0, 3])]);
+        s.containers.insert("db".into(), db);
+        let a: HashSet<_> = [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)].into();
+        assert_eq!(s.used_ips("a"), a);
+        assert_eq!(s.used_ips("b"), [Ipv4Addr::new(10, 1, 0, 2)].into());
+        assert!(s.used_ips("c").is_empty());
+    }
+
+    #[test]
+    fn identities_are_pruned_when_nothing_uses_them() {
+        let mut s = State::default();
+        s.containers.insert("web".into(), container("web", vec![]));
+        for n in ["web", "gone", "db", "cache"] {
+            s.identity_for(n);
+        }
+        s.policy.set("cache", "db", crate::policy::Verdict::Deny);
+        s.prune_identities();
+        let left: Vec<_> = s.identities.keys().map(String::as_str).collect();
+        assert_eq!(left, ["cache", "db", "web"]);
+        // Identities are never reused.
+        assert_eq!(s.identity_for("new"), 5);
+    }
+
+    #[test]
+    fn paths_under_the_state_directory() {
+        let sd = StateDir::new(Path::new("/x/state"));
+        assert_eq!(sd.file(), Path::new("/x/state/state.json"));
+        assert_eq!(sd.log_file("web"), Path::new("/x/state/logs/web.log"));
+        assert_eq!(
+            sd.container_dir("web"),
+            Path::new("/x/state/containers/web")
+        );
+    }
+
+    #[test]
+    fn empty_broken_and_unreadable_state_files() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        // No file, an empty file: a fresh state.
+        assert!(sd.peek().unwrap().identities.is_empty());
+        fs::write(dir.join("state.json"), "").unwrap();
+        assert!(sd.lock().unwrap().state.identities.is_empty());
+        assert!(sd.peek().unwrap().identities.is_empty());
+        // Content is read by both.
+        fs::write(dir.join("state.json"), r#"{"identities":{"web":7}}"#).unwrap();
+        assert_eq!(sd.lock().unwrap().state.identities["web"], 7);
+        assert_eq!(sd.peek().unwrap().identities["web"], 7);
+        // Garbage is an error, not a silent reset.
+        fs::write(dir.join("state.json"), "{not json").unwrap();
+        assert!(sd.lock().is_err());
+        assert!(sd.peek().is_err());
+        // A state file that cannot be read is an error too.
+        fs::remove_file(dir.join("state.json")).unwrap();
+        fs::create_dir(dir.join("state.json")).unwrap();
+        assert!(sd.lock().is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn remove_resets_and_deletes() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        let mut l = sd.lock().unwrap();
+        l.state.identity_for("web");
+        l.save().unwrap();
+        assert!(dir.join("state.json").exists());
+        l.remove().unwrap();
+        assert!(l.state.identities.is_empty());
+        assert!(!dir.join("state.json").exists());
+        l.remove().unwrap(); // already gone: fine
+        fs::create_dir(dir.join("state.json")).unwrap();
+        assert!(l.remove().is_err(), "a state path that cannot be removed");
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
