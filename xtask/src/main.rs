@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod dp_mutants;
 mod mutants;
 mod test;
 mod toolchain;
@@ -37,6 +38,9 @@ enum Command {
     /// Mutation score of md-user's port specs, IPAM, policy, state and DNS answers
     /// (cargo-mutants, installed when missing; slow: not part of `test`).
     Mutants(mutants::Options),
+    /// Hand-made mutants of md-ebpf (skipped checksum, skipped source check, allow-all policy,
+    /// BPF_ANY tracker insert, ...): each must fail a BPF test (root).
+    DatapathMutants(dp_mutants::Options),
     /// Run the benchmarks.
     Bench {
         /// Short runs, for a smoke test.
@@ -56,6 +60,7 @@ fn main() {
         Command::Toolchain => toolchain::show(),
         Command::Demo => demo::run(),
         Command::Mutants(opts) => mutants::run(&opts),
+        Command::DatapathMutants(opts) => dp_mutants::run(&opts),
         Command::Bench { quick } => bench::run(quick),
         Command::BenchTool(cmd) => bench::tool::run(cmd),
     };
