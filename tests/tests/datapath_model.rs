@@ -1040,16 +1040,20 @@ impl<'a> Case<'a> {
             return;
         };
         let partner = k(&e.e.nat_tuple(key.4).reversed());
-        for (map, key) in [(map, key), (0, partner), (1, partner)] {
-            let Some(m) = self.model.ct[map].get_mut(&key) else {
+        for (map, half) in [(map, key), (0, partner), (1, partner)] {
+            let Some(m) = self.model.ct[map].get_mut(&half) else {
                 continue;
             };
+            // Only this flow's halves: another flow may hold the partner's tuple.
+            if half != key && k(&m.e.nat_tuple(key.4).reversed()) != key {
+                continue;
+            }
             m.exp = Expiry::Dead;
             let mut v = m.e;
             v.expires_ns = 1;
             self.bpf
                 .hash::<CtKey, CtEntry>(m::TRACKERS[map])
-                .insert(ck(&key), v, 0)
+                .insert(ck(&half), v, 0)
                 .unwrap();
         }
     }

@@ -18,10 +18,13 @@ use md_tests::{helpers::run_d, require_e2e, Lab, HOST_UPLINK_IP, OUTSIDE_IP};
 use serde_json::Value;
 
 const SESSIONS: usize = 32;
-/// New masqueraded flows per second (half TCP, half UDP): with UDP's 60 s lifetime and two
-/// entries per flow, enough to keep the answered tracker near capacity over a long run.
+/// New masqueraded flows per second (half TCP, half UDP): 1,200 UDP flows/s with UDP's 60 s
+/// lifetime and two entries per flow is 144,000 entries, above the answered tracker's 131,072.
 const CHURN_RATE: u64 = 2400;
 const SYN_RATE: u64 = 4000;
+/// UDP destination ports outside: one masquerade port range per destination port, so the
+/// answered tracker fills before NAT ports run out.
+const UDP_PORTS: u16 = 64;
 
 fn soak_bin() -> &'static str {
     env!("CARGO_BIN_EXE_md-soak")
@@ -91,9 +94,10 @@ fn soak_established_flows_survive_tracker_capacity_and_syn_flood() {
 
     // Servers: an echo outside (TCP and UDP), an echo in srv published on 8080.
     let _out_tcp = lab.spawn_outside(&[bin, "tcp-echo", "7001"]);
-    let _out_udp = lab.spawn_outside(&[bin, "udp-echo", "7002"]);
+    let udp_ports = UDP_PORTS.to_string();
+    let _out_udp = lab.spawn_outside(&[bin, "udp-echo", "7100", &udp_ports]);
     lab.wait_listening_outside("tcp", 7001);
-    lab.wait_listening_outside("udp", 7002);
+    lab.wait_listening_outside("udp", 7100);
     run_d(
         &lab,
         "srv",
@@ -114,9 +118,12 @@ fn soak_established_flows_survive_tracker_capacity_and_syn_flood() {
 
     // Load: new flows at the tracker's capacity, pings, and a SYN flood on the published port.
     let secs_s = secs.to_string();
-    let out_udp = format!("{OUTSIDE_IP}:7002");
+    let out_udp = format!("{OUTSIDE_IP}:7100");
     let rate = CHURN_RATE.to_string();
-    let mut churn = lab.spawn_exec("cli", &[bin, "churn", &out_tcp, &out_udp, &rate, &secs_s]);
+    let mut churn = lab.spawn_exec(
+        "cli",
+        &[bin, "churn", &out_tcp, &out_udp, &udp_ports, &rate, &secs_s],
+    );
     let mut ping = lab.spawn_exec(
         "cli",
         &["ping", "-q", "-i", "0.01", "-w", &secs_s, OUTSIDE_IP],

@@ -3,11 +3,12 @@
 //! object per status line, the last one with its totals.
 //!
 //! - `tcp-echo PORT`: TCP server that echoes every line, one thread per connection.
-//! - `udp-echo PORT`: UDP server that sends every datagram back.
+//! - `udp-echo PORT COUNT`: UDP servers on PORT..PORT+COUNT that send every datagram back.
 //! - `sessions ADDR N INTERVAL_MS SECS`: N long-lived TCP connections, each echoing a line
 //!   every INTERVAL_MS; a connection that fails once is counted lost (never reopened).
-//! - `churn TCP_ADDR UDP_ADDR RATE SECS`: RATE new flows per second, alternately a TCP
-//!   connection (connect, one echo, close) and a UDP exchange from a fresh socket.
+//! - `churn TCP_ADDR UDP_ADDR UDP_PORTS RATE SECS`: about RATE new flows per second, half TCP
+//!   connections (connect, one echo, close), half UDP exchanges from fresh sockets spread over
+//!   UDP_PORTS destination ports (one destination alone would run out of NAT ports first).
 //! - `syn-flood DST_IP DST_PORT RATE SECS`: RATE SYNs per second from spoofed sources in
 //!   198.51.100.0/24 and 203.0.113.0/24 (the lab's outside ranges), random ports; raw socket.
 
@@ -27,7 +28,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("tcp-echo") => tcp_echo(arg(&args, 1, "port")),
-        Some("udp-echo") => udp_echo(arg(&args, 1, "port")),
+        Some("udp-echo") => udp_echo(arg(&args, 1, "port"), arg(&args, 2, "count")),
         Some("sessions") => sessions(
             arg(&args, 1, "addr"),
             arg(&args, 2, "n"),
@@ -37,8 +38,9 @@ fn main() {
         Some("churn") => churn(
             arg(&args, 1, "tcp addr"),
             arg(&args, 2, "udp addr"),
-            arg(&args, 3, "rate"),
-            arg(&args, 4, "secs"),
+            arg(&args, 3, "udp ports"),
+            arg(&args, 4, "rate"),
+            arg(&args, 5, "secs"),
         ),
         Some("syn-flood") => syn_flood(
             arg(&args, 1, "dst ip"),
@@ -70,14 +72,23 @@ fn tcp_echo(port: u16) {
     }
 }
 
-fn udp_echo(port: u16) {
-    let s = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
-    println!("listening udp {port}");
-    let mut buf = [0u8; 2048];
-    loop {
-        if let Ok((n, peer)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], peer);
-        }
+fn udp_echo(port: u16, count: u16) {
+    let servers: Vec<_> = (port..port + count)
+        .map(|p| {
+            let s = UdpSocket::bind(("0.0.0.0", p)).expect("bind");
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                loop {
+                    if let Ok((n, peer)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(&buf[..n], peer);
+                    }
+                }
+            })
+        })
+        .collect();
+    println!("listening udp {port}-{}", port + count - 1);
+    for t in servers {
+        let _ = t.join();
     }
 }
 
@@ -122,24 +133,41 @@ fn sessions(addr: SocketAddr, n: usize, interval_ms: u64, secs: u64) {
     println!("{{\"done\":true,\"sessions\":{n},\"lost\":{lost},\"echoes\":{echoes}}}");
 }
 
-fn churn(tcp: SocketAddr, udp: SocketAddr, rate: u64, secs: u64) {
+/// UDP exchanges wait for their answer: several workers keep the rate up.
+const UDP_WORKERS: u64 = 8;
+
+fn churn(tcp: SocketAddr, udp: SocketAddr, udp_ports: u16, rate: u64, secs: u64) {
     let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
     let start = Instant::now();
-    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-    // Two workers: TCP connections block on round trips, UDP exchanges do not wait long.
-    let workers: Vec<_> = [true, false]
-        .into_iter()
-        .map(|is_tcp| {
+    let workers: Vec<_> = (0..=UDP_WORKERS)
+        .map(|w| {
             let counts = counts.clone();
+            // Worker 0: TCP at rate/2; the others share rate/2 of UDP.
+            let per_sec = if w == 0 {
+                rate / 2
+            } else {
+                rate / 2 / UDP_WORKERS
+            };
+            let period = Duration::from_secs_f64(1.0 / per_sec.max(1) as f64);
             std::thread::spawn(move || {
                 let mut next = Instant::now();
+                let mut i = w as u16;
                 while start.elapsed() < Duration::from_secs(secs) {
-                    let ok = if is_tcp { tcp_once(tcp) } else { udp_once(udp) };
-                    let i = usize::from(!is_tcp) * 2 + usize::from(!ok);
-                    counts[i].fetch_add(1, Ordering::Relaxed);
-                    next += period * 2;
-                    if let Some(d) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(d);
+                    let ok = if w == 0 {
+                        tcp_once(tcp)
+                    } else {
+                        i = i.wrapping_add(UDP_WORKERS as u16);
+                        let mut to = udp;
+                        to.set_port(udp.port() + i % udp_ports.max(1));
+                        udp_once(to)
+                    };
+                    let k = usize::from(w != 0) * 2 + usize::from(!ok);
+                    counts[k].fetch_add(1, Ordering::Relaxed);
+                    next += period;
+                    match next.checked_duration_since(Instant::now()) {
+                        Some(d) => std::thread::sleep(d),
+                        // Behind schedule (a lost answer waited): do not burst to catch up.
+                        None => next = Instant::now(),
                     }
                 }
             })
@@ -191,7 +219,7 @@ fn udp_once(addr: SocketAddr) -> bool {
     let Ok(s) = UdpSocket::bind("0.0.0.0:0") else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
     let mut buf = [0u8; 64];
     s.send_to(b"churn", addr).is_ok() && s.recv_from(&mut buf).is_ok_and(|(n, _)| n == 5)
 }
