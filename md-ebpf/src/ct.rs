@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop},
 };
 use md_common::{
     Config, CtEntry, CtKey, CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_ICMP, IPPROTO_TCP, TCP_CLOSING,
@@ -428,22 +428,61 @@ fn create(f: &mut NewFlow, p: &Pkt) -> i64 {
     0
 }
 
+/// The state of a NAT port search, shared with [`try_port`] through bpf_loop.
+struct PortSearch {
+    f: *mut NewFlow,
+    p: *const Pkt,
+    min: u32,
+    span: u32,
+    start: u32,
+    /// The port found, or 0.
+    found: u32,
+}
+
+/// One try of the NAT port search: port `min + (start + i) % span`; stops the loop (1) when
+/// the flow went in with it.
+extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let s = unsafe { &mut *(ctx as *mut PortSearch) };
+    if s.span == 0 {
+        return 1;
+    }
+    let port = (s.min + (s.start.wrapping_add(i as u32)) % s.span) as u16;
+    let (f, p) = unsafe { (&mut *s.f, &*s.p) };
+    f.reply.dport = port;
+    f.orig_e.nat_sport = port;
+    if create(f, p) == 0 {
+        s.found = port as u32;
+        return 1;
+    }
+    0
+}
+
 /// Picks a source port (or ICMP identifier) for a translated flow whose original half says
 /// "becomes (nat address, port)" and whose reply tuple carries that port as destination.
-/// Starts at a random port in CONFIG's range and steps on clashes.
+/// Starts at a random port in CONFIG's range and steps on clashes. The tries run under
+/// bpf_loop: an unrolled loop would have the verifier walk `create` once per try.
 #[inline(always)]
 fn create_with_port(f: &mut NewFlow, p: &Pkt) -> Option<u16> {
     let cfg = crate::config()?;
     let min = cfg.nat_port_min as u32;
-    let span = (cfg.nat_port_max as u32).saturating_sub(min) + 1;
-    let start = unsafe { bpf_get_prandom_u32() } % span;
-    for i in 0..NAT_PORT_TRIES {
-        let port = (min + (start + i) % span) as u16;
-        f.reply.dport = port;
-        f.orig_e.nat_sport = port;
-        if create(f, p) == 0 {
-            return Some(port);
-        }
-    }
-    None
+    let span = (cfg.nat_port_max as u32)
+        .saturating_sub(min)
+        .saturating_add(1);
+    let mut s = PortSearch {
+        f,
+        p,
+        min,
+        span,
+        start: unsafe { bpf_get_prandom_u32() } % span,
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            NAT_PORT_TRIES,
+            try_port as *mut core::ffi::c_void,
+            &mut s as *mut PortSearch as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    (s.found != 0).then_some(s.found as u16)
 }

@@ -85,11 +85,38 @@ pub enum Command {
     Stats {
         #[arg(long)]
         json: bool,
+        /// Print what `md-user metrics` serves (Prometheus text format), once.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
     },
     /// Stream datapath events (drops, new NAT bindings, policy verdicts) as they happen.
     Monitor {
+        /// One JSON object per line, with what flow logs need (wall-clock time, the tuple
+        /// before and after translation, container names, verdict, reason).
         #[arg(long)]
         json: bool,
+        /// Write the lines to FILE (appending) instead of stdout, rotating it by size.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Rotate FILE once it grows past SIZE (bytes, or with a K, M or G suffix).
+        #[arg(long, value_name = "SIZE", default_value = "10M", requires = "output",
+              value_parser = crate::flowlog::parse_size)]
+        max_size: u64,
+        /// Files kept, FILE included (older ones are FILE.1, FILE.2, ...).
+        #[arg(long, value_name = "N", default_value_t = 5, requires = "output",
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
+        max_files: u32,
+    },
+    /// Serve /metrics in the Prometheus text format until killed (run it in md's host
+    /// namespace).
+    Metrics {
+        /// Address and port to listen on, e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// Have the kernel count BPF program run time while serving (BPF_ENABLE_STATS; on
+        /// for every BPF program of the host, off again when md-user exits).
+        #[arg(long)]
+        bpf_stats: bool,
     },
     /// User-defined networks: each its own bridge and subnet, isolated from the others.
     #[command(subcommand)]
@@ -110,6 +137,16 @@ pub enum Command {
     Watch {
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
+    },
+    /// Internal: PID 1 of a container's PID namespace; starts CMD, forwards signals, reaps.
+    #[command(name = "__init", hide = true)]
+    Init {
+        #[arg(long)]
+        ready_fd: i32,
+        #[arg(long)]
+        program: PathBuf,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
     },
     /// Network settings of a container (address, gateway, MAC, veth, ports, policies).
     Inspect {
@@ -203,6 +240,10 @@ pub struct RunArgs {
     /// Static address on the network (checked for conflicts).
     #[arg(long)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Keep every capability and the host's PID namespace. By default CMD gets Docker's
+    /// default capabilities and a PID namespace of its own.
+    #[arg(long)]
+    pub privileged: bool,
     /// Internal: run as the detached supervisor, reporting readiness on this fd.
     #[arg(long, hide = true)]
     pub ready_fd: Option<i32>,

@@ -168,7 +168,7 @@ impl Datapath {
         }
     }
 
-    fn prog_pin(&self, name: &str) -> PathBuf {
+    pub fn prog_pin(&self, name: &str) -> PathBuf {
         self.pin_dir.join("progs").join(name)
     }
 
@@ -388,7 +388,7 @@ impl Datapath {
         Map::from_map_data(data).with_context(|| format!("opening map {name}"))
     }
 
-    fn hash<K: Pod, V: Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
+    pub fn hash<K: Pod, V: Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
         Ok(HashMap::try_from(self.map_data(name)?)?)
     }
 

@@ -10,6 +10,10 @@ use std::{
     io::Write,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -18,7 +22,10 @@ use hickory_proto::{
     op::{Message, MessageType, ResponseCode},
     rr::{rdata::A, DNSClass, RData, Record, RecordType},
 };
-use tokio::net::UdpSocket;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
 
 use crate::state::{Container, State, StateDir};
 
@@ -46,6 +53,20 @@ fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option
         .map(|i| i.ip)
 }
 
+fn is_a_name(state: &State, name: &str) -> bool {
+    state
+        .containers
+        .values()
+        .any(|c| c.name.eq_ignore_ascii_case(name))
+}
+
+/// The hostname `c` is also known by, unless it is just its name or some container's name:
+/// names win, so `--hostname web` cannot take the name of a container `web`.
+fn alias(state: &State, c: &Container) -> Option<String> {
+    (!c.hostname.eq_ignore_ascii_case(&c.name) && !is_a_name(state, &c.hostname))
+        .then(|| c.hostname.clone())
+}
+
 /// Resolves a container name (or hostname) for someone on `nets`.
 pub fn lookup(
     state: &State,
@@ -54,10 +75,17 @@ pub fn lookup(
     name: &str,
 ) -> Option<Ipv4Addr> {
     let name = name.trim_end_matches('.');
+    let by_name = is_a_name(state, name);
     state
         .containers
         .values()
-        .filter(|c| c.name.eq_ignore_ascii_case(name) || c.hostname.eq_ignore_ascii_case(name))
+        .filter(|c| {
+            if by_name {
+                c.name.eq_ignore_ascii_case(name)
+            } else {
+                c.hostname.eq_ignore_ascii_case(name)
+            }
+        })
         .find_map(|c| shared_ip(c, nets, network))
 }
 
@@ -68,12 +96,9 @@ fn networks_of(c: &Container) -> Vec<String> {
 /// /etc/hosts of a container: localhost, itself, and its peers on the networks it is on.
 pub fn render_hosts(state: &State, c: &Container) -> String {
     let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    let own = |c: &Container| {
-        if c.hostname == c.name {
-            c.name.clone()
-        } else {
-            format!("{} {}", c.hostname, c.name)
-        }
+    let own = |c: &Container| match alias(state, c) {
+        Some(h) => format!("{h} {}", c.name),
+        None => c.name.clone(),
     };
     match c.primary_ip() {
         Some(ip) => s.push_str(&format!("{ip}\t{}\n", own(c))),
@@ -172,7 +197,98 @@ pub fn answer(state: &State, network: &str, asker: Ipv4Addr, query: &Message) ->
     Some(m)
 }
 
-/// The resolver process (`md-user __dns`).
+/// How long a TCP client may stay silent before the resolver closes its connection (RFC 7766
+/// asks for an idle timeout; 10 s is what it suggests to start from).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// TCP connections served at once; more are closed at once (the clients retry).
+const TCP_MAX: usize = 64;
+
+/// The state as the resolver last read it, read again when state.json changes.
+struct Names {
+    dir: StateDir,
+    file: PathBuf,
+    mtime: Option<SystemTime>,
+    state: State,
+}
+
+impl Names {
+    fn new(state_dir: &Path) -> Names {
+        let dir = StateDir::new(state_dir);
+        let state = dir.peek().unwrap_or_default();
+        Names {
+            dir,
+            file: state_dir.join("state.json"),
+            mtime: None,
+            state,
+        }
+    }
+
+    fn current(&mut self) -> &State {
+        let m = fs::metadata(&self.file).and_then(|m| m.modified()).ok();
+        if m != self.mtime {
+            self.state = self.dir.peek().unwrap_or_default();
+            self.mtime = m;
+        }
+        &self.state
+    }
+}
+
+/// What to do with one query.
+#[derive(Debug, PartialEq)]
+enum Reply {
+    Now(Vec<u8>),
+    Forward,
+    Nothing,
+}
+
+/// The resolver's decision for a query from `asker`, the same over UDP and TCP.
+fn reply(state: &State, network: &str, asker: std::net::IpAddr, query: &[u8]) -> Reply {
+    let std::net::IpAddr::V4(asker) = asker else {
+        return Reply::Nothing;
+    };
+    // Only md's containers may ask: the gateway address may be reachable from elsewhere, and
+    // an open forwarder is not what md runs.
+    if !state
+        .containers
+        .values()
+        .any(|c| c.interfaces.iter().any(|i| i.ip == asker))
+    {
+        return refused(query).map_or(Reply::Nothing, Reply::Now);
+    }
+    if let Ok(msg) = Message::from_vec(query) {
+        if let Some(reply) = answer(state, network, asker, &msg) {
+            return reply.to_vec().map_or(Reply::Nothing, Reply::Now);
+        }
+    }
+    Reply::Forward
+}
+
+/// What every query handler shares.
+struct Resolver {
+    names: Mutex<Names>,
+    network: String,
+    resolv_conf: PathBuf,
+    own: std::net::IpAddr,
+    /// How long a TCP client may stay silent ([`TCP_IDLE`]).
+    idle: Duration,
+}
+
+impl Resolver {
+    fn decide(&self, asker: std::net::IpAddr, query: &[u8]) -> Reply {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        reply(names.current(), &self.network, asker, query)
+    }
+
+    /// The upstream servers, never ourselves.
+    fn upstreams(&self) -> Vec<SocketAddr> {
+        upstreams(&self.resolv_conf)
+            .into_iter()
+            .filter(|u| u.ip() != self.own)
+            .collect()
+    }
+}
+
+/// The resolver process (`md-user __dns`): UDP and TCP on the same address.
 pub async fn serve(
     state_dir: PathBuf,
     network: String,
@@ -182,66 +298,136 @@ pub async fn serve(
 ) -> Result<()> {
     let sock = UdpSocket::bind(listen)
         .await
-        .with_context(|| format!("binding the resolver to {listen}"))?;
+        .with_context(|| format!("binding the resolver to {listen} (udp)"))?;
+    let tcp = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the resolver to {listen} (tcp)"))?;
     if let Some(mut r) = ready {
         let _ = r.write_all(b"ok");
     }
-    let sock = std::sync::Arc::new(sock);
+    let sock = Arc::new(sock);
     let dir = StateDir::new(&state_dir);
-    let state_file = state_dir.join("state.json");
-    let mut state = dir.peek().unwrap_or_default();
-    let mut mtime: Option<SystemTime> = None;
-    let own = std::net::IpAddr::V4(*listen.ip());
+    let res = Arc::new(Resolver {
+        names: Mutex::new(Names::new(&state_dir)),
+        network,
+        resolv_conf,
+        own: std::net::IpAddr::V4(*listen.ip()),
+        idle: TCP_IDLE,
+    });
+    let conns = Arc::new(AtomicUsize::new(0));
     let mut buf = vec![0u8; 4096];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             r = sock.recv_from(&mut buf) => {
                 let (n, peer) = r?;
-                let m = fs::metadata(&state_file).and_then(|m| m.modified()).ok();
-                if m != mtime {
-                    state = dir.peek().unwrap_or_default();
-                    mtime = m;
-                }
-                let asker = match peer.ip() {
-                    std::net::IpAddr::V4(ip) => ip,
-                    _ => continue,
-                };
                 let query = &buf[..n];
-                // Only md's containers may ask: the gateway address may be reachable from
-                // elsewhere, and an open forwarder is not what md runs.
-                if !state.containers.values().any(|c| c.interfaces.iter().any(|i| i.ip == asker)) {
-                    if let Some(r) = refused(query) {
-                        let _ = sock.send_to(&r, peer).await;
+                match res.decide(peer.ip(), query) {
+                    Reply::Now(bytes) => {
+                        let _ = sock.send_to(&bytes, peer).await;
                     }
+                    Reply::Nothing => {}
+                    Reply::Forward => {
+                        let (q, sock, ups) = (query.to_vec(), sock.clone(), res.upstreams());
+                        tokio::spawn(async move {
+                            if let Some(resp) = forward(&q, &ups).await {
+                                let _ = sock.send_to(&resp, peer).await;
+                            }
+                        });
+                    }
+                }
+            }
+            r = tcp.accept() => {
+                let Ok((stream, peer)) = r else { continue };
+                if conns.fetch_add(1, Ordering::Relaxed) >= TCP_MAX {
+                    conns.fetch_sub(1, Ordering::Relaxed);
                     continue;
                 }
-                if let Ok(msg) = Message::from_vec(query) {
-                    if let Some(reply) = answer(&state, &network, asker, &msg) {
-                        if let Ok(bytes) = reply.to_vec() {
-                            let _ = sock.send_to(&bytes, peer).await;
-                        }
-                        continue;
-                    }
-                }
-                let ups: Vec<SocketAddr> = upstreams(&resolv_conf).into_iter().filter(|u| u.ip() != own).collect();
-                let q = query.to_vec();
-                let sock = sock.clone();
+                let (res, conns) = (res.clone(), conns.clone());
                 tokio::spawn(async move {
-                    if let Some(resp) = forward(&q, &ups).await {
-                        let _ = sock.send_to(&resp, peer).await;
-                    }
+                    serve_tcp(stream, peer, &res).await;
+                    conns.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             _ = tick.tick() => {
                 // Gone with the network's last container, even if nobody told us.
                 let s = dir.peek().unwrap_or_default();
-                if !s.containers.values().any(|c| c.on_network(&network)) {
+                if !s.containers.values().any(|c| c.on_network(&res.network)) {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// One TCP connection: queries with a two-byte length prefix (RFC 1035 4.2.2), answered in
+/// order, until the client closes, stays idle too long, or a query gets no answer.
+async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, res: &Resolver) {
+    while let Some(query) = read_framed(&mut stream, res.idle).await {
+        let resp = match res.decide(peer.ip(), &query) {
+            Reply::Now(bytes) => Some(bytes),
+            Reply::Nothing => None,
+            Reply::Forward => {
+                let ups = res.upstreams();
+                match forward_tcp(&query, &ups).await {
+                    Some(r) => Some(r),
+                    None => forward(&query, &ups).await,
+                }
+            }
+        };
+        let Some(resp) = resp else { return };
+        if !write_framed(&mut stream, &resp, res.idle).await {
+            return;
+        }
+    }
+}
+
+/// One length-prefixed message, or None at EOF, an error or after `idle`.
+async fn read_framed<S: AsyncRead + Unpin>(s: &mut S, idle: Duration) -> Option<Vec<u8>> {
+    let mut len = [0u8; 2];
+    tokio::time::timeout(idle, s.read_exact(&mut len))
+        .await
+        .ok()?
+        .ok()?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    tokio::time::timeout(idle, s.read_exact(&mut msg))
+        .await
+        .ok()?
+        .ok()?;
+    Some(msg)
+}
+
+async fn write_framed<S: AsyncWrite + Unpin>(s: &mut S, msg: &[u8], idle: Duration) -> bool {
+    let Ok(len) = u16::try_from(msg.len()) else {
+        return false;
+    };
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    matches!(
+        tokio::time::timeout(idle, s.write_all(&out)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Relays a query over TCP to the first upstream that answers (the client asked over TCP,
+/// most likely because the UDP answer was truncated).
+async fn forward_tcp(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for up in upstreams {
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(up)).await
+        else {
+            continue;
+        };
+        let wait = Duration::from_secs(2);
+        if !write_framed(&mut s, query, wait).await {
+            continue;
+        }
+        if let Some(resp) = read_framed(&mut s, wait).await {
+            return Some(resp);
+        }
+    }
+    None
 }
 
 fn refused(query: &[u8]) -> Option<Vec<u8>> {
@@ -318,6 +504,7 @@ mod tests {
             status: Status::Running,
             detached: true,
             created_unix: 0,
+            privileged: false,
         }
     }
 
@@ -392,6 +579,122 @@ mod tests {
         assert!(!h.contains("\ta\n"));
         let r = render_resolv(&s, &s.containers["c"]).unwrap();
         assert!(r.contains("nameserver 10.9.0.1"));
+    }
+
+    #[test]
+    fn names_win_over_hostnames() {
+        let mut s = lab();
+        // d claims a's name as its hostname; e has a hostname of its own.
+        let mut d = container("d", &[("bridge", [172, 18, 0, 5])]);
+        d.hostname = "A".into();
+        let mut e = container("e", &[("bridge", [172, 18, 0, 6])]);
+        e.hostname = "mail".into();
+        s.containers.insert("d".into(), d);
+        s.containers.insert("e".into(), e);
+        for asker in [[172, 18, 0, 2], [172, 18, 0, 5]] {
+            let m = ask(&s, "bridge", asker, "a", RecordType::A).unwrap();
+            assert_eq!(a_record(&m), Some(Ipv4Addr::new(172, 18, 0, 2)));
+        }
+        let m = ask(&s, "bridge", [172, 18, 0, 2], "mail", RecordType::A).unwrap();
+        assert_eq!(a_record(&m), Some(Ipv4Addr::new(172, 18, 0, 6)));
+        for c in ["a", "d"] {
+            let h = render_hosts(&s, &s.containers[c]);
+            assert!(h.contains("172.18.0.2\ta\n"), "{c}: {h}");
+            assert!(h.contains("172.18.0.5\td\n"), "{c}: {h}");
+            assert!(h.contains("172.18.0.6\tmail e\n"), "{c}: {h}");
+        }
+        // A name that is nobody's name any more frees the hostname.
+        s.containers.remove("a");
+        let m = ask(&s, "bridge", [172, 18, 0, 6], "a", RecordType::A).unwrap();
+        assert_eq!(a_record(&m), Some(Ipv4Addr::new(172, 18, 0, 5)));
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut q = Message::new();
+        q.set_id(id)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        q.to_vec().unwrap()
+    }
+
+    #[test]
+    fn same_decision_for_members_only() {
+        let s = lab();
+        let member = std::net::IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
+        let Reply::Now(r) = reply(&s, "bridge", member, &query(1, "b")) else {
+            panic!("a member asking for a peer gets an answer");
+        };
+        assert_eq!(
+            a_record(&Message::from_vec(&r).unwrap()),
+            Some(Ipv4Addr::new(172, 18, 0, 3))
+        );
+        assert_eq!(
+            reply(&s, "bridge", member, &query(2, "example.org")),
+            Reply::Forward
+        );
+        let stranger = std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9));
+        let Reply::Now(r) = reply(&s, "bridge", stranger, &query(3, "b")) else {
+            panic!("a stranger is told no");
+        };
+        let m = Message::from_vec(&r).unwrap();
+        assert_eq!((m.id(), m.response_code()), (3, ResponseCode::Refused));
+        assert!(m.answers().is_empty());
+    }
+
+    #[tokio::test]
+    async fn tcp_answers_several_queries_per_connection_then_times_out() {
+        let dir = std::env::temp_dir().join(format!("md-dns-tcp-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // The test client is a "container" at 127.0.0.1, next to b.
+        let mut s = lab();
+        s.containers
+            .insert("me".into(), container("me", &[("bridge", [127, 0, 0, 1])]));
+        fs::write(dir.join("state.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+        let res = Arc::new(Resolver {
+            names: Mutex::new(Names::new(&dir)),
+            network: "bridge".into(),
+            resolv_conf: dir.join("none"),
+            own: "127.0.0.1".parse().unwrap(),
+            idle: Duration::from_millis(300),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            serve_tcp(stream, peer, &res).await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let wait = Duration::from_secs(5);
+        // Two queries written back to back, then a third: answered in order.
+        let mut both = Vec::new();
+        for (id, name) in [(10, "a"), (11, "b")] {
+            let q = query(id, name);
+            both.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            both.extend_from_slice(&q);
+        }
+        c.write_all(&both).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let m = Message::from_vec(&read_framed(&mut c, wait).await.unwrap()).unwrap();
+            got.push((m.id(), a_record(&m)));
+        }
+        assert_eq!(
+            got,
+            [
+                (10, Some(Ipv4Addr::new(172, 18, 0, 2))),
+                (11, Some(Ipv4Addr::new(172, 18, 0, 3)))
+            ]
+        );
+        // Within the idle time the connection is still served.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(write_framed(&mut c, &query(12, "b"), wait).await);
+        let m = Message::from_vec(&read_framed(&mut c, wait).await.unwrap()).unwrap();
+        assert_eq!(m.id(), 12);
+        // Then silence: the server closes the connection on its own (EOF, not our timeout).
+        let mut byte = [0u8; 1];
+        let eof = tokio::time::timeout(Duration::from_secs(30), c.read(&mut byte)).await;
+        assert!(matches!(eof, Ok(Ok(0))), "{eof:?}");
+        server.await.unwrap();
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -7,16 +7,18 @@ use md_common::{Endpoint, PortKey, PortTarget};
 
 use crate::{
     datapath::{Datapath, Hook},
+    hostports,
     netlink::Netlink,
     netns::Netns,
     network,
     portmap::PortMapping,
-    state::{Container, Interface, Network},
+    state::{Container, Interface, Locked, Network},
 };
 
 /// Creates the veth pair (peer as `iface.name` inside `netns`), configures the container side
 /// (the default route only through the primary interface) and attaches md's programs to the
-/// host side. Returns the host side's ifindex.
+/// host side. Returns the host side's ifindex. On failure it removes what it made: the caller
+/// does not know the ifindex yet, so it could not find the map entries keyed by it.
 pub async fn setup(
     nl: &Netlink,
     dp: &Datapath,
@@ -30,12 +32,41 @@ pub async fn setup(
     let host = nl
         .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
         .await?;
+    match attach(dp, netns, net, iface, identity, primary, host.index) {
+        Ok(()) => Ok(host.index),
+        Err(e) => {
+            let made = Interface {
+                ifindex: host.index,
+                ..iface.clone()
+            };
+            for te in teardown_iface(nl, dp, &made).await {
+                eprintln!(
+                    "md-user: cleaning up {}: {}",
+                    iface.veth,
+                    crate::error::one_line(&te)
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The part of `setup` after the veth exists.
+fn attach(
+    dp: &Datapath,
+    netns: &Netns,
+    net: &Network,
+    iface: &Interface,
+    identity: u32,
+    primary: bool,
+    host_index: u32,
+) -> Result<()> {
     crate::netlink::configure_container_side(
         netns,
         Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
         primary.then(|| net.subnet.gateway()),
     )?;
-    dp.reset_if_stats(host.index)?;
+    dp.reset_if_stats(host_index)?;
     dp.attach_tc(
         &iface.veth,
         Hook::Ingress,
@@ -49,7 +80,7 @@ pub async fn setup(
         &iface.veth,
     )?;
     let ep = Endpoint {
-        ifindex: host.index,
+        ifindex: host_index,
         identity,
         net_id: net.id,
         ip: iface.ip.octets(),
@@ -57,19 +88,34 @@ pub async fn setup(
         _pad: [0; 2],
     };
     dp.veth_owners()?
-        .insert(host.index, ep, 0)
+        .insert(host_index, ep, 0)
         .context("writing VETH_OWNERS")?;
     dp.endpoints()?
         .insert(iface.ip.octets(), ep, 0)
         .context("writing ENDPOINTS")?;
-    Ok(host.index)
+    Ok(())
 }
 
-/// Publishes a container's ports in PORT_MAP.
-pub fn publish(dp: &Datapath, c: &Container, identity: u32) -> Result<()> {
+/// Publishes a container's ports: refused if a host process holds one; kept out of the host's
+/// ephemeral range (recorded and saved before the sysctl is written, so a crash leaves
+/// nothing md would not give back); then PORT_MAP.
+pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) -> Result<()> {
+    let c = locked
+        .state
+        .containers
+        .get(name)
+        .with_context(|| format!("no such container: {name}"))?
+        .clone();
     let Some(ip) = c.primary_ip() else {
         return Ok(());
     };
+    hostports::check_free(&c.ports, &locked.state)?;
+    let add = hostports::unreserved(&c.ports)?;
+    if !add.is_empty() {
+        locked.state.reserved_ports.extend(&add);
+        locked.save()?;
+        hostports::reserve(&add)?;
+    }
     let mut map = dp.port_map()?;
     for p in &c.ports {
         map.insert(
@@ -135,7 +181,8 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
 }
 
 /// Removes everything `setup`/`publish` created for a container. Keeps going on errors and
-/// returns them all.
+/// returns them all. Its reserved host ports are given back once it is out of the state
+/// (`network::containers_changed`).
 pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
     if dp.is_loaded() {

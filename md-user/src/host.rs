@@ -299,8 +299,8 @@ pub fn stop_watcher(state_dir: &Path) {
 /// `md-user watch`: follows the host. On every link or IPv4 address change it covers new
 /// interfaces, drops the attachments of vanished ones and refreshes the host's addresses
 /// (flows masqueraded behind an address that went away are forgotten, as Linux's MASQUERADE
-/// does); every 30 s it collects expired tracker entries. One per state directory; it exits
-/// when the datapath is unloaded.
+/// does); every 30 s it collects expired tracker entries. One per state directory; `down`
+/// stops it.
 pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Result<()> {
     use futures_util::StreamExt;
     use rtnetlink::MulticastGroup;
@@ -343,8 +343,9 @@ pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Res
             }
             _ = term.recv() => break,
         }
+        // Idle until a command loads the datapath (under systemd it starts before any).
         if !dp.is_loaded() {
-            break;
+            continue;
         }
         if let Err(e) = follow_host(&nl, dp, &state_dir, &opts.state_dir).await {
             eprintln!("md-user watch: {}", crate::error::one_line(&e));

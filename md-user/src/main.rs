@@ -3,14 +3,19 @@
 //! There is no daemon: every command takes the state lock, reconciles what it finds, does its
 //! work and exits. What the datapath needs outlives the command because it is pinned.
 
+mod caps;
 mod cli;
 mod commands;
 mod datapath;
 mod dns;
 mod endpoint;
 mod error;
+mod flowlog;
 mod host;
+mod hostports;
+mod init;
 mod ipam;
+mod metrics;
 mod netlink;
 mod netns;
 mod network;

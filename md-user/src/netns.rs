@@ -114,6 +114,53 @@ pub struct PreExec {
     pub binds: Vec<(std::ffi::CString, std::ffi::CString)>,
     /// The supervisor: if it died before the parent-death signal was armed, give up.
     pub parent: libc::pid_t,
+    /// A confined CMD (not `--privileged`); None runs it with every capability in the host's
+    /// PID namespace.
+    pub confine: Option<Confinement>,
+}
+
+/// What a confined CMD gets: it is PID 1 of a new PID namespace (the supervisor unshared it),
+/// has its own mount namespace with a /proc of that PID namespace and without the host's
+/// bpffs mounts (as in Docker, where a container sees no bpffs: with CAP_DAC_OVERRIDE, which
+/// Docker's set keeps, a pinned map opens by path without CAP_BPF), and keeps only `keep`.
+pub struct Confinement {
+    pub keep: crate::caps::Keep,
+    /// bpffs mount points, innermost first.
+    pub hide: Vec<std::ffi::CString>,
+}
+
+impl Confinement {
+    /// Docker's defaults, with the bpffs mounts the supervisor sees now.
+    pub fn docker_default() -> Confinement {
+        Confinement {
+            keep: crate::caps::Keep::docker_default(),
+            hide: mounts_of_type(
+                &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+                "bpf",
+            ),
+        }
+    }
+}
+
+/// Mount points of filesystems of `fstype` in a mountinfo text, the last mounted first.
+fn mounts_of_type(mountinfo: &str, fstype: &str) -> Vec<std::ffi::CString> {
+    let mut out: Vec<std::ffi::CString> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == fstype).then_some(())?;
+            let mp = left.split_whitespace().nth(4)?;
+            // mountinfo escapes space, tab, newline and backslash as octal.
+            let mp = mp
+                .replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\");
+            std::ffi::CString::new(mp).ok()
+        })
+        .collect();
+    out.reverse();
+    out
 }
 
 impl PreExec {
@@ -129,7 +176,10 @@ impl PreExec {
             0,
             0,
         ))?;
-        if libc::getppid() != self.parent {
+        // In a new PID namespace the parent is outside it and getppid() is 0: there the init
+        // finds out through its pipe whether the supervisor is still there.
+        let ppid = libc::getppid();
+        if ppid != self.parent && !(ppid == 0 && self.confine.is_some()) {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
         if let Some(fd) = self.netns {
@@ -143,7 +193,7 @@ impl PreExec {
             }
             Uts::Inherit => {}
         }
-        if !self.binds.is_empty() {
+        if !self.binds.is_empty() || self.confine.is_some() {
             check(libc::unshare(libc::CLONE_NEWNS))?;
             // Nothing mounted here propagates back to the host.
             check(libc::mount(
@@ -162,6 +212,20 @@ impl PreExec {
                     std::ptr::null(),
                 ))?;
             }
+            if let Some(c) = &self.confine {
+                // Gone from this mount namespace only: / is a slave of the host's.
+                for mp in &c.hide {
+                    libc::umount2(mp.as_ptr(), libc::MNT_DETACH);
+                }
+                // A /proc of its own PID namespace: it sees its own processes, not the host's.
+                check(libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ))?;
+            }
         }
         // The child inherits md-user's signal mask; CMD must start with none blocked.
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -171,13 +235,20 @@ impl PreExec {
             &set,
             std::ptr::null_mut(),
         ))?;
+        // Last: everything above needs capabilities the container does not keep.
+        if let Some(c) = &self.confine {
+            c.keep.apply()?;
+        }
         Ok(())
     }
 }
 
-/// Enters the namespaces of a running container process (for `exec`), in the forked child.
+/// Enters the namespaces of a running container process (for `exec`): its PID namespace from
+/// the parent (setns on a PID namespace only applies to children), the others in the forked
+/// child.
 pub struct JoinPid {
     pub fds: Vec<(RawFd, libc::c_int)>,
+    pid_ns: Option<RawFd>,
 }
 
 impl JoinPid {
@@ -186,6 +257,7 @@ impl JoinPid {
         let mut fds = Vec::new();
         // The mount namespace last: entering it changes what /proc paths resolve to.
         for (ns, flag) in [
+            ("pid", libc::CLONE_NEWPID),
             ("net", libc::CLONE_NEWNET),
             ("uts", libc::CLONE_NEWUTS),
             ("mnt", libc::CLONE_NEWNS),
@@ -201,7 +273,20 @@ impl JoinPid {
             fds.push((f.as_raw_fd(), flag));
             files.push(f);
         }
-        Ok((JoinPid { fds }, files))
+        let pid_ns = fds
+            .iter()
+            .position(|(_, flag)| *flag == libc::CLONE_NEWPID)
+            .map(|i| fds.remove(i).0);
+        Ok((JoinPid { fds, pid_ns }, files))
+    }
+
+    /// Makes the calling thread's next child a member of the container's PID namespace.
+    pub fn enter_pid_ns(&self) -> Result<()> {
+        if let Some(fd) = self.pid_ns {
+            check(unsafe { libc::setns(fd, libc::CLONE_NEWPID) })
+                .context("entering the container's PID namespace")?;
+        }
+        Ok(())
     }
 
     /// # Safety
@@ -217,4 +302,24 @@ impl JoinPid {
 /// Writes a sysctl through procfs in the calling thread's namespace.
 pub fn write_sysctl(path: &str, value: &str) -> Result<()> {
     std::fs::write(path, value).with_context(|| format!("writing {path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpffs_mount_points_innermost_first() {
+        let info = "\
+22 1 0:21 / /sys rw - sysfs sysfs rw
+30 22 0:26 / /sys/fs/bpf rw - bpf bpf rw,mode=700
+31 30 0:27 / /sys/fs/bpf/md\\040test rw - bpf bpf rw
+32 1 0:28 / /run rw - tmpfs tmpfs rw
+";
+        let got: Vec<String> = mounts_of_type(info, "bpf")
+            .into_iter()
+            .map(|c| c.into_string().unwrap())
+            .collect();
+        assert_eq!(got, ["/sys/fs/bpf/md test", "/sys/fs/bpf"]);
+    }
 }

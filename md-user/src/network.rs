@@ -189,7 +189,8 @@ pub fn stop_resolver(net: &mut Network) {
     net.dns_start = 0;
 }
 
-/// After containers came or went: peers' hosts files, and resolvers of networks left empty.
+/// After containers came or went: peers' hosts files, resolvers of networks left empty, host
+/// ports nobody publishes any more.
 pub fn containers_changed(dir: &StateDir, state: &mut State) {
     if let Err(e) = dns::refresh(dir, state) {
         eprintln!(
@@ -198,4 +199,10 @@ pub fn containers_changed(dir: &StateDir, state: &mut State) {
         );
     }
     stop_idle_resolvers(state);
+    if let Err(e) = crate::hostports::release(state) {
+        eprintln!(
+            "md-user: giving back reserved ports: {}",
+            crate::error::one_line(&e)
+        );
+    }
 }

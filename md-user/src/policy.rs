@@ -52,23 +52,31 @@ pub struct PolicyState {
 }
 
 impl PolicyState {
-    /// Sets the rule for (from, to), replacing any earlier one. Returns whether it changed.
-    pub fn set(&mut self, from: &str, to: &str, verdict: Verdict) -> bool {
-        match self.rules.iter_mut().find(|r| r.from == from && r.to == to) {
-            Some(r) if r.verdict == verdict => false,
-            Some(r) => {
-                r.verdict = verdict;
-                true
-            }
-            None => {
-                self.rules.push(Rule {
-                    from: from.to_string(),
-                    to: to.to_string(),
-                    verdict,
-                });
-                true
+    /// Sets many rules (later ones win) in one pass; returns the indices in `self.rules` of
+    /// those that changed.
+    pub fn set_all(&mut self, rules: &[Rule]) -> Vec<usize> {
+        let mut index: std::collections::HashMap<(String, String), usize> = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.from.clone(), r.to.clone()), i))
+            .collect();
+        let mut changed = std::collections::BTreeSet::new();
+        for r in rules {
+            match index.get(&(r.from.clone(), r.to.clone())) {
+                Some(&i) if self.rules[i].verdict == r.verdict => {}
+                Some(&i) => {
+                    self.rules[i].verdict = r.verdict;
+                    changed.insert(i);
+                }
+                None => {
+                    index.insert((r.from.clone(), r.to.clone()), self.rules.len());
+                    changed.insert(self.rules.len());
+                    self.rules.push(r.clone());
+                }
             }
         }
+        changed.into_iter().collect()
     }
 }
 
@@ -94,6 +102,74 @@ pub fn install(dp: &Datapath, state: &mut State, rule: &Rule) -> Result<()> {
         0,
     )
     .context("writing POLICY")?;
+    Ok(())
+}
+
+/// Sets `rules` (later ones win), all or nothing: if writing POLICY fails midway (the map is
+/// full), the entries written so far get their old values back and the rules and identities
+/// in `state` are as they were, so no identity handed out here reaches a later container with
+/// rules attached to it.
+pub fn set_all(dp: &Datapath, state: &mut State, rules: &[Rule]) -> Result<()> {
+    let before = (
+        state.policy.clone(),
+        state.identities.clone(),
+        state.next_identity,
+    );
+    let changed = state.policy.set_all(rules);
+    let written = write_rules(dp, state, &changed);
+    if written.is_err() {
+        (state.policy, state.identities, state.next_identity) = before;
+    }
+    written
+}
+
+/// Writes the rules at `indices` of `state.policy.rules` into POLICY; on an error, undoes the
+/// writes it made.
+fn write_rules(dp: &Datapath, state: &mut State, indices: &[usize]) -> Result<()> {
+    let keys: Vec<(PolicyKey, u8)> = indices
+        .iter()
+        .map(|&i| {
+            let r = state.policy.rules[i].clone();
+            let key = PolicyKey {
+                src_identity: state.identity_for(&r.from),
+                dst_identity: state.identity_for(&r.to),
+            };
+            (key, r.verdict.map_value())
+        })
+        .collect();
+    if !dp.is_loaded() {
+        // Written when the datapath is loaded (see `sync`).
+        return Ok(());
+    }
+    let mut map = dp.policy()?;
+    let mut undo: Vec<(PolicyKey, Option<PolicyRule>)> = Vec::with_capacity(keys.len());
+    for (n, (key, verdict)) in keys.iter().enumerate() {
+        let old = map.get(key, 0).ok();
+        let rule = PolicyRule {
+            verdict: *verdict,
+            _pad: [0; 7],
+            drops: old.map(|r| r.drops).unwrap_or(0),
+        };
+        if let Err(e) = map.insert(*key, rule, 0) {
+            for (key, old) in undo.iter().rev() {
+                let _ = match old {
+                    Some(v) => map.insert(*key, *v, 0),
+                    None => map.remove(key),
+                };
+            }
+            let full = matches!(&e, aya::maps::MapError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::E2BIG));
+            if full {
+                anyhow::bail!(
+                    "the POLICY map is full ({} entries) after {n} of {} new rules; none was applied",
+                    md_common::maps::POLICY_MAX,
+                    keys.len()
+                );
+            }
+            return Err(e).context("writing POLICY; none of the rules was applied");
+        }
+        undo.push((*key, old));
+    }
     Ok(())
 }
 
@@ -137,13 +213,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn set_replaces_and_reports_change() {
+    fn set_all_reports_what_changed() {
+        let rule = |f: &str, t: &str, v| Rule {
+            from: f.into(),
+            to: t.into(),
+            verdict: v,
+        };
         let mut p = PolicyState::default();
-        assert!(p.set("a", "c", Verdict::Deny));
-        assert!(!p.set("a", "c", Verdict::Deny));
-        assert!(p.set("a", "c", Verdict::Allow));
-        assert_eq!(p.rules.len(), 1);
-        assert_eq!(p.rules[0].verdict, Verdict::Allow);
+        let first = [rule("a", "b", Verdict::Deny), rule("b", "a", Verdict::Deny)];
+        assert_eq!(p.set_all(&first), [0, 1]);
+        assert!(p.set_all(&first).is_empty(), "nothing changes twice");
+        let changed = p.set_all(&[
+            rule("a", "b", Verdict::Deny),
+            rule("b", "a", Verdict::Allow),
+            rule("c", "a", Verdict::Deny),
+            rule("c", "a", Verdict::Allow),
+        ]);
+        assert_eq!(changed, [1, 2]);
+        assert_eq!(p.rules.len(), 3);
+        assert_eq!(p.rules[1].verdict, Verdict::Allow);
+        assert_eq!(p.rules[2], rule("c", "a", Verdict::Allow));
+    }
+
+    #[test]
+    fn set_all_without_a_datapath_only_touches_the_state() {
+        let dp = Datapath::new(std::path::Path::new("/nonexistent/md-pins"));
+        let mut s = State::default();
+        let r = Rule {
+            from: "a".into(),
+            to: "b".into(),
+            verdict: Verdict::Deny,
+        };
+        set_all(&dp, &mut s, &[r]).unwrap();
+        assert_eq!(s.policy.rules.len(), 1);
+        assert_eq!(s.identities.len(), 2);
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //! writes it back, so the state survives crashes and lets teardown find what setup created.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    fs::{self, File, OpenOptions},
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fs::{self, DirBuilder, File, OpenOptions, Permissions},
     io::Write,
     net::Ipv4Addr,
-    os::fd::AsRawFd,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -29,6 +32,9 @@ pub struct State {
     pub next_network_id: u32,
     pub policy: PolicyState,
     pub datapath: Option<DatapathState>,
+    /// Host ports md added to `ip_local_reserved_ports` (and gives back when no container
+    /// publishes them any more); entries that were there before are not md's to remove.
+    pub reserved_ports: BTreeSet<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +101,10 @@ pub struct Container {
     pub status: Status,
     pub detached: bool,
     pub created_unix: u64,
+    /// `run --privileged`: CMD (and `exec`) keep every capability and the host's PID
+    /// namespace.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 fn default_mode() -> String {
@@ -167,6 +177,14 @@ impl StateDir {
         self.dir.join("logs").join(format!("{name}.log"))
     }
 
+    /// Creates (or truncates) a detached container's log, readable by root only: what CMD
+    /// prints is the container's business, as in Docker's json-file logs.
+    pub fn create_log(&self, name: &str) -> Result<File> {
+        let path = self.log_file(name);
+        private_dir(path.parent().expect("log dir"))?;
+        private_file(&path)
+    }
+
     /// The container's own /etc/hosts and /etc/resolv.conf live here (bind-mounted inside).
     pub fn container_dir(&self, name: &str) -> PathBuf {
         self.dir.join("containers").join(name)
@@ -174,12 +192,12 @@ impl StateDir {
 
     /// Takes the exclusive lock (blocking) and reads the state.
     pub fn lock(&self) -> Result<Locked> {
-        fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating state directory {}", self.dir.display()))?;
+        private_dir(&self.dir)?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(self.dir.join("lock"))
             .with_context(|| format!("opening lock in {}", self.dir.display()))?;
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
@@ -230,12 +248,39 @@ impl Locked {
     /// Writes the state atomically (temp file + rename) so a crash never leaves half a file.
     pub fn save(&self) -> Result<()> {
         let tmp = self.path.with_extension("json.tmp");
-        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f = private_file(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(&self.state)?)?;
         f.sync_data().ok();
         fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
+}
+
+/// A directory only root may enter (0700, like /var/lib/docker's): created if missing, its
+/// mode fixed if it exists with another.
+fn private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))
+}
+
+/// Creates or truncates a file that only root may read (0600), fixing the mode of one that was
+/// there before.
+fn private_file(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.set_permissions(Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(f)
 }
 
 #[cfg(test)]
@@ -278,6 +323,32 @@ mod tests {
         assert_eq!(l.state.next_identity, 3);
         drop(l);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn state_and_logs_are_root_only() {
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempdir().join("state");
+        fs::create_dir_all(&dir).unwrap();
+        // An existing, world-readable dir and log get their modes fixed.
+        fs::set_permissions(&dir, Permissions::from_mode(0o755)).unwrap();
+        let sd = StateDir::new(&dir);
+        fs::create_dir_all(dir.join("logs")).unwrap();
+        fs::write(sd.log_file("old"), "x").unwrap();
+        fs::set_permissions(sd.log_file("old"), Permissions::from_mode(0o644)).unwrap();
+        let l = sd.lock().unwrap();
+        l.save().unwrap();
+        sd.create_log("new").unwrap();
+        sd.create_log("old").unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("state.json")), 0o600);
+        assert_eq!(mode(&dir.join("lock")), 0o600);
+        assert_eq!(mode(&dir.join("logs")), 0o700);
+        assert_eq!(mode(&sd.log_file("new")), 0o600);
+        assert_eq!(mode(&sd.log_file("old")), 0o600);
+        assert_eq!(fs::read(sd.log_file("old")).unwrap(), b"", "truncated");
+        drop(l);
+        fs::remove_dir_all(dir.parent().unwrap()).unwrap();
     }
 
     #[test]

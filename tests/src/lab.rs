@@ -72,6 +72,22 @@ pub struct Lab {
     netns_handles: Mutex<Vec<std::fs::File>>,
     tracked: Mutex<Vec<(i32, u64)>>,
     log_seq: AtomicUsize,
+    /// Namespaces added by [`Lab::add_segment`]/[`Lab::add_tun_segment`], deleted on drop.
+    extra_ns: Mutex<Vec<String>>,
+    /// Background helpers of the lab itself (the tun relay), killed on drop.
+    helpers: Mutex<Vec<Bg>>,
+}
+
+/// One more network behind a host interface (see [`Lab::add_segment`]).
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// The namespace at the far end.
+    pub ns: String,
+    /// The host namespace's interface and address on it.
+    pub host_if: String,
+    pub host_ip: String,
+    /// The far end's address.
+    pub peer_ip: String,
 }
 
 fn unique_key() -> String {
@@ -157,7 +173,165 @@ impl Lab {
             netns_handles: Mutex::new(Vec::new()),
             tracked: Mutex::new(Vec::new()),
             log_seq: AtomicUsize::new(0),
+            extra_ns: Mutex::new(Vec::new()),
+            helpers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A lab shaped like a real Docker host (issue 12): besides `up0` to the outside
+    /// namespace, a second Ethernet uplink `up1` (198.51.100.1/24) to another namespace
+    /// (198.51.100.2), and a layer-3 VPN device `tun0` (203.0.113.1/25, a tun driven by
+    /// `fixtures/tun_relay.py`) whose far end (203.0.113.2) is a tun in a third namespace,
+    /// routed by the host through tun0 only. Returns the lab and the two segments.
+    #[track_caller]
+    pub fn real_host(name: &str) -> (Lab, Segment, Segment) {
+        let lab = Lab::new(name);
+        let second = lab.add_segment("o2", "up1", "198.51.100.1", "198.51.100.2", 24);
+        let vpn = lab.add_tun_segment("v", "tun0", "203.0.113.1", "203.0.113.2", 25);
+        (lab, second, vpn)
+    }
+
+    fn add_ns(&self, tag: &str) -> String {
+        let ns = format!("{}-{tag}", self.host_ns.trim_end_matches("-h"));
+        self.sh(&["ip", "netns", "add", &ns]);
+        self.extra_ns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ns.clone());
+        let ino = ns_inode(self.netns_path(&ns)).expect("netns file just created");
+        self.netns_inodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ino);
+        self.sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Adds a namespace `<lab>-TAG` behind a new Ethernet interface HOST_IF of the host
+    /// namespace (HOST_IP/PREFIX), its end `eth0` at PEER_IP/PREFIX; the far end routes
+    /// nothing further. Works at any time, also after md started (an interface that appears
+    /// later).
+    #[track_caller]
+    pub fn add_segment(
+        &self,
+        tag: &str,
+        host_if: &str,
+        host_ip: &str,
+        peer_ip: &str,
+        prefix: u8,
+    ) -> Segment {
+        let ns = self.add_ns(tag);
+        let h = self.host_ns.as_str();
+        self.sh(&[
+            "ip", "-n", h, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ]);
+        self.sh(&[
+            "ip",
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{host_ip}/{prefix}"),
+            "dev",
+            host_if,
+        ]);
+        self.sh(&["ip", "-n", h, "link", "set", host_if, "up"]);
+        self.sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{peer_ip}/{prefix}"),
+            "dev",
+            "eth0",
+        ]);
+        self.sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        Segment {
+            ns,
+            host_if: host_if.to_string(),
+            host_ip: host_ip.to_string(),
+            peer_ip: peer_ip.to_string(),
+        }
+    }
+
+    /// Like [`Lab::add_segment`] with a layer-3 device: HOST_IF is a tun (no Ethernet header,
+    /// as a WireGuard or OpenVPN device) and so is the far end's `tun1`; a small relay program
+    /// carries packets between the two. The far end's default route is its tun.
+    #[track_caller]
+    pub fn add_tun_segment(
+        &self,
+        tag: &str,
+        host_if: &str,
+        host_ip: &str,
+        peer_ip: &str,
+        prefix: u8,
+    ) -> Segment {
+        let ns = self.add_ns(tag);
+        let ns_path = self.netns_path(&ns).to_string_lossy().into_owned();
+        let relay = crate::fixture("tun_relay.py");
+        let mut bg = self.spawn_host(&[
+            "python3",
+            relay.to_str().expect("utf-8"),
+            host_if,
+            &ns_path,
+            "tun1",
+        ]);
+        bg.wait_for_line("ready", Duration::from_secs(20));
+        self.track_pid(bg.pid());
+        self.helpers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bg);
+        let h = self.host_ns.as_str();
+        let cidr = |ip: &str| format!("{ip}/{prefix}");
+        self.sh(&["ip", "-n", h, "addr", "add", &cidr(host_ip), "dev", host_if]);
+        self.sh(&["ip", "-n", h, "link", "set", host_if, "up"]);
+        self.sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &cidr(peer_ip),
+            "dev",
+            "tun1",
+        ]);
+        self.sh(&["ip", "-n", &ns, "link", "set", "tun1", "up"]);
+        self.sh(&["ip", "-n", &ns, "route", "add", "default", "dev", "tun1"]);
+        Segment {
+            ns,
+            host_if: host_if.to_string(),
+            host_ip: host_ip.to_string(),
+            peer_ip: peer_ip.to_string(),
+        }
+    }
+
+    /// Runs a command in namespace `ns` (one of [`Segment::ns`]) via `ip netns exec`.
+    #[track_caller]
+    pub fn in_ns(&self, ns: &str, args: &[&str]) -> Output {
+        run_timeout(&mut self.netns_exec(ns, args), MD_TIMEOUT)
+    }
+
+    #[track_caller]
+    pub fn in_ns_ok(&self, ns: &str, args: &[&str]) -> String {
+        ok(self.in_ns(ns, args), &format!("[{ns}] {}", args.join(" ")))
+    }
+
+    /// Starts a background process in namespace `ns`; killed when the guard drops.
+    pub fn spawn_in_ns(&self, ns: &str, args: &[&str]) -> Bg {
+        Bg::spawn(&mut self.netns_exec(ns, args), &self.log_path(ns))
+    }
+
+    /// Waits until something listens on `proto` port `port` in namespace `ns`.
+    #[track_caller]
+    pub fn wait_listening_ns(&self, ns: &str, proto: &str, port: u16) {
+        wait_for(
+            &format!("{proto}/{port} listens in {ns}"),
+            Duration::from_secs(10),
+            || listens(proto, port, |ss| self.in_ns(ns, ss)).then_some(()),
+        )
     }
 
     fn setup(&self) {
@@ -744,6 +918,10 @@ impl Drop for Lab {
                 Err(e) => eprintln!("lab {}: md-user down: {e}", self.name),
             }
         }
+        self.helpers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.kill_leftovers();
         if let Err(e) = remove_pin_dir(&self.pin_dir) {
             eprintln!(
@@ -752,7 +930,8 @@ impl Drop for Lab {
                 self.pin_dir.display()
             );
         }
-        for ns in [&self.host_ns, &self.outside_ns] {
+        let extra = std::mem::take(&mut *self.extra_ns.lock().unwrap_or_else(|e| e.into_inner()));
+        for ns in extra.iter().chain([&self.host_ns, &self.outside_ns]) {
             if self.netns_path(ns).exists() {
                 let out = Command::new("ip")
                     .args(["netns", "del", ns.as_str()])

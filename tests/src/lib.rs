@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use lab::{
-    is_md_veth, is_mountpoint, remove_pin_dir, Lab, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
+    is_md_veth, is_mountpoint, remove_pin_dir, Lab, Segment, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
     OUTSIDE_IP, UPLINK,
 };
 pub use process::Bg;

@@ -107,8 +107,11 @@ pub enum L4 {
     },
     /// ICMP: type, code and the 4 bytes after the checksum (echo: identifier, sequence).
     Icmp { typ: u8, code: u8, rest: [u8; 4] },
-    /// Raw bytes after the IP header, sent as they are (no checksum computed).
+    /// Raw bytes after the IP header, sent as they are (no checksum computed); the header says
+    /// TCP (e.g. a non-first fragment).
     Raw(Vec<u8>),
+    /// The same with another protocol number in the IP header.
+    RawProto(u8, Vec<u8>),
 }
 
 /// An Ethernet/IPv4 packet description; [`Ipv4Pkt::build`] makes the bytes.
@@ -220,6 +223,18 @@ impl Ipv4Pkt {
         self
     }
 
+    /// TCP only: the sequence and acknowledgement numbers.
+    pub fn seq_ack(mut self, seq_no: u32, ack_no: u32) -> Self {
+        match &mut self.l4 {
+            L4::Tcp { seq, ack, .. } => {
+                *seq = seq_no;
+                *ack = ack_no;
+            }
+            _ => panic!("seq_ack on a non-TCP packet"),
+        }
+        self
+    }
+
     /// UDP only: send checksum 0 ("none").
     pub fn no_udp_csum(mut self) -> Self {
         match &mut self.l4 {
@@ -236,6 +251,7 @@ impl Ipv4Pkt {
             L4::Icmp { .. } => IPPROTO_ICMP,
             // Raw: the caller decides; TCP is the common case (e.g. a non-first fragment).
             L4::Raw(_) => IPPROTO_TCP,
+            L4::RawProto(p, _) => p,
         }
     }
 
@@ -275,7 +291,7 @@ impl Ipv4Pkt {
                 h.extend_from_slice(rest);
                 h
             }
-            L4::Raw(b) => b.clone(),
+            L4::Raw(b) | L4::RawProto(_, b) => b.clone(),
         };
         l4.extend_from_slice(&self.payload);
         match &self.l4 {
@@ -293,7 +309,7 @@ impl Ipv4Pkt {
                 let c = checksum(&l4);
                 l4[2..4].copy_from_slice(&c.to_be_bytes());
             }
-            L4::Raw(_) => {}
+            L4::Raw(_) | L4::RawProto(..) => {}
         }
         l4
     }

@@ -188,6 +188,29 @@ impl Bg {
         std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
+    /// Waits until the process printed a line equal to `line`; panics (with its logs) when it
+    /// exits first or `timeout` passes.
+    #[track_caller]
+    pub fn wait_for_line(&mut self, line: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stdout().lines().any(|l| l.trim() == line) {
+                return;
+            }
+            let exited = self.try_status();
+            if exited.is_some() || Instant::now() >= deadline {
+                panic!(
+                    "`{}` did not print {line:?} ({})\n--- stdout ---\n{}--- stderr ---\n{}",
+                    self.what,
+                    exited.map_or("timed out".to_string(), |s| format!("exited: {s}")),
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.err).unwrap_or_default()
     }

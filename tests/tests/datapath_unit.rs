@@ -16,15 +16,19 @@
 use std::path::PathBuf;
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues,
+    },
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Btf, Ebpf, EbpfLoader, Pod,
 };
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
     PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
-    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, POLICY_ALLOW, POLICY_DENY, TCP_CLOSING,
-    TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_SENT,
+    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, POLICY_ALLOW,
+    POLICY_DENY, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV,
+    TCP_SYN_SENT,
 };
 use md_tests::{
     pkt::{
@@ -89,12 +93,70 @@ fn object_path() -> PathBuf {
 /// md's datapath, loaded privately for one test.
 struct Dp {
     ebpf: Ebpf,
+    /// The uplink of the test's private network namespace (see [`private_netns`]): uplink
+    /// programs run with it as `__sk_buff.ifindex`, so their route lookups (masquerade
+    /// source, forwarding) see a host of the test's own making.
+    uplink: u32,
+}
+
+/// Name of the dummy uplink in each test's private network namespace.
+const UPLINK_DEV: &str = "up0";
+
+/// Moves the calling thread into a new network namespace made like a small md host: lo up,
+/// `up0` (a veth whose peer stays there too: this kernel has no dummy driver) with HOST/24 and HOST2/24, a default route via OUT, forwarding on. The
+/// programs' route and socket lookups happen in the namespace of the thread that runs them,
+/// so nothing of the machine's own routing can change a verdict. Returns up0's ifindex.
+fn private_netns() -> u32 {
+    // SAFETY: unshare(2) on this thread only; the test keeps running in the new namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("running ip");
+        assert!(out.status.success(), "ip {}: {:?}", args.join(" "), out);
+    };
+    let dotted = |a: Ip4| format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3]);
+    ip(&["link", "set", "lo", "up"]);
+    ip(&[
+        "link", "add", UPLINK_DEV, "type", "veth", "peer", "name", "peer0",
+    ]);
+    ip(&["link", "set", "peer0", "up"]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", dotted(HOST)),
+        "dev",
+        UPLINK_DEV,
+    ]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", dotted(HOST2)),
+        "dev",
+        UPLINK_DEV,
+    ]);
+    ip(&["link", "set", UPLINK_DEV, "up"]);
+    ip(&["route", "add", "default", "via", &dotted(OUT)]);
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward in the test netns");
+    std::fs::read_to_string(format!("/sys/class/net/{UPLINK_DEV}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| {
+            // /sys shows the namespace it was mounted in: ask the kernel by name instead.
+            let c = std::ffi::CString::new(UPLINK_DEV).unwrap();
+            // SAFETY: a valid NUL-terminated name.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        })
 }
 
 impl Dp {
     /// The object loaded, the TC programs loaded, CONFIG = defaults with uplink 192.0.2.1 and
     /// counters for ifindex 1. Maps otherwise empty.
     fn bare() -> Self {
+        let uplink = private_netns();
         let path = object_path();
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
@@ -116,13 +178,10 @@ impl Dp {
             prog.load()
                 .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
         }
-        let mut dp = Dp { ebpf };
+        let mut dp = Dp { ebpf, uplink };
         dp.set_config(|_| {});
-        let n = aya::util::nr_cpus().expect("nr_cpus");
-        let zero = PerCpuValues::try_from(vec![IfStats::default(); n]).unwrap();
-        let mut stats: PerCpuHashMap<_, u32, IfStats> =
-            PerCpuHashMap::try_from(dp.ebpf.map_mut(m::IF_STATS).unwrap()).unwrap();
-        stats.insert(LO, zero, 0).unwrap();
+        dp.add_if_stats(LO);
+        dp.add_if_stats(uplink);
         dp
     }
 
@@ -145,6 +204,11 @@ impl Dp {
         dp.endpoint(C7, 1, 7);
         dp.host_addr(HOST);
         dp.host_addr(HOST2);
+        // As md-user does: the gateways are host addresses, flagged (their resolver is never
+        // translated).
+        dp.hash::<Ip4, u32>(m::HOST_ADDRS)
+            .insert(GW, HOST_ADDR_LOCAL | HOST_ADDR_GATEWAY, 0)
+            .unwrap();
         dp
     }
 
@@ -174,6 +238,9 @@ impl Dp {
         self.hash::<u32, Network>(m::NETWORKS)
             .insert(id, net, 0)
             .unwrap();
+        let mut subnets: LpmTrie<_, Ip4, u32> =
+            LpmTrie::try_from(self.ebpf.map_mut(m::MD_SUBNETS).unwrap()).unwrap();
+        subnets.insert(&LpmKey::new(16, subnet), id, 0).unwrap();
     }
 
     fn endpoint(&mut self, ip: Ip4, net_id: u32, ifindex: u32) {
@@ -192,7 +259,7 @@ impl Dp {
 
     fn host_addr(&mut self, ip: Ip4) {
         self.hash::<Ip4, u32>(m::HOST_ADDRS)
-            .insert(ip, 1, 0)
+            .insert(ip, HOST_ADDR_LOCAL, 0)
             .unwrap();
     }
 
@@ -247,12 +314,23 @@ impl Dp {
             .unwrap();
     }
 
+    /// The entry for `key` in either tracker map (answered flows first).
     fn ct_get(&mut self, key: &CtKey) -> Option<CtEntry> {
-        match self.hash::<CtKey, CtEntry>(m::CONNTRACK).get(key, 0) {
-            Ok(e) => Some(e),
-            Err(MapError::KeyNotFound) => None,
-            Err(e) => panic!("reading CONNTRACK: {e:?}"),
-        }
+        m::TRACKERS
+            .iter()
+            .find_map(|map| match self.hash::<CtKey, CtEntry>(map).get(key, 0) {
+                Ok(e) => Some(e),
+                Err(MapError::KeyNotFound) => None,
+                Err(e) => panic!("reading {map}: {e:?}"),
+            })
+    }
+
+    /// Which tracker map holds `key`: CONNTRACK (answered) or CONNTRACK_NEW.
+    fn ct_map_of(&mut self, key: &CtKey) -> Option<&'static str> {
+        m::TRACKERS
+            .iter()
+            .copied()
+            .find(|map| self.hash::<CtKey, CtEntry>(map).get(key, 0).is_ok())
     }
 
     #[track_caller]
@@ -262,13 +340,22 @@ impl Dp {
     }
 
     fn ct_keys(&mut self) -> Vec<CtKey> {
-        let ct = self.hash::<CtKey, CtEntry>(m::CONNTRACK);
-        ct.keys().map(|k| k.unwrap()).collect()
+        let mut keys = Vec::new();
+        for map in m::TRACKERS {
+            let ct = self.hash::<CtKey, CtEntry>(map);
+            keys.extend(ct.keys().map(|k| k.unwrap()));
+        }
+        keys
     }
 
     /// Counter `f` of ifindex 1, summed over CPUs.
     fn stat(&mut self, f: impl Fn(&IfStats) -> u64) -> u64 {
         self.stat_of(LO, f)
+    }
+
+    /// Counter `f` of the uplink, summed over CPUs.
+    fn uplink_stat(&mut self, f: impl Fn(&IfStats) -> u64) -> u64 {
+        self.stat_of(self.uplink, f)
     }
 
     /// Counter `f` of `ifindex` (see [`Dp::add_if_stats`]), summed over CPUs.
@@ -303,11 +390,21 @@ impl Dp {
         cfg.get(&0, 0).unwrap()
     }
 
-    /// Runs `frame` through `prog` with `__sk_buff.ifindex = 1`; returns the verdict and the
-    /// frame as the program left it.
+    /// `__sk_buff.ifindex` a program runs with: the uplink's for uplink programs, else 1.
+    fn ifindex_for(&self, prog: &str) -> u32 {
+        if prog == UPLINK_INGRESS || prog == UPLINK_EGRESS {
+            self.uplink
+        } else {
+            LO
+        }
+    }
+
+    /// Runs `frame` through `prog` (on the uplink for uplink programs, else with
+    /// `__sk_buff.ifindex = 1`); returns the verdict and the frame as the program left it.
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&LO.to_ne_bytes());
+        ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4]
+            .copy_from_slice(&self.ifindex_for(prog).to_ne_bytes());
         self.run_ctx(prog, frame, Some(&ctx))
     }
 
@@ -360,7 +457,8 @@ impl Dp {
         let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
         let fd = p.fd().unwrap().as_fd().as_raw_fd();
         let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&LO.to_ne_bytes());
+        ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4]
+            .copy_from_slice(&self.ifindex_for(prog).to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 512];
         let mut attr = TestAttr {
             prog_fd: fd as u32,
@@ -441,7 +539,7 @@ fn key_of(p: &Ipv4Pkt) -> CtKey {
             let (s, d) = if *typ == ICMP_ECHO { (id, 0) } else { (0, id) };
             CtKey::new(p.saddr, p.daddr, s, d, IPPROTO_ICMP)
         }
-        L4::Raw(_) => panic!("no tuple for a raw packet"),
+        L4::Raw(_) | L4::RawProto(..) => panic!("no tuple for a raw packet"),
     }
 }
 
@@ -459,7 +557,7 @@ fn with_tuple(p: &Ipv4Pkt, t: CtKey) -> Ipv4Pkt {
             let id = if *typ == ICMP_ECHO { t.sport } else { t.dport };
             rest[..2].copy_from_slice(&id.to_be_bytes());
         }
-        L4::Raw(_) => {}
+        L4::Raw(_) | L4::RawProto(..) => {}
     }
     q
 }
@@ -664,12 +762,27 @@ fn snat_tcp_and_reverse() {
         &want,
         "SYN-ACK reverse SNAT",
     );
+    assert_eq!(dp.ct_must(&orig).tcp_state, TCP_SYN_RECV, "original half");
+    assert_eq!(dp.ct_must(&reply).tcp_state, TCP_SYN_RECV, "reply half");
+    assert_eq!(dp.ct_map_of(&orig), Some(m::CONNTRACK_NEW));
+    // C2's ACK completes the handshake; both halves move to the answered tracker.
+    let ack = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_ACK);
+    expect_rewrite(
+        &dp,
+        UPLINK_EGRESS,
+        &ack,
+        PASS,
+        &with_tuple(&ack, CtKey::new(HOST, OUT, port, 80, IPPROTO_TCP)),
+        "C2's ACK",
+    );
     assert_eq!(
         dp.ct_must(&orig).tcp_state,
         TCP_ESTABLISHED,
         "original half"
     );
     assert_eq!(dp.ct_must(&reply).tcp_state, TCP_ESTABLISHED, "reply half");
+    assert_eq!(dp.ct_map_of(&orig), Some(m::CONNTRACK));
+    assert_eq!(dp.ct_map_of(&reply), Some(m::CONNTRACK));
 
     // The next packet of the flow reuses the mapping.
     let ack =
@@ -841,7 +954,7 @@ fn snat_port_clash_steps_and_never_steals() {
     let b = Ipv4Pkt::tcp(C3, 40000, OUT, 80, TCP_SYN);
     let (rc, _) = dp.run(UPLINK_EGRESS, &b.build());
     assert_verdict(rc, SHOT, "NAT ports exhausted");
-    assert_eq!(dp.stat(|s| s.drop_nat_ports), 1);
+    assert_eq!(dp.uplink_stat(|s| s.drop_nat_ports), 1);
     assert_eq!(
         dp.ct_keys().len(),
         3,
@@ -896,7 +1009,29 @@ fn dnat_published_port_at_uplink() {
         &with_tuple(&synack, orig.reversed()),
         "reverse DNAT C4:80 -> OUT:5555",
     );
+    assert_eq!(dp.ct_must(&orig).tcp_state, TCP_SYN_RECV);
+    assert_eq!(
+        dp.ct_map_of(&orig),
+        Some(m::CONNTRACK_NEW),
+        "not answered yet"
+    );
+    // The client's ACK completes the handshake: the flow is answered.
+    let ack = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_ACK);
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &ack,
+        PASS,
+        &with_tuple(&ack, CtKey::new(OUT, C4, 5555, 80, IPPROTO_TCP)),
+        "client's ACK",
+    );
     assert_eq!(dp.ct_must(&orig).tcp_state, TCP_ESTABLISHED);
+    assert_eq!(dp.ct_map_of(&orig), Some(m::CONNTRACK), "answered");
+    assert_eq!(
+        dp.ct_map_of(&CtKey::new(C4, OUT, 80, 5555, IPPROTO_TCP)),
+        Some(m::CONNTRACK),
+        "both halves move"
+    );
 
     // Not published: untouched. Published for TCP only: UDP untouched.
     expect_untouched(
@@ -913,12 +1048,13 @@ fn dnat_published_port_at_uplink() {
         PASS,
         "UDP to a TCP-only published port",
     );
-    // Only host addresses: a packet passing through to some other 8080 is not hijacked.
+    // Only host addresses: a packet to some other 8080 is not hijacked (and, being for
+    // another host, not forwarded either: the host routes only md's traffic).
     expect_untouched(
         &dp,
         UPLINK_INGRESS,
         &Ipv4Pkt::tcp(OUT, 5558, ROUTER, 8080, TCP_SYN),
-        PASS,
+        SHOT,
         "port 8080 of an address that is not the host's",
     );
     assert_eq!(
@@ -1226,7 +1362,7 @@ fn veth_policy_deny_and_replies() {
     );
     let r = dp.ct_must(&key_of(&c3_reply));
     assert_eq!(r.dir, CT_DIR_REPLY);
-    assert_eq!(r.tcp_state, TCP_ESTABLISHED);
+    assert_eq!(r.tcp_state, TCP_SYN_RECV);
     // but a new flow from C3 is not.
     let new = Ipv4Pkt::tcp(C3, 5000, C2, 22, TCP_SYN).macs(mac(C3), mac(C2));
     let (rc, _) = dp.run(VETH_INGRESS, &new.build());
@@ -1335,7 +1471,7 @@ fn veth_hairpin_to_published_port() {
     let want =
         with_tuple(&synack, CtKey::new(HOST, C3, 8080, 42000, IPPROTO_TCP)).macs(GW_MAC, mac(C3));
     expect_rewrite(&dp, VETH_INGRESS, &synack, REDIRECT, &want, "C4's answer");
-    assert_eq!(dp.ct_must(&key_of(&syn)).tcp_state, TCP_ESTABLISHED);
+    assert_eq!(dp.ct_must(&key_of(&syn)).tcp_state, TCP_SYN_RECV);
 }
 
 #[test]
@@ -1412,32 +1548,125 @@ fn ip_options_translated_correctly() {
     expect_rewrite(&dp, UPLINK_INGRESS, &d, PASS, &want, "DNAT with IHL 6");
 }
 
+/// A fragment after the first of UDP datagram `id` from `saddr` to `daddr`: no L4 header.
+fn later_fragment(saddr: Ip4, daddr: Ip4, id: u16) -> Ipv4Pkt {
+    Ipv4Pkt {
+        l4: L4::RawProto(IPPROTO_UDP, vec![0xaa; 32]),
+        id,
+        ..Ipv4Pkt::udp(saddr, 0, daddr, 0).payload(&[])
+    }
+    .frag(185)
+}
+
+/// Fragments follow their first fragment's translation both ways (issue 12): the first carries
+/// the ports and is translated like any packet; later ones get its addresses. A later fragment
+/// whose first was never seen is not translated: from a container it is dropped rather than
+/// leak the container's address; from outside it goes to the host untouched.
 #[test]
-fn fragments_from_containers_dropped_not_translated() {
+fn fragments_follow_their_first_fragment() {
     if !require_e2e() {
         return;
     }
     let mut dp = Dp::lab();
-    // First fragment: has the UDP header, but the rest of the datagram has no ports.
-    let first = Ipv4Pkt::udp(C2, 40000, OUT, 53)
-        .payload(&[0x55; 64])
-        .frag(IP_MF);
-    let frame = first.build();
+    let stray = later_fragment(C2, OUT, 0x0777);
+    let frame = stray.build();
     let (rc, out) = dp.run(UPLINK_EGRESS, &frame);
-    assert_verdict(rc, SHOT, "first fragment (MF) from a container");
-    assert_frame_eq(&out, &frame, "first fragment must not be translated");
-    // A later fragment: no L4 header at all.
-    let later = Ipv4Pkt {
-        l4: L4::Raw(vec![0xaa; 32]),
-        ..Ipv4Pkt::udp(C2, 0, OUT, 0).payload(&[])
+    assert_verdict(
+        rc,
+        SHOT,
+        "later fragment from a container, first never seen",
+    );
+    assert_frame_eq(&out, &frame, "stray fragment must not be translated");
+    assert_eq!(dp.uplink_stat(|s| s.drop_unsupported), 1);
+
+    // Out: the first fragment is masqueraded, the later one follows.
+    let first = Ipv4Pkt {
+        id: 0x0101,
+        ..Ipv4Pkt::udp(C2, 40000, OUT, 53).payload(&[0x55; 64])
     }
-    .frag(185);
-    let frame = later.build();
-    let (rc, out) = dp.run(UPLINK_EGRESS, &frame);
-    assert_verdict(rc, SHOT, "non-first fragment from a container");
-    assert_frame_eq(&out, &frame, "non-first fragment must not be translated");
-    assert_eq!(dp.stat(|s| s.drop_unsupported), 2);
-    assert!(dp.ct_keys().is_empty(), "nothing tracked for fragments");
+    .frag(IP_MF);
+    let (port, _) = expect_snat(&mut dp, &first, "first fragment (MF) from a container");
+    let later = later_fragment(C2, OUT, 0x0101);
+    let want = Ipv4Pkt {
+        saddr: HOST,
+        ..later.clone()
+    };
+    expect_rewrite(
+        &dp,
+        UPLINK_EGRESS,
+        &later,
+        PASS,
+        &want,
+        "later fragment out",
+    );
+
+    // In: the answer's first fragment is translated back, the later one follows.
+    let answer = Ipv4Pkt {
+        id: 0x0202,
+        ..Ipv4Pkt::udp(OUT, 53, HOST, port).payload(&[0x66; 64])
+    }
+    .frag(IP_MF);
+    let want = with_tuple(&answer, CtKey::new(OUT, C2, 53, 40000, IPPROTO_UDP));
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &answer,
+        PASS,
+        &want,
+        "first fragment in",
+    );
+    let later = later_fragment(OUT, HOST, 0x0202);
+    let want = Ipv4Pkt {
+        daddr: C2,
+        ..later.clone()
+    };
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &later,
+        PASS,
+        &want,
+        "later fragment in",
+    );
+
+    // A later fragment of another datagram to the host is the host's.
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &later_fragment(OUT, HOST, 0x0303),
+        PASS,
+        "fragment of a datagram md did not translate",
+    );
+
+    // A published UDP port: fragments of one datagram reach the container together.
+    dp.publish([0; 4], 5353, IPPROTO_UDP, C4, 53);
+    let first = Ipv4Pkt {
+        id: 0x0404,
+        ..Ipv4Pkt::udp(OUT, 7000, HOST, 5353).payload(&[0x77; 64])
+    }
+    .frag(IP_MF);
+    let want = with_tuple(&first, CtKey::new(OUT, C4, 7000, 53, IPPROTO_UDP));
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &first,
+        PASS,
+        &want,
+        "first fragment to a published port",
+    );
+    let later = later_fragment(OUT, HOST, 0x0404);
+    let want = Ipv4Pkt {
+        daddr: C4,
+        ..later.clone()
+    };
+    expect_rewrite(
+        &dp,
+        UPLINK_INGRESS,
+        &later,
+        PASS,
+        &want,
+        "its later fragment",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1757,7 +1986,7 @@ fn hardening_container_icmp_error_about_a_flow_not_its_own_is_not_translated() {
         SHOT,
         "C2's error quoting a flow published to C4, at uplink egress",
     );
-    assert_eq!(dp.stat(|s| s.drop_unsupported), 2);
+    assert_eq!(dp.uplink_stat(|s| s.drop_unsupported), 2);
 
     // Control: C3's own error about the answer it got is still translated.
     let own = Ipv4Pkt::icmp_error(C3, OUT, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &delivered_ip);
@@ -1987,7 +2216,6 @@ fn hardening_uplink_drops_unsolicited_and_spoofed() {
         return;
     }
     let mut dp = Dp::lab();
-    // The uplink's counters are ifindex 1 here (every test run is on ifindex 1).
     let unsolicited = [
         (
             Ipv4Pkt::tcp(OUT, 5555, C2, 80, TCP_SYN),
@@ -2019,7 +2247,7 @@ fn hardening_uplink_drops_unsolicited_and_spoofed() {
         let (rc, _) = dp.run(UPLINK_INGRESS, &frame);
         assert_verdict(rc, SHOT, what);
         assert_eq!(
-            dp.stat(|s| s.drop_unsolicited),
+            dp.uplink_stat(|s| s.drop_unsolicited),
             i as u64 + 1,
             "{what}: drop_unsolicited"
         );
@@ -2036,7 +2264,7 @@ fn hardening_uplink_drops_unsolicited_and_spoofed() {
         let (rc, _) = dp.run(UPLINK_INGRESS, &p.build());
         assert_verdict(rc, SHOT, what);
         assert_eq!(
-            dp.stat(|s| s.drop_spoof),
+            dp.uplink_stat(|s| s.drop_spoof),
             i as u64 + 1,
             "{what}: drop_spoof"
         );
@@ -2073,8 +2301,8 @@ fn hardening_uplink_drops_unsolicited_and_spoofed() {
         PASS,
         "OUT -> the gateway",
     );
-    assert_eq!(dp.stat(|s| s.drop_unsolicited), 5);
-    assert_eq!(dp.stat(|s| s.drop_spoof), 2);
+    assert_eq!(dp.uplink_stat(|s| s.drop_unsolicited), 5);
+    assert_eq!(dp.uplink_stat(|s| s.drop_spoof), 2);
 }
 
 /// A TCP segment opens a published port's translation only as a SYN: anything else without a
@@ -2166,7 +2394,7 @@ fn hardening_ct_mid_stream_pickup_gets_syn_lifetime() {
         t,
         "masqueraded mid-stream ACK",
     );
-    // The other side answers: now it is established.
+    // The other side answers, and the container acknowledges: now it is established.
     let t = timed_run(
         &dp,
         UPLINK_INGRESS,
@@ -2177,10 +2405,19 @@ fn hardening_ct_mid_stream_pickup_gets_syn_lifetime() {
     assert_ct_state(
         &mut dp,
         &flow,
+        TCP_SYN_RECV,
+        cfg.ct_tcp_syn_secs,
+        t,
+        "after the answer",
+    );
+    let t = timed_run(&dp, UPLINK_EGRESS, &ack, PASS, "C2's next ACK");
+    assert_ct_state(
+        &mut dp,
+        &flow,
         TCP_ESTABLISHED,
         cfg.ct_tcp_established_secs,
         t,
-        "after the answer",
+        "after both sides spoke",
     );
 
     // Between containers at the veth.
@@ -2198,19 +2435,29 @@ fn hardening_ct_mid_stream_pickup_gets_syn_lifetime() {
     );
 }
 
-/// Opens C2:sport -> OUT:80 (SYN, SYN-ACK); returns the flow's two tracker keys and the NAT
-/// port.
+/// Opens C2:sport -> OUT:80 (SYN, SYN-ACK, ACK, with consistent sequence numbers: C2 starts at
+/// 1000, OUT at 5000); returns the flow's two tracker keys and the NAT port.
 #[track_caller]
 fn established_snat_flow(dp: &mut Dp, sport: u16) -> ([CtKey; 2], u16) {
-    let syn = Ipv4Pkt::tcp(C2, sport, OUT, 80, TCP_SYN);
+    let syn = Ipv4Pkt::tcp(C2, sport, OUT, 80, TCP_SYN).seq_ack(1000, 0);
     let (port, _) = expect_snat(dp, &syn, "SYN");
     let (rc, _) = dp.run(
         UPLINK_INGRESS,
-        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_SYN | TCP_ACK).build(),
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_SYN | TCP_ACK)
+            .seq_ack(5000, 1001)
+            .build(),
     );
     assert_verdict(rc, PASS, "SYN-ACK");
+    let (rc, _) = dp.run(
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, sport, OUT, 80, TCP_ACK)
+            .seq_ack(1001, 5001)
+            .build(),
+    );
+    assert_verdict(rc, PASS, "ACK");
     let flow = [key_of(&syn), CtKey::new(OUT, HOST, 80, port, IPPROTO_TCP)];
     assert_eq!(dp.ct_must(&flow[0]).tcp_state, TCP_ESTABLISHED);
+    assert_eq!(dp.ct_map_of(&flow[0]), Some(m::CONNTRACK));
     (flow, port)
 }
 
@@ -2292,6 +2539,8 @@ fn hardening_ct_half_close_keeps_established_lifetime() {
     expect_untouched(&dp, VETH_INGRESS, &syn, PASS, "C2 -> C3 SYN");
     let synack = Ipv4Pkt::tcp(C3, 80, C2, 41000, TCP_SYN | TCP_ACK).macs(mac(C3), mac(C2));
     expect_untouched(&dp, VETH_INGRESS, &synack, PASS, "C3's SYN-ACK");
+    let ack = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_ACK).macs(mac(C2), mac(C3));
+    expect_untouched(&dp, VETH_INGRESS, &ack, PASS, "C2's ACK");
     let flow = [key_of(&syn), key_of(&synack)];
     let fin = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_FIN | TCP_ACK).macs(mac(C2), mac(C3));
     let t = timed_run(&dp, VETH_INGRESS, &fin, PASS, "C2's FIN to C3");
@@ -2305,6 +2554,37 @@ fn hardening_ct_half_close_keeps_established_lifetime() {
     );
 }
 
+/// A flow nobody answered keeps the SYN lifetime whatever it sends (a SYN then a FIN used to
+/// get the 6 h half-closed lifetime) and stays with the unanswered flows.
+#[test]
+fn hardening_ct_unanswered_flow_stays_short() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let cfg = dp.config();
+    let syn = Ipv4Pkt::tcp(C2, 40005, OUT, 80, TCP_SYN).seq_ack(1000, 0);
+    let (port, _) = expect_snat(&mut dp, &syn, "SYN");
+    let flow = [key_of(&syn), CtKey::new(OUT, HOST, 80, port, IPPROTO_TCP)];
+    let t = timed_run(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 40005, OUT, 80, TCP_FIN | TCP_ACK).seq_ack(1001, 0),
+        PASS,
+        "FIN without an answer",
+    );
+    assert_ct_state(
+        &mut dp,
+        &flow,
+        TCP_SYN_SENT,
+        cfg.ct_tcp_syn_secs,
+        t,
+        "SYN then FIN, unanswered",
+    );
+    assert_eq!(dp.ct_map_of(&flow[0]), Some(m::CONNTRACK_NEW));
+    assert_eq!(dp.ct_map_of(&flow[1]), Some(m::CONNTRACK_NEW));
+}
+
 /// RST closes at once (closing lifetime), from either side.
 #[test]
 fn hardening_ct_rst_closes() {
@@ -2314,10 +2594,29 @@ fn hardening_ct_rst_closes() {
     let mut dp = Dp::lab();
     let cfg = dp.config();
     let (flow, port) = established_snat_flow(&mut dp, 40003);
+    // A blind RST, off the window, changes nothing (it passes: the receiver drops it too).
+    for (seq, what) in [(4000, "RST below the window"), (900_000, "RST far ahead")] {
+        let t = timed_run(
+            &dp,
+            UPLINK_INGRESS,
+            &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_RST).seq_ack(seq, 0),
+            PASS,
+            what,
+        );
+        assert_ct_state(
+            &mut dp,
+            &flow,
+            TCP_ESTABLISHED,
+            cfg.ct_tcp_established_secs,
+            t,
+            what,
+        );
+    }
+    // At the edge C2 acknowledged (OUT's next sequence number): closes.
     let t = timed_run(
         &dp,
         UPLINK_INGRESS,
-        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_RST | TCP_ACK),
+        &Ipv4Pkt::tcp(OUT, 80, HOST, port, TCP_RST | TCP_ACK).seq_ack(5001, 1001),
         PASS,
         "OUT's RST",
     );
@@ -2339,7 +2638,7 @@ fn hardening_ct_rst_closes() {
     let t = timed_run(
         &dp,
         UPLINK_EGRESS,
-        &Ipv4Pkt::tcp(C2, 40004, OUT, 80, TCP_RST),
+        &Ipv4Pkt::tcp(C2, 40004, OUT, 80, TCP_RST).seq_ack(1001, 0),
         PASS,
         "C2's RST",
     );

@@ -375,7 +375,8 @@ fn md_user_never_executes_external_tools() {
         lab.host_md_cmd("strace", &a)
     };
 
-    // strace -f follows the detached supervisor, so it returns only when that exits (after stop).
+    // strace -f follows the detached supervisor and md's host watcher, so it returns only when
+    // both exit (after stop and down).
     let t_run = lab.log_path("strace-run.txt");
     let mut traced_run = Bg::spawn(
         &mut strace(&t_run, &["run", "-d", "--name", "st", "--", "sleep", "300"]),
@@ -385,11 +386,11 @@ fn md_user_never_executes_external_tools() {
     let t_stop = lab.log_path("strace-stop.txt");
     let out = run_timeout(&mut strace(&t_stop, &["stop", "st"]), MD_TIMEOUT);
     assert!(out.status.success(), "traced stop\n{}", show_output(&out));
-    let st = traced_run.wait_timeout(Duration::from_secs(30));
-    assert!(st.success(), "traced run -d: {st}\n{}", traced_run.stderr());
     let t_down = lab.log_path("strace-down.txt");
     let out = run_timeout(&mut strace(&t_down, &["down"]), MD_TIMEOUT);
     assert!(out.status.success(), "traced down\n{}", show_output(&out));
+    let st = traced_run.wait_timeout(Duration::from_secs(30));
+    assert!(st.success(), "traced run -d: {st}\n{}", traced_run.stderr());
 
     let md_name = bin.file_name().unwrap().to_string_lossy().into_owned();
     let allowed = |p: &str| {
@@ -454,4 +455,76 @@ fn sigterm_to_a_foreground_run_is_forwarded_and_its_status_returned() {
         "veth left after the run returned: {:?}",
         lab.links()
     );
+}
+
+/// Keys of a pinned map as `bpftool map dump` shows them, sorted.
+fn map_keys(lab: &Lab, map: &str) -> Vec<String> {
+    let mut keys: Vec<String> = lab
+        .map_dump(map)
+        .iter()
+        .map(|e| e["key"].to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn a_failed_endpoint_setup_leaves_no_map_entries() {
+    if !require_e2e() {
+        return;
+    }
+    require_tools(&["bpftool"]);
+    let lab = Lab::new("setup-fail");
+    run_d(&lab, "x", &["sleep", "300"]);
+    // Fill ENDPOINTS with addresses nobody uses: the next setup fails at its last write, after
+    // its veth, its IF_STATS and VETH_OWNERS entries and its programs exist.
+    let endpoints = lab.pin_dir().join("maps").join("ENDPOINTS");
+    let path = endpoints.to_str().unwrap();
+    let show = run_timeout(
+        std::process::Command::new("bpftool").args(["map", "show", "pinned", path, "-j"]),
+        MD_TIMEOUT,
+    );
+    let info: Value = serde_json::from_slice(&show.stdout).expect("bpftool map show -j");
+    let max = info["max_entries"].as_u64().expect("max_entries") as usize;
+    let free = max - lab.map_dump("ENDPOINTS").len();
+    let zeros = vec!["0"; 24].join(" ");
+    let batch: String = (0..free)
+        .map(|i| {
+            format!(
+                "map update pinned {path} key 10 200 {} {} value {zeros}\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let file = lab.dir().join("fill-endpoints");
+    std::fs::write(&file, batch).unwrap();
+    let out = run_timeout(
+        std::process::Command::new("bpftool").args(["batch", "file", file.to_str().unwrap()]),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "filling ENDPOINTS\n{}",
+        show_output(&out)
+    );
+    let before = (
+        map_keys(&lab, "VETH_OWNERS"),
+        map_keys(&lab, "IF_STATS"),
+        lab.links(),
+    );
+
+    let out = lab.md(&["run", "-d", "--name", "y", "--", "sleep", "300"]);
+    let err = assert_one_line_error(&out, "run with ENDPOINTS full");
+    assert!(err.contains("ENDPOINTS"), "{err}");
+    let after = (
+        map_keys(&lab, "VETH_OWNERS"),
+        map_keys(&lab, "IF_STATS"),
+        lab.links(),
+    );
+    assert_eq!(
+        after, before,
+        "(VETH_OWNERS, IF_STATS, links) after the failed setup"
+    );
+    assert_eq!(lab.ps_names(), ["x"]);
 }

@@ -140,6 +140,19 @@ impl NLab {
     /// `dig` inside container `c`, asking `server` (None: the container's resolv.conf).
     #[track_caller]
     fn dig(&self, c: &str, server: Option<&str>, name: &str, qtype: &str) -> Dig {
+        self.dig_with(c, server, name, qtype, &[])
+    }
+
+    /// [`NLab::dig`] with more options (`+tcp`).
+    #[track_caller]
+    fn dig_with(
+        &self,
+        c: &str,
+        server: Option<&str>,
+        name: &str,
+        qtype: &str,
+        opts: &[&str],
+    ) -> Dig {
         let at = server.map(|s| format!("@{s}"));
         let mut args = vec![
             "dig",
@@ -149,6 +162,7 @@ impl NLab {
             "+time=2",
             "+tries=2",
         ];
+        args.extend_from_slice(opts);
         if let Some(at) = &at {
             args.push(at);
         }
@@ -1186,4 +1200,102 @@ fn bad_input_is_refused_without_residue() {
     t.sleeper("good", &[]);
     t.assert_resolves("good", GATEWAY, "keep", &keep);
     t.host_files.assert_unchanged();
+}
+
+#[test]
+fn the_resolver_answers_over_tcp_too() {
+    if !require_e2e() {
+        return;
+    }
+    let t = NLab::new("dns-tcp");
+    t.sleeper("web1", &[]);
+    t.sleeper("db1", &["--hostname", "dbhost"]);
+    let (web, db) = (t.lab.ip_of("web1"), t.lab.ip_of("db1"));
+    let tcp = ["+tcp"];
+
+    // The same answers as over UDP: names, hostnames, the upstream's names, AAAA.
+    let ask = |c: &str, name: &str, qtype: &str| t.dig_with(c, Some(GATEWAY), name, qtype, &tcp);
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    assert_eq!(ask("web1", "db1", "A").a, [ip(&db)]);
+    assert_eq!(ask("web1", "dbhost", "A").a, [ip(&db)]);
+    assert_eq!(ask("db1", "web1", "A").a, [ip(&web)]);
+    assert_eq!(ask("web1", OUTSIDE_NAME, "A").a, [ip(OUTSIDE_IP)]);
+    let d = ask("web1", "db1", "AAAA");
+    assert!(d.status == "NOERROR" && d.answers == 0, "{d:?}");
+    let d = ask("web1", "nosuch.test", "A");
+    assert!(d.a.is_empty() && d.status == "REFUSED", "{d:?}");
+
+    // Several queries on one connection.
+    let out = t.exec_ok(
+        "web1",
+        &[
+            "dig",
+            "+tcp",
+            "+keepopen",
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "@172.18.0.1",
+            "db1",
+            "A",
+            "web1",
+            "A",
+            "dbhost",
+            "A",
+        ],
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [db.as_str(), web.as_str(), db.as_str()],
+        "three queries over one TCP connection"
+    );
+
+    // Only md's containers: the host itself is refused over TCP as over UDP.
+    for opt in ["+notcp", "+tcp"] {
+        let out = t
+            .lab
+            .host(&["dig", opt, "+time=2", "+tries=1", "@172.18.0.1", "db1", "A"]);
+        let s = stdout_str(&out);
+        assert!(
+            s.contains("status: REFUSED") && !s.contains(&db),
+            "the host asking the resolver ({opt}) must be refused\n{}",
+            show_output(&out)
+        );
+    }
+}
+
+#[test]
+fn a_hostname_never_takes_another_containers_name() {
+    if !require_e2e() {
+        return;
+    }
+    let t = NLab::new("dns-names-win");
+    // One claims a running container's name, the other a name whose container comes later.
+    t.sleeper("web", &[]);
+    t.sleeper("impostor", &["--hostname", "web"]);
+    t.sleeper("early", &["--hostname", "db"]);
+    t.sleeper("db", &[]);
+    assert_eq!(t.exec_ok("impostor", &["hostname"]).trim(), "web");
+    let web = t.lab.ip_of("web");
+    let db = t.lab.ip_of("db");
+    for c in ["web", "impostor", "early", "db"] {
+        for (name, ip) in [("web", &web), ("db", &db)] {
+            t.assert_resolves(c, GATEWAY, name, ip);
+            assert_eq!(
+                t.hosts_lookup(c, name).as_deref(),
+                Some(ip.as_str()),
+                "{name} in {c}'s /etc/hosts"
+            );
+            assert_eq!(
+                t.getent(c, name),
+                BTreeSet::from([ip.clone()]),
+                "{c}: {name}"
+            );
+        }
+    }
+    // A hostname that is nobody's name still resolves to its container.
+    t.sleeper("mailer", &["--hostname", "mail"]);
+    let mailer = t.lab.ip_of("mailer");
+    t.assert_resolves("web", GATEWAY, "mail", &mailer);
+    assert_eq!(t.hosts_lookup("web", "mail"), Some(mailer));
 }

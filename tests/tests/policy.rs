@@ -17,10 +17,10 @@ use md_tests::helpers::{
     assert_no_netfilter, drops_of, fx, logged, logger, mac_of, run_d, session_line, RAW_UDP,
     UDP_PROBE, UDP_SEND,
 };
-use md_tests::process::show_output;
+use md_tests::process::{run_timeout, show_output};
 use md_tests::{
     require_e2e, require_tools, stderr_str, stdout_str, wait_for, Lab, GATEWAY, HOST_UPLINK_IP,
-    OUTSIDE_IP,
+    MD_TIMEOUT, OUTSIDE_IP,
 };
 use serde_json::Value;
 
@@ -90,7 +90,16 @@ fn serve(lab: &Lab, name: &str, extra: &[&str]) {
 
 /// a, b and c, each serving.
 fn abc(lab: &Lab) -> (String, String, String) {
-    serve(lab, "a", &[]);
+    abc_with(lab, &[])
+}
+
+/// [`abc`] where a keeps every capability, to change its own interface.
+fn abc_with_privileged_a(lab: &Lab) -> (String, String, String) {
+    abc_with(lab, &["--privileged"])
+}
+
+fn abc_with(lab: &Lab, a_opts: &[&str]) -> (String, String, String) {
+    serve(lab, "a", a_opts);
     serve(lab, "b", &[]);
     serve(lab, "c", &[]);
     (lab.ip_of("a"), lab.ip_of("b"), lab.ip_of("c"))
@@ -269,23 +278,31 @@ fn policy_map(lab: &Lab) -> Vec<(u64, u64)> {
 }
 
 /// Gives `container` a permanent neighbour entry `ip` → `mac` on eth0, so its sending never
-/// depends on ARP (which md also polices).
+/// depends on ARP (which md also polices). Set as the host's root, in the container's network
+/// namespace: the container itself has no CAP_NET_ADMIN.
 #[track_caller]
 fn pin_neighbour(lab: &Lab, container: &str, ip: &str, mac: &str) {
-    lab.exec_ok(
-        container,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
+    let pid = lab.ps_entry(container)["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid for {container}"));
+    let mut c = std::process::Command::new("nsenter");
+    c.arg(format!("--net=/proc/{pid}/ns/net")).args([
+        "ip",
+        "neigh",
+        "replace",
+        ip,
+        "lladdr",
+        mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let out = run_timeout(&mut c, MD_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "pinning {ip} -> {mac} in {container}\n{}",
+        show_output(&out)
     );
 }
 
@@ -582,7 +599,9 @@ fn extra_address_inside_a_container_is_dropped() {
     }
     need_tools();
     let lab = Lab::new("policy-spoof-addr");
-    let (a, b, _c) = abc(&lab);
+    // a may give itself addresses (--privileged keeps CAP_NET_ADMIN); the datapath must still
+    // drop what it sends from them.
+    let (a, b, _c) = abc_with_privileged_a(&lab);
     let log = logger(&lab, "b", LOG_PORT);
     let log_port = LOG_PORT.to_string();
     let b_mac = mac_of(&lab, "b");
@@ -623,7 +642,8 @@ fn changed_mac_inside_a_container_is_dropped() {
     }
     need_tools();
     let lab = Lab::new("policy-spoof-mac");
-    let (a, b, c) = abc(&lab);
+    // a may change its MAC (--privileged keeps CAP_NET_ADMIN).
+    let (a, b, c) = abc_with_privileged_a(&lab);
     let log = logger(&lab, "b", LOG_PORT);
     let log_port = LOG_PORT.to_string();
     let b_mac = mac_of(&lab, "b");
@@ -1002,4 +1022,63 @@ fn policy_lives_in_bpf_maps_without_netfilter() {
     policy(&lab, &["default", "deny"]);
     tcp_dropped(&lab, "c", &a, HTTP, "c -> a under default deny");
     assert_no_netfilter(&lab, &POLICY_TABLES_NAMES);
+}
+
+#[test]
+fn an_import_that_fills_the_map_midway_changes_nothing() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("policy-import-full");
+    run_d(&lab, "cli", &[], &["sleep", "600"]);
+    policy(&lab, &["deny", "cli", "other"]);
+    let list_before = policy_list(&lab);
+    let map_before = policy_map(&lab);
+    assert_eq!(map_before, [(2, 0)], "one deny rule in POLICY");
+
+    // It flips the existing rule, adds cli -> p0 (p0 gets the next identity), then more rules
+    // than POLICY holds, among 257 names.
+    let max = md_common::maps::POLICY_MAX;
+    let n = (2..).find(|n| n * (n - 1) > max).expect("some n");
+    let mut text = String::from("allow cli other\ndeny cli p0\n");
+    for i in 0..n {
+        for j in (0..n).filter(|&j| j != i) {
+            text.push_str(&format!("deny q{i} q{j}\n"));
+        }
+    }
+    let file = lab.dir().join("too-many-rules");
+    std::fs::write(&file, text).unwrap();
+    let out = lab.md_timeout(
+        &["policy", "import", file.to_str().unwrap()],
+        Duration::from_secs(180),
+    );
+    let err = md_tests::helpers::assert_one_line_error(&out, "an import larger than POLICY");
+
+    assert_eq!(
+        policy_list(&lab),
+        list_before,
+        "rules after the failed import"
+    );
+    assert_eq!(
+        policy_map(&lab),
+        map_before,
+        "POLICY after the failed import"
+    );
+    assert!(
+        err.contains("full"),
+        "the error should say POLICY is full: {err}"
+    );
+    // The next container gets the identity p0 would have had: no rule may come with it.
+    serve(&lab, "srv", &[]);
+    let (cli, srv) = (lab.ip_of("cli"), lab.ip_of("srv"));
+    tcp_ok(
+        &lab,
+        "cli",
+        &cli,
+        &srv,
+        HTTP,
+        "cli -> srv after the failed import",
+    );
+    assert_eq!(policy_map(&lab), map_before, "POLICY after srv started");
 }

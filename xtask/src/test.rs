@@ -68,6 +68,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
@@ -310,7 +312,8 @@ mod tests {
                 "procps",
                 "util-linux",
                 "dnsutils",
-                "dnsmasq-base"
+                "dnsmasq-base",
+                "prometheus"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);

@@ -3,7 +3,7 @@ use std::{fs, process::ExitCode, time::Duration};
 use anyhow::Result;
 
 use super::Ctx;
-use crate::{endpoint, error::one_line, host, netlink::Netlink, proc};
+use crate::{endpoint, error::one_line, host, hostports, netlink::Netlink, proc};
 
 /// Removes every container, bridge, program, pinned object and state md created. Idempotent.
 pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
@@ -18,6 +18,9 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
     }
     for c in &containers {
         errors.extend(endpoint::teardown(&nl, &ctx.dp, c).await);
+    }
+    if let Err(e) = hostports::release(&mut locked.state) {
+        errors.push(e);
     }
     errors.extend(host::teardown(&nl, &ctx.dp, &mut locked.state, &ctx.state_dir.dir).await);
     // Nothing may outlive `down`, not even a pin dir someone else's state forgot.

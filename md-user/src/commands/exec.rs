@@ -7,12 +7,14 @@ use anyhow::{bail, Context, Result};
 
 use super::Ctx;
 use crate::{
+    caps::Keep,
     netns::JoinPid,
     proc,
     state::{State, Status},
 };
 
-/// Runs a command in a running container's network and UTS namespaces.
+/// Runs a command in a running container's namespaces (PID, network, UTS, mount) with its
+/// capabilities.
 pub fn exec(state: &State, name: &str, cmd: &[String]) -> Result<ExitCode> {
     let c = state
         .containers
@@ -22,10 +24,19 @@ pub fn exec(state: &State, name: &str, cmd: &[String]) -> Result<ExitCode> {
         bail!("container {name} is not running");
     }
     let (join, _files) = JoinPid::open(c.pid)?;
+    join.enter_pid_ns()?;
+    // The same capabilities as the container's CMD.
+    let keep = (!c.privileged).then(Keep::docker_default);
     let mut command = Command::new(&cmd[0]);
     command.args(&cmd[1..]);
     unsafe {
-        command.pre_exec(move || join.apply());
+        command.pre_exec(move || {
+            join.apply()?;
+            if let Some(k) = &keep {
+                k.apply()?;
+            }
+            Ok(())
+        });
     }
     let status = command
         .status()

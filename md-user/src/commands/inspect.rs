@@ -65,6 +65,9 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
             "Pid": c.pid,
             "Detached": c.detached,
         },
+        "HostConfig": {
+            "Privileged": c.privileged,
+        },
         "NetworkSettings": {
             "Networks": networks,
             "Ports": ports,
@@ -80,6 +83,7 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
     println!("Id:        {}", c.id);
     println!("Hostname:  {}", c.hostname);
     println!("Pid:       {}", c.pid);
+    println!("Privileged: {}", c.privileged);
     for (net, n) in out["NetworkSettings"]["Networks"].as_object().unwrap() {
         println!("Network:   {net}");
         println!(

@@ -4,12 +4,13 @@
 mod down;
 mod exec;
 mod inspect;
+mod metrics;
 mod monitor;
 mod network;
 mod policy;
 mod ps;
 pub mod run;
-mod stats;
+pub mod stats;
 mod stop;
 
 use std::process::ExitCode;
@@ -42,10 +43,15 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         // `run` validates its arguments before checking privileges, so bad input gets the
         // precise message even without root.
         Command::Run(args) => run::run(&ctx, args),
+        Command::Init {
+            ready_fd,
+            program,
+            cmd,
+        } => crate::init::main(ready_fd, &program, &cmd),
         command => {
             require_privileges()?;
             match command {
-                Command::Run(_) => unreachable!(),
+                Command::Run(_) | Command::Init { .. } => unreachable!(),
                 Command::Ps { json } => block_on(ps::ps(&ctx, json)),
                 Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
                 Command::Exec { name, cmd } => {
@@ -58,8 +64,25 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
                 Command::Down => block_on(down::down(&ctx)),
                 Command::Policy(cmd) => block_on(policy::policy(&ctx, cmd)),
-                Command::Stats { json } => block_on(stats::stats(&ctx, json)),
-                Command::Monitor { json } => block_on(monitor::monitor(&ctx, json)),
+                Command::Stats { json, prometheus } => {
+                    block_on(stats::stats(&ctx, json, prometheus))
+                }
+                Command::Monitor {
+                    json,
+                    output,
+                    max_size,
+                    max_files,
+                } => {
+                    let out = output.map(|path| crate::flowlog::Rotation {
+                        path,
+                        max_size,
+                        max_files,
+                    });
+                    block_on(monitor::monitor(&ctx, json, out))
+                }
+                Command::Metrics { listen, bpf_stats } => {
+                    block_on(metrics::metrics(&ctx, listen, bpf_stats))
+                }
                 Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
                 Command::Network(cmd) => block_on(network::network(&ctx, cmd)),
                 Command::Watch { ready_fd } => {

@@ -5,28 +5,24 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     process::ExitCode,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
 use md_common::{
-    drop_reason_name, Event, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, EVENT_DROP, EVENT_NAT,
-    EVENT_POLICY, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    drop_reason_name, CtKey, Event, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, EVENT_DROP,
+    EVENT_NAT, EVENT_POLICY,
 };
 use serde_json::json;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use super::Ctx;
-
-fn proto_name(p: u8) -> String {
-    match p {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        IPPROTO_ICMP => "icmp".into(),
-        n => n.to_string(),
-    }
-}
+use crate::{
+    datapath::monotonic_ns,
+    flowlog::{self, endpoint, FlowLog, Rotation, Tuple},
+    metrics::proto_name,
+};
 
 /// Container names by address, refreshed as containers come and go.
 struct Names {
@@ -60,12 +56,19 @@ impl Names {
     }
 }
 
-fn describe(ev: &Event, names: &Names) -> serde_json::Value {
-    let (kind, reason) = match ev.kind {
-        EVENT_DROP => ("drop", drop_reason_name(ev.reason).to_string()),
-        EVENT_POLICY => ("policy-deny", drop_reason_name(ev.reason).to_string()),
+/// One event as a flow log record: `src`/`dst` as the packet came, `src_after`/`dst_after` as
+/// it left (the same unless translated), `time` the wall clock of the datapath's timestamp.
+fn describe(ev: &Event, names: &Names, after: Tuple, time: SystemTime) -> serde_json::Value {
+    let (kind, verdict, reason) = match ev.kind {
+        EVENT_DROP => ("drop", "dropped", drop_reason_name(ev.reason).to_string()),
+        EVENT_POLICY => (
+            "policy-deny",
+            "dropped",
+            drop_reason_name(ev.reason).to_string(),
+        ),
         EVENT_NAT => (
             "nat",
+            "forwarded",
             match ev.reason {
                 CT_KIND_SNAT => "snat".to_string(),
                 CT_KIND_DNAT => "dnat".to_string(),
@@ -73,19 +76,31 @@ fn describe(ev: &Event, names: &Names) -> serde_json::Value {
                 r => r.to_string(),
             },
         ),
-        _ => ("unknown", ev.reason.to_string()),
+        _ => ("unknown", "unknown", ev.reason.to_string()),
     };
-    let src = Ipv4Addr::from(ev.saddr);
-    let dst = Ipv4Addr::from(ev.daddr);
+    let before = Tuple::of(ev);
+    // The datapath reports a hairpin to the caller's own port as DNAT; its tuple says more.
+    let reason = if ev.kind == EVENT_NAT && after.src != before.src && after.dst != before.dst {
+        "hairpin".to_string()
+    } else {
+        reason
+    };
+    // A published port's client names no container until translated; a masqueraded one no
+    // longer does after.
+    let who = |a: (Ipv4Addr, u16), b: (Ipv4Addr, u16)| names.ip(a.0).or_else(|| names.ip(b.0));
     let mut v = json!({
+        "time": flowlog::rfc3339(time),
         "ts_ns": ev.ts_ns,
         "event": kind,
+        "verdict": verdict,
         "reason": reason,
         "proto": proto_name(ev.proto),
-        "src": format!("{src}:{}", ev.sport),
-        "dst": format!("{dst}:{}", ev.dport),
-        "src_container": names.ip(src),
-        "dst_container": names.ip(dst),
+        "src": endpoint(before.src),
+        "dst": endpoint(before.dst),
+        "src_after": endpoint(after.src),
+        "dst_after": endpoint(after.dst),
+        "src_container": who(before.src, after.src),
+        "dst_container": who(before.dst, after.dst),
         "interface": names.by_ifindex.get(&ev.ifindex),
     });
     if ev.kind == EVENT_NAT {
@@ -106,8 +121,12 @@ fn line(v: &serde_json::Value) -> String {
         v["dst"].as_str().unwrap_or(""),
         who("dst_container"),
     );
-    if let Some(n) = v["nat"].as_str() {
-        s.push_str(&format!(" as {n}"));
+    if v["src_after"] != v["src"] || v["dst_after"] != v["dst"] {
+        s.push_str(&format!(
+            " as {} -> {}",
+            v["src_after"].as_str().unwrap_or(""),
+            v["dst_after"].as_str().unwrap_or("")
+        ));
     }
     if let Some(i) = v["interface"].as_str() {
         s.push_str(&format!(" on {i}"));
@@ -115,13 +134,16 @@ fn line(v: &serde_json::Value) -> String {
     s
 }
 
-pub async fn monitor(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
+pub async fn monitor(ctx: &Ctx, as_json: bool, output: Option<Rotation>) -> Result<ExitCode> {
     if !ctx.dp.is_loaded() {
         bail!("md's datapath is not loaded (run a container first)");
     }
+    let mut out = output.as_ref().map(FlowLog::open).transpose()?;
     let data = MapData::from_pin(ctx.dp.map_pin(md_common::maps::EVENTS))
         .context("opening the EVENTS ring buffer")?;
     let ring = RingBuf::try_from(Map::from_map_data(data)?)?;
+    // Where a translated flow went when the event cannot say (a hairpin's new source).
+    let trackers = ctx.dp.trackers()?;
     // SAFETY: the ring owns its fd and lives inside the AsyncFd until both are dropped.
     let mut ring = ring;
     // Events queued while nobody listened are history, not what is happening now.
@@ -131,7 +153,7 @@ pub async fn monitor(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
     let mut names = Names::load(ctx);
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    if !as_json {
+    if !as_json && out.is_none() {
         eprintln!("md-user: monitoring datapath events (Ctrl-C to stop)");
     }
     loop {
@@ -147,11 +169,18 @@ pub async fn monitor(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                         continue;
                     }
                     let ev: Event = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<Event>()]);
-                    let v = describe(&ev, &names);
-                    if as_json {
-                        println!("{v}");
-                    } else {
-                        println!("{}", line(&v));
+                    let time = flowlog::wall_clock(ev.ts_ns, monotonic_ns(), SystemTime::now());
+                    let tracked = (ev.kind == EVENT_NAT)
+                        .then(|| {
+                            let key = CtKey::new(ev.saddr, ev.daddr, ev.sport, ev.dport, ev.proto);
+                            trackers.iter().find_map(|t| t.get(&key, 0).ok())
+                        })
+                        .flatten();
+                    let v = describe(&ev, &names, flowlog::translated(&ev, tracked.as_ref()), time);
+                    let text = if as_json { v.to_string() } else { line(&v) };
+                    match &mut out {
+                        Some(log) => log.write_line(&text)?,
+                        None => println!("{text}"),
                     }
                 }
                 guard.clear_ready();

@@ -7,7 +7,7 @@ use super::{reconcile, run::validate_name, Ctx};
 use crate::{
     cli::PolicyCmd,
     netlink::Netlink,
-    policy::{self, Verdict},
+    policy::{self, Rule, Verdict},
     state::State,
 };
 
@@ -45,14 +45,17 @@ pub async fn policy(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
                 check_pair(from, to)?;
             }
             let mut absent = std::collections::BTreeSet::new();
+            let mut all = Vec::new();
             for (verdict, from, to, both) in &rules {
                 for n in [from, to] {
                     if !state.containers.contains_key(n.as_str()) {
                         absent.insert(n.clone());
                     }
                 }
-                install_pair(ctx, state, from, to, *both, *verdict)?;
+                all.extend(pair(from, to, *both, *verdict));
             }
+            // All or nothing: a map that fills up midway leaves no rule and no identity.
+            policy::set_all(&ctx.dp, state, &all)?;
             if !absent.is_empty() {
                 eprintln!(
                     "md-user: warning: {} named containers are not running; their rules apply once they run",
@@ -133,34 +136,21 @@ fn set(
             Some(_) => {}
         }
     }
-    install_pair(ctx, state, from, to, both, verdict)
+    policy::set_all(&ctx.dp, state, &pair(from, to, both, verdict))
 }
 
-fn install_pair(
-    ctx: &Ctx,
-    state: &mut State,
-    from: &str,
-    to: &str,
-    both: bool,
-    verdict: Verdict,
-) -> Result<()> {
-    let pairs: &[(&str, &str)] = if both {
-        &[(from, to), (to, from)]
-    } else {
-        &[(from, to)]
+/// The rules one `deny|allow FROM TO [--both]` stands for.
+fn pair(from: &str, to: &str, both: bool, verdict: Verdict) -> Vec<Rule> {
+    let rule = |from: &str, to: &str| Rule {
+        from: from.to_string(),
+        to: to.to_string(),
+        verdict,
     };
-    for (a, b) in pairs {
-        state.policy.set(a, b, verdict);
-        let rule = state
-            .policy
-            .rules
-            .iter()
-            .find(|r| r.from == *a && r.to == *b)
-            .cloned()
-            .expect("just set");
-        policy::install(&ctx.dp, state, &rule)?;
+    if both {
+        vec![rule(from, to), rule(to, from)]
+    } else {
+        vec![rule(from, to)]
     }
-    Ok(())
 }
 
 fn list(ctx: &Ctx, state: &State, as_json: bool) -> Result<()> {

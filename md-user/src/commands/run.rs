@@ -4,11 +4,11 @@
 
 use std::{
     ffi::CString,
-    fs::{self, File, OpenOptions},
+    fs::File,
     io::{Read, Write},
     os::fd::FromRawFd,
     path::{Path, PathBuf},
-    process::{ExitCode, Stdio},
+    process::ExitCode,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -20,10 +20,10 @@ use crate::{
     cli::RunArgs,
     dns, endpoint,
     error::{one_line, require_privileges},
-    host,
+    host, hostports, init,
     ipam::mac_for,
     netlink::Netlink,
-    netns::{Netns, PreExec, Uts},
+    netns::{Confinement, Netns, PreExec, Uts},
     network,
     portmap::{self, PortMapping},
     proc,
@@ -224,6 +224,9 @@ fn detach(ctx: &Ctx, args: &RunArgs, name: &str) -> Result<ExitCode> {
     if let Some(ip) = &args.ip {
         cmd.arg("--ip").arg(ip.to_string());
     }
+    if args.privileged {
+        cmd.arg("--privileged");
+    }
     let (mut child, msg) = proc::spawn_with_ready_pipe(cmd, |cmd, fd| {
         cmd.arg("--ready-fd")
             .arg(fd.to_string())
@@ -348,6 +351,7 @@ async fn start(
             }
         }
     }
+    hostports::check_free(&setup.ports, state)?;
     network::ensure_default(state, &ctx.opts)?;
     let mut interfaces = Vec::new();
     match &setup.mode {
@@ -406,6 +410,7 @@ async fn start(
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs(),
+        privileged: args.privileged,
     };
     // Recorded before anything exists, so a crash mid-setup is reclaimed by the next command.
     state.containers.insert(name.to_string(), container.clone());
@@ -452,7 +457,7 @@ async fn create(
                 c.interfaces[0].ifindex = ifindex;
             }
             locked.save()?;
-            endpoint::publish(&ctx.dp, &locked.state.containers[name], identity)?;
+            endpoint::publish(&ctx.dp, locked, name, identity)?;
             network::ensure_resolver(&ctx.opts, &mut locked.state, net_name)?;
             binds.push((cstr(&hosts), c"/etc/hosts".to_owned()));
             binds.push((cstr(&resolv), c"/etc/resolv.conf".to_owned()));
@@ -490,32 +495,19 @@ async fn create(
     // Its own and its peers' hosts files now list it.
     dns::refresh(&ctx.state_dir, &locked.state)?;
 
-    let mut cmd = tokio::process::Command::new(&setup.program);
-    cmd.arg0(&container.cmd[0]).args(&container.cmd[1..]);
-    if container.detached {
-        let log = ctx.state_dir.log_file(name);
-        fs::create_dir_all(log.parent().expect("log dir"))?;
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
-    }
+    let log = if container.detached {
+        Some(ctx.state_dir.create_log(name)?)
+    } else {
+        None
+    };
     let pre = PreExec {
         netns: netns.as_ref().map(|n| n.raw_fd()),
         uts,
         binds,
         parent: std::process::id() as i32,
+        confine: (!container.privileged).then(Confinement::docker_default),
     };
-    unsafe {
-        cmd.pre_exec(move || pre.apply());
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", container.cmd[0]))?;
-    let pid = child.id().context("CMD exited at once")?;
+    let (child, pid) = init::spawn(&setup.program, &container.cmd, log, pre)?;
     if let Some(c) = locked.state.containers.get_mut(name) {
         c.pid = pid;
         c.pid_start = proc::start_time(pid).unwrap_or(0);

@@ -1,10 +1,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use md_common::{
-    drop_reason_name, maps as m, IfStats, DROP_FORWARD, DROP_ISOLATION, DROP_MALFORMED,
-    DROP_NAT_PORTS, DROP_NO_SOURCE, DROP_POLICY, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
-};
+use md_common::{drop_reason_name, maps as m, IfStats};
 use serde_json::{json, Value};
 
 use super::{reconcile, Ctx};
@@ -24,7 +21,7 @@ pub fn if_stats(dp: &Datapath, ifindex: u32) -> IfStats {
     t
 }
 
-fn add(a: &mut IfStats, b: &IfStats) {
+pub fn add(a: &mut IfStats, b: &IfStats) {
     a.egress_packets += b.egress_packets;
     a.egress_bytes += b.egress_bytes;
     a.ingress_packets += b.ingress_packets;
@@ -43,20 +40,10 @@ fn add(a: &mut IfStats, b: &IfStats) {
 }
 
 fn counters(s: &IfStats) -> Value {
-    let drops: serde_json::Map<String, Value> = [
-        (DROP_POLICY, s.drop_policy),
-        (DROP_SPOOF, s.drop_spoof),
-        (DROP_ISOLATION, s.drop_isolation),
-        (DROP_UNSUPPORTED, s.drop_unsupported),
-        (DROP_NAT_PORTS, s.drop_nat_ports),
-        (DROP_MALFORMED, s.drop_malformed),
-        (DROP_UNSOLICITED, s.drop_unsolicited),
-        (DROP_FORWARD, s.drop_forward),
-        (DROP_NO_SOURCE, s.drop_no_source),
-    ]
-    .iter()
-    .map(|(r, n)| (drop_reason_name(*r).to_string(), json!(n)))
-    .collect();
+    let drops: serde_json::Map<String, Value> = crate::metrics::drops(s)
+        .iter()
+        .map(|(r, n)| (drop_reason_name(*r).to_string(), json!(n)))
+        .collect();
     json!({
         "egress_packets": s.egress_packets,
         "egress_bytes": s.egress_bytes,
@@ -72,7 +59,13 @@ fn n(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
-pub async fn stats(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
+pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCode> {
+    if prometheus {
+        // What a scrape of `md-user metrics` returns: read-only, no lock, no collection.
+        let snap = crate::metrics::collect(&ctx.state_dir, &ctx.dp, false)?;
+        print!("{}", crate::metrics::encode(snap));
+        return Ok(ExitCode::SUCCESS);
+    }
     let nl = Netlink::connect()?;
     let mut locked = ctx.state_dir.lock()?;
     if !reconcile(ctx, &nl, &mut locked.state).await.is_empty() {
