@@ -267,27 +267,6 @@ mod tests {
         assert_eq!(Verdict::default(), Verdict::Allow);
     }
 
-    #[test]
-    fn set_keys_rules_by_both_names() {
-        let mut p = PolicyState::default();
-        assert!(p.set("a", "c", Verdict::Deny));
-        assert!(p.set("a", "d", Verdict::Allow));
-        assert!(p.set("b", "c", Verdict::Allow));
-        let got: Vec<_> = p
-            .rules
-            .iter()
-            .map(|r| (r.from.as_str(), r.to.as_str(), r.verdict))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("a", "c", Verdict::Deny),
-                ("a", "d", Verdict::Allow),
-                ("b", "c", Verdict::Allow)
-            ]
-        );
-    }
-
     /// Without a loaded datapath, rules only get identities (written when it loads) and a
     /// sync fails (the default verdict lives in CONFIG).
     #[test]

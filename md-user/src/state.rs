@@ -429,7 +429,11 @@ mod tests {
         for n in ["web", "gone", "db", "cache"] {
             s.identity_for(n);
         }
-        s.policy.set("cache", "db", crate::policy::Verdict::Deny);
+        s.policy.set_all(&[crate::policy::Rule {
+            from: "cache".into(),
+            to: "db".into(),
+            verdict: crate::policy::Verdict::Deny,
+        }]);
         s.prune_identities();
         let left: Vec<_> = s.identities.keys().map(String::as_str).collect();
         assert_eq!(left, ["cache", "db", "web"]);
