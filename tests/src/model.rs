@@ -96,7 +96,11 @@ pub struct Skb {
     pub data: Vec<u8>,
 }
 
-type R = Result<(), ()>;
+/// A helper failed (the kernel's -EFAULT: past the end, an odd checksum offset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault;
+
+type R = Result<(), Fault>;
 
 fn add32(a: u32, b: u32) -> u32 {
     let (r, c) = a.overflowing_add(b);
@@ -124,16 +128,16 @@ impl Skb {
     }
 
     pub fn store(&mut self, off: usize, b: &[u8]) -> R {
-        let d = self.data.get_mut(off..off + b.len()).ok_or(())?;
+        let d = self.data.get_mut(off..off + b.len()).ok_or(Fault)?;
         d.copy_from_slice(b);
         Ok(())
     }
 
-    fn sum_field(&mut self, off: usize) -> Result<&mut [u8], ()> {
+    fn sum_field(&mut self, off: usize) -> Result<&mut [u8], Fault> {
         if off & 1 != 0 {
-            return Err(());
+            return Err(Fault);
         }
-        self.data.get_mut(off..off + 2).ok_or(())
+        self.data.get_mut(off..off + 2).ok_or(Fault)
     }
 
     /// csum_replace4 on the field at `off` (values as the helpers take them: raw network
@@ -162,7 +166,7 @@ impl Skb {
         match size {
             2 => Self::replace2(f, from as u16, to as u16),
             4 => Self::replace4(f, from as u32, to as u32),
-            _ => return Err(()),
+            _ => return Err(Fault),
         }
         Ok(())
     }
@@ -178,7 +182,7 @@ impl Skb {
         match flags & 0xf {
             2 => Self::replace4(f, from as u16 as u32, to as u16 as u32),
             4 => Self::replace4(f, from as u32, to as u32),
-            _ => return Err(()),
+            _ => return Err(Fault),
         }
         if mm0 && f == [0, 0] {
             f.copy_from_slice(&[0xff, 0xff]);
@@ -379,7 +383,7 @@ fn set_port(s: &mut Skb, p: &Pkt, src: bool, from: u16, to: u16) -> R {
             s.store(p.l4_off + 4, &to.to_be_bytes())
         }
         _ => {
-            let (off, flags) = l4_csum(p).ok_or(())?;
+            let (off, flags) = l4_csum(p).ok_or(Fault)?;
             s.l4_csum_replace(off, raw16(from), raw16(to), flags | 2)?;
             s.store(p.l4_off + if src { 0 } else { 2 }, &to.to_be_bytes())
         }
@@ -407,9 +411,9 @@ fn rewrite_quoted(s: &mut Skb, outer: &Pkt, inner: &Pkt, to: &CtKey) -> R {
     let l3 = inner.l3_off;
     for (from, new, field) in [(inner.saddr, to.saddr, 12), (inner.daddr, to.daddr, 16)] {
         if from != new {
-            let before: [u8; 2] = s.load(l3 + 10).ok_or(())?;
+            let before: [u8; 2] = s.load(l3 + 10).ok_or(Fault)?;
             s.l3_csum_replace(l3 + 10, raw32(from), raw32(new), 4)?;
-            let after: [u8; 2] = s.load(l3 + 10).ok_or(())?;
+            let after: [u8; 2] = s.load(l3 + 10).ok_or(Fault)?;
             s.store(l3 + field, &new)?;
             s.l4_csum_replace(icmp_csum, raw32(from), raw32(new), 4)?;
             s.l4_csum_replace(
@@ -845,7 +849,7 @@ impl Model {
     ) -> R {
         let (ko, kr) = (k(orig), k(reply));
         if self.ct[ANSWERED].get(&kr).is_some_and(|e| e.exp.live()) {
-            return Err(());
+            return Err(Fault);
         }
         let state = initial_state(p);
         let exp = self.expiry(p.proto, state);
@@ -857,7 +861,7 @@ impl Model {
         }
         reply_e.tcp_state = state;
         if self.ct[NEW].get(&kr).is_some_and(|e| e.exp.live()) {
-            return Err(());
+            return Err(Fault);
         }
         self.ct[NEW].insert(kr, Ent { e: *reply_e, exp });
         self.ct[NEW].insert(ko, Ent { e: *orig_e, exp });
@@ -1259,7 +1263,7 @@ impl Model {
 
     fn veth_ingress(&mut self, s: &mut Skb, ifindex: u32) -> Result<Verdict, String> {
         match parse(s) {
-            Parsed::Ipv4(p) => self.from_container(s, ifindex, &p),
+            Parsed::Ipv4(p) => self.container_packet(s, ifindex, &p),
             Parsed::Arp => Ok(self.check_arp(s, ifindex)),
             Parsed::Other => Ok(Verdict::Drop(DROP_UNSUPPORTED)),
             Parsed::Malformed => Ok(Verdict::Drop(DROP_MALFORMED)),
@@ -1283,7 +1287,7 @@ impl Model {
         }
     }
 
-    fn from_container(&mut self, s: &mut Skb, ifindex: u32, p: &Pkt) -> Result<Verdict, String> {
+    fn container_packet(&mut self, s: &mut Skb, ifindex: u32, p: &Pkt) -> Result<Verdict, String> {
         let Some(src) = self.sender(s, ifindex, p) else {
             return Ok(Verdict::Drop(DROP_SPOOF));
         };
@@ -1491,7 +1495,7 @@ impl Model {
 fn rewritten(r: R) -> Verdict {
     match r {
         Ok(()) => Verdict::Pass,
-        Err(()) => Verdict::Drop(DROP_MALFORMED),
+        Err(Fault) => Verdict::Drop(DROP_MALFORMED),
     }
 }
 

@@ -431,6 +431,19 @@ struct Mutation {
     val: u8,
 }
 
+/// A packet of tracked flow `idx`: its TCP flags, window numbers picked near what the tracker
+/// holds (`seq`, `ack`: which of them), payload length, fragment field, mutation.
+#[derive(Clone, Debug)]
+struct FollowSpec {
+    idx: u16,
+    flags: u8,
+    seq: u8,
+    ack: u8,
+    payload: u8,
+    frag: u8,
+    mutation: Mutation,
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Run(u8),
@@ -455,15 +468,7 @@ enum Op {
     Packet(u8, PktSpec, Mutation),
     /// A packet of a tracked flow (entry `idx` of both trackers), where that flow's packets
     /// arrive.
-    Follow {
-        idx: u16,
-        flags: u8,
-        seq: u8,
-        ack: u8,
-        payload: u8,
-        frag: u8,
-        mutation: Mutation,
-    },
+    Follow(FollowSpec),
     /// An ICMP error quoting what entry `idx` translated, sent back its way.
     IcmpAbout {
         idx: u16,
@@ -540,7 +545,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1u8..9).prop_map(Op::NatRange),
         6 => (0u8..12, pkt_spec(), mutation()).prop_map(|(h, p, m)| Op::Packet(h, p, m)),
         8 => (any::<u16>(), any::<u8>(), 0u8..6, 0u8..6, 0u8..30, 0u8..8, mutation()).prop_map(
-            |(idx, flags, seq, ack, payload, frag, mutation)| Op::Follow {
+            |(idx, flags, seq, ack, payload, frag, mutation)| Op::Follow(FollowSpec {
                 idx,
                 flags,
                 seq,
@@ -548,7 +553,7 @@ fn op() -> impl Strategy<Value = Op> {
                 payload,
                 frag,
                 mutation
-            }
+            })
         ),
         3 => (any::<u16>(), 0u8..3, any::<bool>(), 0u8..6, mutation()).prop_map(
             |(idx, typ, from_router, quote, mutation)| Op::IcmpAbout {
@@ -606,7 +611,7 @@ fn frag_field(sel: u8, off: u8) -> Option<u16> {
         0 | 1 => None,
         2 => Some(IP_DF),
         3 => Some(IP_MF),
-        _ => Some(u16::from(off.max(1)) | if off % 2 == 0 { IP_MF } else { 0 }),
+        _ => Some(u16::from(off.max(1)) | if off.is_multiple_of(2) { IP_MF } else { 0 }),
     }
 }
 
@@ -617,7 +622,7 @@ fn later_fragment(saddr: Ip4, daddr: Ip4, id: u16, proto: u8, off: u8) -> Vec<u8
         ..Ipv4Pkt::udp(saddr, 0, daddr, 0).payload(&[])
     };
     p.id = id;
-    p.frag = u16::from(off.max(1)) | if off % 3 == 0 { IP_MF } else { 0 };
+    p.frag = u16::from(off.max(1)) | if off.is_multiple_of(3) { IP_MF } else { 0 };
     let mut f = p.build();
     set_proto(&mut f, proto);
     f
@@ -1301,16 +1306,16 @@ impl<'a> Case<'a> {
         self.send(hook, f).map(|_| ())
     }
 
-    fn follow(
-        &mut self,
-        idx: u16,
-        flags: u8,
-        seq: u8,
-        ack: u8,
-        payload: u8,
-        frag: u8,
-        mu: &Mutation,
-    ) -> Res {
+    fn follow(&mut self, f: &FollowSpec) -> Res {
+        let FollowSpec {
+            idx,
+            flags,
+            seq,
+            ack,
+            payload,
+            frag,
+            mutation: ref mu,
+        } = *f;
         let Some((map, key, e)) = self.pick(idx) else {
             return Ok(());
         };
@@ -1539,15 +1544,7 @@ impl<'a> Case<'a> {
             }
             Op::NatRange(n) => self.config(|c| c.nat_port_max = NAT_MIN + u16::from(*n) - 1),
             Op::Packet(h, s, mu) => return self.random_packet(*h, s, mu),
-            Op::Follow {
-                idx,
-                flags,
-                seq,
-                ack,
-                payload,
-                frag,
-                mutation,
-            } => return self.follow(*idx, *flags, *seq, *ack, *payload, *frag, mutation),
+            Op::Follow(f) => return self.follow(f),
             Op::IcmpAbout {
                 idx,
                 typ,
