@@ -839,4 +839,48 @@ mod tests {
         );
         fs::remove_dir_all(&d).unwrap();
     }
+
+    #[test]
+    fn names_are_read_again_when_the_state_file_changes() {
+        let (dir, d) = state_dir();
+        let file = d.join("state.json");
+        let write = |s: &State, secs: u64| {
+            fs::write(&file, serde_json::to_vec(s).unwrap()).unwrap();
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            fs::File::options()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        write(&lab(), 1_000);
+        let mut names = Names::new(&d);
+        assert!(names.current().containers.contains_key("a"));
+        let mut fewer = lab();
+        fewer.containers.remove("a");
+        write(&fewer, 2_000);
+        assert!(!names.current().containers.contains_key("a"), "read again");
+        drop(dir);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_resolver_never_forwards_to_itself() {
+        let (_dir, d) = state_dir();
+        let resolv = d.join("resolv.conf");
+        fs::write(&resolv, "nameserver 172.18.0.1\nnameserver 192.0.2.2\n").unwrap();
+        let r = Resolver {
+            names: Mutex::new(Names::new(&d)),
+            network: "bridge".into(),
+            resolv_conf: resolv,
+            own: "172.18.0.1".parse().unwrap(),
+            idle: TCP_IDLE,
+        };
+        assert_eq!(
+            r.upstreams(),
+            ["192.0.2.2:53".parse::<SocketAddr>().unwrap()]
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
 }

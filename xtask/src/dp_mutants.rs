@@ -212,13 +212,12 @@ fn run_tests(obj: &Path, cases: u32, log: &Path) -> Result<(BTreeMap<String, boo
             "--test-threads=1",
         ]);
     eprintln!("+ {}", util::show(&c));
-    let out = c.output().context("running the BPF tests")?;
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(log, &text)?;
+    // One file for both streams: cargo's "Running <binary>" lines (stderr) must stay in order
+    // with libtest's results (stdout).
+    let file = std::fs::File::create(log)?;
+    c.stdout(file.try_clone()?).stderr(file);
+    c.status().context("running the BPF tests")?;
+    let text = std::fs::read_to_string(log)?;
     let unloadable = text.contains("loading md's eBPF object") || text.contains("VerifierError");
     Ok((parse_results(&text), unloadable))
 }
