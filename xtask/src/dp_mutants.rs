@@ -190,6 +190,22 @@ fn copy_workspace(root: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Gives md-ebpf's sources a new mtime: the copy keeps the workspace's (`cp -a`), older than
+/// the objects a previous run left in the shared target dir, and cargo would reuse the last
+/// mutant's object as fresh.
+fn touch_sources(dir: &Path) -> Result<()> {
+    let now = std::time::SystemTime::now();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_modified(now))
+            .with_context(|| format!("touching {}", p.display()))?;
+    }
+    Ok(())
+}
+
 /// Runs the BPF tests against `obj`; returns the outcomes and whether the object failed to
 /// load (a verifier rejection is no kill: the mutant must be fixed).
 fn run_tests(obj: &Path, cases: u32, log: &Path) -> Result<(BTreeMap<String, bool>, bool)> {
@@ -235,7 +251,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let ebpf_src = root.join("md-ebpf/src");
 
     eprintln!("==> baseline (unmutated md-ebpf)");
+    touch_sources(&src.join("md-ebpf/src"))?;
     let obj = build_ebpf::build_object(&tc, &src, &bpf)?;
+    let baseline_obj = obj.clone();
     let base_obj = work.join("baseline.o");
     std::fs::write(&base_obj, obj)?;
     let (base, unloadable) = run_tests(&base_obj, opts.cases, &work.join("baseline.log"))?;
@@ -265,6 +283,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let file = src.join("md-ebpf/src").join(m.file);
         let pristine = std::fs::read_to_string(ebpf_src.join(m.file))?;
         std::fs::write(&file, apply(m, &pristine)?)?;
+        touch_sources(&src.join("md-ebpf/src"))?;
         let built = build_ebpf::build_object(&tc, &src, &bpf);
         std::fs::write(&file, &pristine)?;
         let obj = match built {
@@ -274,6 +293,10 @@ pub fn run(opts: &Options) -> Result<()> {
                 continue;
             }
         };
+        if obj == baseline_obj {
+            bad.push(format!("{}: built the same object as the baseline", m.name));
+            continue;
+        }
         let path: PathBuf = work.join(format!("{}.o", m.name));
         std::fs::write(&path, obj)?;
         let (got, unloadable) =
