@@ -490,6 +490,14 @@ enum Op {
         src: u8,
         sport: u8,
     },
+    /// A well-formed packet from one container slot to another (or to a port published on a
+    /// host address: hairpin) at the sender's veth: policy and isolation paths.
+    Talk {
+        from: u8,
+        to: u8,
+        kind: u8,
+        sport: u8,
+    },
     /// A later fragment of a datagram FRAGS remembers.
     Later(u8, u8),
     /// LRU eviction of one tracker entry.
@@ -540,7 +548,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..5, 0u8..4, any::<bool>(), 0u8..5, 0u8..3)
             .prop_map(|(bind, port, udp, slot, cport)| Op::Publish { bind, port, udp, slot, cport }),
         1 => any::<u8>().prop_map(Op::Unpublish),
-        2 => (0u8..5, 0u8..5, any::<bool>()).prop_map(|(from, to, deny)| Op::Rule { from, to, deny }),
+        3 => (0u8..5, 0u8..5, 0u8..3).prop_map(|(from, to, v)| Op::Rule { from, to, deny: v != 0 }),
         1 => any::<bool>().prop_map(Op::Default),
         1 => (1u8..9).prop_map(Op::NatRange),
         6 => (0u8..12, pkt_spec(), mutation()).prop_map(|(h, p, m)| Op::Packet(h, p, m)),
@@ -567,6 +575,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u8..5, 0u8..17, 0u8..3, 0u8..10)
             .prop_map(|(slot, dst, kind, sport)| Op::Masq { slot, dst, kind, sport }),
         2 => (any::<u8>(), 0u8..17, 0u8..10).prop_map(|(port, src, sport)| Op::Visit { port, src, sport }),
+        4 => (0u8..5, 0u8..5, 0u8..5, 0u8..10)
+            .prop_map(|(from, to, kind, sport)| Op::Talk { from, to, kind, sport }),
         1 => (any::<u8>(), any::<u8>()).prop_map(|(i, o)| Op::Later(i, o)),
         1 => any::<u16>().prop_map(Op::Evict),
         1 => any::<u16>().prop_map(Op::Expire),
@@ -821,6 +831,18 @@ impl<'a> Case<'a> {
 
     fn slot(&self, i: u8) -> Slot {
         self.model.slots[usize::from(i) % self.model.slots.len()]
+    }
+
+    /// Slot `i` among the running ones (any slot when none runs): a sender that exists.
+    fn running_slot(&self, i: u8) -> Slot {
+        let up: Vec<Slot> = (0..self.model.slots.len())
+            .filter(|&n| self.model.running[n])
+            .map(|n| self.model.slots[n])
+            .collect();
+        match up.len() {
+            0 => self.slot(i),
+            n => up[usize::from(i) % n],
+        }
     }
 
     /// Every tracker entry, answered then unanswered, in key order.
@@ -1260,8 +1282,14 @@ impl<'a> Case<'a> {
     }
 
     fn random_packet(&mut self, h: u8, s: &PktSpec, mu: &Mutation) -> Res {
-        let hook = self.hook(h);
         let src = ADDRS[usize::from(s.src) % ADDRS.len()];
+        let mut hook = self.hook(h);
+        // A genuine sender half the time: the source slot's own veth (its MAC is set below).
+        if let (Hook::VethIngress(_), true) = (hook, s.mac_ok) {
+            if let Some(slot) = self.model.slots.iter().find(|x| x.ip == src) {
+                hook = Hook::VethIngress(slot.ifindex);
+            }
+        }
         let dst = self.routable(hook, src, ADDRS[usize::from(s.dst) % ADDRS.len()]);
         let sport = PORTS[usize::from(s.sport) % PORTS.len()];
         let dport = PORTS[usize::from(s.dport) % PORTS.len()];
@@ -1427,7 +1455,7 @@ impl<'a> Case<'a> {
 
     /// A container's new flow: through its veth, out of the uplink, and the answer back.
     fn masq(&mut self, slot: u8, dst: u8, kind: u8, sport: u8) -> Res {
-        let s = self.slot(slot);
+        let s = self.running_slot(slot);
         let dst = self.routable(
             Hook::UplinkEgress,
             s.ip,
@@ -1511,6 +1539,28 @@ impl<'a> Case<'a> {
         Ok(())
     }
 
+    fn talk(&mut self, from: u8, to: u8, kind: u8, sport: u8) -> Res {
+        let (a, b) = (self.running_slot(from), self.slot(to));
+        let sport = PORTS[usize::from(sport) % PORTS.len()];
+        let t = match kind {
+            0 => CtKey::new(a.ip, b.ip, sport, 80, IPPROTO_TCP),
+            1 => CtKey::new(a.ip, b.ip, sport, 53, IPPROTO_UDP),
+            2 => CtKey::new(a.ip, b.ip, sport, 0, IPPROTO_ICMP),
+            // Hairpin: to a published port through a host address.
+            _ => {
+                let keys: Vec<_> = self.model.ports.keys().copied().collect();
+                let Some(&(bind, port, proto)) = keys.get(usize::from(to) % keys.len().max(1))
+                else {
+                    return Ok(());
+                };
+                let daddr = if bind == [0; 4] { HOST } else { bind };
+                CtKey::new(a.ip, daddr, sport, port, proto)
+            }
+        };
+        let f = self.frame(packet_of(&t, 0x02, 1, 0, 4));
+        self.send(Hook::VethIngress(a.ifindex), f).map(|_| ())
+    }
+
     fn later(&mut self, i: u8, off: u8) -> Res {
         let keys: Vec<_> = self.model.frags.keys().copied().collect();
         if keys.is_empty() {
@@ -1559,6 +1609,12 @@ impl<'a> Case<'a> {
                 sport,
             } => return self.masq(*slot, *dst, *kind, *sport),
             Op::Visit { port, src, sport } => return self.visit(*port, *src, *sport),
+            Op::Talk {
+                from,
+                to,
+                kind,
+                sport,
+            } => return self.talk(*from, *to, *kind, *sport),
             Op::Later(i, off) => return self.later(*i, *off),
             Op::Evict(i) => self.evict(*i),
             Op::Expire(i) => self.expire(*i),
