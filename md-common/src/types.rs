@@ -55,7 +55,9 @@ pod! {
         pub nat_port_max: u16,
         /// [`POLICY_ALLOW`] or [`POLICY_DENY`] for container pairs without a rule.
         pub policy_default: u8,
-        pub _pad: [u8; 3],
+        /// [`DATAPATH_STACK`] or [`DATAPATH_REDIRECT`]: how packets md has decided on travel.
+        pub datapath: u8,
+        pub _pad: [u8; 2],
         /// Tracker lifetimes in seconds.
         pub ct_tcp_syn_secs: u32,
         pub ct_tcp_established_secs: u32,
@@ -158,7 +160,9 @@ pod! {
         pub drop_unsolicited: u64,
         pub drop_forward: u64,
         pub drop_no_source: u64,
-    } = 120;
+        /// Packets md delivered itself (redirect datapath), past the bridge and the host stack.
+        pub redirected: u64,
+    } = 128;
 
     /// A fragmented datagram as it arrived: later fragments carry no ports, so they follow the
     /// translation of their first fragment (Cilium's ipfrag map).
@@ -260,6 +264,14 @@ pub const HOST_ADDR_GATEWAY: u32 = 2;
 /// Where each network's resolver listens (UDP and TCP), on the gateway.
 pub const RESOLVER_PORT: u16 = 53;
 
+/// Datapath modes (CONFIG.datapath). Stack: after md's programs decide, packets walk the
+/// bridge and the host's IP stack as usual.
+pub const DATAPATH_STACK: u8 = 0;
+/// Redirect: md delivers what it decided itself: from an uplink straight into the container
+/// (bpf_redirect_peer), from a container straight to the uplink the FIB names (bpf_redirect)
+/// or into another container (bpf_redirect_peer), skipping the bridge and the host stack.
+pub const DATAPATH_REDIRECT: u8 = 1;
+
 pub const POLICY_ALLOW: u8 = 1;
 pub const POLICY_DENY: u8 = 2;
 
@@ -308,7 +320,8 @@ impl Config {
             nat_port_min: 61000,
             nat_port_max: 65535,
             policy_default: POLICY_ALLOW,
-            _pad: [0; 3],
+            datapath: DATAPATH_REDIRECT,
+            _pad: [0; 2],
             ct_tcp_syn_secs: 60,
             ct_tcp_established_secs: 6 * 3600,
             ct_tcp_closing_secs: 10,

@@ -7,6 +7,7 @@
 mod csum;
 mod ct;
 mod frag;
+mod fwd;
 mod nat;
 mod parse;
 mod policy;

@@ -2,7 +2,7 @@
 //! quote a translated packet. Each creates both tracker halves, then rewrites the packet.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use md_common::{
     CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
     CT_KIND_HAIRPIN, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT, HOST_ADDR_GATEWAY,
@@ -12,7 +12,7 @@ use md_common::{
 use crate::{
     csum,
     ct::{self, Spec},
-    frag,
+    frag, fwd,
     parse::{parse_ipv4_at, Pkt, L4, TCP_ACK, TCP_SYN},
     stats, ENDPOINTS, HOST_ADDRS, MD_SUBNETS, NETWORKS, PORT_MAP,
 };
@@ -72,20 +72,14 @@ pub fn endpoint(ip: &Ip4) -> Option<Endpoint> {
     unsafe { ENDPOINTS.get(ip) }.copied()
 }
 
-/// Hands a packet whose destination is (now) a container straight to that container's veth,
-/// with the gateway as the frame's source, as if the bridge had routed it.
+/// Hands a frame whose destination is (now) a container to it (see [`fwd::into_container`]):
+/// translated at a container's veth ingress, not routed by the host (no TTL change).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, daddr: &Ip4) -> Verdict {
-    let Some(ep) = endpoint(daddr) else {
+    let (Some(ep), Some(cfg)) = (endpoint(daddr), crate::config()) else {
         return Verdict::Pass;
     };
-    let Some(net) = (unsafe { NETWORKS.get(ep.net_id) }) else {
-        return Verdict::Pass;
-    };
-    if csum::set_macs(ctx, &ep.mac, &net.gateway_mac).is_err() {
-        return Verdict::Drop(DROP_MALFORMED);
-    }
-    Verdict::Redirect(unsafe { bpf_redirect(ep.ifindex, 0) } as i32)
+    fwd::into_container(ctx, cfg, &ep, true, false)
 }
 
 #[inline(always)]
@@ -120,7 +114,10 @@ pub fn dnat_from_uplink(ctx: &TcContext, p: &Pkt, target: *mut PortTarget) -> Ve
         return Verdict::Drop(DROP_MALFORMED);
     }
     frag::remember(p, &nat);
-    Verdict::Pass
+    match crate::config() {
+        Some(cfg) => fwd::inbound(ctx, cfg, p.l3_off, &nat.daddr),
+        None => Verdict::Pass,
+    }
 }
 
 /// A container → a published port through a host address (hairpin, at the container's veth

@@ -7,12 +7,12 @@
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, CT_HOOK_UPLINK, DROP_FORWARD, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF,
+    Config, Ip4, CT_HOOK_UPLINK, DROP_FORWARD, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF,
     DROP_UNSOLICITED, DROP_UNSUPPORTED,
 };
 
 use crate::{
-    csum, ct, frag,
+    csum, ct, frag, fwd,
     nat::{self, Verdict},
     parse::{self, Frag, Parsed, Pkt, L4},
     route,
@@ -43,7 +43,10 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
         L4::IcmpError => return Verdict::Icmp,
         L4::Ports => {
             if let Some(v) = tracked(ctx, &p, cfg) {
-                return v;
+                return match v {
+                    Tracked::To(daddr) => fwd::inbound(ctx, cfg, l3, &daddr),
+                    Tracked::Done(v) => v,
+                };
             }
             // Loopback never is a host address here: a packet from the wire addressed to
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
@@ -85,9 +88,16 @@ pub fn icmp_out(ctx: &TcContext, l3: usize, ifindex: u32) -> Verdict {
     }
 }
 
+/// What [`tracked`] did.
+enum Tracked {
+    /// Rewritten; the packet now goes to this address.
+    To(Ip4),
+    Done(Verdict),
+}
+
 /// A packet of a flow translated at the uplink (either way): rewrite it as its entry says.
 #[inline(always)]
-fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Option<Verdict> {
+fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Option<Tracked> {
     let now = ct::now();
     let f = ct::lookup(&p.key(), now)?;
     let e = unsafe { &*f.e };
@@ -97,10 +107,10 @@ fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Option<Verdict> {
     let to = e.nat_tuple(p.proto);
     ct::touch(f, p, now, cfg);
     if csum::rewrite(ctx, p, &to).is_err() {
-        return Some(Verdict::Drop(DROP_MALFORMED));
+        return Some(Tracked::Done(Verdict::Drop(DROP_MALFORMED)));
     }
     frag::remember(p, &to);
-    Some(Verdict::Pass)
+    Some(Tracked::To(to.daddr))
 }
 
 /// What arrives untranslated. Containers are reached from outside only through published
@@ -135,7 +145,10 @@ pub fn egress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdict
     }
     if p.l4 == L4::Ports {
         if let Some(v) = tracked(ctx, &p, cfg) {
-            return v;
+            return match v {
+                Tracked::To(_) => Verdict::Pass,
+                Tracked::Done(v) => v,
+            };
         }
     }
     leaving(ctx, &p, ifindex)

@@ -12,6 +12,7 @@ use md_common::{
 use crate::{
     csum,
     ct::{self, Spec},
+    fwd,
     nat::{self, Verdict},
     parse::{self, Parsed, Pkt, L4},
     policy, route, VETH_OWNERS,
@@ -162,7 +163,13 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         }
     }
     if let Some(dst) = nat::endpoint(&p.daddr) {
-        return to_container(p, &src, &dst, cfg);
+        return match to_container(p, &src, &dst, cfg) {
+            Verdict::Pass => fwd::between_containers(ctx, cfg, &dst),
+            v => v,
+        };
+    }
+    if fwd::redirecting(cfg) && !nat::is_host_addr(&p.daddr) && !nat::in_md_subnet(&p.daddr) {
+        return fwd::outbound(ctx, p, &src);
     }
     Verdict::Pass
 }

@@ -49,6 +49,12 @@ pub struct GlobalOpts {
         global = true
     )]
     pub resolv_conf: PathBuf,
+    /// How packets md has decided on travel: `redirect` (md delivers them itself, past the
+    /// bridge and the host stack) or `stack` (they walk the bridge and the host's IP stack)
+    /// [default: redirect where the kernel has bpf_redirect_peer, else stack; once set, kept
+    /// until changed].
+    #[arg(long, env = "MD_DATAPATH", global = true, value_parser = ["redirect", "stack"])]
+    pub datapath: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +157,18 @@ pub enum Command {
     /// Network settings of a container (address, gateway, MAC, veth, ports, policies).
     Inspect {
         name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a packet from FROM to TO through md's programs (a private copy: nothing live
+    /// changes) and show every program, map entry and verdict on the way, and the answer's
+    /// way back. FROM/TO: a container name, outside:IP, host, or an address (FROM also a
+    /// published HOSTIP:PORT). TO takes :PORT (TCP by default) and /tcp, /udp or /icmp
+    /// (without a port: ICMP echo).
+    Trace {
+        from: String,
+        #[arg(value_name = "TO[:PORT][/PROTO]")]
+        to: String,
         #[arg(long)]
         json: bool,
     },
@@ -268,6 +286,9 @@ impl GlobalOpts {
             .arg(&self.resolv_conf);
         if let Some(u) = &self.uplink {
             cmd.arg("--uplink").arg(u);
+        }
+        if let Some(d) = &self.datapath {
+            cmd.arg("--datapath").arg(d);
         }
         cmd
     }

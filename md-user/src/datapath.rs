@@ -65,7 +65,7 @@ impl Hook {
 }
 
 /// The eBPF object: embedded at build time, or MD_EBPF_OBJ at run time.
-fn object_bytes() -> Result<Cow<'static, [u8]>> {
+pub fn object_bytes() -> Result<Cow<'static, [u8]>> {
     if let Some(p) = std::env::var_os("MD_EBPF_OBJ") {
         return fs::read(&p)
             .map(Cow::Owned)
@@ -589,10 +589,47 @@ impl Datapath {
     }
 }
 
-/// The interface of the TCX link pinned at `pin` (0 once its interface is gone), read with
-/// BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD: aya 0.14 does not expose a TCX link's ifindex. None
-/// when the pin is no TCX link.
+/// The interface of the TCX link pinned at `pin` (0 once its interface is gone). None when the
+/// pin is no TCX link.
 fn tcx_link_ifindex(pin: &Path) -> Option<u32> {
+    tcx_link(pin).map(|l| l.0)
+}
+
+/// A TCX link pinned under the pin dir: where it is and what it runs.
+#[derive(Debug, Clone)]
+pub struct TcLink {
+    pub ifindex: u32,
+    pub ingress: bool,
+    pub prog_id: u32,
+}
+
+impl Datapath {
+    /// Every live TCX link md pinned (for `trace`: which program runs where).
+    pub fn tc_links(&self) -> Vec<TcLink> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some((ifindex, prog_id, attach_type)) = tcx_link(&e.path()) {
+                if ifindex != 0 {
+                    out.push(TcLink {
+                        ifindex,
+                        // BPF_TCX_INGRESS = 46, BPF_TCX_EGRESS = 47.
+                        ingress: attach_type == 46,
+                        prog_id,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// (ifindex, program id, attach type) of the TCX link pinned at `pin`, read with BPF_OBJ_GET
+/// and BPF_OBJ_GET_INFO_BY_FD: aya 0.14 does not expose a TCX link's ifindex.
+fn tcx_link(pin: &Path) -> Option<(u32, u32, u32)> {
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -633,7 +670,7 @@ fn tcx_link_ifindex(pin: &Path) -> Option<u32> {
             std::mem::size_of::<InfoAttr>(),
         )
     };
-    (ret == 0 && info[0] == BPF_LINK_TYPE_TCX).then_some(info[4])
+    (ret == 0 && info[0] == BPF_LINK_TYPE_TCX).then_some((info[4], info[2], info[5]))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.

@@ -89,6 +89,12 @@ pub async fn ensure_datapath(
     cfg.uplink_ifindex = uplink.index;
     cfg.uplink_ip = uplink_ip.octets();
     cfg.policy_default = state.policy.default.map_value();
+    let mode = datapath_mode(opts, state.datapath.as_ref().map(|d| d.mode.as_str()))?;
+    cfg.datapath = if mode == "redirect" {
+        md_common::DATAPATH_REDIRECT
+    } else {
+        md_common::DATAPATH_STACK
+    };
     dp.set_config(&cfg)?;
     if fresh {
         crate::policy::sync(dp, state)?;
@@ -102,9 +108,30 @@ pub async fn ensure_datapath(
         uplink_ip,
         netns_cookie: cookie,
         object_digest: digest,
+        mode: mode.to_string(),
     });
     ensure_watcher(opts)?;
     Ok(())
+}
+
+/// Whether this kernel can deliver packets itself: bpf_redirect_peer and bpf_redirect_neigh
+/// came in Linux 5.10.
+pub fn redirect_supported() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 10, 0))
+}
+
+/// The datapath mode to run: the one asked for, else the one in use, else the fastest this
+/// kernel has. The seam for another mode (netkit, where kernels have it) is here and in
+/// `endpoint::setup`, which picks the device pair.
+fn datapath_mode(opts: &GlobalOpts, current: Option<&str>) -> Result<&'static str> {
+    let want = opts.datapath.as_deref().or(current);
+    match want {
+        Some("redirect") | None if redirect_supported() => Ok("redirect"),
+        Some("redirect") if opts.datapath.is_some() => {
+            bail!("--datapath redirect needs bpf_redirect_peer (Linux 5.10); this kernel has none")
+        }
+        _ => Ok("stack"),
+    }
 }
 
 /// Names of the links md made (bridges, container veths), from the state: they are recorded
@@ -313,15 +340,31 @@ pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Res
     };
     let (me, start) = proc::self_identity();
     fs::write(watcher_pid(&opts.state_dir), format!("{me} {start}\n"))?;
-    let (conn, _, mut events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
-            .context("subscribing to link and address events")?;
+    let (conn, _, mut events) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv4Route,
+    ])
+    .context("subscribing to link, address and route events")?;
     tokio::spawn(conn);
     let nl = Netlink::connect()?;
+    let state_dir = StateDir::new(&opts.state_dir);
+    // Started before any container (systemd at boot): load and attach now, so the first
+    // container pays no verification. Until the host has a default route this may fail; it
+    // is tried again on every event.
+    let mut preload_error = None;
+    if !dp.is_loaded() {
+        preload_error = preload(&nl, dp, &state_dir, opts).await.err();
+    }
     if let Some(mut r) = ready {
         std::io::Write::write_all(&mut r, b"ok")?;
     }
-    let state_dir = StateDir::new(&opts.state_dir);
+    if let Some(e) = preload_error {
+        eprintln!(
+            "md-user watch: loading the datapath: {}",
+            crate::error::one_line(&e)
+        );
+    }
     let mut gc = tokio::time::interval(std::time::Duration::from_secs(30));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -343,8 +386,13 @@ pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Res
             }
             _ = term.recv() => break,
         }
-        // Idle until a command loads the datapath (under systemd it starts before any).
         if !dp.is_loaded() {
+            if let Err(e) = preload(&nl, dp, &state_dir, opts).await {
+                eprintln!(
+                    "md-user watch: loading the datapath: {}",
+                    crate::error::one_line(&e)
+                );
+            }
             continue;
         }
         if let Err(e) = follow_host(&nl, dp, &state_dir, &opts.state_dir).await {
@@ -353,6 +401,13 @@ pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Res
     }
     let _ = fs::remove_file(watcher_pid(&opts.state_dir));
     Ok(())
+}
+
+/// Loads and attaches the datapath as the first `run` would (under the state lock).
+async fn preload(nl: &Netlink, dp: &Datapath, sd: &StateDir, opts: &GlobalOpts) -> Result<()> {
+    let mut locked = sd.lock()?;
+    ensure_datapath(nl, dp, &mut locked.state, opts).await?;
+    locked.save()
 }
 
 async fn follow_host(nl: &Netlink, dp: &Datapath, sd: &StateDir, state_dir: &Path) -> Result<()> {

@@ -23,6 +23,7 @@ mod policy;
 mod portmap;
 mod proc;
 mod state;
+mod trace;
 
 use std::process::ExitCode;
 

@@ -27,6 +27,19 @@ pub struct Link {
     pub layer: Layer,
 }
 
+/// The kernel's route for one destination (see [`Netlink::route_to`]).
+#[derive(Debug, Clone)]
+pub struct RouteTo {
+    /// Delivered to this host (a local or broadcast address).
+    pub local: bool,
+    /// Sent on through `oif`.
+    pub unicast: bool,
+    pub oif: Option<u32>,
+    pub gateway: Option<Ipv4Addr>,
+    /// The source address the host would pick.
+    pub source: Option<Ipv4Addr>,
+}
+
 /// What a device's packets start with, as TC programs see them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layer {
@@ -275,6 +288,80 @@ impl Netlink {
                 _ => None,
             }) {
                 return Ok(Some(oif));
+            }
+        }
+        Ok(None)
+    }
+
+    /// What the kernel's routing says about a packet to `dst` sent from this namespace (`ip
+    /// route get DST`): None when there is no route.
+    pub async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>> {
+        use rtnetlink::packet_route::{route::RouteAddress, AddressFamily};
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 32;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        let mut s = self.handle.route().get(msg).execute();
+        let r = match s.try_next().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(None),
+            Err(e)
+                if matches!(
+                    errno(&e),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL)
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e).with_context(|| format!("looking up the route to {dst}")),
+        };
+        let v4 = |a: &RouteAddress| match a {
+            RouteAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        };
+        let mut out = RouteTo {
+            local: matches!(
+                r.header.kind,
+                rtnetlink::packet_route::route::RouteType::Local
+                    | rtnetlink::packet_route::route::RouteType::Broadcast
+            ),
+            unicast: r.header.kind == rtnetlink::packet_route::route::RouteType::Unicast,
+            oif: None,
+            gateway: None,
+            source: None,
+        };
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Oif(i) => out.oif = Some(*i),
+                RouteAttribute::Gateway(g) => out.gateway = v4(g),
+                RouteAttribute::PrefSource(p) => out.source = v4(p),
+                _ => {}
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The link-layer address of neighbour `ip` on link `ifindex`, if the neighbour table
+    /// knows it.
+    pub async fn neighbour_mac(&self, ifindex: u32, ip: Ipv4Addr) -> Result<Option<Vec<u8>>> {
+        use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let mut s = self.handle.neighbours().get().execute();
+        while let Some(msg) = s.try_next().await.context("listing neighbours")? {
+            if msg.header.ifindex != ifindex {
+                continue;
+            }
+            let mut dst = None;
+            let mut lladdr = None;
+            for a in msg.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(d),
+                    NeighbourAttribute::LinkLayerAddress(l) => lladdr = Some(l),
+                    _ => {}
+                }
+            }
+            if dst == Some(ip) && lladdr.as_ref().is_some_and(|l| l.len() == 6) {
+                return Ok(lladdr);
             }
         }
         Ok(None)

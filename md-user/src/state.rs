@@ -57,6 +57,13 @@ pub struct DatapathState {
     pub netns_cookie: u64,
     /// Digest of the eBPF object that is loaded, to refuse mixing builds.
     pub object_digest: String,
+    /// `redirect` or `stack` (see `--datapath`).
+    #[serde(default = "default_datapath_mode")]
+    pub mode: String,
+}
+
+fn default_datapath_mode() -> String {
+    "stack".to_string()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

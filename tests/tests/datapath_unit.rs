@@ -26,9 +26,9 @@ use aya::{
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
     PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
-    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, POLICY_ALLOW,
-    POLICY_DENY, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV,
-    TCP_SYN_SENT,
+    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, DATAPATH_REDIRECT, DATAPATH_STACK,
+    HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, POLICY_ALLOW, POLICY_DENY, TCP_CLOSING, TCP_ESTABLISHED,
+    TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use md_tests::{
     pkt::{
@@ -99,6 +99,10 @@ struct Dp {
     uplink: u32,
 }
 
+/// OUT's MAC in each test's private network namespace (a permanent neighbour entry).
+const OUT_MAC: Mac = [0x02, 0, 0, 0, 0x0c, 0x02];
+const OUT_MAC_STR: &str = "02:00:00:00:0c:02";
+
 /// Name of the dummy uplink in each test's private network namespace.
 const UPLINK_DEV: &str = "up0";
 
@@ -140,6 +144,16 @@ fn private_netns() -> u32 {
     ]);
     ip(&["link", "set", UPLINK_DEV, "up"]);
     ip(&["route", "add", "default", "via", &dotted(OUT)]);
+    // OUT's MAC is known, so the redirect datapath's FIB lookups resolve a neighbour.
+    ip(&[
+        "neigh",
+        "add",
+        &dotted(OUT),
+        "lladdr",
+        OUT_MAC_STR,
+        "dev",
+        UPLINK_DEV,
+    ]);
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward in the test netns");
     std::fs::read_to_string(format!("/sys/class/net/{UPLINK_DEV}/ifindex"))
         .ok()
@@ -220,6 +234,9 @@ impl Dp {
         let mut cfg = Config::defaults();
         cfg.uplink_ip = HOST;
         cfg.uplink_ifindex = LO;
+        // The translations are tested where the stack delivers; the redirect datapath has
+        // tests of its own (section 9).
+        cfg.datapath = DATAPATH_STACK;
         f(&mut cfg);
         let mut arr: Array<_, Config> =
             Array::try_from(self.ebpf.map_mut(m::CONFIG).unwrap()).unwrap();
@@ -2719,4 +2736,114 @@ fn hardening_cut_short_l4_header_not_translated() {
     );
     assert_eq!(dp.port_hits([0; 4], 8080, IPPROTO_TCP), 0);
     assert_eq!(dp.port_hits([0; 4], 5353, IPPROTO_UDP), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. The redirect datapath: md delivers what it decided itself
+
+/// The uplink's MAC in the test namespace.
+fn uplink_mac() -> Mac {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{UPLINK_DEV}/address"))
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    let s = match s {
+        Some(s) => s,
+        // /sys may show another namespace: ask ip.
+        None => {
+            let out = std::process::Command::new("ip")
+                .args(["-o", "link", "show", UPLINK_DEV])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split("link/ether ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let b: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// From an uplink into a container, from a container out of the uplink and between two
+/// containers: redirected (TC_ACT_REDIRECT), with the MACs the next hop expects, the TTL down
+/// by one where the host routes, and the container's receive counted at the sender (its veth's
+/// egress program is skipped).
+#[test]
+fn redirect_datapath_delivers_itself() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.set_config(|c| c.datapath = DATAPATH_REDIRECT);
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+
+    // Outside -> published port: translated and redirected into C4, as if the bridge had
+    // routed it: C4's MAC, the gateway's, TTL 63.
+    let syn = Ipv4Pkt::tcp(OUT, 5555, HOST, 8080, TCP_SYN);
+    let want = Ipv4Pkt {
+        ttl: 63,
+        ..with_tuple(&syn, CtKey::new(OUT, C4, 5555, 80, IPPROTO_TCP)).macs(GW_MAC, mac(C4))
+    };
+    expect_rewrite(&dp, UPLINK_INGRESS, &syn, REDIRECT, &want, "DNAT into C4");
+    assert_eq!(dp.stat(|s| s.redirected), 1, "counted as C4's (ifindex 1)");
+    assert_eq!(
+        dp.stat(|s| s.ingress_packets),
+        1,
+        "C4's receive, counted at the uplink"
+    );
+
+    // C2 -> outside: straight to the uplink's egress with the FIB's MACs, TTL 63 (the
+    // uplink's egress program masquerades it there).
+    let out = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN).macs(mac(C2), GW_MAC);
+    let want = Ipv4Pkt {
+        ttl: 63,
+        ..out.clone().macs(uplink_mac(), OUT_MAC)
+    };
+    expect_rewrite(&dp, VETH_INGRESS, &out, REDIRECT, &want, "C2 -> OUT");
+    assert_eq!(dp.stat(|s| s.redirected), 2);
+
+    // C2 -> C3 on the same network, to C3's MAC: into C3, untouched.
+    let c2c3 = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_SYN).macs(mac(C2), mac(C3));
+    expect_untouched(&dp, VETH_INGRESS, &c2c3, REDIRECT, "C2 -> C3");
+    assert_eq!(dp.stat(|s| s.redirected), 3);
+
+    // Whatever the host must handle takes the stack: to the host itself, broadcast, a TTL
+    // that would run out (the stack sends time-exceeded).
+    for (p, what) in [
+        (
+            Ipv4Pkt::udp(C2, 40001, HOST, 9999).macs(mac(C2), GW_MAC),
+            "C2 -> the host",
+        ),
+        (
+            Ipv4Pkt::udp(C2, 40002, [255, 255, 255, 255], 67).macs(mac(C2), [0xff; 6]),
+            "C2 -> broadcast",
+        ),
+        (
+            Ipv4Pkt {
+                ttl: 1,
+                ..Ipv4Pkt::udp(C2, 40003, OUT, 53).macs(mac(C2), GW_MAC)
+            },
+            "C2 -> OUT with TTL 1",
+        ),
+    ] {
+        expect_untouched(&dp, VETH_INGRESS, &p, PASS, what);
+    }
+
+    // The same packets in the stack datapath are left to the bridge and the stack.
+    dp.set_config(|c| c.datapath = DATAPATH_STACK);
+    let again = Ipv4Pkt::tcp(C2, 41001, C3, 80, TCP_SYN).macs(mac(C2), mac(C3));
+    expect_untouched(&dp, VETH_INGRESS, &again, PASS, "C2 -> C3, stack");
+    assert_eq!(
+        dp.stat(|s| s.redirected),
+        3,
+        "nothing redirected in the stack datapath"
+    );
 }

@@ -68,6 +68,7 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("dig", "dnsutils"),
     ("dnsmasq", "dnsmasq-base"),
+    ("tcpdump", "tcpdump"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
 ];
@@ -313,6 +314,7 @@ mod tests {
                 "util-linux",
                 "dnsutils",
                 "dnsmasq-base",
+                "tcpdump",
                 "prometheus"
             ]
         );

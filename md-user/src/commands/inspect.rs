@@ -74,6 +74,7 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
         },
         "Policies": policies,
         "PolicyDefault": state.policy.default.to_string(),
+        "Datapath": state.datapath.as_ref().map(|d| d.mode.clone()),
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -102,6 +103,9 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
     }
     for p in &c.ports {
         println!("Port:      {p}");
+    }
+    if let Some(d) = out["Datapath"].as_str() {
+        println!("Datapath:  {d}");
     }
     for r in &policies {
         println!(

@@ -12,6 +12,7 @@ mod ps;
 pub mod run;
 pub mod stats;
 mod stop;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,15 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         // `run` validates its arguments before checking privileges, so bad input gets the
         // precise message even without root.
         Command::Run(args) => run::run(&ctx, args),
+        // So does `trace`: a bad spec is named before anything else.
+        Command::Trace { from, to, json } => {
+            let (from, to) = (
+                crate::trace::spec::parse_from(&from)?,
+                crate::trace::spec::parse_to(&to)?,
+            );
+            require_privileges()?;
+            block_on(trace::trace(&ctx, from, to, json))
+        }
         Command::Init {
             ready_fd,
             program,
@@ -51,7 +61,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         command => {
             require_privileges()?;
             match command {
-                Command::Run(_) | Command::Init { .. } => unreachable!(),
+                Command::Run(_) | Command::Init { .. } | Command::Trace { .. } => unreachable!(),
                 Command::Ps { json } => block_on(ps::ps(&ctx, json)),
                 Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
                 Command::Exec { name, cmd } => {

@@ -37,6 +37,7 @@ pub fn add(a: &mut IfStats, b: &IfStats) {
     a.drop_unsolicited += b.drop_unsolicited;
     a.drop_forward += b.drop_forward;
     a.drop_no_source += b.drop_no_source;
+    a.redirected += b.redirected;
 }
 
 fn counters(s: &IfStats) -> Value {
@@ -51,6 +52,7 @@ fn counters(s: &IfStats) -> Value {
         "ingress_bytes": s.ingress_bytes,
         "snat": s.snat,
         "dnat": s.dnat,
+        "redirected": s.redirected,
         "drops": drops,
     })
 }
@@ -137,6 +139,7 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
         }
     }
     let out = json!({
+        "datapath": state.datapath.as_ref().map(|d| d.mode.clone()),
         "containers": containers,
         "uplink": uplink,
         "uplinks": uplinks,
@@ -212,5 +215,8 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
         .map(|(k, v)| format!("{k} {}/{}", v["entries"], v["capacity"]))
         .collect();
     println!("maps: {}", fill.join(", "));
+    if let Some(d) = out["datapath"].as_str() {
+        println!("datapath: {d}");
+    }
     Ok(ExitCode::SUCCESS)
 }
