@@ -247,28 +247,19 @@ mod tests {
         assert_eq!(Verdict::default(), Verdict::Allow);
     }
 
-    /// Without a loaded datapath, rules only get identities (written when it loads) and a
-    /// sync fails (the default verdict lives in CONFIG).
+    /// Without a loaded datapath: no drop counter to read, and no CONFIG for the default.
     #[test]
-    fn rules_without_a_datapath() {
-        let dp = Datapath::new(std::path::Path::new("/nonexistent/md-policy-test"));
-        let mut s = State::default();
-        let rule = Rule {
-            from: "web".into(),
-            to: "db".into(),
-            verdict: Verdict::Deny,
-        };
-        assert_eq!(drops(&dp, &s, &rule), 0, "no identities yet");
-        install(&dp, &mut s, &rule).unwrap();
-        assert_eq!(s.identities.get("web"), Some(&1));
-        assert_eq!(s.identities.get("db"), Some(&2));
-        assert_eq!(drops(&dp, &s, &rule), 0, "no map to read");
-        s.policy.rules.push(Rule {
-            from: "cache".into(),
-            to: "db".into(),
-            verdict: Verdict::Allow,
-        });
-        assert!(sync(&dp, &mut s).is_err());
-        assert_eq!(s.identities.get("cache"), Some(&3));
+    fn without_a_datapath_drops_are_zero_and_sync_fails() {
+        let dir = tempdir("nodp");
+        let dp = Datapath::new(std::path::Path::new("/nonexistent/md-pins"));
+        let mut l = StateDir::new(&dir).lock().unwrap();
+        set_all(&dp, &mut l.state, &[rule("web", "db", Verdict::Deny)]).unwrap();
+        let ids = l.state.identities().unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(drops(&dp, &ids, &rule("web", "db", Verdict::Deny)), 0);
+        assert_eq!(drops(&dp, &ids, &rule("x", "db", Verdict::Deny)), 0);
+        assert!(sync(&dp, &mut l.state).is_err());
+        drop(l);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -936,74 +936,14 @@ mod tests {
     }
 
     #[test]
-    fn identities_are_pruned_when_nothing_uses_them() {
-        let mut s = State::default();
-        s.containers.insert("web".into(), container("web", vec![]));
-        for n in ["web", "gone", "db", "cache"] {
-            s.identity_for(n);
-        }
-        s.policy.set_all(&[crate::policy::Rule {
-            from: "cache".into(),
-            to: "db".into(),
-            verdict: crate::policy::Verdict::Deny,
-        }]);
-        s.prune_identities();
-        let left: Vec<_> = s.identities.keys().map(String::as_str).collect();
-        assert_eq!(left, ["cache", "db", "web"]);
-        // Identities are never reused.
-        assert_eq!(s.identity_for("new"), 5);
-    }
-
-    #[test]
     fn paths_under_the_state_directory() {
         let sd = StateDir::new(Path::new("/x/state"));
-        assert_eq!(sd.file(), Path::new("/x/state/state.json"));
+        assert_eq!(sd.db(), Path::new("/x/state/state.db"));
+        assert_eq!(sd.legacy_file(), Path::new("/x/state/state.json"));
         assert_eq!(sd.log_file("web"), Path::new("/x/state/logs/web.log"));
         assert_eq!(
             sd.container_dir("web"),
             Path::new("/x/state/containers/web")
         );
-    }
-
-    #[test]
-    fn empty_broken_and_unreadable_state_files() {
-        let dir = tempdir();
-        let sd = StateDir::new(&dir);
-        // No file, an empty file: a fresh state.
-        assert!(sd.peek().unwrap().identities.is_empty());
-        fs::write(dir.join("state.json"), "").unwrap();
-        assert!(sd.lock().unwrap().state.identities.is_empty());
-        assert!(sd.peek().unwrap().identities.is_empty());
-        // Content is read by both.
-        fs::write(dir.join("state.json"), r#"{"identities":{"web":7}}"#).unwrap();
-        assert_eq!(sd.lock().unwrap().state.identities["web"], 7);
-        assert_eq!(sd.peek().unwrap().identities["web"], 7);
-        // Garbage is an error, not a silent reset.
-        fs::write(dir.join("state.json"), "{not json").unwrap();
-        assert!(sd.lock().is_err());
-        assert!(sd.peek().is_err());
-        // A state file that cannot be read is an error too.
-        fs::remove_file(dir.join("state.json")).unwrap();
-        fs::create_dir(dir.join("state.json")).unwrap();
-        assert!(sd.lock().is_err());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn remove_resets_and_deletes() {
-        let dir = tempdir();
-        let sd = StateDir::new(&dir);
-        let mut l = sd.lock().unwrap();
-        l.state.identity_for("web");
-        l.save().unwrap();
-        assert!(dir.join("state.json").exists());
-        l.remove().unwrap();
-        assert!(l.state.identities.is_empty());
-        assert!(!dir.join("state.json").exists());
-        l.remove().unwrap(); // already gone: fine
-        fs::create_dir(dir.join("state.json")).unwrap();
-        assert!(l.remove().is_err(), "a state path that cannot be removed");
-        drop(l);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
