@@ -1008,13 +1008,7 @@ impl Model {
         });
     }
 
-    fn into_container(
-        &mut self,
-        s: &mut Skb,
-        ep: &Slot,
-        from_ingress: bool,
-        routed: bool,
-    ) -> Verdict {
+    fn deliver_to(&mut self, s: &mut Skb, ep: &Slot, from_ingress: bool, routed: bool) -> Verdict {
         let Some(net) = self.net(ep.net_id) else {
             return Verdict::Pass;
         };
@@ -1040,7 +1034,7 @@ impl Model {
             return Verdict::Pass;
         }
         match self.endpoint(daddr) {
-            Some(ep) => self.into_container(s, &ep, true, true),
+            Some(ep) => self.deliver_to(s, &ep, true, true),
             None => Verdict::Pass,
         }
     }
@@ -1064,7 +1058,7 @@ impl Model {
         let Some(ep) = self.endpoint(daddr) else {
             return Verdict::Pass;
         };
-        self.into_container(s, &ep, true, false)
+        self.deliver_to(s, &ep, true, false)
     }
 
     fn count_dnat(&mut self, key: (Ip4, u16, u8)) {
