@@ -1008,6 +1008,7 @@ impl Model {
         });
     }
 
+    /// fwd::into_container.
     fn deliver_to(&mut self, s: &mut Skb, ep: &Slot, from_ingress: bool, routed: bool) -> Verdict {
         let Some(net) = self.net(ep.net_id) else {
             return Verdict::Pass;
