@@ -50,7 +50,7 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     let Some(target) = nat::port_lookup(&ip, port, proto, wildcard_ok) else {
         return ALLOW;
     };
-    if route::host_socket(ctx, proto, [0; 4], 0, ip, port) {
+    if !route::runtime_reserved(target) && route::host_socket(ctx, proto, [0; 4], 0, ip, port) {
         return ALLOW;
     }
     let t = unsafe { *target };

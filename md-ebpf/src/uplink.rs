@@ -7,8 +7,8 @@
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, Ip4, CT_HOOK_UPLINK, DROP_FORWARD, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF,
-    DROP_UNSOLICITED, DROP_UNSUPPORTED,
+    Config, Ip4, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_SNAT, DROP_FORWARD, DROP_MALFORMED,
+    DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
 };
 
 use crate::{
@@ -32,7 +32,16 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
     let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
         return Verdict::Pass;
     };
-    // The source first: nothing from the wire may claim an md address, translated or not.
+    // An established flow first (its entry can only be an inbound one: see `tracked`), then
+    // the source: nothing else from the wire may claim an md address.
+    if p.l4 == L4::Ports {
+        if let Some(v) = tracked(ctx, &p, cfg, true) {
+            return match v {
+                Tracked::To(daddr) => fwd::inbound(ctx, cfg, l3, &daddr),
+                Tracked::Done(v) => v,
+            };
+        }
+    }
     if nat::in_md_subnet(&p.saddr) {
         return Verdict::Drop(DROP_SPOOF);
     }
@@ -42,17 +51,13 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
     match p.l4 {
         L4::IcmpError => return Verdict::Icmp,
         L4::Ports => {
-            if let Some(v) = tracked(ctx, &p, cfg) {
-                return match v {
-                    Tracked::To(daddr) => fwd::inbound(ctx, cfg, l3, &daddr),
-                    Tracked::Done(v) => v,
-                };
-            }
             // Loopback never is a host address here: a packet from the wire addressed to
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
             if nat::is_host_addr(&p.daddr) && nat::opens_flow(&p) {
                 if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto, true) {
-                    if !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
+                    if route::runtime_reserved(target)
+                        || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport)
+                    {
                         return nat::dnat_from_uplink(ctx, &p, target);
                     }
                 }
@@ -95,13 +100,20 @@ enum Tracked {
     Done(Verdict),
 }
 
-/// A packet of a flow translated at the uplink (either way): rewrite it as its entry says.
+/// A packet of a flow translated at the uplink, in the direction it travels here: rewrite it
+/// as its entry says. Inbound only answers of masquerade and a published port's client
+/// match; outbound the other halves. So a packet from the wire that carries a container's own
+/// tuple is no flow of its, and an established flow needs no source check first.
 #[inline(always)]
-fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config) -> Option<Tracked> {
+fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config, inbound: bool) -> Option<Tracked> {
     let now = ct::now();
     let f = ct::lookup(&p.key(), now)?;
     let e = unsafe { &*f.e };
     if e.hook != CT_HOOK_UPLINK {
+        return None;
+    }
+    let way_in = (e.kind == CT_KIND_SNAT) == (e.dir == CT_DIR_REPLY);
+    if way_in != inbound {
         return None;
     }
     let to = e.nat_tuple(p.proto);
@@ -144,7 +156,7 @@ pub fn egress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdict
         return Verdict::Icmp;
     }
     if p.l4 == L4::Ports {
-        if let Some(v) = tracked(ctx, &p, cfg) {
+        if let Some(v) = tracked(ctx, &p, cfg, false) {
             return match v {
                 Tracked::To(_) => Verdict::Pass,
                 Tracked::Done(v) => v,

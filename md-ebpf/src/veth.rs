@@ -132,8 +132,9 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
         if let Some(f) = ct::lookup(&p.key(), now) {
             let e = unsafe { &*f.e };
             if e.hook != CT_HOOK_VETH {
-                // Translated at the uplink (masquerade, or an answer to an outside client).
-                return Verdict::Pass;
+                // Translated at the uplink (masquerade, or an answer to an outside client):
+                // on its way there.
+                return outbound(ctx, p, &src, cfg);
             }
             if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
@@ -148,18 +149,19 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             }
             return nat::deliver(ctx, &to.daddr);
         }
-        if nat::is_host_addr(&p.daddr)
-            && nat::opens_flow(p)
-            && !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport)
-        {
-            if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto, true) {
-                let t = unsafe { *target };
-                if !policy::allowed(cfg, src.identity, t.identity) {
-                    return Verdict::Drop(DROP_POLICY);
+        if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
+            let target = nat::port_lookup(&p.daddr, p.dport, p.proto, true);
+            let reserved = target.is_some_and(|t| route::runtime_reserved(t));
+            if reserved || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
+                if let Some(target) = target {
+                    let t = unsafe { *target };
+                    if !policy::allowed(cfg, src.identity, t.identity) {
+                        return Verdict::Drop(DROP_POLICY);
+                    }
+                    return nat::dnat_from_container(ctx, p, &src, target);
                 }
-                return nat::dnat_from_container(ctx, p, &src, target);
+                return Verdict::Pass;
             }
-            return Verdict::Pass;
         }
     }
     if let Some(dst) = nat::endpoint(&p.daddr) {
@@ -168,8 +170,15 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             v => v,
         };
     }
+    outbound(ctx, p, &src, cfg)
+}
+
+/// A container's packet for a routed destination: straight to the uplink's egress in the
+/// redirect datapath, through the bridge and the host stack otherwise.
+#[inline(always)]
+fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint, cfg: &Config) -> Verdict {
     if fwd::redirecting(cfg) && !nat::is_host_addr(&p.daddr) && !nat::in_md_subnet(&p.daddr) {
-        return fwd::outbound(ctx, p, &src);
+        return fwd::outbound(ctx, p, src);
     }
     Verdict::Pass
 }

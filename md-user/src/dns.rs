@@ -6,6 +6,7 @@
 //! forwards everything else to the upstream servers of the host's resolv.conf.
 
 use std::{
+    collections::HashSet,
     fs::{self, OpenOptions},
     io::Write,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -60,11 +61,39 @@ fn is_a_name(state: &State, name: &str) -> bool {
         .any(|c| c.name.eq_ignore_ascii_case(name))
 }
 
+/// Container names in lower case, so "is this a name" is one lookup, not a scan (a hosts file
+/// asks it for every line).
+struct NameSet(HashSet<String>);
+
+impl NameSet {
+    fn of(state: &State) -> NameSet {
+        NameSet(
+            state
+                .containers
+                .keys()
+                .map(|n| n.to_ascii_lowercase())
+                .collect(),
+        )
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.contains(&name.to_ascii_lowercase())
+    }
+}
+
 /// The hostname `c` is also known by, unless it is just its name or some container's name:
 /// names win, so `--hostname web` cannot take the name of a container `web`.
-fn alias(state: &State, c: &Container) -> Option<String> {
-    (!c.hostname.eq_ignore_ascii_case(&c.name) && !is_a_name(state, &c.hostname))
+fn alias_in(names: &NameSet, c: &Container) -> Option<String> {
+    (!c.hostname.eq_ignore_ascii_case(&c.name) && !names.has(&c.hostname))
         .then(|| c.hostname.clone())
+}
+
+/// A container's line in hosts files: "IP\tNAMES".
+fn hosts_line(names: &NameSet, ip: impl std::fmt::Display, c: &Container) -> String {
+    match alias_in(names, c) {
+        Some(h) => format!("{ip}\t{h} {}\n", c.name),
+        None => format!("{ip}\t{}\n", c.name),
+    }
 }
 
 /// Resolves a container name (or hostname) for someone on `nets`.
@@ -83,7 +112,9 @@ pub fn lookup(
             if by_name {
                 c.name.eq_ignore_ascii_case(name)
             } else {
+                // Hostnames and aliases, unless a container has that name (names win).
                 c.hostname.eq_ignore_ascii_case(name)
+                    || c.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
             }
         })
         .find_map(|c| shared_ip(c, nets, network))
@@ -94,20 +125,21 @@ fn networks_of(c: &Container) -> Vec<String> {
 }
 
 /// /etc/hosts of a container: localhost, itself, and its peers on the networks it is on.
+#[cfg(test)]
 pub fn render_hosts(state: &State, c: &Container) -> String {
+    render_hosts_with(state, &NameSet::of(state), c)
+}
+
+fn render_hosts_with(state: &State, names: &NameSet, c: &Container) -> String {
     let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    let own = |c: &Container| match alias(state, c) {
-        Some(h) => format!("{h} {}", c.name),
-        None => c.name.clone(),
-    };
     match c.primary_ip() {
-        Some(ip) => s.push_str(&format!("{ip}\t{}\n", own(c))),
-        None => s.push_str(&format!("127.0.1.1\t{}\n", own(c))),
+        Some(ip) => s.push_str(&hosts_line(names, ip, c)),
+        None => s.push_str(&hosts_line(names, "127.0.1.1", c)),
     }
     let nets = networks_of(c);
     for peer in state.containers.values().filter(|p| p.name != c.name) {
         if let Some(ip) = shared_ip(peer, &nets, None) {
-            s.push_str(&format!("{ip}\t{}\n", own(peer)));
+            s.push_str(&hosts_line(names, ip, peer));
         }
     }
     s
@@ -144,17 +176,68 @@ pub fn files(dir: &StateDir, name: &str) -> (PathBuf, PathBuf) {
     (d.join("hosts"), d.join("resolv.conf"))
 }
 
+/// Whether md writes `c`'s hosts and resolv.conf: not for host and container: modes, and not
+/// for a CNI container (the runtime writes its files).
+fn has_files(c: &Container) -> bool {
+    !(c.mode == "host" || c.mode.starts_with("container:") || c.cni.is_some())
+}
+
 /// Rewrites every container's files from the state (containers came or went).
 pub fn refresh(dir: &StateDir, state: &State) -> Result<()> {
-    for c in state.containers.values() {
-        if c.mode == "host" || c.mode.starts_with("container:") {
-            continue;
-        }
+    let names = NameSet::of(state);
+    for c in state.containers.values().filter(|c| has_files(c)) {
         let (hosts, resolv) = files(dir, &c.name);
         fs::create_dir_all(hosts.parent().expect("dir"))?;
-        write_in_place(&hosts, &render_hosts(state, c))?;
+        write_in_place(&hosts, &render_hosts_with(state, &names, c))?;
         if let Some(r) = render_resolv(state, c) {
             write_in_place(&resolv, &r)?;
+        }
+    }
+    Ok(())
+}
+
+/// Container `name` was just added: its own files, and one line appended to each peer's hosts
+/// file, instead of rewriting every file (with a thousand containers on a network that is a
+/// thousand small appends, not thirty megabytes). When the new name takes a peer's hostname
+/// (names win, so that alias goes), everything is rewritten.
+pub fn added(dir: &StateDir, state: &State, name: &str) -> Result<()> {
+    let Some(c) = state.containers.get(name) else {
+        return Ok(());
+    };
+    let names = NameSet::of(state);
+    let shadows = state
+        .containers
+        .values()
+        .any(|p| p.name != c.name && p.hostname.eq_ignore_ascii_case(&c.name));
+    if shadows {
+        return refresh(dir, state);
+    }
+    if has_files(c) {
+        let (hosts, resolv) = files(dir, &c.name);
+        fs::create_dir_all(hosts.parent().expect("dir"))?;
+        write_in_place(&hosts, &render_hosts_with(state, &names, c))?;
+        if let Some(r) = render_resolv(state, c) {
+            write_in_place(&resolv, &r)?;
+        }
+    }
+    for peer in state
+        .containers
+        .values()
+        .filter(|p| p.name != c.name && has_files(p))
+    {
+        let Some(ip) = shared_ip(c, &networks_of(peer), None) else {
+            continue;
+        };
+        let (hosts, _) = files(dir, &peer.name);
+        let line = hosts_line(&names, ip, c);
+        let appended = OpenOptions::new()
+            .append(true)
+            .open(&hosts)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if appended.is_err() {
+            // No file yet (a peer being set up): write it whole.
+            fs::create_dir_all(hosts.parent().expect("dir"))?;
+            write_in_place(&hosts, &render_hosts_with(state, &names, peer))?;
         }
     }
     Ok(())
@@ -496,6 +579,8 @@ mod tests {
             status: Status::Running,
             detached: true,
             created_unix: 0,
+            aliases: vec![],
+            cni: None,
             privileged: false,
         }
     }
