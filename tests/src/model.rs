@@ -791,10 +791,21 @@ impl Model {
         self.ct[f.map][&f.key].e
     }
 
+    /// ct::touch. The other half is looked up for a RST, an unanswered flow, a state change, or
+    /// when the lifetime moved more than REFRESH_NS (1 s) since the last refresh; a steady flow
+    /// leaves it alone.
     fn touch(&mut self, f: Found, p: &Pkt) {
         let mut entry = self.ct[f.map][&f.key].e;
+        let old_exp = self.ct[f.map][&f.key].exp;
+        let answered = f.map == ANSWERED;
         let partner = entry.nat_tuple(p.proto).reversed();
-        let other = self.ct[f.map].get(&k(&partner)).map(|o| o.e);
+        let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
+        let lookup_other = |m: &Model| m.ct[f.map].get(&k(&partner)).map(|o| o.e);
+        let other = if rst || !answered {
+            lookup_other(self)
+        } else {
+            None
+        };
         let state = if p.proto == IPPROTO_TCP {
             let s = next_state(entry.tcp_state, entry.dir, p, &entry, other.as_ref());
             track_seq(&mut entry, p);
@@ -803,10 +814,21 @@ impl Model {
             TCP_NONE
         };
         let exp = self.expiry(p.proto, state);
+        // Steps run in milliseconds: a lifetime moving more than a second means a new class
+        // (that is a state change anyway) or an entry set long ago.
+        let aged = match (old_exp, exp) {
+            (Expiry::Window(_, hi), Expiry::Window(lo, _)) => lo > hi + NS,
+            _ => true,
+        };
+        let refresh = !answered || rst || state != entry.tcp_state || aged;
         entry.tcp_state = state;
         entry.packets += 1;
         entry.bytes += p.len as u64;
         self.ct[f.map].insert(f.key, Ent { e: entry, exp });
+        if !refresh {
+            return;
+        }
+        let other = other.or_else(|| lookup_other(self));
         match other {
             Some(_) => {
                 let o = self.ct[f.map].get_mut(&k(&partner)).unwrap();
@@ -829,7 +851,7 @@ impl Model {
             }
             None => {}
         }
-        if f.map == NEW && answered_by(p.proto, state, entry.dir) {
+        if !answered && answered_by(p.proto, state, entry.dir) {
             for key in [k(&p.key()), k(&partner)] {
                 if let Some(e) = self.ct[NEW].remove(&key) {
                     self.ct[ANSWERED].insert(key, e);
