@@ -100,8 +100,8 @@ pub const MUTANTS: &[Mutant] = &[
         name: "reply-half-not-restored",
         what: "an evicted reply half is not put back by the flow's next packet",
         file: "ct.rs",
-        find: "        None if entry.dir == CT_DIR_ORIGINAL => {",
-        replace: "        None if entry.dir == CT_DIR_ORIGINAL && entry.packets == 0 => {",
+        find: "        None if entry.dir == CT_DIR_ORIGINAL => restore_reply(",
+        replace: "        None if entry.dir == CT_DIR_ORIGINAL && entry.packets == 0 => restore_reply(",
     },
     Mutant {
         name: "never-promoted",
