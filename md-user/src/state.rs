@@ -883,6 +883,159 @@ mod tests {
     }
 
     #[test]
+    fn rules_of_a_name_and_identities_pruned_only_when_unused() {
+        let mut s = State::default();
+        for (from, to) in [("web", "db"), ("db", "cache"), ("cache", "web")] {
+            let r = Rule {
+                from: from.into(),
+                to: to.into(),
+                verdict: Verdict::Deny,
+            };
+            assert!(s.put_rule(&r).unwrap());
+        }
+        let pairs = |rs: Vec<Rule>| -> Vec<(String, String)> {
+            rs.into_iter().map(|r| (r.from, r.to)).collect()
+        };
+        let p = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            pairs(s.rules_of("db").unwrap()),
+            [p("web", "db"), p("db", "cache")]
+        );
+        assert!(s.rules_of("nobody").unwrap().is_empty());
+        for name in ["web", "gone", "running"] {
+            s.identity_for(name).unwrap();
+        }
+        s.containers
+            .insert("running".into(), container("running", vec![]));
+        for name in ["web", "gone", "running"] {
+            s.prune_identity(name).unwrap();
+        }
+        assert!(s.identity("web").unwrap().is_some(), "named by a rule");
+        assert!(s.identity("running").unwrap().is_some(), "a container's");
+        assert_eq!(s.identity("gone").unwrap(), None, "unused: forgotten");
+    }
+
+    /// Whether the lock's own connection (not a copy of the state's) holds `name`'s identity.
+    fn lock_has_identity(l: &Locked, name: &str) -> bool {
+        l.store
+            .with(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM identities WHERE name = ?1",
+                    params![name],
+                    |r| r.get::<_, u32>(0),
+                )
+                .map_err(sql_context("counting"))
+            })
+            .unwrap()
+            == 1
+    }
+
+    #[test]
+    fn remove_forgets_everything_and_keeps_the_lock_usable() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        // Never saved (`down` on a fresh state): the state keeps the lock's store.
+        let mut l = sd.lock().unwrap();
+        l.state.next_network_id = 3;
+        l.remove().unwrap();
+        assert_eq!(l.state, State::default());
+        l.state.identity_for("late").unwrap();
+        assert!(lock_has_identity(&l, "late"));
+        drop(l);
+        assert!(!dir.join("state.db").exists());
+        // Saved: the files go; a file already gone (a crash between the unlinks) is no error.
+        let mut l = sd.lock().unwrap();
+        l.state.next_network_id = 5;
+        l.state.identity_for("web").unwrap();
+        l.save().unwrap();
+        fs::remove_file(dir.join("state.db-shm")).unwrap();
+        l.remove().unwrap();
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert!(!dir.join(f).exists(), "{f}");
+        }
+        assert_eq!(l.state, State::default());
+        assert!(!lock_has_identity(&l, "web"), "tables cleared");
+        l.state.identity_for("after").unwrap();
+        assert!(
+            lock_has_identity(&l, "after"),
+            "state writes through the lock"
+        );
+        drop(l);
+        let l = sd.lock().unwrap();
+        assert_eq!(
+            l.state,
+            State::default(),
+            "the next command starts from nothing"
+        );
+        assert_eq!(l.state.identity("web").unwrap(), None);
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn peek_reads_the_saved_state_without_the_lock() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        assert_eq!(sd.peek().unwrap(), State::default(), "no database yet");
+        let mut l = sd.lock().unwrap();
+        l.state.next_network_id = 4;
+        l.state.identity_for("web").unwrap();
+        l.save().unwrap();
+        l.state.next_network_id = 6; // not saved
+        let seen = sd.peek().unwrap();
+        assert_eq!(seen.next_network_id, 4);
+        assert_eq!(seen.identity("web").unwrap(), Some(1));
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_taken_out_of_the_lock_loses_what_was_not_saved() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        let mut l = sd.lock().unwrap();
+        l.state.identity_for("kept").unwrap();
+        l.save().unwrap();
+        l.state.identity_for("ghost").unwrap();
+        let taken = l.state.clone();
+        drop(l);
+        assert_eq!(taken.identity("kept").unwrap(), Some(1));
+        assert_eq!(
+            taken.identity("ghost").unwrap(),
+            None,
+            "rolled back on drop"
+        );
+        drop(taken);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_state_json_is_an_error_not_a_fresh_start() {
+        let dir = tempdir();
+        fs::create_dir(dir.join("state.json")).unwrap();
+        assert!(StateDir::new(&dir).lock().is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn states_compare_by_data_not_by_database_handle() {
+        let a = State::default();
+        let b = State::default();
+        assert_eq!(a, b);
+        let mut c = State::default();
+        c.next_identity = 2;
+        assert_ne!(a, c);
+        assert!(format!("{a:?}").contains("store: Store"));
+        // A state saved before `--datapath` existed ran the stack datapath.
+        let d: DatapathState = serde_json::from_value(serde_json::json!({
+            "uplink": "up0", "uplink_ifindex": 2, "uplink_ip": "192.0.2.1",
+            "netns_cookie": 1, "object_digest": "x"
+        }))
+        .unwrap();
+        assert_eq!(d.mode, "stack");
+    }
+
+    #[test]
     fn lock_is_exclusive_across_threads() {
         let dir = tempdir();
         let counter_file = dir.join("n");
