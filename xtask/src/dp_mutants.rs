@@ -98,7 +98,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         name: "reply-half-not-restored",
-        what: "an evicted reply half is not put back by the flow's next packet",
+        what: "an evicted reply half is not put back when the flow's other half is next refreshed",
         file: "ct.rs",
         find: "        None if entry.dir == CT_DIR_ORIGINAL => restore_reply(",
         replace: "        None if entry.dir == CT_DIR_ORIGINAL && entry.packets == 0 => restore_reply(",
