@@ -142,7 +142,7 @@ pub fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint) -> Verdict {
         return Verdict::Pass;
     }
     let bridge_ifindex = net.bridge_ifindex;
-    let mut f: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut f = crate::route::fib_zeroed();
     f.family = AF_INET;
     f.l4_protocol = p.proto;
     f.sport = p.sport.to_be();

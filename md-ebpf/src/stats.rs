@@ -19,7 +19,7 @@ pub fn emit(kind: u8, reason: u8, ifindex: u32, p: &Pkt, nat_addr: Ip4, nat_port
         return;
     };
     slot.write(Event {
-        ts_ns: crate::ct::now(),
+        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
         kind,
         reason,
         proto: p.proto,

@@ -133,8 +133,12 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             let e = unsafe { &*f.e };
             if e.hook != CT_HOOK_VETH {
                 // Translated at the uplink (masquerade, or an answer to an outside client):
-                // on its way there.
-                return outbound(ctx, p, &src, cfg);
+                // on its way there, to an address that is neither the host's nor md's.
+                return if fwd::redirecting(cfg) {
+                    fwd::outbound(ctx, p, &src)
+                } else {
+                    Verdict::Pass
+                };
             }
             if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
