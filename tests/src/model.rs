@@ -10,9 +10,10 @@
 //! CHECKSUM_NONE skb). The property test compares verdict, bytes and every map after each step.
 //!
 //! Two things the model cannot know are handed to it: the clock (each step runs between two
-//! CLOCK_MONOTONIC readings, so expiries are windows) and the NAT port the datapath picked at
-//! random (read from the real output; the model checks it was free and in range). The host's
-//! routing is the private namespace the test builds (see [`Routing`]).
+//! readings of the tracker's clock, CLOCK_MONOTONIC_COARSE, so expiries are windows) and the
+//! NAT port the datapath picked at random (read from the real output; the model checks it was
+//! free and in range). The host's routing is the private namespace the test builds (see
+//! [`Routing`]).
 
 use std::collections::BTreeMap;
 
@@ -53,7 +54,7 @@ pub fn ck(t: &K) -> CtKey {
     CtKey::new(t.0, t.1, t.2, t.3, t.4)
 }
 
-/// When an entry dies: a window of CLOCK_MONOTONIC nanoseconds (the step that set it ran
+/// When an entry dies: a window of CLOCK_MONOTONIC_COARSE nanoseconds (the step that set it ran
 /// between two clock readings), or already dead (the test aged it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expiry {
@@ -1399,7 +1400,9 @@ impl Model {
             if let Some(f) = self.lookup(&p.key()) {
                 let e = self.get(f);
                 if e.hook != CT_HOOK_VETH {
-                    return Ok(Verdict::Pass);
+                    // On its way to the uplink: fwd::outbound in the redirect datapath (a
+                    // Pass here, see `outbound`), the stack otherwise.
+                    return Ok(self.outbound());
                 }
                 if e.dir == CT_DIR_ORIGINAL && !self.allowed(src.identity, e.identity) {
                     return Ok(Verdict::Drop(DROP_POLICY));

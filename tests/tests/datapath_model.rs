@@ -126,13 +126,15 @@ fn fmt_key(t: &model::K) -> String {
     format!("{}:{} > {}:{} p{}", fmt_ip(t.0), t.2, fmt_ip(t.1), t.3, t.4)
 }
 
+/// CLOCK_MONOTONIC_COARSE: the tracker's clock (`bpf_ktime_get_coarse_ns`, tick resolution),
+/// so a step's two readings bound the `now` the programs saw exactly.
 fn mono_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
