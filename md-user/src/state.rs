@@ -1022,8 +1022,10 @@ mod tests {
         let a = State::default();
         let b = State::default();
         assert_eq!(a, b);
-        let mut c = State::default();
-        c.next_identity = 2;
+        let c = State {
+            next_identity: 2,
+            ..State::default()
+        };
         assert_ne!(a, c);
         assert!(format!("{a:?}").contains("store: Store"));
         // A state saved before `--datapath` existed ran the stack datapath.
