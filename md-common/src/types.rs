@@ -40,7 +40,10 @@ pod! {
         /// Gateway (bridge) MAC: the source MAC of frames md redirects into a container.
         pub gateway_mac: [u8; 6],
         pub bridge_ifindex: u32,
-    } = 20;
+        /// How the network meets the world beyond the host: [`NET_ROUTED4`], [`NET_INTERNAL`]
+        /// (none: Docker's default gateway mode, `nat`).
+        pub flags: u32,
+    } = 24;
 
     /// Host-wide settings, the single slot of `CONFIG`.
     pub struct Config {
@@ -105,7 +108,8 @@ pod! {
         pub nat_daddr: Ip4,
         pub nat_sport: u16,
         pub nat_dport: u16,
-        /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`] or [`CT_KIND_HAIRPIN`].
+        /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`], [`CT_KIND_HAIRPIN`] or
+        /// [`CT_KIND_ROUTED`].
         pub kind: u8,
         /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
         pub dir: u8,
@@ -222,11 +226,22 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// NETWORKS flags. IPv4 in routed mode (Docker's gateway_mode_ipv4=routed): no masquerade;
+/// from outside, only the containers' published ports (and ICMP echo) are reachable, directly
+/// on their own addresses and ports.
+pub const NET_ROUTED4: u32 = 4;
+/// An internal network (Docker's `--internal`, and gateway mode `isolated`, which needs it):
+/// nothing of it leaves by an uplink, nothing from an uplink reaches it.
+pub const NET_INTERNAL: u32 = 8;
+
 pub const CT_KIND_NONE: u8 = 0;
 pub const CT_KIND_SNAT: u8 = 1;
 pub const CT_KIND_DNAT: u8 = 2;
 /// Container → host address → same container: DNAT plus SNAT to the gateway.
 pub const CT_KIND_HAIRPIN: u8 = 3;
+/// A routed network's flow, opened by the container's first packet leaving by an uplink:
+/// tracked at the uplink like a masqueraded one (its answers are let in), never translated.
+pub const CT_KIND_ROUTED: u8 = 4;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;

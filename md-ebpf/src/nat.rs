@@ -5,8 +5,8 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::programs::TcContext;
 use md_common::{
     CtKey, Endpoint, Ip4, PortKey, PortTarget, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
-    CT_KIND_HAIRPIN, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT, HOST_ADDR_GATEWAY,
-    RESOLVER_PORT,
+    CT_KIND_HAIRPIN, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT,
+    HOST_ADDR_GATEWAY, NET_INTERNAL, NET_ROUTED4, RESOLVER_PORT,
 };
 
 use crate::{
@@ -65,6 +65,26 @@ fn is_gateway(ip: &Ip4) -> bool {
 #[inline(always)]
 pub fn in_md_subnet(ip: &Ip4) -> bool {
     MD_SUBNETS.get(&Key::new(32, *ip)).is_some()
+}
+
+/// The NETWORKS flags of the md network `ip` lies in (its gateway mode); None outside md's
+/// networks.
+#[inline(always)]
+pub fn network_flags(ip: &Ip4) -> Option<u32> {
+    let id = MD_SUBNETS.get(&Key::new(32, *ip))?;
+    Some(unsafe { NETWORKS.get(*id) }.map_or(0, |n| n.flags))
+}
+
+/// Whether network `net_id` is internal: nothing of it leaves, nor reaches another network.
+#[inline(always)]
+pub fn internal(net_id: u32) -> bool {
+    unsafe { NETWORKS.get(net_id) }.is_some_and(|n| n.flags & NET_INTERNAL != 0)
+}
+
+/// Whether `ip` lies in a network whose IPv4 is routed, not masqueraded.
+#[inline(always)]
+pub fn routed(ip: &Ip4) -> bool {
+    network_flags(ip).is_some_and(|f| f & NET_ROUTED4 != 0)
 }
 
 #[inline(always)]
@@ -194,6 +214,42 @@ pub fn snat(ctx: &TcContext, p: &Pkt, src: Option<Endpoint>, uplink_ip: Ip4) -> 
     }
     frag::remember(p, &nat);
     Verdict::Pass
+}
+
+/// Tracks a routed network's flow leaving by an uplink, untranslated, so its answers pass
+/// (like a masqueraded flow's: the original half goes out).
+#[inline(always)]
+pub fn routed_out(p: &Pkt, ep: Option<Endpoint>) {
+    let (ifindex, identity) = ep.map(|s| (s.ifindex, s.identity)).unwrap_or((0, 0));
+    let mut same = p.key();
+    let spec = Spec {
+        kind: CT_KIND_ROUTED,
+        hook: CT_HOOK_UPLINK,
+        port: ct::PORT_KEEP,
+        orig_ifindex: ifindex,
+        reply_ifindex: ifindex,
+        orig_identity: 0,
+        reply_identity: identity,
+    };
+    // A clash only means the flow is already known the other way round.
+    let _ = ct::open(p, &mut same, &spec);
+}
+
+/// Tracks a new flow from outside into container `ep` of a routed network, untranslated (an
+/// ICMP echo: its ports go through [`dnat_from_uplink`] with their own address and port).
+#[inline(always)]
+pub fn routed_in(p: &Pkt, ep: &Endpoint) {
+    let mut same = p.key();
+    let spec = Spec {
+        kind: CT_KIND_DNAT,
+        hook: CT_HOOK_UPLINK,
+        port: ct::PORT_KEEP,
+        orig_ifindex: ep.ifindex,
+        reply_ifindex: ep.ifindex,
+        orig_identity: ep.identity,
+        reply_identity: 0,
+    };
+    let _ = ct::open(p, &mut same, &spec);
 }
 
 /// An ICMP error about a translated flow: the quoted packet is that flow's packet as it was

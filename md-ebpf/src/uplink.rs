@@ -4,11 +4,17 @@
 //! its answers are translated back at ingress, before the stack looks at them. Published ports
 //! are translated at ingress too, and their answers at egress. `l3` is where the IP header
 //! starts: 14 behind Ethernet, 0 on a layer-3 device (tun, WireGuard).
+//!
+//! Each network's gateway mode (its NETWORKS flags) decides how it meets the uplinks: `nat`
+//! masquerades; `routed` flows leave untranslated and outside clients reach its containers
+//! directly, on their published ports only; an internal network (`--internal`, `isolated`)
+//! neither leaves nor is reached.
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, Ip4, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_SNAT, DROP_FORWARD, DROP_MALFORMED,
-    DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
+    Config, Ip4, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_FORWARD,
+    DROP_ISOLATION, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
+    IPPROTO_ICMP, NET_INTERNAL, NET_ROUTED4,
 };
 
 use crate::{
@@ -61,6 +67,8 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
                         return nat::dnat_from_uplink(ctx, &p, target);
                     }
                 }
+            } else if nat::opens_flow(&p) && nat::routed(&p.daddr) {
+                return routed_in(ctx, cfg, &p);
             }
         }
         L4::Opaque => {}
@@ -112,7 +120,9 @@ fn tracked(ctx: &TcContext, p: &Pkt, cfg: &Config, inbound: bool) -> Option<Trac
     if e.hook != CT_HOOK_UPLINK {
         return None;
     }
-    let way_in = (e.kind == CT_KIND_SNAT) == (e.dir == CT_DIR_REPLY);
+    // Masquerade and routed flows start leaving; published ports' start coming in.
+    let leaves_first = e.kind == CT_KIND_SNAT || e.kind == CT_KIND_ROUTED;
+    let way_in = leaves_first == (e.dir == CT_DIR_REPLY);
     if way_in != inbound {
         return None;
     }
@@ -168,17 +178,44 @@ pub fn egress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdict
 
 /// An md address leaving the host untracked: masquerade, or drop what cannot be translated
 /// (fragments of untranslated datagrams, protocols without ports, errors about no flow of
-/// md's) rather than leak it.
+/// md's) rather than leak it. A routed network's flow leaves as it is, tracked so that its
+/// answers come back in; an internal network's does not leave.
 #[inline(always)]
 fn leaving(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Verdict {
-    if !nat::in_md_subnet(&p.saddr) {
+    let Some(flags) = nat::network_flags(&p.saddr) else {
         return Verdict::Pass;
+    };
+    if flags & NET_INTERNAL != 0 {
+        return Verdict::Drop(DROP_ISOLATION);
     }
     if p.l4 != L4::Ports || p.frag == Frag::Later {
         return Verdict::Drop(DROP_UNSUPPORTED);
+    }
+    if flags & NET_ROUTED4 != 0 {
+        nat::routed_out(p, nat::endpoint(&p.saddr));
+        return Verdict::Pass;
     }
     let Some(addr) = route::masquerade_source(ctx, p, ifindex) else {
         return Verdict::Drop(DROP_NO_SOURCE);
     };
     nat::snat(ctx, p, nat::endpoint(&p.saddr), addr)
+}
+
+/// A new flow from outside straight to a container of a routed network: only to a port it
+/// published (PORT_MAP keyed by the container's own address and port) or an ICMP echo
+/// request; anything else is unsolicited. Tracked like any flow, so the answers leave
+/// untouched.
+#[inline(always)]
+fn routed_in(ctx: &TcContext, cfg: &Config, p: &Pkt) -> Verdict {
+    if p.proto == IPPROTO_ICMP {
+        let Some(ep) = nat::endpoint(&p.daddr).filter(|_| p.icmp_type == parse::ICMP_ECHO) else {
+            return Verdict::Drop(DROP_UNSOLICITED);
+        };
+        nat::routed_in(p, &ep);
+        return fwd::inbound(ctx, cfg, p.l3_off, &p.daddr);
+    }
+    match nat::port_lookup(&p.daddr, p.dport, p.proto, false) {
+        Some(target) => nat::dnat_from_uplink(ctx, p, target),
+        None => Verdict::Drop(DROP_UNSOLICITED),
+    }
 }

@@ -159,6 +159,13 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             if reserved || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
                 if let Some(target) = target {
                     let t = unsafe { *target };
+                    // An internal network reaches no other network, published ports
+                    // included (Docker drops what it forwards to another bridge).
+                    if nat::internal(src.net_id)
+                        && nat::endpoint(&t.ip).map(|d| d.net_id) != Some(src.net_id)
+                    {
+                        return Verdict::Drop(DROP_ISOLATION);
+                    }
                     if !policy::allowed(cfg, src.identity, t.identity) {
                         return Verdict::Drop(DROP_POLICY);
                     }
@@ -188,10 +195,16 @@ fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint, cfg: &Config) -> Verdict {
 }
 
 /// Container → container on md's bridges: network isolation, policy, and tracking so answers
-/// to an allowed flow pass even where the other direction is denied.
+/// to an allowed flow pass even where the other direction is denied. A published port of a
+/// routed network is open to the containers of other (not internal) networks too, on the
+/// container's own address (Docker's direct routing in `routed` mode).
 #[inline(always)]
 fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdict {
-    if let Some(drop) = between(src, dst, cfg) {
+    if dst.net_id != src.net_id && !nat::internal(src.net_id) && routed_port(p) {
+        if !policy::allowed(cfg, src.identity, dst.identity) {
+            return Verdict::Drop(DROP_POLICY);
+        }
+    } else if let Some(drop) = between(src, dst, cfg) {
         return drop;
     }
     if p.l4 == L4::Ports {
@@ -209,4 +222,13 @@ fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdic
         let _ = ct::open(p, &mut same, &spec);
     }
     Verdict::Pass
+}
+
+/// Whether `p` goes to a port its destination publishes on a routed network (keyed by the
+/// container's own address and port).
+#[inline(always)]
+fn routed_port(p: &Pkt) -> bool {
+    p.l4 == L4::Ports
+        && nat::routed(&p.daddr)
+        && nat::port_lookup(&p.daddr, p.dport, p.proto, false).is_some()
 }

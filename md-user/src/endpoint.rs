@@ -31,7 +31,14 @@ pub async fn setup(
     let bridge = network::ensure_bridge(nl, dp, net).await?;
     crate::timing::mark("bridge");
     let host = nl
-        .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
+        .create_veth(
+            &iface.veth,
+            bridge,
+            &iface.name,
+            iface.mac,
+            netns.raw_fd(),
+            net.mtu,
+        )
         .await?;
     crate::timing::mark("veth");
     match attach(dp, netns, net, iface, identity, primary, host.index) {
@@ -66,7 +73,8 @@ fn attach(
     crate::netlink::configure_container_side(
         netns,
         Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
-        primary.then(|| net.subnet.gateway()),
+        // An internal network has no way out: no default route.
+        primary.then(|| net.default_route()).flatten(),
     )?;
     crate::timing::mark("container side");
     dp.reset_if_stats(host_index)?;

@@ -644,6 +644,7 @@ mod tests {
                     host_port: 8080,
                     container_port: 80,
                     proto: Proto::Tcp,
+                    routed: false,
                 },
                 hits: 4,
             }],

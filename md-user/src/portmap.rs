@@ -1,4 +1,6 @@
-//! Port publishing: Docker's `-p` forms, parsed and checked before anything is created.
+//! Port publishing: Docker's `-p` forms, parsed and checked before anything is created. A
+//! mapping without a host port (`-p 80`, `-p 127.0.0.1::80`, `-P` with `--expose`) gets a
+//! random free one when the container is created (under the state lock).
 
 use std::{fmt, net::Ipv4Addr};
 
@@ -14,7 +16,14 @@ pub struct PortMapping {
     pub host_port: u16,
     pub container_port: u16,
     pub proto: Proto,
+    /// Published on a routed network: reachable at the container's own address and port
+    /// (`host_ip` and `host_port` say so), no host port is taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub routed: bool,
 }
+
+/// `host_port` of a mapping whose host port is still to be chosen.
+pub const RANDOM_PORT: u16 = 0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,6 +52,12 @@ impl fmt::Display for Proto {
 
 impl fmt::Display for PortMapping {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.routed {
+            if let Some(ip) = self.host_ip {
+                write!(f, "{ip}:")?;
+            }
+            return write!(f, "{}/{} (routed)", self.container_port, self.proto);
+        }
         if let Some(ip) = self.host_ip {
             write!(f, "{ip}:")?;
         }
@@ -56,17 +71,38 @@ impl fmt::Display for PortMapping {
 
 impl PortMapping {
     /// Whether two mappings claim the same host socket (same proto and port, overlapping IPs).
+    /// A routed mapping claims none.
     pub fn conflicts_with(&self, other: &PortMapping) -> bool {
-        self.proto == other.proto
+        self.uses_host_port()
+            && other.uses_host_port()
+            && self.proto == other.proto
             && self.host_port == other.host_port
             && match (self.host_ip, other.host_ip) {
                 (Some(a), Some(b)) => a == b,
                 _ => true,
             }
     }
+
+    /// Whether the mapping takes a host port (all but routed ones).
+    pub fn uses_host_port(&self) -> bool {
+        !self.routed
+    }
+
+    /// Whether its host port is still to be chosen.
+    pub fn random(&self) -> bool {
+        self.uses_host_port() && self.host_port == RANDOM_PORT
+    }
+
+    /// The host address as Docker prints it (`0.0.0.0`: every address).
+    pub fn host_ip_text(&self) -> String {
+        self.host_ip
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "0.0.0.0".into())
+    }
 }
 
-/// Parses one `-p` value: `H:C`, `H:C/tcp`, `H:C/udp`, `IP:H:C`, `H1-H2:C1-C2` (equal length).
+/// Parses one `-p` value: `H:C`, `H:C/tcp`, `H:C/udp`, `IP:H:C`, `H1-H2:C1-C2` (equal length),
+/// and without a host port (a random free one): `C`, `C1-C2`, `IP::C`.
 pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
     let bad = || format!("invalid port spec {spec:?}");
     let (body, proto) = match spec.rsplit_once('/') {
@@ -77,6 +113,7 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
     };
     let parts: Vec<&str> = body.split(':').collect();
     let (host_ip, host, container) = match parts.as_slice() {
+        [c] => (None, "", *c),
         [h, c] => (None, *h, *c),
         [ip, h, c] => {
             let ip: Ipv4Addr = ip
@@ -85,14 +122,27 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
             // 0.0.0.0 means every address, as in Docker.
             (if ip.is_unspecified() { None } else { Some(ip) }, *h, *c)
         }
-        [_] => bail!(
-            "{}: expected HOST:CONTAINER (md publishes on a host port you choose)",
-            bad()
-        ),
         _ => bail!("{}: too many ':'", bad()),
     };
-    let (h1, h2) = parse_range(host).with_context(bad)?;
     let (c1, c2) = parse_range(container).with_context(bad)?;
+    if host.is_empty() {
+        if parts.len() == 2 {
+            bail!(
+                "{}: no host port before ':' (leave out HOST: for a random one)",
+                bad()
+            );
+        }
+        return Ok((c1..=c2)
+            .map(|c| PortMapping {
+                host_ip,
+                host_port: RANDOM_PORT,
+                container_port: c,
+                proto,
+                routed: false,
+            })
+            .collect());
+    }
+    let (h1, h2) = parse_range(host).with_context(bad)?;
     if h2 - h1 != c2 - c1 {
         bail!(
             "{}: host range {h1}-{h2} and container range {c1}-{c2} differ in length",
@@ -105,8 +155,39 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
             host_port: h1 + i,
             container_port: c1 + i,
             proto,
+            routed: false,
         })
         .collect())
+}
+
+/// Parses one `--expose` value: `C`, `C/tcp|udp`, `C1-C2[/proto]`.
+pub fn parse_expose(spec: &str) -> Result<Vec<(u16, Proto)>> {
+    let (body, proto) = match spec.rsplit_once('/') {
+        Some((b, "tcp")) => (b, Proto::Tcp),
+        Some((b, "udp")) => (b, Proto::Udp),
+        Some((_, p)) => bail!("invalid --expose {spec:?}: unknown protocol {p:?} (tcp or udp)"),
+        None => (spec, Proto::Tcp),
+    };
+    let (a, b) = parse_range(body).with_context(|| format!("invalid --expose {spec:?}"))?;
+    Ok((a..=b).map(|p| (p, proto)).collect())
+}
+
+/// `-P`: every exposed port not published yet, on a random host port of every address.
+pub fn publish_all(exposed: &[(u16, Proto)], ports: &mut Vec<PortMapping>) {
+    for &(port, proto) in exposed {
+        if !ports
+            .iter()
+            .any(|p| p.container_port == port && p.proto == proto)
+        {
+            ports.push(PortMapping {
+                host_ip: None,
+                host_port: RANDOM_PORT,
+                container_port: port,
+                proto,
+                routed: false,
+            });
+        }
+    }
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16)> {
@@ -138,7 +219,7 @@ pub fn parse_all(specs: &[String]) -> Result<Vec<PortMapping>> {
     let mut out: Vec<PortMapping> = Vec::new();
     for spec in specs {
         for m in parse_spec(spec)? {
-            if let Some(prev) = out.iter().find(|p| p.conflicts_with(&m)) {
+            if let Some(prev) = out.iter().find(|p| !m.random() && p.conflicts_with(&m)) {
                 bail!("port {m} is published twice (also as {prev})");
             }
             out.push(m);
@@ -182,7 +263,7 @@ mod tests {
             "65536:80",
             "99999:80",
             "8080:80/sctp",
-            "8080",
+            ":80",
             "a:b",
             "1.2.3:80:80",
             "1:2:3:4",
@@ -195,6 +276,51 @@ mod tests {
         }
         let e = parse_spec("8080:80/sctp").unwrap_err().to_string();
         assert!(e.contains("unknown protocol"), "{e}");
+    }
+
+    #[test]
+    fn random_host_ports() {
+        let m = one("8080");
+        assert_eq!((m.host_ip, m.host_port, m.container_port), (None, 0, 8080));
+        assert!(m.random());
+        let m = one("127.0.0.1::80/udp");
+        assert_eq!(
+            (m.host_ip, m.host_port, m.container_port, m.proto),
+            (Some(Ipv4Addr::LOCALHOST), 0, 80, Proto::Udp)
+        );
+        assert_eq!(parse_spec("8000-8002").unwrap().len(), 3);
+        assert!(parse_spec("0.0.0.0::80").unwrap()[0].host_ip.is_none());
+        // Two random ports for the same container port are fine; so are the same one twice
+        // by address.
+        assert!(parse_all(&["80".into(), "127.0.0.1::81".into()]).is_ok());
+    }
+
+    #[test]
+    fn expose_and_publish_all() {
+        assert_eq!(
+            parse_expose("8000-8001/udp").unwrap(),
+            [(8000, Proto::Udp), (8001, Proto::Udp)]
+        );
+        assert_eq!(parse_expose("80").unwrap(), [(80, Proto::Tcp)]);
+        for bad in ["", "0", "x", "80/sctp", "9-8", "70000"] {
+            assert!(parse_expose(bad).is_err(), "{bad}");
+        }
+        let mut ports = parse_all(&["8080:80".into()]).unwrap();
+        publish_all(
+            &[(80, Proto::Tcp), (81, Proto::Tcp), (80, Proto::Udp)],
+            &mut ports,
+        );
+        let shown: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown, ["8080:80/tcp", "0:81/tcp", "0:80/udp"]);
+        let routed = PortMapping {
+            host_ip: Some(Ipv4Addr::new(172, 19, 0, 2)),
+            host_port: 80,
+            container_port: 80,
+            proto: Proto::Tcp,
+            routed: true,
+        };
+        assert_eq!(routed.to_string(), "172.19.0.2:80/tcp (routed)");
+        assert!(!routed.conflicts_with(&one("80:80")));
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod dp_mutants;
+mod install;
 mod mutants;
 mod test;
 mod toolchain;
@@ -41,6 +42,9 @@ enum Command {
     /// Hand-made mutants of md-ebpf (skipped checksum, skipped source check, allow-all policy,
     /// BPF_ANY tracker insert, ...): each must fail a BPF test (root).
     DatapathMutants(dp_mutants::Options),
+    /// Install md-user (release build), its shell completions, man pages and systemd unit
+    /// under PREFIX, or staged under DESTDIR.
+    Install(install::Options),
     /// Run the benchmarks.
     Bench {
         /// Short runs, for a smoke test.
@@ -61,6 +65,7 @@ fn main() {
         Command::Demo => demo::run(),
         Command::Mutants(opts) => mutants::run(&opts),
         Command::DatapathMutants(opts) => dp_mutants::run(&opts),
+        Command::Install(opts) => install::run(&opts),
         Command::Bench { quick } => bench::run(quick),
         Command::BenchTool(cmd) => bench::tool::run(cmd),
     };

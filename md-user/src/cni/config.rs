@@ -369,6 +369,7 @@ pub fn request(conf: &NetConf, env: &Env) -> Result<Request, CniError> {
             host_port: port(p.host_port, "hostPort")?,
             container_port: port(p.container_port, "containerPort")?,
             proto,
+            routed: false,
         };
         if let Some(q) = ports.iter().find(|q| q.conflicts_with(&m) && **q != m) {
             return Err(bad(format!("portMappings: {m} conflicts with {q}")));

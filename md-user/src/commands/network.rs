@@ -1,26 +1,54 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::{reconcile, run::validate_name, Ctx};
+use super::{
+    reconcile,
+    run::{validate_hostname, validate_name},
+    Ctx,
+};
 use crate::{
     attach::{self, IfaceSpec},
     cli::NetworkCmd,
     host,
-    ipam::Subnet,
+    ipam::format_mac,
     netlink::Netlink,
     netns::Netns,
-    network, proc,
-    state::{Status, DEFAULT_NETWORK},
+    network::{self, Settings, OPT_BRIDGE_NAME, OPT_GATEWAY_MODE, OPT_MTU},
+    proc,
+    state::{GatewayMode, Network, State, Status, DEFAULT_NETWORK},
 };
 
 pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     // Parse before taking the lock or creating anything.
-    let subnet = match &cmd {
-        NetworkCmd::Create { name, subnet } => {
+    let settings = match &cmd {
+        NetworkCmd::Create {
+            name,
+            subnet,
+            gateway,
+            ip_range,
+            mtu,
+            internal,
+            gateway_mode,
+            opt,
+        } => {
             validate_name(name)?;
-            subnet.as_deref().map(str::parse::<Subnet>).transpose()?
+            Some(Settings::parse(
+                subnet.as_deref(),
+                *gateway,
+                ip_range.as_deref(),
+                *mtu,
+                *internal,
+                gateway_mode.as_deref(),
+                opt,
+            )?)
+        }
+        NetworkCmd::Connect { aliases, .. } => {
+            for a in aliases {
+                validate_hostname(a).with_context(|| format!("--alias {a:?}"))?;
+            }
+            None
         }
         _ => None,
     };
@@ -31,14 +59,48 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     let state = &mut locked.state;
     match cmd {
         NetworkCmd::Create { name, .. } => {
-            let net = network::create(state, &name, subnet)?;
-            host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
-            if let Err(e) = network::ensure_bridge(&nl, &ctx.dp, &net).await {
+            let settings = settings.expect("parsed above");
+            if let Some(b) = &settings.bridge {
+                // A bridge md did not make is not md's to take over (nor to delete later).
+                if nl.link_by_name(b).await?.is_some() {
+                    bail!("interface {b} exists already: md makes its network's bridge itself");
+                }
+            }
+            let net = network::create_with(state, &name, settings)?;
+            // Recorded before the bridge exists: the watcher never takes it for an uplink,
+            // and a crash leaves a network `network rm` removes.
+            locked.save()?;
+            let state = &mut locked.state;
+            let made = async {
+                host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
+                network::ensure_bridge(&nl, &ctx.dp, &net).await
+            }
+            .await;
+            if let Err(e) = made {
                 let _ = network::remove_bridge(&nl, &ctx.dp, &net).await;
                 state.networks.remove(&name);
+                locked.save()?;
                 return Err(e);
             }
             println!("{name}");
+        }
+        NetworkCmd::Inspect { names, json } => {
+            let mut out = Vec::new();
+            for name in &names {
+                let net = state
+                    .networks
+                    .get(name)
+                    .with_context(|| format!("no such network: {name}"))?;
+                out.push(inspect_json(state, name, net));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for n in &out {
+                    print_inspect(n);
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         NetworkCmd::Ls { json } => {
             let rows: Vec<_> = state
@@ -56,7 +118,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         "id": n.id,
                         "bridge": n.bridge,
                         "subnet": n.subnet.to_string(),
-                        "gateway": n.subnet.gateway().to_string(),
+                        "gateway": n.gateway().to_string(),
+                        "internal": n.internal,
+                        "gateway_mode": n.gateway_mode.as_str(),
                         "containers": members,
                         "dns": proc::alive(n.dns_pid, n.dns_start),
                     })
@@ -113,6 +177,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             network: net_name,
             container,
             ip,
+            aliases,
         } => {
             if !state.networks.contains_key(&net_name) {
                 bail!("no such network: {net_name}");
@@ -141,6 +206,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 ip,
                 mac: None,
                 name,
+                aliases,
             };
             attach::add_interface(ctx, &nl, &mut locked, &container, want, &netns).await?;
         }
@@ -151,4 +217,99 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     }
     locked.save()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `docker network inspect`'s object for one network.
+fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
+    let mut ipam = json!({
+        "Subnet": net.subnet.to_string(),
+        "Gateway": net.gateway().to_string(),
+    });
+    if let Some(r) = &net.ip_range {
+        ipam["IPRange"] = json!(r.to_string());
+    }
+    let containers: serde_json::Map<String, Value> = state
+        .containers
+        .values()
+        .filter_map(|c| {
+            let i = c.interfaces.iter().find(|i| i.network == name)?;
+            Some((
+                c.id.clone(),
+                json!({
+                    "Name": c.name,
+                    "EndpointID": i.veth,
+                    "MacAddress": format_mac(&i.mac),
+                    "IPv4Address": format!("{}/{}", i.ip, net.subnet.prefix_len),
+                    "IPv6Address": "",
+                }),
+            ))
+        })
+        .collect();
+    // The options as given, and what md chose where they were not (the bridge's name), in
+    // Docker's keys.
+    let mut options = net.options.clone();
+    options.insert(OPT_BRIDGE_NAME.into(), net.bridge.clone());
+    if let Some(m) = net.mtu {
+        options.insert(OPT_MTU.into(), m.to_string());
+    }
+    if net.gateway_mode != GatewayMode::Nat {
+        options.insert(OPT_GATEWAY_MODE.into(), net.gateway_mode.as_str().into());
+    }
+    let created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(net.created_unix);
+    json!({
+        "Name": name,
+        "Id": net.docker_id(),
+        "Created": humantime::format_rfc3339_seconds(created).to_string(),
+        "Scope": "local",
+        "Driver": "bridge",
+        "EnableIPv4": true,
+        "EnableIPv6": false,
+        "IPAM": {
+            "Driver": "default",
+            "Options": {},
+            "Config": [ipam],
+        },
+        "Internal": net.internal,
+        "Attachable": false,
+        "Ingress": false,
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": false,
+        "Containers": containers,
+        "Options": options,
+        "Labels": {},
+    })
+}
+
+fn print_inspect(n: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let cfg = &n["IPAM"]["Config"][0];
+    let opt = &n["Options"];
+    println!("Name:        {}", s(&n["Name"]));
+    println!("Id:          {}", s(&n["Id"]));
+    println!("Created:     {}", s(&n["Created"]));
+    println!("Driver:      {}", s(&n["Driver"]));
+    println!("Bridge:      {}", s(&opt[OPT_BRIDGE_NAME]));
+    println!("Subnet:      {}", s(&cfg["Subnet"]));
+    if cfg["IPRange"].is_string() {
+        println!("IPRange:     {}", s(&cfg["IPRange"]));
+    }
+    println!("Gateway:     {}", s(&cfg["Gateway"]));
+    if opt[OPT_MTU].is_string() {
+        println!("MTU:         {}", s(&opt[OPT_MTU]));
+    }
+    println!("Internal:    {}", n["Internal"]);
+    let mode = opt[OPT_GATEWAY_MODE].as_str().unwrap_or("nat");
+    println!("GatewayMode: {mode}");
+    for (k, v) in n["Options"].as_object().into_iter().flatten() {
+        println!("Option:      {k}={}", s(v));
+    }
+    for (id, c) in n["Containers"].as_object().into_iter().flatten() {
+        println!(
+            "Container:   {} {} {} {}",
+            s(&c["Name"]),
+            &id[..id.len().min(12)],
+            s(&c["IPv4Address"]),
+            s(&c["MacAddress"])
+        );
+    }
 }
