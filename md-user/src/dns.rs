@@ -1339,19 +1339,22 @@ mod tests {
         // never its address on a network a is not on.
         assert_eq!(
             lookup(&s, &["bridge".to_string()], Some("back"), "b"),
-            Some(Ipv4Addr::new(172, 18, 0, 3))
+            vec![Ipv4Addr::new(172, 18, 0, 3)]
         );
         // b is on both: the network the query came in on wins.
         let both = ["bridge".to_string(), "back".to_string()];
         assert_eq!(
             lookup(&s, &both, Some("back"), "b"),
-            Some(Ipv4Addr::new(10, 9, 0, 3))
+            vec![Ipv4Addr::new(10, 9, 0, 3)]
         );
         assert_eq!(
             lookup(&s, &both, Some("bridge"), "b"),
-            Some(Ipv4Addr::new(172, 18, 0, 3))
+            vec![Ipv4Addr::new(172, 18, 0, 3)]
         );
-        assert_eq!(lookup(&s, &["none".to_string()], None, "b"), None);
+        assert_eq!(
+            lookup(&s, &["none".to_string()], None, "b"),
+            Vec::<Ipv4Addr>::new()
+        );
     }
 
     #[test]
@@ -1359,10 +1362,10 @@ mod tests {
         let mut s = lab();
         s.containers.get_mut("a").unwrap().hostname = "alpha".into();
         let nets = ["bridge".to_string()];
-        let a = Some(Ipv4Addr::new(172, 18, 0, 2));
+        let a = vec![Ipv4Addr::new(172, 18, 0, 2)];
         assert_eq!(lookup(&s, &nets, None, "a"), a);
         assert_eq!(lookup(&s, &nets, None, "ALPHA."), a);
-        assert_eq!(lookup(&s, &nets, None, "alph"), None);
+        assert_eq!(lookup(&s, &nets, None, "alph"), Vec::<Ipv4Addr>::new());
         let h = render_hosts(&s, &s.containers["b"]);
         assert!(h.contains("172.18.0.2\talpha a\n"), "{h}");
     }
@@ -1487,10 +1490,17 @@ mod tests {
             resolv_conf: resolv,
             own: "172.18.0.1".parse().unwrap(),
             idle: TCP_IDLE,
+            turn: AtomicUsize::new(0),
         };
         assert_eq!(
-            r.upstreams(),
+            r.upstreams(&[]),
             ["192.0.2.2:53".parse::<SocketAddr>().unwrap()]
+        );
+        // A container's own --dns servers replace the host's; still never ourselves.
+        let own = ["172.18.0.1".parse().unwrap(), "10.0.0.9".parse().unwrap()];
+        assert_eq!(
+            r.upstreams(&own),
+            ["10.0.0.9:53".parse::<SocketAddr>().unwrap()]
         );
         fs::remove_dir_all(&d).unwrap();
     }

@@ -345,8 +345,8 @@ mod tests {
         assert_eq!(one("8080-8080:80-80").to_string(), "8080:80/tcp");
         let r = parse_spec("65534-65535:1-2").unwrap();
         assert_eq!((r[1].host_port, r[1].container_port), (65535, 2));
-        let e = parse_spec("8080").unwrap_err().to_string();
-        assert!(e.contains("expected HOST:CONTAINER"), "{e}");
+        let e = parse_spec(":80").unwrap_err().to_string();
+        assert!(e.contains("no host port before ':'"), "{e}");
         let e = format!("{:#}", parse_spec("70000:80").unwrap_err());
         assert!(e.contains("out of range"), "{e}");
         let e = format!("{:#}", parse_spec("0:80").unwrap_err());
@@ -360,6 +360,7 @@ mod tests {
             host_port: port,
             container_port: 1,
             proto,
+            routed: false,
         };
         let (a, b) = (Some([127, 0, 0, 1]), Some([10, 0, 0, 1]));
         let table = [

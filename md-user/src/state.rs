@@ -1277,6 +1277,7 @@ mod tests {
             veth: String::new(),
             ifindex: 0,
             name: "eth0".into(),
+            aliases: vec![],
         }
     }
 
