@@ -14,6 +14,7 @@ mod policy;
 mod route;
 mod sock;
 mod stats;
+mod tunnel;
 mod uplink;
 mod veth;
 
@@ -25,9 +26,9 @@ use aya_ebpf::{
 };
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, Event, FragEntry, FragKey, IfStats, Ip4, Network,
-    PolicyKey, PolicyRule, PortKey, PortTarget, SockRevKey, SockRevValue, DROP_FORWARD,
-    DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_NO_SOURCE, DROP_POLICY, DROP_SPOOF,
-    DROP_UNSOLICITED, DROP_UNSUPPORTED, EVENT_DROP, EVENT_POLICY,
+    PolicyKey, PolicyRule, PortKey, PortTarget, Remote, SockRevKey, SockRevValue, Tunnel,
+    DROP_FORWARD, DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_NO_SOURCE, DROP_POLICY,
+    DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED, EVENT_DROP, EVENT_POLICY,
 };
 use nat::Verdict;
 
@@ -63,6 +64,11 @@ static IF_STATS: PerCpuHashMap<u32, IfStats, { m::IF_STATS_MAX }, { BPF_F_NO_PRE
 static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { m::SOCK_REV_MAX }> = LruHashMap::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { m::EVENTS_BYTES }> = RingBuf::new();
+/// Issue 17: containers on other hosts of overlay networks, and this host's VXLAN device.
+#[btf_map]
+static REMOTE: HashMap<Ip4, Remote, { m::REMOTE_MAX }> = HashMap::new();
+#[btf_map]
+static TUNNEL: Array<Tunnel, 1> = Array::new();
 
 /// TCX: hand the packet on (to the next program, then the stack).
 const TCX_NEXT: i32 = -1;
@@ -85,8 +91,8 @@ fn finish(ctx: &TcContext, l3: usize, ifindex: u32, v: Verdict) -> i32 {
         Verdict::Pass => TCX_NEXT,
         Verdict::Redirect(code) => code,
         Verdict::Drop(reason) => drop_packet(ctx, l3, ifindex, reason),
-        // Handled before: an entry point never finishes with it.
-        Verdict::Icmp => TCX_NEXT,
+        // Handled before: an entry point never finishes with them.
+        Verdict::Icmp | Verdict::Overlay => TCX_NEXT,
     }
 }
 
@@ -128,6 +134,7 @@ pub fn md_veth_ingress(ctx: TcContext) -> i32 {
     let v = match config() {
         Some(cfg) => match veth::ingress(&ctx, ifindex, cfg) {
             Verdict::Icmp => veth::icmp(&ctx, ifindex, cfg),
+            Verdict::Overlay => tunnel::from_container(&ctx, ifindex, cfg),
             v => v,
         },
         None => Verdict::Drop(DROP_MALFORMED),
@@ -191,6 +198,7 @@ fn on_uplink(ctx: &TcContext, ingress: bool, l3: usize) -> i32 {
     let v = match (config(), ingress) {
         (Some(cfg), true) => match uplink::ingress(ctx, cfg, l3, ifindex) {
             Verdict::Icmp => uplink::icmp_in(ctx, l3, ifindex),
+            Verdict::Overlay => tunnel::native_in(ctx, cfg, l3),
             v => v,
         },
         (Some(cfg), false) => match uplink::egress(ctx, cfg, l3, ifindex) {
@@ -200,6 +208,23 @@ fn on_uplink(ctx: &TcContext, ingress: bool, l3: usize) -> i32 {
         (None, _) => Verdict::Pass,
     };
     finish(ctx, l3, ifindex, v)
+}
+
+/// Ingress of md's VXLAN device (overlay tunnel mode): decapsulated packets from containers on
+/// other hosts, the sender's identity in the tunnel key.
+#[classifier]
+pub fn md_tunnel_ingress(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
+    let len = ctx.len() as u64;
+    stats::count(ifindex, |s| {
+        s.ingress_packets += 1;
+        s.ingress_bytes += len;
+    });
+    let v = match config() {
+        Some(cfg) => tunnel::ingress(&ctx, cfg),
+        None => Verdict::Drop(DROP_MALFORMED),
+    };
+    finish(&ctx, parse::ETH_HLEN, ifindex, v)
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -21,7 +21,7 @@ use crate::{
     csum, ct, frag, fwd,
     nat::{self, Verdict},
     parse::{self, Frag, Parsed, Pkt, L4},
-    route,
+    route, tunnel,
 };
 
 #[inline(always)]
@@ -47,6 +47,10 @@ pub fn ingress(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -> Verdic
                 Tracked::Done(v) => v,
             };
         }
+    }
+    // Issue 17: a container on another host of a natively routed overlay network.
+    if tunnel::native_peer(&p.saddr) {
+        return Verdict::Overlay;
     }
     if nat::in_md_subnet(&p.saddr) {
         return Verdict::Drop(DROP_SPOOF);
@@ -187,6 +191,10 @@ fn leaving(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Verdict {
     };
     if flags & NET_INTERNAL != 0 {
         return Verdict::Drop(DROP_ISOLATION);
+    }
+    // Issue 17: natively routed to a container on another host: untranslated.
+    if tunnel::native_peer(&p.daddr) {
+        return Verdict::Pass;
     }
     if p.l4 != L4::Ports || p.frag == Frag::Later {
         return Verdict::Drop(DROP_UNSUPPORTED);

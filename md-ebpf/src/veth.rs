@@ -15,7 +15,7 @@ use crate::{
     fwd,
     nat::{self, Verdict},
     parse::{self, Parsed, Pkt, L4},
-    policy, route, VETH_OWNERS,
+    policy, route, tunnel, VETH_OWNERS,
 };
 
 /// What a container sends. ICMP errors come back as [`Verdict::Icmp`]: the entry point hands
@@ -33,7 +33,7 @@ pub fn ingress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
 
 /// Anti-spoofing: the source address must be this port's container, with its MAC.
 #[inline(always)]
-fn sender(ctx: &TcContext, ifindex: u32, p: &Pkt) -> Option<Endpoint> {
+pub fn sender(ctx: &TcContext, ifindex: u32, p: &Pkt) -> Option<Endpoint> {
     match nat::endpoint(&p.saddr) {
         Some(ep) if ep.ifindex == ifindex && Some(ep.mac) == parse::eth_src(ctx) => Some(ep),
         _ => None,
@@ -146,7 +146,8 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             let (kind, to) = (e.kind, e.nat_tuple(p.proto));
             ct::touch(f, p, now, cfg);
             if kind == CT_KIND_NONE {
-                return Verdict::Pass;
+                // Issue 17: a flow to a container on another host goes on through the overlay.
+                return tunnel::onward(ctx, cfg, p, &src);
             }
             if csum::rewrite(ctx, p, &to).is_err() {
                 return Verdict::Drop(DROP_MALFORMED);
@@ -180,6 +181,10 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             Verdict::Pass => fwd::between_containers(ctx, cfg, &dst),
             v => v,
         };
+    }
+    // Issue 17: a container on another host of an overlay network.
+    if tunnel::remote(&p.daddr).is_some() {
+        return Verdict::Overlay;
     }
     outbound(ctx, p, &src, cfg)
 }

@@ -243,6 +243,19 @@ fn hosts_line(names: &NameSet, ip: impl std::fmt::Display, c: &Container) -> Str
 /// hostnames.
 pub fn lookup(state: &State, nets: &[String], network: Option<&str>, name: &str) -> Vec<Ipv4Addr> {
     let name = name.trim_end_matches('.');
+    let local = local_lookup(state, nets, network, name);
+    if !local.is_empty() {
+        return local;
+    }
+    remote_lookup(state, nets, name).into_iter().collect()
+}
+
+fn local_lookup(
+    state: &State,
+    nets: &[String],
+    network: Option<&str>,
+    name: &str,
+) -> Vec<Ipv4Addr> {
     let is = |s: &str| s.eq_ignore_ascii_case(name);
     if is_a_name(state, name) {
         return state
@@ -316,12 +329,43 @@ fn reverse_addr(name: &str) -> Option<Ipv4Addr> {
 
 /// PTR: a container address on a network the asker is on names `NAME.NETWORK.` (Docker's).
 fn reverse(state: &State, nets: &[String], ip: Ipv4Addr) -> Option<String> {
-    state.containers.values().find_map(|c| {
-        c.interfaces
-            .iter()
-            .find(|i| i.ip == ip && nets.contains(&i.network))
-            .map(|i| format!("{}.{}.", c.name, i.network))
-    })
+    state
+        .containers
+        .values()
+        .find_map(|c| {
+            c.interfaces
+                .iter()
+                .find(|i| i.ip == ip && nets.contains(&i.network))
+                .map(|i| format!("{}.{}.", c.name, i.network))
+        })
+        .or_else(|| {
+            // A container on another host of an overlay network (issue 17).
+            state
+                .remote
+                .iter()
+                .find(|(_, r)| r.ip == ip && nets.contains(&r.network))
+                .map(|(n, r)| format!("{n}.{}.", r.network))
+        })
+}
+
+/// A container on another host of an overlay network the asker is on (issue 17): by name, then
+/// by hostname; local containers win.
+fn remote_lookup(state: &State, nets: &[String], name: &str) -> Option<Ipv4Addr> {
+    let on = |r: &&crate::state::RemoteContainer| nets.contains(&r.network);
+    state
+        .remote
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, r)| r)
+        .find(on)
+        .or_else(|| {
+            state
+                .remote
+                .values()
+                .filter(|r| r.hostname.eq_ignore_ascii_case(name))
+                .find(on)
+        })
+        .map(|r| r.ip)
 }
 
 fn networks_of(c: &Container) -> Vec<String> {
@@ -889,6 +933,7 @@ mod tests {
                     subnet: sub.parse::<Subnet>().unwrap(),
                     dns_pid: 0,
                     dns_start: 0,
+                    overlay: None,
                     gateway: None,
                     ip_range: None,
                     mtu: None,
