@@ -1378,4 +1378,177 @@ mod tests {
         );
         fs::remove_file(&p).unwrap();
     }
+
+    #[test]
+    fn only_addresses_on_the_askers_networks() {
+        let s = lab();
+        // a asks through the "back" resolver but is on "bridge" only: b's bridge address,
+        // never its address on a network a is not on.
+        assert_eq!(
+            lookup(&s, &["bridge".to_string()], Some("back"), "b"),
+            vec![Ipv4Addr::new(172, 18, 0, 3)]
+        );
+        // b is on both: the network the query came in on wins.
+        let both = ["bridge".to_string(), "back".to_string()];
+        assert_eq!(
+            lookup(&s, &both, Some("back"), "b"),
+            vec![Ipv4Addr::new(10, 9, 0, 3)]
+        );
+        assert_eq!(
+            lookup(&s, &both, Some("bridge"), "b"),
+            vec![Ipv4Addr::new(172, 18, 0, 3)]
+        );
+        assert_eq!(
+            lookup(&s, &["none".to_string()], None, "b"),
+            Vec::<Ipv4Addr>::new()
+        );
+    }
+
+    #[test]
+    fn names_and_hostnames_resolve() {
+        let mut s = lab();
+        s.containers.get_mut("a").unwrap().hostname = "alpha".into();
+        let nets = ["bridge".to_string()];
+        let a = vec![Ipv4Addr::new(172, 18, 0, 2)];
+        assert_eq!(lookup(&s, &nets, None, "a"), a);
+        assert_eq!(lookup(&s, &nets, None, "ALPHA."), a);
+        assert_eq!(lookup(&s, &nets, None, "alph"), Vec::<Ipv4Addr>::new());
+        let h = render_hosts(&s, &s.containers["b"]);
+        assert!(h.contains("172.18.0.2\talpha a\n"), "{h}");
+    }
+
+    #[test]
+    fn refused_answers_echo_the_query() {
+        let mut q = Message::new();
+        q.set_id(4242).add_query(Query::query(
+            Name::from_ascii("example.org.").unwrap(),
+            RecordType::A,
+        ));
+        let r = Message::from_vec(&refused(&q.to_vec().unwrap()).unwrap()).unwrap();
+        assert_eq!(r.id(), 4242);
+        assert_eq!(r.message_type(), MessageType::Response);
+        assert_eq!(r.response_code(), ResponseCode::Refused);
+        assert_eq!(r.queries(), q.queries());
+        assert!(r.answers().is_empty());
+        assert!(refused(b"\x01").is_none(), "not a DNS message");
+    }
+
+    fn state_dir() -> (StateDir, PathBuf) {
+        let d = std::env::temp_dir().join(format!(
+            "md-dns-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        (StateDir::new(&d), d)
+    }
+
+    #[test]
+    fn container_files_are_written_in_place_and_removed() {
+        let (dir, d) = state_dir();
+        let (hosts, resolv) = files(&dir, "web");
+        assert_eq!(hosts, d.join("containers/web/hosts"));
+        assert_eq!(resolv, d.join("containers/web/resolv.conf"));
+        fs::create_dir_all(hosts.parent().unwrap()).unwrap();
+        write_in_place(&hosts, "one\n").unwrap();
+        assert_eq!(fs::read_to_string(&hosts).unwrap(), "one\n");
+        use std::os::unix::fs::MetadataExt;
+        let inode = fs::metadata(&hosts).unwrap().ino();
+        write_in_place(&hosts, "two\n").unwrap();
+        assert_eq!(fs::read_to_string(&hosts).unwrap(), "two\n");
+        assert_eq!(fs::metadata(&hosts).unwrap().ino(), inode, "same inode");
+        // Unchanged content is not rewritten (a read-only file shows it).
+        let mut perm = fs::metadata(&hosts).unwrap().permissions();
+        perm.set_readonly(true);
+        fs::set_permissions(&hosts, perm).unwrap();
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(write_in_place(&hosts, "three\n").is_err());
+        }
+        write_in_place(&hosts, "two\n").unwrap();
+        remove_files(&dir, "web");
+        assert!(!d.join("containers/web").exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn refresh_writes_files_of_containers_with_their_own_network() {
+        let (dir, d) = state_dir();
+        let mut s = lab();
+        let mut host = container("h", &[]);
+        host.mode = "host".into();
+        let mut joined = container("j", &[]);
+        joined.mode = "container:a".into();
+        let none = container("n", &[]);
+        for c in [host, joined, none] {
+            s.containers.insert(c.name.clone(), c);
+        }
+        refresh(&dir, &s).unwrap();
+        let read =
+            |name: &str, f: &str| fs::read_to_string(d.join("containers").join(name).join(f));
+        assert_eq!(
+            read("a", "hosts").unwrap(),
+            render_hosts(&s, &s.containers["a"])
+        );
+        assert_eq!(
+            read("c", "resolv.conf").unwrap(),
+            render_resolv(&s, &s.containers["c"]).unwrap()
+        );
+        assert!(read("n", "hosts").unwrap().contains("127.0.1.1\tn\n"));
+        assert!(read("n", "resolv.conf").is_err(), "no network, no resolver");
+        assert!(
+            !d.join("containers/h").exists(),
+            "host mode keeps the host's files"
+        );
+        assert!(
+            !d.join("containers/j").exists(),
+            "joined containers share a's"
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn names_are_read_again_when_the_state_changes() {
+        let (dir, d) = state_dir();
+        {
+            let mut l = dir.lock().unwrap();
+            l.state.containers = lab().containers;
+            l.save().unwrap();
+        }
+        let mut names = Names::new(&d);
+        assert!(names.current().containers.contains_key("a"));
+        {
+            let mut l = dir.lock().unwrap();
+            l.state.containers.remove("a");
+            l.save().unwrap();
+        }
+        assert!(!names.current().containers.contains_key("a"), "read again");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_resolver_never_forwards_to_itself() {
+        let (_dir, d) = state_dir();
+        let resolv = d.join("resolv.conf");
+        fs::write(&resolv, "nameserver 172.18.0.1\nnameserver 192.0.2.2\n").unwrap();
+        let r = Resolver {
+            names: Mutex::new(Names::new(&d)),
+            network: "bridge".into(),
+            resolv_conf: resolv,
+            own: "172.18.0.1".parse().unwrap(),
+            idle: TCP_IDLE,
+            turn: AtomicUsize::new(0),
+        };
+        assert_eq!(
+            r.upstreams(&[]),
+            ["192.0.2.2:53".parse::<SocketAddr>().unwrap()]
+        );
+        // A container's own --dns servers replace the host's; still never ourselves.
+        let own = ["172.18.0.1".parse().unwrap(), "10.0.0.9".parse().unwrap()];
+        assert_eq!(
+            r.upstreams(&own),
+            ["10.0.0.9:53".parse::<SocketAddr>().unwrap()]
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
 }

@@ -263,4 +263,29 @@ mod tests {
         assert!(a > 0 && c > 0, "0 means no identity in the datapath");
         let _ = dir;
     }
+
+    #[test]
+    fn verdicts_map_to_the_datapath_values() {
+        assert_eq!(Verdict::Allow.map_value(), POLICY_ALLOW);
+        assert_eq!(Verdict::Deny.map_value(), POLICY_DENY);
+        assert_eq!(Verdict::Allow.to_string(), "allow");
+        assert_eq!(Verdict::Deny.to_string(), "deny");
+        assert_eq!(Verdict::default(), Verdict::Allow);
+    }
+
+    /// Without a loaded datapath: no drop counter to read, and no CONFIG for the default.
+    #[test]
+    fn without_a_datapath_drops_are_zero_and_sync_fails() {
+        let dir = tempdir("nodp");
+        let dp = Datapath::new(std::path::Path::new("/nonexistent/md-pins"));
+        let mut l = StateDir::new(&dir).lock().unwrap();
+        set_all(&dp, &mut l.state, &[rule("web", "db", Verdict::Deny)]).unwrap();
+        let ids = l.state.identities().unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(drops(&dp, &ids, &rule("web", "db", Verdict::Deny)), 0);
+        assert_eq!(drops(&dp, &ids, &rule("x", "db", Verdict::Deny)), 0);
+        assert!(sync(&dp, &mut l.state).is_err());
+        drop(l);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -330,4 +330,53 @@ mod tests {
         assert!(parse_all(&["127.0.0.1:8080:80".into(), "8080:81".into()]).is_err());
         assert!(parse_all(&["127.0.0.1:8080:80".into(), "127.0.0.2:8080:81".into()]).is_ok());
     }
+
+    #[test]
+    fn protocols() {
+        assert_eq!(Proto::Tcp.number(), IPPROTO_TCP);
+        assert_eq!(Proto::Udp.number(), IPPROTO_UDP);
+        assert_eq!(format!("{}/{}", Proto::Tcp, Proto::Udp), "tcp/udp");
+    }
+
+    #[test]
+    fn edges_of_the_port_range() {
+        assert_eq!(one("65535:1").to_string(), "65535:1/tcp");
+        assert_eq!(one("1:65535/udp").to_string(), "1:65535/udp");
+        assert_eq!(one("8080-8080:80-80").to_string(), "8080:80/tcp");
+        let r = parse_spec("65534-65535:1-2").unwrap();
+        assert_eq!((r[1].host_port, r[1].container_port), (65535, 2));
+        let e = parse_spec(":80").unwrap_err().to_string();
+        assert!(e.contains("no host port before ':'"), "{e}");
+        let e = format!("{:#}", parse_spec("70000:80").unwrap_err());
+        assert!(e.contains("out of range"), "{e}");
+        let e = format!("{:#}", parse_spec("0:80").unwrap_err());
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn conflicts_need_same_proto_port_and_overlapping_address() {
+        let m = |ip: Option<[u8; 4]>, port, proto| PortMapping {
+            host_ip: ip.map(Ipv4Addr::from),
+            host_port: port,
+            container_port: 1,
+            proto,
+            routed: false,
+        };
+        let (a, b) = (Some([127, 0, 0, 1]), Some([10, 0, 0, 1]));
+        let table = [
+            (m(None, 80, Proto::Tcp), m(None, 80, Proto::Tcp), true),
+            (m(None, 80, Proto::Tcp), m(None, 80, Proto::Udp), false),
+            (m(None, 80, Proto::Tcp), m(None, 81, Proto::Tcp), false),
+            (m(a, 80, Proto::Tcp), m(None, 80, Proto::Tcp), true),
+            (m(None, 80, Proto::Tcp), m(b, 80, Proto::Tcp), true),
+            (m(a, 80, Proto::Tcp), m(a, 80, Proto::Tcp), true),
+            (m(a, 80, Proto::Tcp), m(b, 80, Proto::Tcp), false),
+            (m(a, 80, Proto::Tcp), m(a, 80, Proto::Udp), false),
+            (m(a, 80, Proto::Tcp), m(a, 81, Proto::Tcp), false),
+        ];
+        for (x, y, want) in table {
+            assert_eq!(x.conflicts_with(&y), want, "{x} vs {y}");
+            assert_eq!(y.conflicts_with(&x), want, "{y} vs {x}");
+        }
+    }
 }

@@ -1264,6 +1264,161 @@ mod tests {
     }
 
     #[test]
+    fn rules_of_a_name_and_identities_pruned_only_when_unused() {
+        let mut s = State::default();
+        for (from, to) in [("web", "db"), ("db", "cache"), ("cache", "web")] {
+            let r = Rule {
+                from: from.into(),
+                to: to.into(),
+                verdict: Verdict::Deny,
+            };
+            assert!(s.put_rule(&r).unwrap());
+        }
+        let pairs = |rs: Vec<Rule>| -> Vec<(String, String)> {
+            rs.into_iter().map(|r| (r.from, r.to)).collect()
+        };
+        let p = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            pairs(s.rules_of("db").unwrap()),
+            [p("web", "db"), p("db", "cache")]
+        );
+        assert!(s.rules_of("nobody").unwrap().is_empty());
+        for name in ["web", "gone", "running"] {
+            s.identity_for(name).unwrap();
+        }
+        s.containers
+            .insert("running".into(), container("running", vec![]));
+        for name in ["web", "gone", "running"] {
+            s.prune_identity(name).unwrap();
+        }
+        assert!(s.identity("web").unwrap().is_some(), "named by a rule");
+        assert!(s.identity("running").unwrap().is_some(), "a container's");
+        assert_eq!(s.identity("gone").unwrap(), None, "unused: forgotten");
+    }
+
+    /// Whether the lock's own connection (not a copy of the state's) holds `name`'s identity.
+    fn lock_has_identity(l: &Locked, name: &str) -> bool {
+        l.store
+            .with(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM identities WHERE name = ?1",
+                    params![name],
+                    |r| r.get::<_, u32>(0),
+                )
+                .map_err(sql_context("counting"))
+            })
+            .unwrap()
+            == 1
+    }
+
+    #[test]
+    fn remove_forgets_everything_and_keeps_the_lock_usable() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        // Never saved (`down` on a fresh state): the state keeps the lock's store.
+        let mut l = sd.lock().unwrap();
+        l.state.next_network_id = 3;
+        l.remove().unwrap();
+        assert_eq!(l.state, State::default());
+        l.state.identity_for("late").unwrap();
+        assert!(lock_has_identity(&l, "late"));
+        drop(l);
+        assert!(!dir.join("state.db").exists());
+        // Saved: the files go; a file already gone (a crash between the unlinks) is no error.
+        let mut l = sd.lock().unwrap();
+        l.state.next_network_id = 5;
+        l.state.identity_for("web").unwrap();
+        l.save().unwrap();
+        fs::remove_file(dir.join("state.db-shm")).unwrap();
+        l.remove().unwrap();
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert!(!dir.join(f).exists(), "{f}");
+        }
+        assert_eq!(l.state, State::default());
+        assert!(!lock_has_identity(&l, "web"), "tables cleared");
+        l.state.identity_for("after").unwrap();
+        assert!(
+            lock_has_identity(&l, "after"),
+            "state writes through the lock"
+        );
+        drop(l);
+        let l = sd.lock().unwrap();
+        assert_eq!(
+            l.state,
+            State::default(),
+            "the next command starts from nothing"
+        );
+        assert_eq!(l.state.identity("web").unwrap(), None);
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn peek_reads_the_saved_state_without_the_lock() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        assert_eq!(sd.peek().unwrap(), State::default(), "no database yet");
+        let mut l = sd.lock().unwrap();
+        l.state.next_network_id = 4;
+        l.state.identity_for("web").unwrap();
+        l.save().unwrap();
+        l.state.next_network_id = 6; // not saved
+        let seen = sd.peek().unwrap();
+        assert_eq!(seen.next_network_id, 4);
+        assert_eq!(seen.identity("web").unwrap(), Some(1));
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_taken_out_of_the_lock_loses_what_was_not_saved() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        let mut l = sd.lock().unwrap();
+        l.state.identity_for("kept").unwrap();
+        l.save().unwrap();
+        l.state.identity_for("ghost").unwrap();
+        let taken = l.state.clone();
+        drop(l);
+        assert_eq!(taken.identity("kept").unwrap(), Some(1));
+        assert_eq!(
+            taken.identity("ghost").unwrap(),
+            None,
+            "rolled back on drop"
+        );
+        drop(taken);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_state_json_is_an_error_not_a_fresh_start() {
+        let dir = tempdir();
+        fs::create_dir(dir.join("state.json")).unwrap();
+        assert!(StateDir::new(&dir).lock().is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn states_compare_by_data_not_by_database_handle() {
+        let a = State::default();
+        let b = State::default();
+        assert_eq!(a, b);
+        let c = State {
+            next_identity: 2,
+            ..State::default()
+        };
+        assert_ne!(a, c);
+        assert!(format!("{a:?}").contains("store: Store"));
+        // A state saved before `--datapath` existed ran the stack datapath.
+        let d: DatapathState = serde_json::from_value(serde_json::json!({
+            "uplink": "up0", "uplink_ifindex": 2, "uplink_ip": "192.0.2.1",
+            "netns_cookie": 1, "object_digest": "x"
+        }))
+        .unwrap();
+        assert_eq!(d.mode, "stack");
+    }
+
+    #[test]
     fn lock_is_exclusive_across_threads() {
         let dir = tempdir();
         let counter_file = dir.join("n");
@@ -1287,5 +1442,63 @@ mod tests {
         }
         assert_eq!(fs::read_to_string(&counter_file).unwrap(), "160");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn iface(network: &str, ip: [u8; 4]) -> Interface {
+        Interface {
+            network: network.into(),
+            ip: Ipv4Addr::from(ip),
+            mac: [0; 6],
+            veth: String::new(),
+            ifindex: 0,
+            name: "eth0".into(),
+            aliases: vec![],
+        }
+    }
+
+    fn container(name: &str, ifaces: Vec<Interface>) -> Container {
+        let json = serde_json::json!({
+            "name": name, "id": "x", "hostname": name, "interfaces": [], "ports": [],
+            "cmd": [], "pid": 0, "pid_start": 0, "supervisor_pid": 0, "supervisor_start": 0,
+            "status": "running", "detached": true, "created_unix": 0
+        });
+        let mut c: Container = serde_json::from_value(json).unwrap();
+        c.interfaces = ifaces;
+        c
+    }
+
+    #[test]
+    fn containers_and_their_addresses() {
+        let c = container(
+            "web",
+            vec![iface("a", [10, 0, 0, 2]), iface("b", [10, 1, 0, 2])],
+        );
+        assert_eq!(
+            c.mode, "bridge",
+            "a saved container without a mode is on the default network"
+        );
+        assert_eq!(c.primary_ip(), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert!(c.on_network("a") && c.on_network("b") && !c.on_network("c"));
+        assert_eq!(container("none", vec![]).primary_ip(), None);
+        let mut s = State::default();
+        s.containers.insert("web".into(), c);
+        let db = container("db", vec![iface("a", [10, 0, 0, 3])]);
+        s.containers.insert("db".into(), db);
+        let a: HashSet<_> = [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)].into();
+        assert_eq!(s.used_ips("a"), a);
+        assert_eq!(s.used_ips("b"), [Ipv4Addr::new(10, 1, 0, 2)].into());
+        assert!(s.used_ips("c").is_empty());
+    }
+
+    #[test]
+    fn paths_under_the_state_directory() {
+        let sd = StateDir::new(Path::new("/x/state"));
+        assert_eq!(sd.db(), Path::new("/x/state/state.db"));
+        assert_eq!(sd.legacy_file(), Path::new("/x/state/state.json"));
+        assert_eq!(sd.log_file("web"), Path::new("/x/state/logs/web.log"));
+        assert_eq!(
+            sd.container_dir("web"),
+            Path::new("/x/state/containers/web")
+        );
     }
 }

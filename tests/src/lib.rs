@@ -15,6 +15,7 @@ pub mod cni;
 pub mod docker;
 pub mod helpers;
 mod lab;
+pub mod model;
 pub mod multihost;
 pub mod pkt;
 pub mod process;

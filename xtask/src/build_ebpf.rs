@@ -27,14 +27,28 @@ pub fn run() -> Result<PathBuf> {
 /// Build md-ebpf with `tc` (release profile) and copy the object when it changed.
 pub fn build(tc: &Toolchain) -> Result<PathBuf> {
     let root = util::workspace_root();
+    let started = Instant::now();
     // A separate target dir: the BPF build's flags and toolchain must not
     // invalidate the host build in target/debug.
-    let target_dir = root.join("target/bpf");
-    let started = Instant::now();
+    let obj = build_object(tc, &root, &root.join("target/bpf"))?;
+    let dest = object_path();
+    let changed = copy_if_changed(&obj, &dest)?;
+    println!(
+        "build-ebpf: {} {} ({} bytes, {:.1}s)",
+        dest.strip_prefix(&root).unwrap_or(&dest).display(),
+        if changed { "updated" } else { "unchanged" },
+        obj.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(dest)
+}
 
+/// Builds md-ebpf of the workspace at `root` into `target_dir` and returns the object (also
+/// used on mutated copies of the workspace: `cargo xtask datapath-mutants`).
+pub fn build_object(tc: &Toolchain, root: &Path, target_dir: &Path) -> Result<Vec<u8>> {
     let mut cmd = util::command("rustup");
     toolchain::sanitize(&mut cmd);
-    cmd.current_dir(&root)
+    cmd.current_dir(root)
         // Debian's rustc is a stable compiler; -Z build-std needs this (harmless on nightly).
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", BPF_RUSTFLAGS)
@@ -54,24 +68,14 @@ pub fn build(tc: &Toolchain) -> Result<PathBuf> {
             "build-std=core",
             "--target-dir",
         ])
-        .arg(&target_dir);
+        .arg(target_dir);
     util::run(&mut cmd).context("building md-ebpf")?;
 
     let built = target_dir.join(BPF_TARGET).join("release/md-ebpf");
     let obj = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
     check_bpf_elf(&obj)
         .with_context(|| format!("{} is not what bpf-linker should produce", built.display()))?;
-
-    let dest = object_path();
-    let changed = copy_if_changed(&obj, &dest)?;
-    println!(
-        "build-ebpf: {} {} ({} bytes, {:.1}s)",
-        dest.strip_prefix(&root).unwrap_or(&dest).display(),
-        if changed { "updated" } else { "unchanged" },
-        obj.len(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(dest)
+    Ok(obj)
 }
 
 /// ELF64, little-endian, relocatable, machine EM_BPF (247).

@@ -6,7 +6,9 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod dp_mutants;
 mod install;
+mod mutants;
 mod test;
 mod toolchain;
 mod util;
@@ -34,6 +36,12 @@ enum Command {
     Toolchain,
     /// Run the demo.
     Demo,
+    /// Mutation score of md-user's port specs, IPAM, policy, state and DNS answers
+    /// (cargo-mutants, installed when missing; slow: not part of `test`).
+    Mutants(mutants::Options),
+    /// Hand-made mutants of md-ebpf (skipped checksum, skipped source check, allow-all policy,
+    /// BPF_ANY tracker insert, ...): each must fail a BPF test (root).
+    DatapathMutants(dp_mutants::Options),
     /// Install md-user (release build), its shell completions, man pages and systemd unit
     /// under PREFIX, or staged under DESTDIR.
     Install(install::Options),
@@ -55,6 +63,8 @@ fn main() {
         Command::Test(opts) => test::run(&opts),
         Command::Toolchain => toolchain::show(),
         Command::Demo => demo::run(),
+        Command::Mutants(opts) => mutants::run(&opts),
+        Command::DatapathMutants(opts) => dp_mutants::run(&opts),
         Command::Install(opts) => install::run(&opts),
         Command::Bench { quick } => bench::run(quick),
         Command::BenchTool(cmd) => bench::tool::run(cmd),

@@ -19,6 +19,38 @@ pub struct Options {
     /// Skip the end-to-end layer (steps 1-5 only).
     #[arg(long)]
     pub no_e2e: bool,
+    /// The soak layer instead of the suite: the model-based property test with
+    /// 100,000 cases, then the sustained-load soak in a lab (tests/soak.rs).
+    #[arg(long)]
+    pub soak: bool,
+    /// How long the soak's load runs: `3600`, `120s`, `30m`, `1h`.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub soak_duration: Duration,
+}
+
+/// Property-test cases in the suite and in the soak layer.
+pub const PROPTEST_CASES: u32 = 2000;
+pub const SOAK_PROPTEST_CASES: u32 = 100_000;
+
+/// `120`, `120s`, `30m`, `1h` as a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 120s, 30m, 1h)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    if secs == 0 {
+        return Err("the soak needs a duration above 0".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// Commands the end-to-end tests use, and the Debian package providing each.
@@ -157,6 +189,30 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     println!("MD_USER_BIN={}", md_user.display());
 
+    if opts.soak {
+        s.step("property test, 100,000 cases (datapath_model)", || {
+            let mut c = host_cargo_with(&md_user);
+            c.env("MD_E2E", "1")
+                .env("MD_PROPTEST_CASES", SOAK_PROPTEST_CASES.to_string())
+                .args(["test", "-p", "md-tests", "--test", "datapath_model", "--"])
+                .arg("--nocapture");
+            util::run(&mut c)
+        });
+        s.step("soak (tests/soak.rs)", || {
+            let mut c = host_cargo_with(&md_user);
+            c.env("MD_E2E", "1")
+                .env("MD_SOAK_SECS", opts.soak_duration.as_secs().to_string())
+                .args(["test", "-p", "md-tests", "--test", "soak", "--"])
+                .args(["--ignored", "--nocapture"]);
+            util::run(&mut c)
+        });
+        return if s.print() {
+            Ok(())
+        } else {
+            bail!("cargo xtask test --soak failed")
+        };
+    }
+
     s.step("unit tests (cargo test --workspace)", || {
         // `--workspace` ignores default-members. md-ebpf's only target has `test = false`
         // today, but exclude it explicitly: it can only be built for bpfel-unknown-none.
@@ -174,14 +230,16 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         s.step("end-to-end tests (MD_E2E=1 cargo test -p md-tests)", || {
             let mut c = host_cargo_with(&md_user);
-            c.env("MD_E2E", "1").args([
-                "test",
-                "-p",
-                "md-tests",
-                "--no-fail-fast",
-                "--",
-                "--test-threads=2",
-            ]);
+            c.env("MD_E2E", "1")
+                .env("MD_PROPTEST_CASES", PROPTEST_CASES.to_string())
+                .args([
+                    "test",
+                    "-p",
+                    "md-tests",
+                    "--no-fail-fast",
+                    "--",
+                    "--test-threads=2",
+                ]);
             if let Some(f) = &opts.filter {
                 c.arg(f);
             }
@@ -209,6 +267,17 @@ fn host_cargo_with(md_user: &Path) -> std::process::Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn soak_durations() {
+        assert_eq!(parse_duration("120"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("120s"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "10d", "0s", "-5", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn nothing_missing_means_nothing_to_install() {
