@@ -1452,6 +1452,7 @@ mod tests {
             veth: String::new(),
             ifindex: 0,
             name: "eth0".into(),
+            handover: None,
             aliases: vec![],
         }
     }
