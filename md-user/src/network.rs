@@ -101,6 +101,7 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
                 _pad: [0],
                 gateway_mac: mac,
                 bridge_ifindex: link.index,
+                ..Default::default()
             },
             0,
         )
