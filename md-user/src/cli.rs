@@ -41,6 +41,14 @@ pub struct GlobalOpts {
     /// subcommand, like --bridge: `network create` has a --subnet of its own).
     #[arg(long, env = "MD_SUBNET", default_value = "172.18.0.0/16")]
     pub subnet: String,
+    /// Make the default network dual-stack (Docker's daemon `ipv6: true`; before the
+    /// subcommand, like --subnet).
+    #[arg(long, env = "MD_IPV6", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub ipv6: bool,
+    /// IPv6 subnet of the default network [default: a /64 of a ULA /48 derived from the
+    /// host's machine id, as Docker 27 does]; implies --ipv6.
+    #[arg(long, env = "MD_SUBNET6")]
+    pub subnet6: Option<String>,
     /// Where container DNS forwards names it does not know: this file's nameservers.
     #[arg(
         long,
@@ -182,6 +190,17 @@ pub enum NetworkCmd {
         /// CIDR [default: the first free 172.19-31.0.0/16].
         #[arg(long)]
         subnet: Option<String>,
+        /// Dual-stack: containers get an IPv6 address too.
+        #[arg(long)]
+        ipv6: bool,
+        /// IPv6 CIDR [default: the next free /64 of a ULA /48 derived from the host's
+        /// machine id]; implies --ipv6.
+        #[arg(long)]
+        subnet6: Option<String>,
+        /// `nat` (masquerade, as IPv4) or `routed` (no NAT66: container addresses are
+        /// reachable directly, on their published ports only); Docker's gateway_mode_ipv6.
+        #[arg(long, value_parser = ["nat", "routed"], default_value = "nat")]
+        gateway_mode_ipv6: String,
     },
     /// List networks.
     Ls {
@@ -199,6 +218,9 @@ pub enum NetworkCmd {
         container: String,
         #[arg(long)]
         ip: Option<std::net::Ipv4Addr>,
+        /// Static IPv6 address on a dual-stack NETWORK.
+        #[arg(long)]
+        ip6: Option<std::net::Ipv6Addr>,
     },
     /// Remove a running container's interface on NETWORK.
     Disconnect { network: String, container: String },
@@ -258,6 +280,9 @@ pub struct RunArgs {
     /// Static address on the network (checked for conflicts).
     #[arg(long)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Static IPv6 address on a dual-stack network.
+    #[arg(long)]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// Keep every capability and the host's PID namespace. By default CMD gets Docker's
     /// default capabilities and a PID namespace of its own.
     #[arg(long)]
@@ -282,6 +307,7 @@ impl GlobalOpts {
             .arg(&self.bridge)
             .arg("--subnet")
             .arg(&self.subnet)
+            .arg(format!("--ipv6={}", self.ipv6))
             .arg("--resolv-conf")
             .arg(&self.resolv_conf);
         if let Some(u) = &self.uplink {
@@ -289,6 +315,9 @@ impl GlobalOpts {
         }
         if let Some(d) = &self.datapath {
             cmd.arg("--datapath").arg(d);
+        }
+        if let Some(s) = &self.subnet6 {
+            cmd.arg("--subnet6").arg(s);
         }
         cmd
     }

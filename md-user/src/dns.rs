@@ -3,12 +3,14 @@
 //! resolver Podman's aardvark-dns is the model for: one small process per network, listening
 //! on the gateway address in the host namespace, started with the network's first container
 //! and gone with its last. It answers container names that share a network with the asker and
-//! forwards everything else to the upstream servers of the host's resolv.conf.
+//! forwards everything else to the upstream servers of the host's resolv.conf (over IPv4 or
+//! IPv6, whichever each server's address is). Containers on dual-stack networks are known by
+//! both addresses: A and AAAA records, and both in /etc/hosts.
 
 use std::{
     fs::{self, OpenOptions},
     io::Write,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -20,14 +22,17 @@ use std::{
 use anyhow::{Context, Result};
 use hickory_proto::{
     op::{Message, MessageType, ResponseCode},
-    rr::{rdata::A, DNSClass, RData, Record, RecordType},
+    rr::{
+        rdata::{A, AAAA},
+        DNSClass, RData, Record, RecordType,
+    },
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use crate::state::{Container, State, StateDir};
+use crate::state::{Container, Interface, State, StateDir};
 
 /// Nameservers of a resolv.conf.
 pub fn upstreams(resolv_conf: &Path) -> Vec<SocketAddr> {
@@ -40,9 +45,13 @@ pub fn upstreams(resolv_conf: &Path) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The address a container knows a peer by: the peer's address on a network both are on,
+/// The interface a container knows a peer by: the peer's interface on a network both are on,
 /// preferring `network`.
-fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option<Ipv4Addr> {
+fn shared_iface<'a>(
+    peer: &'a Container,
+    nets: &[String],
+    network: Option<&str>,
+) -> Option<&'a Interface> {
     network
         .and_then(|n| {
             peer.interfaces
@@ -50,7 +59,10 @@ fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option
                 .find(|i| i.network == n && nets.iter().any(|m| m == n))
         })
         .or_else(|| peer.interfaces.iter().find(|i| nets.contains(&i.network)))
-        .map(|i| i.ip)
+}
+
+fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option<Ipv4Addr> {
+    shared_iface(peer, nets, network).map(|i| i.ip)
 }
 
 fn is_a_name(state: &State, name: &str) -> bool {
@@ -74,6 +86,16 @@ pub fn lookup(
     network: Option<&str>,
     name: &str,
 ) -> Option<Ipv4Addr> {
+    lookup_iface(state, nets, network, name).map(|i| i.ip)
+}
+
+/// The interface a container name (or hostname) resolves to for someone on `nets`.
+fn lookup_iface<'a>(
+    state: &'a State,
+    nets: &[String],
+    network: Option<&str>,
+    name: &str,
+) -> Option<&'a Interface> {
     let name = name.trim_end_matches('.');
     let by_name = is_a_name(state, name);
     state
@@ -86,7 +108,7 @@ pub fn lookup(
                 c.hostname.eq_ignore_ascii_case(name)
             }
         })
-        .find_map(|c| shared_ip(c, nets, network))
+        .find_map(|c| shared_iface(c, nets, network))
 }
 
 fn networks_of(c: &Container) -> Vec<String> {
@@ -104,10 +126,16 @@ pub fn render_hosts(state: &State, c: &Container) -> String {
         Some(ip) => s.push_str(&format!("{ip}\t{}\n", own(c))),
         None => s.push_str(&format!("127.0.1.1\t{}\n", own(c))),
     }
+    if let Some(ip6) = c.primary_ip6() {
+        s.push_str(&format!("{ip6}\t{}\n", own(c)));
+    }
     let nets = networks_of(c);
     for peer in state.containers.values().filter(|p| p.name != c.name) {
-        if let Some(ip) = shared_ip(peer, &nets, None) {
-            s.push_str(&format!("{ip}\t{}\n", own(peer)));
+        if let Some(i) = shared_iface(peer, &nets, None) {
+            s.push_str(&format!("{}\t{}\n", i.ip, own(peer)));
+            if let Some(ip6) = i.ip6 {
+                s.push_str(&format!("{ip6}\t{}\n", own(peer)));
+            }
         }
     }
     s
@@ -164,8 +192,22 @@ pub fn remove_files(dir: &StateDir, name: &str) {
     let _ = fs::remove_dir_all(dir.container_dir(name));
 }
 
+/// Whether interface `i` has address `ip`.
+fn has_ip(i: &Interface, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => i.ip == v4,
+        IpAddr::V6(v6) => i.ip6 == Some(v6),
+    }
+}
+
 /// Builds the answer to a query for a container name, or None to forward it.
-pub fn answer(state: &State, network: &str, asker: Ipv4Addr, query: &Message) -> Option<Message> {
+pub fn answer(
+    state: &State,
+    network: &str,
+    asker: impl Into<IpAddr>,
+    query: &Message,
+) -> Option<Message> {
+    let asker = asker.into();
     let q = query.queries().first()?;
     if q.query_class() != DNSClass::IN {
         return None;
@@ -173,11 +215,11 @@ pub fn answer(state: &State, network: &str, asker: Ipv4Addr, query: &Message) ->
     let asker_nets: Vec<String> = state
         .containers
         .values()
-        .find(|c| c.interfaces.iter().any(|i| i.ip == asker))
+        .find(|c| c.interfaces.iter().any(|i| has_ip(i, asker)))
         .map(networks_of)
         .unwrap_or_else(|| vec![network.to_string()]);
     let name = q.name().to_ascii();
-    let ip = lookup(state, &asker_nets, Some(network), &name)?;
+    let iface = lookup_iface(state, &asker_nets, Some(network), &name)?;
     let mut m = Message::new();
     m.set_id(query.id())
         .set_message_type(MessageType::Response)
@@ -187,9 +229,20 @@ pub fn answer(state: &State, network: &str, asker: Ipv4Addr, query: &Message) ->
         .set_recursion_available(true)
         .set_response_code(ResponseCode::NoError)
         .add_query(q.clone());
-    match q.query_type() {
-        RecordType::A | RecordType::ANY => {
-            m.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(ip))));
+    let a = || Record::from_rdata(q.name().clone(), 0, RData::A(A(iface.ip)));
+    let aaaa = |ip6| Record::from_rdata(q.name().clone(), 0, RData::AAAA(AAAA(ip6)));
+    match (q.query_type(), iface.ip6) {
+        (RecordType::A, _) => {
+            m.add_answer(a());
+        }
+        (RecordType::AAAA, Some(ip6)) => {
+            m.add_answer(aaaa(ip6));
+        }
+        (RecordType::ANY, ip6) => {
+            m.add_answer(a());
+            if let Some(ip6) = ip6 {
+                m.add_answer(aaaa(ip6));
+            }
         }
         // The name exists, with no address of that type: NOERROR, empty.
         _ => {}
@@ -243,15 +296,17 @@ enum Reply {
 
 /// The resolver's decision for a query from `asker`, the same over UDP and TCP.
 fn reply(state: &State, network: &str, asker: std::net::IpAddr, query: &[u8]) -> Reply {
-    let std::net::IpAddr::V4(asker) = asker else {
-        return Reply::Nothing;
+    // An IPv4-mapped address is the IPv4 address it maps.
+    let asker = match asker {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(asker),
+        v4 => v4,
     };
     // Only md's containers may ask: the gateway address may be reachable from elsewhere, and
     // an open forwarder is not what md runs.
     if !state
         .containers
         .values()
-        .any(|c| c.interfaces.iter().any(|i| i.ip == asker))
+        .any(|c| c.interfaces.iter().any(|i| has_ip(i, asker)))
     {
         return refused(query).map_or(Reply::Nothing, Reply::Now);
     }
@@ -489,6 +544,7 @@ mod tests {
                 .map(|(n, ip)| Interface {
                     network: n.to_string(),
                     ip: Ipv4Addr::from(*ip),
+                    ip6: None,
                     mac: [0; 6],
                     veth: String::new(),
                     ifindex: 0,
@@ -517,6 +573,8 @@ mod tests {
                     id,
                     bridge: format!("b{id}"),
                     subnet: sub.parse::<Subnet>().unwrap(),
+                    subnet6: None,
+                    routed6: false,
                     dns_pid: 0,
                     dns_start: 0,
                 },

@@ -3,7 +3,7 @@
 //! in reverse order (map entries, programs, link).
 
 use anyhow::{Context, Result};
-use md_common::{Endpoint, PortKey, PortTarget};
+use md_common::{Endpoint, PortKey, PortKey6, PortTarget, PortTarget6};
 
 use crate::{
     datapath::{Datapath, Hook},
@@ -63,8 +63,16 @@ fn attach(
 ) -> Result<()> {
     crate::netlink::configure_container_side(
         netns,
-        Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
-        primary.then(|| net.subnet.gateway()),
+        Some(crate::netlink::ContainerIface {
+            name: iface.name.clone(),
+            ip: iface.ip,
+            prefix_len: net.subnet.prefix_len,
+            ip6: iface.ip6.zip(net.subnet6.map(|s| s.prefix_len)),
+        }),
+        primary.then(|| crate::netlink::Gateways {
+            v4: net.subnet.gateway(),
+            v6: net.subnet6.map(|s| s.gateway()),
+        }),
     )?;
     dp.reset_if_stats(host_index)?;
     dp.attach_tc(
@@ -93,6 +101,11 @@ fn attach(
     dp.endpoints()?
         .insert(iface.ip.octets(), ep, 0)
         .context("writing ENDPOINTS")?;
+    if let Some(ip6) = iface.ip6 {
+        dp.endpoints6()?
+            .insert(ip6.octets(), ep, 0)
+            .context("writing ENDPOINTS6")?;
+    }
     Ok(())
 }
 
@@ -109,6 +122,12 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
     let Some(ip) = c.primary_ip() else {
         return Ok(());
     };
+    let ip6 = c.primary_ip6();
+    let routed6 = c
+        .interfaces
+        .first()
+        .and_then(|i| locked.state.networks.get(&i.network))
+        .is_some_and(|n| n.routed6);
     hostports::check_free(&c.ports, &locked.state)?;
     let add = hostports::unreserved(&c.ports)?;
     if !add.is_empty() {
@@ -117,7 +136,7 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
         hostports::reserve(&add)?;
     }
     let mut map = dp.port_map()?;
-    for p in &c.ports {
+    for p in c.ports.iter().filter(|p| p.applies_v4()) {
         map.insert(
             port_key(p),
             PortTarget {
@@ -130,12 +149,42 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
         )
         .with_context(|| format!("publishing {p}"))?;
     }
+    if let Some(ip6) = ip6 {
+        let mut map6 = dp.port_map6()?;
+        for p in c.ports.iter().filter(|p| p.applies_v6()) {
+            map6.insert(
+                port_key6(p, ip6, routed6),
+                PortTarget6 {
+                    ip: ip6.octets(),
+                    port: p.container_port,
+                    identity,
+                    ..Default::default()
+                },
+                0,
+            )
+            .with_context(|| format!("publishing {p} over IPv6"))?;
+        }
+    }
     Ok(())
 }
 
 pub fn port_key(p: &PortMapping) -> PortKey {
     PortKey::new(
-        p.host_ip.map(|i| i.octets()).unwrap_or([0; 4]),
+        p.host_v4().map(|i| i.octets()).unwrap_or([0; 4]),
+        p.host_port,
+        p.proto.number(),
+    )
+}
+
+/// A mapping's PORT_MAP6 key: the host address (`::` for all) and port; on a routed network
+/// the container's own address and port (reachable directly; the host part only picks the
+/// family, as in Docker's routed mode).
+pub fn port_key6(p: &PortMapping, container_ip6: std::net::Ipv6Addr, routed: bool) -> PortKey6 {
+    if routed {
+        return PortKey6::new(container_ip6.octets(), p.container_port, p.proto.number());
+    }
+    PortKey6::new(
+        p.host_v6().map(|i| i.octets()).unwrap_or([0; 16]),
         p.host_port,
         p.proto.number(),
     )
@@ -154,6 +203,14 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
                 let _ = eps.remove(&iface.ip.octets());
             }
         }
+        if let (Some(ip6), Ok(mut eps)) = (iface.ip6, dp.endpoints6()) {
+            if eps
+                .get(&ip6.octets(), 0)
+                .is_ok_and(|e| e.ifindex == iface.ifindex)
+            {
+                let _ = eps.remove(&ip6.octets());
+            }
+        }
         if let Ok(mut owners) = dp.veth_owners() {
             let _ = owners.remove(&iface.ifindex);
         }
@@ -162,6 +219,11 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
         }
         if let Err(e) = dp.purge_conntrack(iface.ip) {
             errors.push(e);
+        }
+        if let Some(ip6) = iface.ip6 {
+            if let Err(e) = dp.purge_conntrack6(ip6) {
+                errors.push(e);
+            }
         }
     }
     if let Err(e) = dp.detach_tc(&iface.veth) {
@@ -187,8 +249,19 @@ pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow:
     let mut errors = Vec::new();
     if dp.is_loaded() {
         if let Ok(mut map) = dp.port_map() {
-            for p in &c.ports {
+            for p in c.ports.iter().filter(|p| p.applies_v4()) {
                 let _ = map.remove(&port_key(p));
+            }
+        }
+        if let (Some(ip6), Ok(mut map6)) = (c.primary_ip6(), dp.port_map6()) {
+            for p in c.ports.iter().filter(|p| p.applies_v6()) {
+                // Both key shapes: whichever the network's mode made, only ours.
+                for routed in [false, true] {
+                    let k = port_key6(p, ip6, routed);
+                    if map6.get(&k, 0).is_ok_and(|t| t.ip == ip6.octets()) {
+                        let _ = map6.remove(&k);
+                    }
+                }
             }
         }
     }

@@ -8,7 +8,6 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
-    net::Ipv4Addr,
 };
 
 use anyhow::Result;
@@ -476,7 +475,7 @@ impl Collector for Snapshot {
             self.ports
                 .iter()
                 .map(|p| {
-                    let host_ip = p.port.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).to_string();
+                    let host_ip = crate::portmap::host_ip_text(&p.port);
                     let l = labels([
                         ("container", &p.container),
                         ("protocol", &p.port.proto.to_string()),
@@ -644,6 +643,7 @@ mod tests {
                     host_port: 8080,
                     container_port: 80,
                     proto: Proto::Tcp,
+                    family: Default::default(),
                 },
                 hits: 4,
             }],

@@ -1,26 +1,38 @@
 //! md networks: a bridge and a subnet each, their NETWORKS entry (the datapath isolates
 //! networks from each other by id), and their DNS resolver.
 
-use std::time::Duration;
+use std::{net::Ipv6Addr, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use md_common::Network as NetworkEntry;
+use md_common::{Network as NetworkEntry, NET_IPV6, NET_ROUTED6};
 
 use crate::{
     cli::GlobalOpts,
     datapath::Datapath,
     dns,
-    ipam::{mac_for, Subnet},
+    ipam::{mac_for, Subnet, Subnet6},
     netlink::Netlink,
     proc,
     state::{Network, State, StateDir, DEFAULT_NETWORK},
 };
 
-/// Makes sure the default network exists in the state with the configured bridge and subnet.
+/// Makes sure the default network exists in the state with the configured bridge and subnet,
+/// dual-stack when `--ipv6` (or `--subnet6`) says so.
 pub fn ensure_default(state: &mut State, opts: &GlobalOpts) -> Result<()> {
     let subnet: Subnet = opts.subnet.parse()?;
+    let subnet6 = opts
+        .subnet6
+        .as_deref()
+        .map(str::parse::<Subnet6>)
+        .transpose()?;
+    let ipv6 = opts.ipv6 || subnet6.is_some();
     if let Some(net) = state.networks.get(DEFAULT_NETWORK) {
-        if net.subnet == subnet && net.bridge == opts.bridge {
+        let same6 = match (net.subnet6, subnet6) {
+            (Some(have), Some(want)) => have == want,
+            (have, None) => have.is_some() == ipv6,
+            (None, Some(_)) => false,
+        };
+        if net.subnet == subnet && net.bridge == opts.bridge && same6 && !net.routed6 {
             return Ok(());
         }
         if state
@@ -29,18 +41,23 @@ pub fn ensure_default(state: &mut State, opts: &GlobalOpts) -> Result<()> {
             .any(|c| c.on_network(DEFAULT_NETWORK))
         {
             bail!(
-                "the default network is {} on {}; stop its containers or run `md-user down` before changing --bridge or --subnet",
+                "the default network is {} on {}; stop its containers or run `md-user down` before changing --bridge, --subnet, --ipv6 or --subnet6",
                 net.subnet,
                 net.bridge
             );
         }
         state.networks.remove(DEFAULT_NETWORK);
     }
-    add(state, DEFAULT_NETWORK, opts.bridge.clone(), subnet)?;
+    let v6 = ipv6.then_some((subnet6, false));
+    add(state, DEFAULT_NETWORK, opts.bridge.clone(), subnet, v6)?;
     Ok(())
 }
 
-fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<Network> {
+/// The IPv6 side of a new network: its subnet (the given one, else the next free /64 of the
+/// host's ULA /48) and whether it is routed.
+type V6 = Option<(Option<Subnet6>, bool)>;
+
+fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet, v6: V6) -> Result<Network> {
     for (other, net) in &state.networks {
         if net.subnet.overlaps(&subnet) {
             bail!("subnet {subnet} overlaps network {other} ({})", net.subnet);
@@ -49,6 +66,27 @@ fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<
             bail!("bridge {bridge} is already used by network {other}");
         }
     }
+    let taken: Vec<Subnet6> = state.networks.values().filter_map(|n| n.subnet6).collect();
+    let (subnet6, routed6) = match v6 {
+        None => (None, false),
+        Some((Some(s), routed)) => {
+            if let Some((other, n)) = state
+                .networks
+                .iter()
+                .find(|(_, n)| n.subnet6.is_some_and(|t| t.overlaps(&s)))
+            {
+                bail!(
+                    "subnet {s} overlaps network {other} ({})",
+                    n.subnet6.expect("checked")
+                );
+            }
+            (Some(s), routed)
+        }
+        Some((None, routed)) => {
+            let base = crate::ipam::ula_base(&crate::ipam::host_id());
+            (Some(crate::ipam::next_ula64(base, &taken)?), routed)
+        }
+    };
     state.next_network_id = state.next_network_id.max(1);
     let id = state.next_network_id;
     state.next_network_id += 1;
@@ -56,6 +94,8 @@ fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<
         id,
         bridge,
         subnet,
+        subnet6,
+        routed6,
         dns_pid: 0,
         dns_start: 0,
     };
@@ -64,7 +104,7 @@ fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<
 }
 
 /// A user-defined network, with the first free 172.19-31.0.0/16 when no subnet is given.
-pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>) -> Result<Network> {
+pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>, v6: V6) -> Result<Network> {
     if state.networks.contains_key(name)
         || matches!(name, "none" | "host")
         || name.starts_with("container:")
@@ -80,7 +120,31 @@ pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>) -> Result<N
     };
     // Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex).
     let bridge = format!("mdn{}", state.next_network_id.max(1));
-    add(state, name, bridge, subnet)
+    add(state, name, bridge, subnet, v6)
+}
+
+/// A container's IPv6 address on `net` (None on an IPv4-only network): `want` if it is free,
+/// else the lowest free one.
+pub fn allocate6(
+    state: &State,
+    net: &Network,
+    name: &str,
+    want: Option<Ipv6Addr>,
+) -> Result<Option<Ipv6Addr>> {
+    let Some(s6) = net.subnet6 else {
+        if want.is_some() {
+            bail!("network {name} has no IPv6 (create it with --ipv6)");
+        }
+        return Ok(None);
+    };
+    let used = state.used_ips6(name);
+    Ok(Some(match want {
+        Some(ip) => {
+            s6.check_static(ip, &used)?;
+            ip
+        }
+        None => s6.allocate(&used)?,
+    }))
 }
 
 /// Creates the network's bridge if needed and publishes it to the datapath.
@@ -90,7 +154,31 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
     let link = nl
         .ensure_bridge(&net.bridge, gw, net.subnet.prefix_len, mac)
         .await?;
+    if let Some(s6) = net.subnet6 {
+        // No DAD on md's addresses (the gateway answers at once) and no router
+        // advertisements taken from containers (CVE-2020-13401); the host forwards IPv6.
+        let conf = format!("/proc/sys/net/ipv6/conf/{}", net.bridge);
+        crate::netns::write_sysctl(&format!("{conf}/disable_ipv6"), "0")?;
+        crate::netns::write_sysctl(&format!("{conf}/accept_dad"), "0")?;
+        crate::netns::write_sysctl(&format!("{conf}/accept_ra"), "0")?;
+        nl.ensure_address6(link.index, s6.gateway(), s6.prefix_len)
+            .await
+            .with_context(|| {
+                format!(
+                    "adding {}/{} to {}",
+                    s6.gateway(),
+                    s6.prefix_len,
+                    net.bridge
+                )
+            })?;
+        crate::host::ipv6_forwarding()?;
+    }
     let mut networks = dp.networks()?;
+    let flags = match (net.subnet6, net.routed6) {
+        (None, _) => 0,
+        (Some(_), false) => NET_IPV6,
+        (Some(_), true) => NET_IPV6 | NET_ROUTED6,
+    };
     networks
         .insert(
             net.id,
@@ -101,12 +189,19 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
                 _pad: [0],
                 gateway_mac: mac,
                 bridge_ifindex: link.index,
-                ..Default::default()
+                gateway6: net
+                    .subnet6
+                    .map(|s| s.gateway().octets())
+                    .unwrap_or_default(),
+                flags,
             },
             0,
         )
         .context("writing NETWORKS")?;
     dp.add_subnet(net.subnet.network, net.subnet.prefix_len, net.id)?;
+    if let Some(s6) = net.subnet6 {
+        dp.add_subnet6(s6.network, s6.prefix_len, net.id)?;
+    }
     crate::host::refresh_host_addrs(nl, dp).await?;
     Ok(link.index)
 }
@@ -116,6 +211,9 @@ pub async fn remove_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
     if dp.is_loaded() {
         let _ = dp.networks()?.remove(&net.id);
         dp.remove_subnet(net.subnet.network, net.subnet.prefix_len)?;
+        if let Some(s6) = net.subnet6 {
+            dp.remove_subnet6(s6.network, s6.prefix_len)?;
+        }
     }
     if let Some(link) = nl.link_by_name(&net.bridge).await? {
         if link.kind.as_deref() == Some("bridge") {

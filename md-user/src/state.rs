@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs::{self, DirBuilder, File, OpenOptions, Permissions},
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{
         fd::AsRawFd,
         unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
@@ -17,7 +17,11 @@ use std::{
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{ipam::Subnet, policy::PolicyState, portmap::PortMapping};
+use crate::{
+    ipam::{Subnet, Subnet6},
+    policy::PolicyState,
+    portmap::PortMapping,
+};
 
 pub const DEFAULT_NETWORK: &str = "bridge";
 
@@ -42,6 +46,12 @@ pub struct Network {
     pub id: u32,
     pub bridge: String,
     pub subnet: Subnet,
+    /// Dual-stack networks: the IPv6 subnet (`--ipv6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Subnet6>,
+    /// IPv6 routed, not masqueraded (Docker's gateway_mode_ipv6=routed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub routed6: bool,
     /// The network's DNS resolver (md-user __dns), while it has containers.
     #[serde(default)]
     pub dns_pid: u32,
@@ -78,6 +88,9 @@ pub enum Status {
 pub struct Interface {
     pub network: String,
     pub ip: Ipv4Addr,
+    /// The interface's IPv6 address on a dual-stack network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     /// Host-side veth and its ifindex.
     pub veth: String,
@@ -123,6 +136,10 @@ impl Container {
         self.interfaces.first().map(|i| i.ip)
     }
 
+    pub fn primary_ip6(&self) -> Option<Ipv6Addr> {
+        self.interfaces.first().and_then(|i| i.ip6)
+    }
+
     pub fn on_network(&self, network: &str) -> bool {
         self.interfaces.iter().any(|i| i.network == network)
     }
@@ -136,6 +153,16 @@ impl State {
             .flat_map(|c| c.interfaces.iter())
             .filter(|i| i.network == network)
             .map(|i| i.ip)
+            .collect()
+    }
+
+    /// Every IPv6 address handed out on `network`.
+    pub fn used_ips6(&self, network: &str) -> HashSet<Ipv6Addr> {
+        self.containers
+            .values()
+            .flat_map(|c| c.interfaces.iter())
+            .filter(|i| i.network == network)
+            .filter_map(|i| i.ip6)
             .collect()
     }
 

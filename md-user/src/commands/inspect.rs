@@ -43,7 +43,7 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
         let entry = ports.entry(key).or_insert_with(|| json!([]));
         if let Value::Array(a) = entry {
             a.push(json!({
-                "HostIp": p.host_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into()),
+                "HostIp": crate::portmap::host_ip_text(p),
                 "HostPort": p.host_port.to_string(),
             }));
         }

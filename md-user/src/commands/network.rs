@@ -7,7 +7,7 @@ use super::{reconcile, run::validate_name, Ctx};
 use crate::{
     cli::NetworkCmd,
     endpoint, host,
-    ipam::{mac_for, Subnet},
+    ipam::{mac_for, Subnet, Subnet6},
     netlink::Netlink,
     netns::Netns,
     network, proc,
@@ -16,12 +16,26 @@ use crate::{
 
 pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     // Parse before taking the lock or creating anything.
-    let subnet = match &cmd {
-        NetworkCmd::Create { name, subnet } => {
+    let (subnet, v6) = match &cmd {
+        NetworkCmd::Create {
+            name,
+            subnet,
+            ipv6,
+            subnet6,
+            gateway_mode_ipv6,
+        } => {
             validate_name(name)?;
-            subnet.as_deref().map(str::parse::<Subnet>).transpose()?
+            let subnet6 = subnet6.as_deref().map(str::parse::<Subnet6>).transpose()?;
+            let routed = gateway_mode_ipv6 == "routed";
+            if routed && !ipv6 && subnet6.is_none() {
+                bail!("--gateway-mode-ipv6 routed needs --ipv6");
+            }
+            (
+                subnet.as_deref().map(str::parse::<Subnet>).transpose()?,
+                (*ipv6 || subnet6.is_some()).then_some((subnet6, routed)),
+            )
         }
-        _ => None,
+        _ => (None, None),
     };
     let nl = Netlink::connect()?;
     let mut locked = ctx.state_dir.lock()?;
@@ -30,7 +44,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     let state = &mut locked.state;
     match cmd {
         NetworkCmd::Create { name, .. } => {
-            let net = network::create(state, &name, subnet)?;
+            let net = network::create(state, &name, subnet, v6)?;
             host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
             if let Err(e) = network::ensure_bridge(&nl, &ctx.dp, &net).await {
                 let _ = network::remove_bridge(&nl, &ctx.dp, &net).await;
@@ -56,6 +70,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         "bridge": n.bridge,
                         "subnet": n.subnet.to_string(),
                         "gateway": n.subnet.gateway().to_string(),
+                        "subnet6": n.subnet6.map(|s| s.to_string()),
+                        "gateway6": n.subnet6.map(|s| s.gateway().to_string()),
+                        "gateway_mode_ipv6": n.subnet6.map(|_| if n.routed6 { "routed" } else { "nat" }),
                         "containers": members,
                         "dns": proc::alive(n.dns_pid, n.dns_start),
                     })
@@ -65,8 +82,8 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<16} {:<8} {:<18} {:<16} CONTAINERS",
-                    "NAME", "BRIDGE", "SUBNET", "GATEWAY"
+                    "{:<16} {:<8} {:<18} {:<16} {:<24} CONTAINERS",
+                    "NAME", "BRIDGE", "SUBNET", "GATEWAY", "SUBNET6"
                 );
                 for r in rows {
                     let members: Vec<&str> = r["containers"]
@@ -74,11 +91,12 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
                         .unwrap_or_default();
                     println!(
-                        "{:<16} {:<8} {:<18} {:<16} {}",
+                        "{:<16} {:<8} {:<18} {:<16} {:<24} {}",
                         r["name"].as_str().unwrap_or(""),
                         r["bridge"].as_str().unwrap_or(""),
                         r["subnet"].as_str().unwrap_or(""),
                         r["gateway"].as_str().unwrap_or(""),
+                        r["subnet6"].as_str().unwrap_or("-"),
                         members.join(",")
                     );
                 }
@@ -112,6 +130,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             network: net_name,
             container,
             ip,
+            ip6,
         } => {
             let net = state
                 .networks
@@ -143,6 +162,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 }
                 None => net.subnet.allocate(&used)?,
             };
+            let ip6 = network::allocate6(state, &net, &net_name, ip6)?;
             host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
             let n = (0..)
                 .map(|i| format!("eth{i}"))
@@ -151,6 +171,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             let mut iface = Interface {
                 network: net_name.clone(),
                 ip,
+                ip6,
                 mac: mac_for(ip),
                 veth: format!("md{:08x}", rand_u32()),
                 ifindex: 0,

@@ -70,7 +70,7 @@ impl Mode {
         if !ports.is_empty() {
             bail!("{why}");
         }
-        if args.ip.is_some() {
+        if args.ip.is_some() || args.ip6.is_some() {
             bail!(
                 "--ip needs a bridge network, not --network {}",
                 args.network
@@ -224,6 +224,9 @@ fn detach(ctx: &Ctx, args: &RunArgs, name: &str) -> Result<ExitCode> {
     if let Some(ip) = &args.ip {
         cmd.arg("--ip").arg(ip.to_string());
     }
+    if let Some(ip) = &args.ip6 {
+        cmd.arg("--ip6").arg(ip.to_string());
+    }
     if args.privileged {
         cmd.arg("--privileged");
     }
@@ -341,8 +344,20 @@ async fn start(
     if state.containers.contains_key(name) {
         bail!("container name {name} is already in use");
     }
+    network::ensure_default(state, &ctx.opts)?;
+    // A mapping for both families publishes only IPv4 on an IPv4-only network.
+    let ports = match &setup.mode {
+        Mode::Net(n) => match state.networks.get(n) {
+            Some(net) => {
+                portmap::check_families(&setup.ports, n, net.subnet6.is_some())?;
+                portmap::for_network(&setup.ports, net.subnet6.is_some())
+            }
+            None => bail!("no such network: {n}"),
+        },
+        _ => setup.ports.clone(),
+    };
     for c in state.containers.values() {
-        for p in &setup.ports {
+        for p in &ports {
             if let Some(q) = c.ports.iter().find(|q| q.conflicts_with(p)) {
                 bail!(
                     "port {p} is already published by container {} ({q})",
@@ -351,8 +366,7 @@ async fn start(
             }
         }
     }
-    hostports::check_free(&setup.ports, state)?;
-    network::ensure_default(state, &ctx.opts)?;
+    hostports::check_free(&ports, state)?;
     let mut interfaces = Vec::new();
     match &setup.mode {
         Mode::Net(net_name) => {
@@ -369,10 +383,12 @@ async fn start(
                 }
                 None => net.subnet.allocate(&used)?,
             };
+            let ip6 = network::allocate6(state, &net, net_name, args.ip6)?;
             host::ensure_datapath(nl, &ctx.dp, state, &ctx.opts).await?;
             interfaces.push(Interface {
                 network: net_name.clone(),
                 ip,
+                ip6,
                 mac: mac_for(ip),
                 veth: String::new(),
                 ifindex: 0,
@@ -398,7 +414,7 @@ async fn start(
         hostname: args.hostname.clone().unwrap_or_else(|| name.to_string()),
         mode: args.network.clone(),
         interfaces,
-        ports: setup.ports.clone(),
+        ports,
         cmd: args.cmd.clone(),
         pid: 0,
         pid_start: 0,
