@@ -523,6 +523,11 @@ impl Datapath {
         m::TRACKERS.iter().map(|n| self.hash(n)).collect()
     }
 
+    /// The IPv6 tracker maps, in the same order.
+    pub fn trackers6(&self) -> Result<Vec<HashMap<MapData, CtKeyOf<Ip6>, CtEntryOf<Ip6>>>> {
+        m::TRACKERS6.iter().map(|n| self.hash(n)).collect()
+    }
+
     pub fn if_stats(&self) -> Result<PerCpuHashMap<MapData, u32, IfStats>> {
         Ok(PerCpuHashMap::try_from(self.map_data(m::IF_STATS)?)?)
     }

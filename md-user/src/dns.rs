@@ -10,7 +10,7 @@
 use std::{
     fs::{self, OpenOptions},
     io::Write,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -61,10 +61,6 @@ fn shared_iface<'a>(
         .or_else(|| peer.interfaces.iter().find(|i| nets.contains(&i.network)))
 }
 
-fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option<Ipv4Addr> {
-    shared_iface(peer, nets, network).map(|i| i.ip)
-}
-
 fn is_a_name(state: &State, name: &str) -> bool {
     state
         .containers
@@ -77,16 +73,6 @@ fn is_a_name(state: &State, name: &str) -> bool {
 fn alias(state: &State, c: &Container) -> Option<String> {
     (!c.hostname.eq_ignore_ascii_case(&c.name) && !is_a_name(state, &c.hostname))
         .then(|| c.hostname.clone())
-}
-
-/// Resolves a container name (or hostname) for someone on `nets`.
-pub fn lookup(
-    state: &State,
-    nets: &[String],
-    network: Option<&str>,
-    name: &str,
-) -> Option<Ipv4Addr> {
-    lookup_iface(state, nets, network, name).map(|i| i.ip)
 }
 
 /// The interface a container name (or hostname) resolves to for someone on `nets`.
@@ -529,6 +515,7 @@ mod tests {
         state::{Interface, Network, Status},
     };
     use hickory_proto::{op::Query, rr::Name};
+    use std::net::Ipv4Addr;
 
     fn container(name: &str, ifaces: &[(&str, [u8; 4])]) -> Container {
         Container {

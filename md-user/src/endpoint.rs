@@ -176,6 +176,33 @@ pub fn port_key(p: &PortMapping) -> PortKey {
     )
 }
 
+/// Connections translated through a published port, in both families.
+pub fn port_hits(
+    dp: &Datapath,
+    state: &crate::state::State,
+    c: &Container,
+    p: &PortMapping,
+) -> u64 {
+    let mut hits = 0;
+    if p.applies_v4() {
+        if let Ok(map) = dp.port_map() {
+            hits += map.get(&port_key(p), 0).map(|t| t.hits).unwrap_or(0);
+        }
+    }
+    if let (true, Some(ip6), Ok(map6)) = (p.applies_v6(), c.primary_ip6(), dp.port_map6()) {
+        let routed = c
+            .interfaces
+            .first()
+            .and_then(|i| state.networks.get(&i.network))
+            .is_some_and(|n| n.routed6);
+        hits += map6
+            .get(&port_key6(p, ip6, routed), 0)
+            .map(|t| t.hits)
+            .unwrap_or(0);
+    }
+    hits
+}
+
 /// A mapping's PORT_MAP6 key: the host address (`::` for all) and port; on a routed network
 /// the container's own address and port (reachable directly; the host part only picks the
 /// family, as in Docker's routed mode).

@@ -36,7 +36,7 @@ use prometheus_client::{
 use crate::{
     commands::stats::add,
     datapath::{monotonic_ns, Datapath},
-    endpoint::port_key,
+    endpoint::port_hits,
     portmap::PortMapping,
     proc,
     state::StateDir,
@@ -235,7 +235,6 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
         }
         t
     };
-    let port_map = dp.port_map()?;
     for c in &containers {
         for i in &c.interfaces {
             snap.interfaces.push(Interface {
@@ -245,7 +244,7 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
             });
         }
         for p in &c.ports {
-            let hits = port_map.get(&port_key(p), 0).map(|t| t.hits).unwrap_or(0);
+            let hits = port_hits(dp, &state, c, p);
             snap.ports.push(PortHits {
                 container: c.name.clone(),
                 port: *p,
