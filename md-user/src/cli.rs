@@ -43,7 +43,7 @@ pub struct GlobalOpts {
     pub subnet: String,
     /// Make the default network dual-stack (Docker's daemon `ipv6: true`; before the
     /// subcommand, like --subnet).
-    #[arg(long, env = "MD_IPV6", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "MD_IPV6")]
     pub ipv6: bool,
     /// IPv6 subnet of the default network [default: a /64 of a ULA /48 derived from the
     /// host's machine id, as Docker 27 does]; implies --ipv6.
@@ -307,7 +307,6 @@ impl GlobalOpts {
             .arg(&self.bridge)
             .arg("--subnet")
             .arg(&self.subnet)
-            .arg(format!("--ipv6={}", self.ipv6))
             .arg("--resolv-conf")
             .arg(&self.resolv_conf);
         if let Some(u) = &self.uplink {
@@ -315,6 +314,9 @@ impl GlobalOpts {
         }
         if let Some(d) = &self.datapath {
             cmd.arg("--datapath").arg(d);
+        }
+        if self.ipv6 {
+            cmd.arg("--ipv6");
         }
         if let Some(s) = &self.subnet6 {
             cmd.arg("--subnet6").arg(s);

@@ -439,7 +439,8 @@ impl Datapath {
             LpmTrie::try_from(self.map_data(m::MD_SUBNETS6)?)?;
         let key = LpmKey::new(prefix_len as u32, network.octets());
         match trie.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if missing(&e) => Ok(()),
             Err(e) => Err(e).context("removing from MD_SUBNETS6"),
         }
     }
@@ -459,7 +460,8 @@ impl Datapath {
     pub fn remove_subnet(&self, network: Ipv4Addr, prefix_len: u8) -> Result<()> {
         let key = LpmKey::new(prefix_len as u32, network.octets());
         match self.md_subnets()?.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if missing(&e) => Ok(()),
             Err(e) => Err(e).context("removing from MD_SUBNETS"),
         }
     }
@@ -649,6 +651,16 @@ impl Datapath {
             out.push((removed, seen));
         }
         Ok(out)
+    }
+}
+
+/// A delete of a key that is not there (a network whose bridge was never made): aya reports
+/// the LPM trie's ENOENT as a plain syscall error.
+fn missing(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

@@ -61,32 +61,10 @@ fn attach(
     primary: bool,
     host_index: u32,
 ) -> Result<()> {
-    crate::netlink::configure_container_side(
-        netns,
-        Some(crate::netlink::ContainerIface {
-            name: iface.name.clone(),
-            ip: iface.ip,
-            prefix_len: net.subnet.prefix_len,
-            ip6: iface.ip6.zip(net.subnet6.map(|s| s.prefix_len)),
-        }),
-        primary.then(|| crate::netlink::Gateways {
-            v4: net.subnet.gateway(),
-            v6: net.subnet6.map(|s| s.gateway()),
-        }),
-    )?;
+    // Map entries first, then programs, then the container's side up: the first frames a
+    // container sends (IPv6 sends MLD reports as its link comes up) must meet a complete
+    // datapath, not be dropped as spoofed.
     dp.reset_if_stats(host_index)?;
-    dp.attach_tc(
-        &iface.veth,
-        Hook::Ingress,
-        md_common::maps::PROG_VETH_INGRESS,
-        &iface.veth,
-    )?;
-    dp.attach_tc(
-        &iface.veth,
-        Hook::Egress,
-        md_common::maps::PROG_VETH_EGRESS,
-        &iface.veth,
-    )?;
     let ep = Endpoint {
         ifindex: host_index,
         identity,
@@ -106,6 +84,31 @@ fn attach(
             .insert(ip6.octets(), ep, 0)
             .context("writing ENDPOINTS6")?;
     }
+    dp.attach_tc(
+        &iface.veth,
+        Hook::Ingress,
+        md_common::maps::PROG_VETH_INGRESS,
+        &iface.veth,
+    )?;
+    dp.attach_tc(
+        &iface.veth,
+        Hook::Egress,
+        md_common::maps::PROG_VETH_EGRESS,
+        &iface.veth,
+    )?;
+    crate::netlink::configure_container_side(
+        netns,
+        Some(crate::netlink::ContainerIface {
+            name: iface.name.clone(),
+            ip: iface.ip,
+            prefix_len: net.subnet.prefix_len,
+            ip6: iface.ip6.zip(net.subnet6.map(|s| s.prefix_len)),
+        }),
+        primary.then(|| crate::netlink::Gateways {
+            v4: net.subnet.gateway(),
+            v6: net.subnet6.map(|s| s.gateway()),
+        }),
+    )?;
     Ok(())
 }
 

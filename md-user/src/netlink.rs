@@ -466,11 +466,9 @@ pub fn configure_container_side(
                     crate::netns::write_sysctl(&format!("{conf}/{dev}/accept_ra"), "0").ok();
                     crate::netns::write_sysctl(&format!("{conf}/{dev}/disable_ipv6"), "0")?;
                 }
-            } else if iface.is_none()
-                || std::fs::read_to_string(format!("{conf}/lo/disable_ipv6"))
-                    .is_ok_and(|v| v.trim() == "1")
-            {
-                // A namespace md made: IPv6 off unless a dual-stack interface turns it on.
+            } else if iface.is_none() || gateway.is_some() {
+                // A namespace md made (its first, primary interface, or none): IPv6 off
+                // unless a dual-stack interface turns it on.
                 crate::netns::write_sysctl(&format!("{conf}/all/disable_ipv6"), "1").ok();
                 crate::netns::write_sysctl(&format!("{conf}/default/disable_ipv6"), "1").ok();
             }

@@ -410,7 +410,16 @@ impl Lab {
         );
         ip4(
             h,
-            &["-6", "route", "add", "default", "via", OUTSIDE_IP6, "dev", UPLINK],
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                OUTSIDE_IP6,
+                "dev",
+                UPLINK,
+            ],
         );
     }
 
