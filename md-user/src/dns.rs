@@ -16,7 +16,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -32,7 +32,7 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use crate::state::{Container, Interface, State, StateDir};
+use crate::state::{Container, Interface, State, StateDir, StateReader};
 
 /// Nameservers of a resolv.conf.
 pub fn upstreams(resolv_conf: &Path) -> Vec<SocketAddr> {
@@ -242,31 +242,23 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 /// TCP connections served at once; more are closed at once (the clients retry).
 const TCP_MAX: usize = 64;
 
-/// The state as the resolver last read it, read again when state.json changes.
+/// The state as the resolver last read it, read again when the state changed.
 struct Names {
-    dir: StateDir,
-    file: PathBuf,
-    mtime: Option<SystemTime>,
+    reader: StateReader,
     state: State,
 }
 
 impl Names {
     fn new(state_dir: &Path) -> Names {
-        let dir = StateDir::new(state_dir);
-        let state = dir.peek().unwrap_or_default();
         Names {
-            dir,
-            file: state_dir.join("state.json"),
-            mtime: None,
-            state,
+            reader: StateDir::new(state_dir).reader(),
+            state: State::default(),
         }
     }
 
     fn current(&mut self) -> &State {
-        let m = fs::metadata(&self.file).and_then(|m| m.modified()).ok();
-        if m != self.mtime {
-            self.state = self.dir.peek().unwrap_or_default();
-            self.mtime = m;
+        if let Some(s) = self.reader.changed() {
+            self.state = s;
         }
         &self.state
     }
@@ -693,7 +685,12 @@ mod tests {
         let mut s = lab();
         s.containers
             .insert("me".into(), container("me", &[("bridge", [127, 0, 0, 1])]));
-        fs::write(dir.join("state.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+        {
+            let mut l = StateDir::new(&dir).lock().unwrap();
+            l.state.networks = s.networks;
+            l.state.containers = s.containers;
+            l.save().unwrap();
+        }
         let res = Arc::new(Resolver {
             names: Mutex::new(Names::new(&dir)),
             network: "bridge".into(),

@@ -265,9 +265,9 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
     snap.nat_port_capacity = (cfg.nat_port_max as u64).saturating_sub(cfg.nat_port_min as u64) + 1;
 
     let policy = dp.policy()?;
-    for r in &state.policy.rules {
-        let (Some(&src), Some(&dst)) = (state.identities.get(&r.from), state.identities.get(&r.to))
-        else {
+    let identities = state.identities()?;
+    for r in &state.rules()? {
+        let (Some(&src), Some(&dst)) = (identities.get(&r.from), identities.get(&r.to)) else {
             continue;
         };
         let key = PolicyKey {

@@ -2,7 +2,7 @@
 //! the POLICY map keyed by identities (stable per name, so rules follow a container across
 //! restarts and address changes).
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use anyhow::{Context, Result};
 use md_common::{PolicyKey, PolicyRule, POLICY_ALLOW, POLICY_DENY};
@@ -43,100 +43,41 @@ pub struct Rule {
     pub verdict: Verdict,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct PolicyState {
     /// Verdict for container pairs without a rule (deny = Docker's --icc=false).
     pub default: Verdict,
-    pub rules: Vec<Rule>,
-}
-
-impl PolicyState {
-    /// Sets many rules (later ones win) in one pass; returns the indices in `self.rules` of
-    /// those that changed.
-    pub fn set_all(&mut self, rules: &[Rule]) -> Vec<usize> {
-        let mut index: std::collections::HashMap<(String, String), usize> = self
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ((r.from.clone(), r.to.clone()), i))
-            .collect();
-        let mut changed = std::collections::BTreeSet::new();
-        for r in rules {
-            match index.get(&(r.from.clone(), r.to.clone())) {
-                Some(&i) if self.rules[i].verdict == r.verdict => {}
-                Some(&i) => {
-                    self.rules[i].verdict = r.verdict;
-                    changed.insert(i);
-                }
-                None => {
-                    index.insert((r.from.clone(), r.to.clone()), self.rules.len());
-                    changed.insert(self.rules.len());
-                    self.rules.push(r.clone());
-                }
-            }
-        }
-        changed.into_iter().collect()
-    }
-}
-
-/// Writes one rule into the POLICY map (identities are assigned on first use).
-pub fn install(dp: &Datapath, state: &mut State, rule: &Rule) -> Result<()> {
-    let key = PolicyKey {
-        src_identity: state.identity_for(&rule.from),
-        dst_identity: state.identity_for(&rule.to),
-    };
-    if !dp.is_loaded() {
-        // Written when the datapath is loaded (see `sync`).
-        return Ok(());
-    }
-    let mut map = dp.policy()?;
-    let drops = map.get(&key, 0).map(|r| r.drops).unwrap_or(0);
-    map.insert(
-        key,
-        PolicyRule {
-            verdict: rule.verdict.map_value(),
-            _pad: [0; 7],
-            drops,
-        },
-        0,
-    )
-    .context("writing POLICY")?;
-    Ok(())
 }
 
 /// Sets `rules` (later ones win), all or nothing: if writing POLICY fails midway (the map is
-/// full), the entries written so far get their old values back and the rules and identities
-/// in `state` are as they were, so no identity handed out here reaches a later container with
-/// rules attached to it.
+/// full), the entries written so far get their old values back and the error leaves the
+/// state unsaved (the caller does not save; the lock's transaction rolls back), so neither the
+/// rules nor the identities handed out here are kept (no later container inherits rules
+/// through them). Each rule costs a few indexed lookups, however many
+/// rules there are.
 pub fn set_all(dp: &Datapath, state: &mut State, rules: &[Rule]) -> Result<()> {
-    let before = (
-        state.policy.clone(),
-        state.identities.clone(),
-        state.next_identity,
-    );
-    let changed = state.policy.set_all(rules);
-    let written = write_rules(dp, state, &changed);
-    if written.is_err() {
-        (state.policy, state.identities, state.next_identity) = before;
+    let mut keys: Vec<(PolicyKey, u8)> = Vec::new();
+    // Later ones win: only the last word on each pair counts.
+    let mut last: std::collections::HashMap<(&str, &str), usize> = Default::default();
+    for (i, r) in rules.iter().enumerate() {
+        last.insert((&r.from, &r.to), i);
     }
-    written
+    for (i, r) in rules.iter().enumerate() {
+        if last[&(r.from.as_str(), r.to.as_str())] != i || !state.put_rule(r)? {
+            continue;
+        }
+        let key = PolicyKey {
+            src_identity: state.identity_for(&r.from)?,
+            dst_identity: state.identity_for(&r.to)?,
+        };
+        keys.push((key, r.verdict.map_value()));
+    }
+    write_rules(dp, &keys)
 }
 
-/// Writes the rules at `indices` of `state.policy.rules` into POLICY; on an error, undoes the
-/// writes it made.
-fn write_rules(dp: &Datapath, state: &mut State, indices: &[usize]) -> Result<()> {
-    let keys: Vec<(PolicyKey, u8)> = indices
-        .iter()
-        .map(|&i| {
-            let r = state.policy.rules[i].clone();
-            let key = PolicyKey {
-                src_identity: state.identity_for(&r.from),
-                dst_identity: state.identity_for(&r.to),
-            };
-            (key, r.verdict.map_value())
-        })
-        .collect();
+/// Writes rules into POLICY; on an error, undoes the writes it made.
+fn write_rules(dp: &Datapath, keys: &[(PolicyKey, u8)]) -> Result<()> {
     if !dp.is_loaded() {
         // Written when the datapath is loaded (see `sync`).
         return Ok(());
@@ -175,21 +116,23 @@ fn write_rules(dp: &Datapath, state: &mut State, indices: &[usize]) -> Result<()
 
 /// Writes every rule and the default verdict (after the datapath was loaded afresh).
 pub fn sync(dp: &Datapath, state: &mut State) -> Result<()> {
-    let rules = state.policy.rules.clone();
-    for r in &rules {
-        install(dp, state, r)?;
+    let mut keys = Vec::new();
+    for r in state.rules()? {
+        let key = PolicyKey {
+            src_identity: state.identity_for(&r.from)?,
+            dst_identity: state.identity_for(&r.to)?,
+        };
+        keys.push((key, r.verdict.map_value()));
     }
+    write_rules(dp, &keys)?;
     let mut cfg = dp.config()?;
     cfg.policy_default = state.policy.default.map_value();
     dp.set_config(&cfg)
 }
 
-/// Drop counters per rule, read from the map.
-pub fn drops(dp: &Datapath, state: &State, rule: &Rule) -> u64 {
-    let (Some(s), Some(d)) = (
-        state.identities.get(&rule.from),
-        state.identities.get(&rule.to),
-    ) else {
+/// Drop counters of a rule, read from the map (`identities`: by name).
+pub fn drops(dp: &Datapath, identities: &BTreeMap<String, u32>, rule: &Rule) -> u64 {
+    let (Some(s), Some(d)) = (identities.get(&rule.from), identities.get(&rule.to)) else {
         return 0;
     };
     dp.policy()
@@ -211,50 +154,87 @@ pub fn drops(dp: &Datapath, state: &State, rule: &Rule) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::StateDir;
 
-    #[test]
-    fn set_all_reports_what_changed() {
-        let rule = |f: &str, t: &str, v| Rule {
+    fn rule(f: &str, t: &str, v: Verdict) -> Rule {
+        Rule {
             from: f.into(),
             to: t.into(),
             verdict: v,
-        };
-        let mut p = PolicyState::default();
-        let first = [rule("a", "b", Verdict::Deny), rule("b", "a", Verdict::Deny)];
-        assert_eq!(p.set_all(&first), [0, 1]);
-        assert!(p.set_all(&first).is_empty(), "nothing changes twice");
-        let changed = p.set_all(&[
-            rule("a", "b", Verdict::Deny),
-            rule("b", "a", Verdict::Allow),
-            rule("c", "a", Verdict::Deny),
-            rule("c", "a", Verdict::Allow),
-        ]);
-        assert_eq!(changed, [1, 2]);
-        assert_eq!(p.rules.len(), 3);
-        assert_eq!(p.rules[1].verdict, Verdict::Allow);
-        assert_eq!(p.rules[2], rule("c", "a", Verdict::Allow));
+        }
+    }
+
+    fn tempdir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("md-policy-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
     }
 
     #[test]
-    fn set_all_without_a_datapath_only_touches_the_state() {
+    fn set_all_stores_the_last_word_on_each_pair() {
+        let dir = tempdir("last");
         let dp = Datapath::new(std::path::Path::new("/nonexistent/md-pins"));
-        let mut s = State::default();
-        let r = Rule {
-            from: "a".into(),
-            to: "b".into(),
-            verdict: Verdict::Deny,
-        };
-        set_all(&dp, &mut s, &[r]).unwrap();
-        assert_eq!(s.policy.rules.len(), 1);
-        assert_eq!(s.identities.len(), 2);
+        let mut l = StateDir::new(&dir).lock().unwrap();
+        set_all(
+            &dp,
+            &mut l.state,
+            &[
+                rule("a", "b", Verdict::Deny),
+                rule("b", "a", Verdict::Deny),
+                rule("c", "a", Verdict::Deny),
+                rule("c", "a", Verdict::Allow),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            l.state.rules().unwrap(),
+            [
+                rule("a", "b", Verdict::Deny),
+                rule("b", "a", Verdict::Deny),
+                rule("c", "a", Verdict::Allow)
+            ]
+        );
+        set_all(&dp, &mut l.state, &[rule("b", "a", Verdict::Allow)]).unwrap();
+        assert_eq!(l.state.rule("b", "a").unwrap(), Some(Verdict::Allow));
+        assert_eq!(
+            l.state.rules().unwrap().len(),
+            3,
+            "a verdict changes in place"
+        );
+        assert_eq!(l.state.identities().unwrap().len(), 3);
+        drop(l);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unsaved_rules_and_identities_are_rolled_back() {
+        let dir = tempdir("rollback");
+        let dp = Datapath::new(std::path::Path::new("/nonexistent/md-pins"));
+        let sd = StateDir::new(&dir);
+        {
+            let mut l = sd.lock().unwrap();
+            set_all(&dp, &mut l.state, &[rule("a", "b", Verdict::Deny)]).unwrap();
+            l.save().unwrap();
+            set_all(&dp, &mut l.state, &[rule("x", "y", Verdict::Deny)]).unwrap();
+            // Dropped without saving: a failed command.
+        }
+        let l = sd.lock().unwrap();
+        assert_eq!(l.state.rules().unwrap(), [rule("a", "b", Verdict::Deny)]);
+        assert_eq!(l.state.identity("x").unwrap(), None);
+        assert_eq!(l.state.next_identity, 3, "a and b only");
+        drop(l);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn identities_follow_names() {
+        let dir = tempdir("ids");
         let mut s = State::default();
-        let a = s.identity_for("a");
-        let c = s.identity_for("c");
+        let a = s.identity_for("a").unwrap();
+        let c = s.identity_for("c").unwrap();
         assert_ne!(a, c);
-        assert_eq!(s.identity_for("a"), a);
+        assert_eq!(s.identity_for("a").unwrap(), a);
+        assert!(a > 0 && c > 0, "0 means no identity in the datapath");
+        let _ = dir;
     }
 }

@@ -1,37 +1,46 @@
-//! md's saved state: networks, containers, identities and rules, in one JSON file under an
-//! exclusive lock. Every command reads it, reconciles it with what is actually running and
-//! writes it back, so the state survives crashes and lets teardown find what setup created.
+//! md's saved state: networks, containers, identities and rules, in a SQLite database
+//! (`state.db`, Podman's choice too) under an exclusive lock. Every command reads the small part
+//! every command needs (networks, containers, counters), reconciles it with what is actually
+//! running and writes back only what changed; identities and rules stay in their tables and are
+//! read and written one by one, so one policy change costs the same at 10 rules and at 10,000.
+//! Everything a command writes commits at once (`Locked::save`) or not at all (a command that
+//! fails or dies before saving leaves the state as it was). A `state.json` of an earlier md is
+//! taken over on first use.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs::{self, DirBuilder, File, OpenOptions, Permissions},
-    io::Write,
     net::{Ipv4Addr, Ipv6Addr},
     os::{
         fd::AsRawFd,
         unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     },
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
 use crate::{
     ipam::{Subnet, Subnet6},
-    policy::PolicyState,
+    policy::{PolicyState, Rule, Verdict},
     portmap::PortMapping,
 };
 
 pub const DEFAULT_NETWORK: &str = "bridge";
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// What every command reads: networks, containers and counters. Identities and rules are in
+/// the store (see [`Locked`]).
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct State {
     pub networks: BTreeMap<String, Network>,
+    /// Stored one row each: a command writes only the containers it changed.
+    #[serde(skip)]
     pub containers: BTreeMap<String, Container>,
-    /// Policy identity per container name: stable across restarts so rules follow names.
-    pub identities: BTreeMap<String, u32>,
     pub next_identity: u32,
     pub next_network_id: u32,
     pub policy: PolicyState,
@@ -39,9 +48,47 @@ pub struct State {
     /// Host ports md added to `ip_local_reserved_ports` (and gives back when no container
     /// publishes them any more); entries that were there before are not md's to remove.
     pub reserved_ports: BTreeSet<u16>,
+    /// Where identities and rules are read and written (inside the lock's transaction).
+    #[serde(skip)]
+    pub store: Store,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A handle on the database that holds identities and rules. A state that was never stored
+/// (unit tests) gets a private in-memory database on first use.
+#[derive(Clone, Default)]
+pub struct Store(Arc<Mutex<Option<Connection>>>);
+
+impl Store {
+    fn new(conn: Connection) -> Store {
+        Store(Arc::new(Mutex::new(Some(conn))))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let conn = Connection::open_in_memory().map_err(sql_context("opening"))?;
+            conn.execute_batch(SCHEMA)
+                .map_err(sql_context("creating tables"))?;
+            *slot = Some(conn);
+        }
+        f(slot.as_ref().expect("just set"))
+    }
+}
+
+impl PartialEq for Store {
+    /// The handle is not part of what is compared (what changed is the data).
+    fn eq(&self, _: &Store) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Network {
     pub id: u32,
     pub bridge: String,
@@ -59,7 +106,7 @@ pub struct Network {
     pub dns_start: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DatapathState {
     pub uplink: String,
     pub uplink_ifindex: u32,
@@ -84,7 +131,7 @@ pub enum Status {
     Running,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Interface {
     pub network: String,
     pub ip: Ipv4Addr,
@@ -99,7 +146,7 @@ pub struct Interface {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Container {
     pub name: String,
     pub id: String,
@@ -166,29 +213,139 @@ impl State {
             .collect()
     }
 
-    /// The identity of a name, assigned on first use.
-    pub fn identity_for(&mut self, name: &str) -> u32 {
-        if let Some(id) = self.identities.get(name) {
-            return *id;
+    /// The identity of a name, if it has one.
+    pub fn identity(&self, name: &str) -> Result<Option<u32>> {
+        self.store.with(|c| {
+            c.prepare_cached("SELECT id FROM identities WHERE name = ?1")
+                .and_then(|mut s| s.query_row(params![name], |r| r.get(0)).optional())
+                .map_err(sql_context("reading an identity"))
+        })
+    }
+
+    /// The identity of a name, assigned on first use. Identities are stable per name across
+    /// restarts so rules follow names; 0 means "no identity" in the datapath.
+    pub fn identity_for(&mut self, name: &str) -> Result<u32> {
+        if let Some(id) = self.identity(name)? {
+            return Ok(id);
         }
-        // 0 means "no identity" in the datapath.
         self.next_identity = self.next_identity.max(1);
         let id = self.next_identity;
         self.next_identity += 1;
-        self.identities.insert(name.to_string(), id);
-        id
+        self.store.with(|c| {
+            c.prepare_cached("INSERT INTO identities (name, id) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![name, id]))
+                .map_err(sql_context("writing an identity"))
+        })?;
+        Ok(id)
     }
 
-    /// Forgets identities no container and no rule uses any more.
-    pub fn prune_identities(&mut self) {
-        let mut keep: HashSet<&str> = self.containers.keys().map(|s| s.as_str()).collect();
-        for r in &self.policy.rules {
-            keep.insert(&r.from);
-            keep.insert(&r.to);
-        }
-        let keep: HashSet<String> = keep.into_iter().map(str::to_string).collect();
-        self.identities.retain(|name, _| keep.contains(name));
+    /// Every identity by name.
+    pub fn identities(&self) -> Result<BTreeMap<String, u32>> {
+        self.store.with(|c| Ok(read_policy(c)?.identities))
     }
+
+    /// Every rule, in the order they were first set.
+    pub fn rules(&self) -> Result<Vec<Rule>> {
+        self.store.with(|c| rules_where(c, "", []))
+    }
+
+    /// The rules that name `name` on either side.
+    pub fn rules_of(&self, name: &str) -> Result<Vec<Rule>> {
+        self.store
+            .with(|c| rules_where(c, "WHERE src = ?1 OR dst = ?1", params![name]))
+    }
+
+    /// The verdict of the rule FROM → TO, if there is one.
+    pub fn rule(&self, from: &str, to: &str) -> Result<Option<Verdict>> {
+        self.store.with(|c| {
+            c.prepare_cached("SELECT verdict FROM rules WHERE src = ?1 AND dst = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![from, to], |r| r.get::<_, String>(0))
+                        .optional()
+                })
+                .map(|v| v.map(|v| verdict_of(&v)))
+                .map_err(sql_context("reading a rule"))
+        })
+    }
+
+    /// Sets a rule; returns whether it changed anything.
+    pub fn put_rule(&mut self, r: &Rule) -> Result<bool> {
+        if self.rule(&r.from, &r.to)? == Some(r.verdict) {
+            return Ok(false);
+        }
+        self.store.with(|c| {
+            c.prepare_cached(
+                "INSERT INTO rules (src, dst, verdict) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (src, dst) DO UPDATE SET verdict = excluded.verdict",
+            )
+            .and_then(|mut s| s.execute(params![r.from, r.to, r.verdict.to_string()]))
+            .map_err(sql_context("writing a rule"))
+        })?;
+        Ok(true)
+    }
+
+    /// Forgets the identity of `name` when no container and no rule uses it any more.
+    pub fn prune_identity(&mut self, name: &str) -> Result<()> {
+        if self.containers.contains_key(name) {
+            return Ok(());
+        }
+        self.store.with(|c| {
+            c.prepare_cached(
+                "DELETE FROM identities WHERE name = ?1
+                 AND NOT EXISTS (SELECT 1 FROM rules WHERE src = ?1 OR dst = ?1)",
+            )
+            .and_then(|mut s| s.execute(params![name]))
+            .map_err(sql_context("forgetting an identity"))
+        })?;
+        Ok(())
+    }
+}
+
+/// An earlier md's `state.json`: everything in one document, identities and rules included.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LegacyState {
+    #[serde(flatten)]
+    state: State,
+    containers: BTreeMap<String, Container>,
+    identities: BTreeMap<String, u32>,
+    policy: LegacyPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LegacyPolicy {
+    default: Verdict,
+    rules: Vec<Rule>,
+}
+
+/// Policy as stored: identities by name and rules.
+#[derive(Debug, Default, Clone)]
+struct PolicySnapshot {
+    identities: BTreeMap<String, u32>,
+}
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS doc (key TEXT PRIMARY KEY, json TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS containers (name TEXT PRIMARY KEY, json TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS identities (name TEXT PRIMARY KEY, id INTEGER NOT NULL UNIQUE);
+    CREATE TABLE IF NOT EXISTS rules (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        src TEXT NOT NULL, dst TEXT NOT NULL, verdict TEXT NOT NULL,
+        UNIQUE (src, dst));
+    CREATE INDEX IF NOT EXISTS rules_dst ON rules (dst);
+";
+
+fn verdict_of(s: &str) -> Verdict {
+    if s == "deny" {
+        Verdict::Deny
+    } else {
+        Verdict::Allow
+    }
+}
+
+fn sql_context(what: &'static str) -> impl FnOnce(rusqlite::Error) -> anyhow::Error {
+    move |e| anyhow::anyhow!("md state ({what}): {e}")
 }
 
 /// Paths under the state directory.
@@ -203,7 +360,11 @@ impl StateDir {
         }
     }
 
-    fn file(&self) -> PathBuf {
+    fn db(&self) -> PathBuf {
+        self.dir.join("state.db")
+    }
+
+    fn legacy_file(&self) -> PathBuf {
         self.dir.join("state.json")
     }
 
@@ -224,6 +385,33 @@ impl StateDir {
         self.dir.join("containers").join(name)
     }
 
+    /// Opens the database for writing (root-only, WAL), creating its tables.
+    fn open_rw(&self) -> Result<Connection> {
+        let db = self.db();
+        if !db.exists() {
+            // SQLite gives its -wal and -shm files the database's mode: make it root-only.
+            drop(private_file(&db)?);
+        }
+        let conn = Connection::open(&db)
+            .map_err(sql_context("opening"))
+            .with_context(|| format!("opening {}", db.display()))?;
+        // WAL, no fsync per commit (synchronous NORMAL: durable at checkpoints, never torn),
+        // and no checkpoint when a command closes the database: a policy change then costs a
+        // few page writes, not four fsyncs.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;",
+        )
+        .map_err(sql_context("configuring"))?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(sql_context("configuring"))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(sql_context("creating tables"))?;
+        Ok(conn)
+    }
+
     /// Takes the exclusive lock (blocking) and reads the state.
     pub fn lock(&self) -> Result<Locked> {
         private_dir(&self.dir)?;
@@ -237,56 +425,303 @@ impl StateDir {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error()).context("locking md state");
         }
-        let state = match fs::read(self.file()) {
-            Ok(bytes) if !bytes.is_empty() => serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing {}", self.file().display()))?,
-            Ok(_) => State::default(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.file().display())),
+        // No database yet: work in memory and create the file only when something is saved,
+        // so a command that only looks (a supervisor waking up after `down`) leaves nothing.
+        let fresh = !self.db().exists();
+        let store = if fresh {
+            Store::default()
+        } else {
+            let conn = self.open_rw()?;
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(sql_context("beginning"))?;
+            Store::new(conn)
         };
-        Ok(Locked {
-            state,
-            path: self.file(),
+        let mut locked = Locked {
+            state: State {
+                store: store.clone(),
+                ..State::default()
+            },
+            saved: State::default(),
+            store: store.clone(),
+            db: self.db(),
+            dir: StateDir::new(&self.dir),
+            fresh,
             _lock: lock,
-        })
+        };
+        self.migrate(&mut locked)?;
+        locked.state = store.with(read_state)?;
+        locked.state.store = store;
+        locked.saved = locked.state.clone();
+        Ok(locked)
+    }
+
+    /// Takes over an earlier md's state.json (once: it is removed after the move commits).
+    fn migrate(&self, locked: &mut Locked) -> Result<()> {
+        let file = self.legacy_file();
+        let bytes = match fs::read(&file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+        };
+        let legacy: LegacyState = if bytes.is_empty() {
+            LegacyState::default()
+        } else {
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", file.display()))?
+        };
+        let store = locked.state.store.clone();
+        let mut state = legacy.state;
+        state.containers = legacy.containers;
+        state.policy.default = legacy.policy.default;
+        state.store = store.clone();
+        locked.state = state;
+        locked.saved = State::default();
+        for (name, id) in &legacy.identities {
+            store.with(|c| {
+                c.execute(
+                    "INSERT OR REPLACE INTO identities (name, id) VALUES (?1, ?2)",
+                    params![name, id],
+                )
+                .map_err(sql_context("migrating identities"))
+            })?;
+        }
+        for r in &legacy.policy.rules {
+            locked.state.put_rule(r)?;
+        }
+        locked.save()?;
+        fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+        Ok(())
+    }
+
+    fn open_ro(&self) -> Result<Option<Connection>> {
+        if !self.db().exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(
+            self.db(),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_context("opening"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql_context("configuring"))?;
+        Ok(Some(conn))
     }
 
     /// Reads the state without the lock (for read-only views while a setup is running).
     pub fn peek(&self) -> Result<State> {
-        match fs::read(self.file()) {
-            Ok(bytes) if !bytes.is_empty() => Ok(serde_json::from_slice(&bytes)?),
-            _ => Ok(State::default()),
+        match self.open_ro()? {
+            Some(conn) => {
+                let mut state = read_state(&conn)?;
+                state.store = Store::new(conn);
+                Ok(state)
+            }
+            None => Ok(State::default()),
+        }
+    }
+
+    /// A reader that can tell cheaply whether the state changed since it last looked.
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            dir: StateDir::new(&self.dir),
+            conn: None,
+            version: None,
         }
     }
 }
 
-/// The state with the lock held; released on drop.
+fn read_state(conn: &Connection) -> Result<State> {
+    let doc: Option<String> = conn
+        .query_row("SELECT json FROM doc WHERE key = 'state'", [], |r| r.get(0))
+        .optional()
+        .map_err(sql_context("reading"))?;
+    let mut state: State = match doc {
+        Some(j) => serde_json::from_str(&j).context("parsing md's state")?,
+        None => State::default(),
+    };
+    let mut stmt = conn
+        .prepare_cached("SELECT name, json FROM containers")
+        .map_err(sql_context("reading containers"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(sql_context("reading containers"))?;
+    for row in rows {
+        let (name, json) = row.map_err(sql_context("reading containers"))?;
+        let c: Container = serde_json::from_str(&json)
+            .with_context(|| format!("parsing container {name} in md's state"))?;
+        state.containers.insert(name, c);
+    }
+    Ok(state)
+}
+
+fn read_policy(conn: &Connection) -> Result<PolicySnapshot> {
+    let mut out = PolicySnapshot::default();
+    let mut stmt = conn
+        .prepare_cached("SELECT name, id FROM identities")
+        .map_err(sql_context("reading identities"))?;
+    for row in stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))
+        .map_err(sql_context("reading identities"))?
+    {
+        let (n, id) = row.map_err(sql_context("reading identities"))?;
+        out.identities.insert(n, id);
+    }
+    Ok(out)
+}
+
+fn rules_where<P: rusqlite::Params>(conn: &Connection, cond: &str, p: P) -> Result<Vec<Rule>> {
+    let sql = format!("SELECT src, dst, verdict FROM rules {cond} ORDER BY seq");
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .map_err(sql_context("reading rules"))?;
+    let rows = stmt
+        .query_map(p, |r| {
+            Ok(Rule {
+                from: r.get(0)?,
+                to: r.get(1)?,
+                verdict: verdict_of(&r.get::<_, String>(2)?),
+            })
+        })
+        .map_err(sql_context("reading rules"))?;
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql_context("reading rules"))
+}
+
+/// See [`StateDir::reader`].
+pub struct StateReader {
+    dir: StateDir,
+    conn: Option<Connection>,
+    version: Option<i64>,
+}
+
+impl StateReader {
+    /// The state when it changed since the last call (or on the first), else None.
+    pub fn changed(&mut self) -> Option<State> {
+        if self.conn.is_none() || !self.dir.db().exists() {
+            self.conn = self.dir.open_ro().ok().flatten();
+            self.version = None;
+        }
+        let conn = self.conn.as_ref()?;
+        // data_version changes when another connection commits to the database.
+        let v: i64 = conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .ok()?;
+        if self.version == Some(v) {
+            return None;
+        }
+        self.version = Some(v);
+        read_state(conn).ok()
+    }
+}
+
+/// The state with the lock held; released on drop. Changes are written by [`Locked::save`];
+/// whatever was not saved when it drops (a failed command) is rolled back.
 pub struct Locked {
     pub state: State,
-    path: PathBuf,
+    /// The state as stored, to write only what changed.
+    saved: State,
+    /// The connection (and its transaction), also when `state` was taken out.
+    store: Store,
+    db: PathBuf,
+    dir: StateDir,
+    /// The database file does not exist yet: `store` is in memory until the first save.
+    fresh: bool,
     _lock: File,
 }
 
 impl Locked {
-    /// Deletes the state file (`down`): the next command starts from nothing.
+    /// Deletes the state (`down`): the next command starts from nothing.
     pub fn remove(&mut self) -> Result<()> {
-        self.state = State::default();
-        match fs::remove_file(&self.path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", self.path.display()))
-            }
-            _ => Ok(()),
+        let store = self.store.clone();
+        if self.fresh {
+            self.state = State {
+                store,
+                ..State::default()
+            };
+            self.saved = self.state.clone();
+            return Ok(());
         }
+        self.state = State {
+            store: store.clone(),
+            ..State::default()
+        };
+        self.saved = self.state.clone();
+        store.with(|c| {
+            let _ = c.execute_batch("ROLLBACK");
+            for t in ["doc", "containers", "identities", "rules"] {
+                c.execute(&format!("DELETE FROM {t}"), [])
+                    .map_err(sql_context("clearing"))?;
+            }
+            let _ = c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+            Ok(())
+        })?;
+        for ext in ["", "-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{ext}", self.db.display()));
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", p.display()))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
-    /// Writes the state atomically (temp file + rename) so a crash never leaves half a file.
-    pub fn save(&self) -> Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = private_file(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&self.state)?)?;
-        f.sync_data().ok();
-        fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
+    /// Commits what changed: the document (networks, counters…) when it did, each container
+    /// added, changed or removed, and every identity and rule written since the last save.
+    pub fn save(&mut self) -> Result<()> {
+        if self.fresh {
+            // The first save: the in-memory database (identities and rules so far) becomes
+            // the file, and the rest is written to it below.
+            let db = self.db.to_string_lossy().into_owned();
+            self.store.with(|c| {
+                c.execute("VACUUM INTO ?1", params![db])
+                    .map_err(sql_context("creating"))
+            })?;
+            fs::set_permissions(&self.db, Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", self.db.display()))?;
+            let conn = self.dir.open_rw()?;
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(sql_context("beginning"))?;
+            *self.store.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+            self.fresh = false;
+        }
+        let (state, saved) = (&self.state, &self.saved);
+        state.store.with(|conn| {
+            let json = serde_json::to_string(state)?;
+            if json != serde_json::to_string(saved)? {
+                conn.execute(
+                    "INSERT OR REPLACE INTO doc (key, json) VALUES ('state', ?1)",
+                    params![json],
+                )
+                .map_err(sql_context("writing"))?;
+            }
+            for (name, c) in &state.containers {
+                if saved.containers.get(name) != Some(c) {
+                    conn.execute(
+                        "INSERT OR REPLACE INTO containers (name, json) VALUES (?1, ?2)",
+                        params![name, serde_json::to_string(c)?],
+                    )
+                    .map_err(sql_context("writing a container"))?;
+                }
+            }
+            for name in saved.containers.keys() {
+                if !state.containers.contains_key(name) {
+                    conn.execute("DELETE FROM containers WHERE name = ?1", params![name])
+                        .map_err(sql_context("removing a container"))?;
+                }
+            }
+            conn.execute_batch("COMMIT; BEGIN IMMEDIATE")
+                .map_err(sql_context("committing"))
+        })?;
+        self.saved = self.state.clone();
         Ok(())
+    }
+}
+
+impl Drop for Locked {
+    /// What was not saved is rolled back; a state taken out of the lock (`reconciled`) keeps
+    /// reading through the same connection, outside any transaction.
+    fn drop(&mut self) {
+        let _ = self.store.with(|c| Ok(c.execute_batch("ROLLBACK")));
     }
 }
 
@@ -320,6 +755,7 @@ fn private_file(path: &Path) -> Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Verdict;
 
     fn tempdir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -346,14 +782,14 @@ mod tests {
         {
             let mut l = sd.lock().unwrap();
             assert!(l.state.containers.is_empty());
-            let id = l.state.identity_for("web");
+            let id = l.state.identity_for("web").unwrap();
             assert_eq!(id, 1);
-            assert_eq!(l.state.identity_for("web"), 1);
-            assert_eq!(l.state.identity_for("db"), 2);
+            assert_eq!(l.state.identity_for("web").unwrap(), 1);
+            assert_eq!(l.state.identity_for("db").unwrap(), 2);
             l.save().unwrap();
         }
         let l = sd.lock().unwrap();
-        assert_eq!(l.state.identities.len(), 2);
+        assert_eq!(l.state.identities().unwrap().len(), 2);
         assert_eq!(l.state.next_identity, 3);
         drop(l);
         fs::remove_dir_all(&dir).unwrap();
@@ -370,12 +806,13 @@ mod tests {
         fs::create_dir_all(dir.join("logs")).unwrap();
         fs::write(sd.log_file("old"), "x").unwrap();
         fs::set_permissions(sd.log_file("old"), Permissions::from_mode(0o644)).unwrap();
-        let l = sd.lock().unwrap();
+        let mut l = sd.lock().unwrap();
         l.save().unwrap();
         sd.create_log("new").unwrap();
         sd.create_log("old").unwrap();
         assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join("state.json")), 0o600);
+        assert_eq!(mode(&dir.join("state.db")), 0o600);
+        assert_eq!(mode(&dir.join("state.db-wal")), 0o600);
         assert_eq!(mode(&dir.join("lock")), 0o600);
         assert_eq!(mode(&dir.join("logs")), 0o700);
         assert_eq!(mode(&sd.log_file("new")), 0o600);
@@ -383,6 +820,71 @@ mod tests {
         assert_eq!(fs::read(sd.log_file("old")).unwrap(), b"", "truncated");
         drop(l);
         fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn an_earlier_state_json_is_taken_over_once() {
+        let dir = tempdir();
+        let legacy = serde_json::json!({
+            "networks": {"bridge": {"id": 1, "bridge": "md0",
+                "subnet": {"network": "172.18.0.0", "prefix_len": 16}}},
+            "containers": {},
+            "identities": {"web": 1, "db": 2},
+            "next_identity": 3,
+            "next_network_id": 2,
+            "policy": {"default": "deny", "rules": [
+                {"from": "web", "to": "db", "verdict": "deny"}]},
+        });
+        fs::write(dir.join("state.json"), legacy.to_string()).unwrap();
+        let sd = StateDir::new(&dir);
+        {
+            let l = sd.lock().unwrap();
+            assert_eq!(l.state.networks["bridge"].bridge, "md0");
+            assert_eq!(l.state.policy.default, Verdict::Deny);
+            assert_eq!(l.state.next_identity, 3);
+            assert_eq!(l.state.identity("db").unwrap(), Some(2));
+            assert_eq!(l.state.rule("web", "db").unwrap(), Some(Verdict::Deny));
+        }
+        assert!(!dir.join("state.json").exists(), "taken over");
+        let l = sd.lock().unwrap();
+        assert_eq!(l.state.rules().unwrap().len(), 1, "kept across locks");
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn save_writes_only_what_changed_and_unsaved_changes_roll_back() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        // Looking creates nothing.
+        drop(sd.lock().unwrap());
+        assert!(!dir.join("state.db").exists());
+        let mut l = sd.lock().unwrap();
+        l.state.identity_for("early").unwrap();
+        l.state.next_network_id = 7;
+        l.save().unwrap();
+        assert_eq!(
+            l.state.identity("early").unwrap(),
+            Some(1),
+            "kept by the first save"
+        );
+        l.state.next_network_id = 9;
+        l.state.identity_for("ghost").unwrap();
+        drop(l); // not saved
+        let l = sd.lock().unwrap();
+        assert_eq!(l.state.next_network_id, 7);
+        assert_eq!(l.state.identity("ghost").unwrap(), None);
+        // A reader without the lock sees the saved state; it notices changes cheaply.
+        let mut r = sd.reader();
+        assert_eq!(r.changed().map(|s| s.next_network_id), Some(7));
+        assert!(r.changed().is_none(), "nothing changed since");
+        drop(l);
+        let mut l = sd.lock().unwrap();
+        l.state.next_network_id = 8;
+        l.save().unwrap();
+        assert_eq!(r.changed().map(|s| s.next_network_id), Some(8));
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -294,7 +294,8 @@ fn state_and_logs_are_root_only() {
     let dir = lab.state_dir();
     for (p, want) in [
         (dir.to_path_buf(), 0o700),
-        (dir.join("state.json"), 0o600),
+        (dir.join("state.db"), 0o600),
+        (dir.join("state.db-wal"), 0o600),
         (dir.join("logs"), 0o700),
         (dir.join("logs").join("c.log"), 0o600),
     ] {

@@ -52,10 +52,8 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
         }
     }
     let policies: Vec<Value> = state
-        .policy
-        .rules
+        .rules_of(&c.name)?
         .iter()
-        .filter(|r| r.from == c.name || r.to == c.name)
         .map(|r| json!({"from": r.from, "to": r.to, "verdict": r.verdict.to_string()}))
         .collect();
     let out = json!({

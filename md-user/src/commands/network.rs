@@ -177,7 +177,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 ifindex: 0,
                 name: n,
             };
-            let identity = state.identity_for(&container);
+            let identity = state.identity_for(&container)?;
             let netns = Netns::of_pid(c.pid)?;
             // Without an interface yet the container has no default route: this one gets it.
             let primary = c.interfaces.is_empty();

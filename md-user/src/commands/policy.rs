@@ -69,7 +69,6 @@ pub async fn policy(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    state.prune_identities();
     locked.save()?;
     Ok(ExitCode::SUCCESS)
 }
@@ -154,16 +153,16 @@ fn pair(from: &str, to: &str, both: bool, verdict: Verdict) -> Vec<Rule> {
 }
 
 fn list(ctx: &Ctx, state: &State, as_json: bool) -> Result<()> {
+    let identities = state.identities()?;
     let rules: Vec<_> = state
-        .policy
-        .rules
+        .rules()?
         .iter()
         .map(|r| {
             json!({
                 "from": r.from,
                 "to": r.to,
                 "verdict": r.verdict.to_string(),
-                "drops": policy::drops(&ctx.dp, state, r),
+                "drops": policy::drops(&ctx.dp, &identities, r),
             })
         })
         .collect();

@@ -323,7 +323,13 @@ pub async fn remove(ctx: &Ctx, nl: &Netlink, state: &mut State, c: &Container) {
         eprintln!("md-user: tearing down {}: {}", c.name, one_line(&e));
     }
     dns::remove_files(&ctx.state_dir, &c.name);
-    state.prune_identities();
+    if let Err(e) = state.prune_identity(&c.name) {
+        eprintln!(
+            "md-user: forgetting {}'s identity: {}",
+            c.name,
+            one_line(&e)
+        );
+    }
     network::containers_changed(&ctx.state_dir, state);
 }
 
@@ -406,7 +412,7 @@ async fn start(
     for i in &mut interfaces {
         i.veth = format!("md{}", &id[..8]);
     }
-    let identity = state.identity_for(name);
+    let identity = state.identity_for(name)?;
     let (supervisor_pid, supervisor_start) = proc::self_identity();
     let container = Container {
         name: name.to_string(),

@@ -133,7 +133,7 @@ impl Topo {
             .map(|(k, v)| (ip4(k), v))
             .collect();
         let identities = state
-            .identities
+            .identities()?
             .iter()
             .map(|(n, id)| (*id, n.clone()))
             .collect();
