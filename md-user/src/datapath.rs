@@ -31,9 +31,9 @@ use aya::{
     Btf, EbpfLoader, Pod,
 };
 use md_common::{
-    maps as m, Config, CtEntry, CtEntryOf, CtKey, CtKeyOf, Endpoint, IfStats, Ip4, Ip6, Network,
-    PolicyKey, PolicyRule, PortKey, PortKey6, PortTarget, PortTarget6, HOST_ADDR_GATEWAY,
-    HOST_ADDR_LOCAL,
+    maps as m, Config, CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf, Endpoint, IfStats,
+    Ip4, Ip6, Network, PolicyKey, PolicyRule, PortKey, PortKey6, PortTarget, PortTarget6,
+    HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -526,7 +526,7 @@ impl Datapath {
     }
 
     /// The IPv6 tracker maps, in the same order.
-    pub fn trackers6(&self) -> Result<Vec<HashMap<MapData, CtKeyOf<Ip6>, CtEntryOf<Ip6>>>> {
+    pub fn trackers6(&self) -> Result<Vec<HashMap<MapData, CtKey6, CtEntry6>>> {
         m::TRACKERS6.iter().map(|n| self.hash(n)).collect()
     }
 
