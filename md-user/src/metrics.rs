@@ -195,6 +195,7 @@ pub fn proto_name(p: u8) -> String {
         IPPROTO_TCP => "tcp".into(),
         IPPROTO_UDP => "udp".into(),
         IPPROTO_ICMP => "icmp".into(),
+        md_common::IPPROTO_ICMPV6 => "icmpv6".into(),
         n => n.to_string(),
     }
 }

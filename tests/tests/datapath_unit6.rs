@@ -636,6 +636,70 @@ fn icmp6_error_for_snat_flow_translated_back() {
 }
 
 #[test]
+fn icmp6_error_from_container_about_dnat_flow_leaves_translated() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 16], 5353, IPPROTO_UDP, C3, 53);
+    let q = Ipv6Pkt::udp(v6(OUT6), 50000, v6(HOST6), 5353);
+    let (rc, _) = dp.run(UPLINK_INGRESS, &q.build());
+    assert_verdict(rc, PASS, "query to [::]:5353");
+    // C3 has nothing on 53: its port unreachable quotes what it received.
+    let got = with(&q, OUT6, 50000, C3, 53).ip_bytes();
+    let err = Ipv6Pkt::icmp_error(v6(C3), v6(OUT6), ICMP6_DEST_UNREACH, 4, &got);
+    let (rc, out) = dp.run(UPLINK_EGRESS, &err.build());
+    assert_verdict(rc, PASS, "port unreachable out");
+    let v = View6::new(&out);
+    assert_eq!(
+        v.saddr(),
+        v6(HOST6),
+        "from the host's address, not the container's"
+    );
+    assert_eq!(v.daddr(), v6(OUT6));
+    v.assert_checksum("ICMPv6 error out");
+    let quote = &v.l4()[8..];
+    assert_eq!(
+        &quote[24..40],
+        &v6(HOST6),
+        "quoted destination: the published address"
+    );
+    assert_eq!(u16::from_be_bytes([quote[42], quote[43]]), 5353, "and port");
+}
+
+#[test]
+fn veth6_isolation_and_policy() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // C2 (net 1) to R2 (net 3): another network.
+    let p = Ipv6Pkt::tcp(v6(C2), 40000, v6(R2), 80, TCP_SYN).macs(mac(C2), GW_MAC);
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, SHOT, "across networks");
+    assert_eq!(dp.stat(LO, |s| s.drop_isolation), 1);
+    // C2 to C3 on its network: allowed, then denied by a rule between their identities.
+    let p = Ipv6Pkt::tcp(v6(C2), 40001, v6(C3), 80, TCP_SYN).macs(mac(C2), mac(C3));
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, PASS, "same network");
+    let key = md_common::PolicyKey {
+        src_identity: identity(C2),
+        dst_identity: identity(C3),
+    };
+    let rule = md_common::PolicyRule {
+        verdict: md_common::POLICY_DENY,
+        ..Default::default()
+    };
+    dp.hash::<md_common::PolicyKey, md_common::PolicyRule>(m::POLICY)
+        .insert(key, rule, 0)
+        .unwrap();
+    let p = Ipv6Pkt::tcp(v6(C2), 40002, v6(C3), 80, TCP_SYN).macs(mac(C2), mac(C3));
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, SHOT, "denied by policy");
+    assert_eq!(dp.stat(LO, |s| s.drop_policy), 1);
+}
+
+#[test]
 fn ndp6_passes_and_spoofing_is_dropped() {
     if !require_e2e() {
         return;

@@ -122,6 +122,9 @@ fn ipv6_container_is_dual_stack_and_masqueraded() {
     let echo = lab.spawn_outside(&["python3", "-u", &fx("udp_echo6.py"), &OUT_UDP.to_string()]);
     lab.wait_listening_outside("udp", OUT_UDP);
     sleeper(&lab, "a");
+    // monitor drains what is queued when it starts; what follows it reports.
+    let mon = lab.spawn_md(&["monitor", "--json"]);
+    std::thread::sleep(Duration::from_secs(1));
     let a6 = ip6_of(&lab, "a");
     assert!(
         a6.starts_with("fd00:6::"),
@@ -179,6 +182,17 @@ fn ipv6_container_is_dual_stack_and_masqueraded() {
         tracker6_has(&lab, &a6),
         "the flows are in md's IPv6 tracker"
     );
+    // monitor reports the IPv6 translations, with both tuples and the container's name.
+    let ev = wait_for("an IPv6 SNAT event", Duration::from_secs(10), || {
+        mon.stdout().lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["reason"] == "snat" && v["proto"] == "tcp").then_some(v)
+        })
+    });
+    let starts = |k: &str, p: String| ev[k].as_str().is_some_and(|s| s.starts_with(&p));
+    assert!(starts("src", format!("[{a6}]:")), "{ev}");
+    assert!(starts("src_after", format!("[{HOST_UPLINK_IP6}]:")), "{ev}");
+    assert_eq!(ev["src_container"], "a");
     assert!(counter(stats_row(&lab.stats(), "a"), "snat") >= 3);
     // md wrote no netfilter rule for any of it.
     assert_no_netfilter(&lab, &X_TABLES_NAMES);
