@@ -77,7 +77,8 @@ pod! {
     pub struct PortTarget {
         pub ip: Ip4,
         pub port: u16,
-        pub _pad: u16,
+        /// PORT_* flags.
+        pub flags: u16,
         /// Identity of the publishing container.
         pub identity: u32,
         pub _pad2: u32,
@@ -359,6 +360,11 @@ pub fn tcp_state_name(state: u8) -> &'static str {
 
 /// HOST_ADDRS values: flags of one of the host's addresses.
 pub const HOST_ADDR_LOCAL: u32 = 1;
+
+/// PortTarget flag: the runtime that published the port holds the host port itself (Podman's
+/// conmon keeps a listener on it to reserve it), so the port is translated even though a host
+/// socket listens there, as the reference portmap plugin's DNAT does.
+pub const PORT_RUNTIME_RESERVED: u16 = 1;
 /// The gateway of an md network: its resolver listens there and is never translated.
 pub const HOST_ADDR_GATEWAY: u32 = 2;
 

@@ -70,6 +70,8 @@ pub trait Addr: Copy + PartialEq + Default + 'static {
     /// A published port's container address, port and identity.
     fn target(t: *mut Self::Target) -> (Self, u16, u32);
     fn count_hit(t: *mut Self::Target);
+    /// A published port's PORT_* flags.
+    fn target_flags(t: *mut Self::Target) -> u16;
     /// The network's gateway address in this family.
     fn gateway(n: &Network) -> Self;
     /// Whether `a` is the address of `me`, the container behind veth `ifindex`.
@@ -191,6 +193,10 @@ impl Addr for Ip4 {
     #[inline(always)]
     fn count_hit(t: *mut PortTarget) {
         unsafe { (*t).hits += 1 };
+    }
+    #[inline(always)]
+    fn target_flags(t: *mut PortTarget) -> u16 {
+        unsafe { (*t).flags }
     }
     #[inline(always)]
     fn gateway(n: &Network) -> Ip4 {
@@ -452,6 +458,10 @@ impl Addr for Ip6 {
     #[inline(always)]
     fn count_hit(t: *mut PortTarget6) {
         unsafe { (*t).hits += 1 };
+    }
+    #[inline(always)]
+    fn target_flags(t: *mut PortTarget6) -> u16 {
+        unsafe { (*t).flags }
     }
     #[inline(always)]
     fn gateway(n: &Network) -> Ip6 {

@@ -83,6 +83,13 @@ pub fn forwarded<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> bool {
         || ret == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
 }
 
+/// Whether the runtime that published a port holds the host port with a socket of its own
+/// (Podman's conmon): such a port does not give way to host sockets.
+#[inline(always)]
+pub fn runtime_reserved<A: Addr>(target: *mut A::Target) -> bool {
+    A::target_flags(target) & md_common::PORT_RUNTIME_RESERVED != 0
+}
+
 /// Whether a socket of the host (a listener, or a socket this packet answers) owns the tuple
 /// `saddr:sport → daddr:dport`. Such a packet is never translated: a published port must not
 /// take over a host service or the answers to the host's own connections.

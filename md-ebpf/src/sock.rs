@@ -46,7 +46,9 @@ pub fn translate_destination<A: Addr>(ctx: &SockAddrContext) -> i32 {
     let Some(target) = nat::port_lookup(&ip, port, proto, wildcard_ok) else {
         return ALLOW;
     };
-    if route::host_socket(ctx, proto, A::default(), 0, ip, port) {
+    if !route::runtime_reserved::<A>(target)
+        && route::host_socket(ctx, proto, A::default(), 0, ip, port)
+    {
         return ALLOW;
     }
     let (t_ip, t_port, _) = A::target(target);

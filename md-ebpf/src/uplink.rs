@@ -56,7 +56,9 @@ pub fn ingress<A: Addr>(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) 
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
             if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
                 if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto, true) {
-                    if !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
+                    if route::runtime_reserved::<A>(target)
+                        || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport)
+                    {
                         return nat::dnat_from_uplink(ctx, p, target);
                     }
                 }

@@ -157,18 +157,19 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
             }
             return nat::deliver(ctx, &e.nat_daddr);
         }
-        if nat::is_host_addr(&p.daddr)
-            && nat::opens_flow(p)
-            && !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport)
-        {
-            if let Some(target) = nat::port_lookup(&p.daddr, p.dport, p.proto, true) {
-                let (_, _, identity) = A::target(target);
-                if !policy::allowed(cfg, src.identity, identity) {
-                    return Verdict::Drop(DROP_POLICY);
+        if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
+            let target = nat::port_lookup(&p.daddr, p.dport, p.proto, true);
+            let reserved = target.is_some_and(|t| route::runtime_reserved::<A>(t));
+            if reserved || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
+                if let Some(target) = target {
+                    let (_, _, identity) = A::target(target);
+                    if !policy::allowed(cfg, src.identity, identity) {
+                        return Verdict::Drop(DROP_POLICY);
+                    }
+                    return nat::dnat_from_container(ctx, p, &src, target);
                 }
-                return nat::dnat_from_container(ctx, p, &src, target);
+                return Verdict::Pass;
             }
-            return Verdict::Pass;
         }
     }
     if let Some(dst) = nat::endpoint(&p.daddr) {

@@ -330,6 +330,22 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether `program` runs at `hook` of interface `ifname` (in this namespace). With TCX
+    /// the kernel lists what is attached; older kernels keep clsact filters md cannot name, so
+    /// there the interface's existence is all that is known.
+    pub fn tc_attached(&self, ifname: &str, hook: Hook, program: &str) -> Result<bool> {
+        if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            return Ok(true);
+        }
+        let want = SchedClassifier::from_pin(self.prog_pin(program))
+            .with_context(|| format!("opening pinned program {program}"))?
+            .info()?
+            .id();
+        let (_, progs) = SchedClassifier::query_tcx(ifname, hook.tc())
+            .with_context(|| format!("listing the programs at {ifname} {}", hook.name()))?;
+        Ok(progs.iter().any(|p| p.id() == want))
+    }
+
     /// Attaches the socket programs at the cgroup-v2 root so host processes reach published
     /// ports through 127.0.0.1 and the host's addresses. They act only on sockets of md's host
     /// namespace (netns cookie in CONFIG). Pinned under the pin dir: removing it detaches them.

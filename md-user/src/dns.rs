@@ -8,6 +8,7 @@
 //! both addresses: A and AAAA records, and both in /etc/hosts.
 
 use std::{
+    collections::HashSet,
     fs::{self, OpenOptions},
     io::Write,
     net::{IpAddr, SocketAddr, SocketAddrV4},
@@ -68,15 +69,53 @@ fn is_a_name(state: &State, name: &str) -> bool {
         .any(|c| c.name.eq_ignore_ascii_case(name))
 }
 
+/// Container names in lower case, so "is this a name" is one lookup, not a scan (a hosts file
+/// asks it for every line).
+struct NameSet(HashSet<String>);
+
+impl NameSet {
+    fn of(state: &State) -> NameSet {
+        NameSet(
+            state
+                .containers
+                .keys()
+                .map(|n| n.to_ascii_lowercase())
+                .collect(),
+        )
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.contains(&name.to_ascii_lowercase())
+    }
+}
+
 /// The hostname `c` is also known by, unless it is just its name or some container's name:
 /// names win, so `--hostname web` cannot take the name of a container `web`.
-fn alias(state: &State, c: &Container) -> Option<String> {
-    (!c.hostname.eq_ignore_ascii_case(&c.name) && !is_a_name(state, &c.hostname))
+fn alias_in(names: &NameSet, c: &Container) -> Option<String> {
+    (!c.hostname.eq_ignore_ascii_case(&c.name) && !names.has(&c.hostname))
         .then(|| c.hostname.clone())
 }
 
+/// A container's line in hosts files: "IP\tNAMES".
+fn hosts_line(names: &NameSet, ip: impl std::fmt::Display, c: &Container) -> String {
+    match alias_in(names, c) {
+        Some(h) => format!("{ip}\t{h} {}\n", c.name),
+        None => format!("{ip}\t{}\n", c.name),
+    }
+}
+
+/// The lines of an interface in hosts files: its IPv4 address, and its IPv6 one on a
+/// dual-stack network.
+fn hosts_lines(names: &NameSet, i: &Interface, c: &Container) -> String {
+    let mut s = hosts_line(names, i.ip, c);
+    if let Some(ip6) = i.ip6 {
+        s.push_str(&hosts_line(names, ip6, c));
+    }
+    s
+}
+
 /// The interface a container name (or hostname) resolves to for someone on `nets`.
-fn lookup_iface<'a>(
+fn lookup<'a>(
     state: &'a State,
     nets: &[String],
     network: Option<&str>,
@@ -91,7 +130,9 @@ fn lookup_iface<'a>(
             if by_name {
                 c.name.eq_ignore_ascii_case(name)
             } else {
+                // Hostnames and aliases, unless a container has that name (names win).
                 c.hostname.eq_ignore_ascii_case(name)
+                    || c.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
             }
         })
         .find_map(|c| shared_iface(c, nets, network))
@@ -102,26 +143,21 @@ fn networks_of(c: &Container) -> Vec<String> {
 }
 
 /// /etc/hosts of a container: localhost, itself, and its peers on the networks it is on.
+#[cfg(test)]
 pub fn render_hosts(state: &State, c: &Container) -> String {
+    render_hosts_with(state, &NameSet::of(state), c)
+}
+
+fn render_hosts_with(state: &State, names: &NameSet, c: &Container) -> String {
     let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    let own = |c: &Container| match alias(state, c) {
-        Some(h) => format!("{h} {}", c.name),
-        None => c.name.clone(),
-    };
-    match c.primary_ip() {
-        Some(ip) => s.push_str(&format!("{ip}\t{}\n", own(c))),
-        None => s.push_str(&format!("127.0.1.1\t{}\n", own(c))),
-    }
-    if let Some(ip6) = c.primary_ip6() {
-        s.push_str(&format!("{ip6}\t{}\n", own(c)));
+    match c.interfaces.first() {
+        Some(i) => s.push_str(&hosts_lines(names, i, c)),
+        None => s.push_str(&hosts_line(names, "127.0.1.1", c)),
     }
     let nets = networks_of(c);
     for peer in state.containers.values().filter(|p| p.name != c.name) {
         if let Some(i) = shared_iface(peer, &nets, None) {
-            s.push_str(&format!("{}\t{}\n", i.ip, own(peer)));
-            if let Some(ip6) = i.ip6 {
-                s.push_str(&format!("{ip6}\t{}\n", own(peer)));
-            }
+            s.push_str(&hosts_lines(names, i, peer));
         }
     }
     s
@@ -158,17 +194,68 @@ pub fn files(dir: &StateDir, name: &str) -> (PathBuf, PathBuf) {
     (d.join("hosts"), d.join("resolv.conf"))
 }
 
+/// Whether md writes `c`'s hosts and resolv.conf: not for host and container: modes, and not
+/// for a CNI container (the runtime writes its files).
+fn has_files(c: &Container) -> bool {
+    !(c.mode == "host" || c.mode.starts_with("container:") || c.cni.is_some())
+}
+
 /// Rewrites every container's files from the state (containers came or went).
 pub fn refresh(dir: &StateDir, state: &State) -> Result<()> {
-    for c in state.containers.values() {
-        if c.mode == "host" || c.mode.starts_with("container:") {
-            continue;
-        }
+    let names = NameSet::of(state);
+    for c in state.containers.values().filter(|c| has_files(c)) {
         let (hosts, resolv) = files(dir, &c.name);
         fs::create_dir_all(hosts.parent().expect("dir"))?;
-        write_in_place(&hosts, &render_hosts(state, c))?;
+        write_in_place(&hosts, &render_hosts_with(state, &names, c))?;
         if let Some(r) = render_resolv(state, c) {
             write_in_place(&resolv, &r)?;
+        }
+    }
+    Ok(())
+}
+
+/// Container `name` was just added: its own files, and one line appended to each peer's hosts
+/// file, instead of rewriting every file (with a thousand containers on a network that is a
+/// thousand small appends, not thirty megabytes). When the new name takes a peer's hostname
+/// (names win, so that alias goes), everything is rewritten.
+pub fn added(dir: &StateDir, state: &State, name: &str) -> Result<()> {
+    let Some(c) = state.containers.get(name) else {
+        return Ok(());
+    };
+    let names = NameSet::of(state);
+    let shadows = state
+        .containers
+        .values()
+        .any(|p| p.name != c.name && p.hostname.eq_ignore_ascii_case(&c.name));
+    if shadows {
+        return refresh(dir, state);
+    }
+    if has_files(c) {
+        let (hosts, resolv) = files(dir, &c.name);
+        fs::create_dir_all(hosts.parent().expect("dir"))?;
+        write_in_place(&hosts, &render_hosts_with(state, &names, c))?;
+        if let Some(r) = render_resolv(state, c) {
+            write_in_place(&resolv, &r)?;
+        }
+    }
+    for peer in state
+        .containers
+        .values()
+        .filter(|p| p.name != c.name && has_files(p))
+    {
+        let Some(i) = shared_iface(c, &networks_of(peer), None) else {
+            continue;
+        };
+        let (hosts, _) = files(dir, &peer.name);
+        let line = hosts_lines(&names, i, c);
+        let appended = OpenOptions::new()
+            .append(true)
+            .open(&hosts)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if appended.is_err() {
+            // No file yet (a peer being set up): write it whole.
+            fs::create_dir_all(hosts.parent().expect("dir"))?;
+            write_in_place(&hosts, &render_hosts_with(state, &names, peer))?;
         }
     }
     Ok(())
@@ -205,7 +292,7 @@ pub fn answer(
         .map(networks_of)
         .unwrap_or_else(|| vec![network.to_string()]);
     let name = q.name().to_ascii();
-    let iface = lookup_iface(state, &asker_nets, Some(network), &name)?;
+    let iface = lookup(state, &asker_nets, Some(network), &name)?;
     let mut m = Message::new();
     m.set_id(query.id())
         .set_message_type(MessageType::Response)
@@ -539,6 +626,8 @@ mod tests {
             status: Status::Running,
             detached: true,
             created_unix: 0,
+            aliases: vec![],
+            cni: None,
             privileged: false,
         }
     }

@@ -29,9 +29,11 @@ pub async fn setup(
     primary: bool,
 ) -> Result<u32> {
     let bridge = network::ensure_bridge(nl, dp, net).await?;
+    crate::timing::mark("bridge");
     let host = nl
         .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
         .await?;
+    crate::timing::mark("veth");
     match attach(dp, netns, net, iface, identity, primary, host.index) {
         Ok(()) => Ok(host.index),
         Err(e) => {
@@ -65,6 +67,7 @@ fn attach(
     // container sends (IPv6 sends MLD reports as its link comes up) must meet a complete
     // datapath, not be dropped as spoofed.
     dp.reset_if_stats(host_index)?;
+    crate::timing::mark("stats");
     let ep = Endpoint {
         ifindex: host_index,
         identity,
@@ -96,6 +99,7 @@ fn attach(
         md_common::maps::PROG_VETH_EGRESS,
         &iface.veth,
     )?;
+    crate::timing::mark("tc");
     crate::netlink::configure_container_side(
         netns,
         Some(crate::netlink::ContainerIface {
@@ -109,10 +113,12 @@ fn attach(
             v6: net.subnet6.map(|s| s.gateway()),
         }),
     )?;
+    crate::timing::mark("container side");
     Ok(())
 }
 
-/// Publishes a container's ports: refused if a host process holds one; kept out of the host's
+/// Publishes a container's ports: refused if a host process holds one (unless a runtime
+/// attached it through CNI); kept out of the host's
 /// ephemeral range (recorded and saved before the sysctl is written, so a crash leaves
 /// nothing md would not give back); then PORT_MAP.
 pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) -> Result<()> {
@@ -131,7 +137,10 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
         .first()
         .and_then(|i| locked.state.networks.get(&i.network))
         .is_some_and(|n| n.routed6);
-    hostports::check_free(&c.ports, &locked.state)?;
+    // A runtime may hold its ports itself (Podman's conmon does, to reserve them).
+    if c.cni.is_none() {
+        hostports::check_free(&c.ports, &locked.state)?;
+    }
     let add = hostports::unreserved(&c.ports)?;
     if !add.is_empty() {
         locked.state.reserved_ports.extend(&add);
@@ -146,6 +155,12 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
                 ip: ip.octets(),
                 port: p.container_port,
                 identity,
+                // A runtime's port (Podman's conmon holds it open to reserve it).
+                flags: if c.cni.is_some() {
+                    md_common::PORT_RUNTIME_RESERVED
+                } else {
+                    0
+                },
                 ..Default::default()
             },
             0,
@@ -224,11 +239,26 @@ pub fn port_key6(p: &PortMapping, container_ip6: std::net::Ipv6Addr, routed: boo
 pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
     if dp.is_loaded() {
+        // The interface's index, or, when setup was killed before recording it, the indexes
+        // the datapath lists for its address and MAC (still ours: the address is recorded).
+        let ifindexes: Vec<u32> = if iface.ifindex != 0 {
+            vec![iface.ifindex]
+        } else {
+            dp.veth_owners()
+                .map(|m| {
+                    m.iter()
+                        .flatten()
+                        .filter(|(_, e)| e.ip == iface.ip.octets() && e.mac == iface.mac)
+                        .map(|(k, _)| k)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         if let Ok(mut eps) = dp.endpoints() {
             // Only our entry: the address may already belong to someone else.
             if eps
                 .get(&iface.ip.octets(), 0)
-                .is_ok_and(|e| e.ifindex == iface.ifindex)
+                .is_ok_and(|e| ifindexes.contains(&e.ifindex))
             {
                 let _ = eps.remove(&iface.ip.octets());
             }
@@ -236,16 +266,18 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
         if let (Some(ip6), Ok(mut eps)) = (iface.ip6, dp.endpoints6()) {
             if eps
                 .get(&ip6.octets(), 0)
-                .is_ok_and(|e| e.ifindex == iface.ifindex)
+                .is_ok_and(|e| ifindexes.contains(&e.ifindex))
             {
                 let _ = eps.remove(&ip6.octets());
             }
         }
-        if let Ok(mut owners) = dp.veth_owners() {
-            let _ = owners.remove(&iface.ifindex);
-        }
-        if let Ok(mut stats) = dp.if_stats() {
-            let _ = stats.remove(&iface.ifindex);
+        for ifindex in &ifindexes {
+            if let Ok(mut owners) = dp.veth_owners() {
+                let _ = owners.remove(ifindex);
+            }
+            if let Ok(mut stats) = dp.if_stats() {
+                let _ = stats.remove(ifindex);
+            }
         }
         if let Err(e) = dp.purge_conntrack(iface.ip) {
             errors.push(e);

@@ -100,10 +100,15 @@ pub async fn ensure_datapath(
     if fresh {
         crate::policy::sync(dp, state)?;
     }
-    sync_uplinks(nl, dp, &owned_links(state), &opts.state_dir).await?;
-    dp.attach_cgroup()?;
-    set_host_addrs(dp, &addrs)?;
-    set_host_addrs6(dp, &addrs6)?;
+    // Uplinks and host addresses follow the host through the watcher; without one (or on a
+    // fresh load) they are set here. With a thousand containers that saves a dump of a
+    // thousand links per container.
+    if fresh || !watcher_running(&opts.state_dir) {
+        sync_uplinks(nl, dp, &owned_links(state), &opts.state_dir).await?;
+        dp.attach_cgroup()?;
+        set_host_addrs(dp, &addrs)?;
+        set_host_addrs6(dp, &addrs6)?;
+    }
     state.datapath = Some(DatapathState {
         uplink: uplink.name.clone(),
         uplink_ifindex: uplink.index,
@@ -323,6 +328,11 @@ fn watcher_pid(state_dir: &Path) -> std::path::PathBuf {
     state_dir.join("watch.pid")
 }
 
+/// Whether a watcher holds `watch.lock` (it does while it lives).
+fn watcher_running(state_dir: &Path) -> bool {
+    matches!(lock_file(&watcher_lock(state_dir), false), Ok(None))
+}
+
 /// Starts the watcher unless one runs (it holds `watch.lock` while it lives, whoever started
 /// it: this command, or systemd's md-watch.service).
 pub fn ensure_watcher(opts: &GlobalOpts) -> Result<()> {
@@ -465,21 +475,11 @@ async fn follow_host(nl: &Netlink, dp: &Datapath, sd: &StateDir, state_dir: &Pat
     Ok(())
 }
 
-/// Removes every network (bridge, resolver) and the whole datapath. Best effort; idempotent.
-pub async fn teardown(
-    nl: &Netlink,
-    dp: &Datapath,
-    state: &mut State,
-    state_dir: &Path,
-) -> Vec<anyhow::Error> {
+/// Removes the whole datapath: the watcher, the uplinks' attachments and the pins (the
+/// networks go first: `network::remove_all`). Best effort; idempotent.
+pub fn teardown(dp: &Datapath, state: &mut State, state_dir: &Path) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
     stop_watcher(state_dir);
-    for net in state.networks.values_mut() {
-        crate::network::stop_resolver(net);
-        if let Err(e) = crate::network::remove_bridge(nl, dp, net).await {
-            errors.push(e);
-        }
-    }
     for pin in dp.tc_pins() {
         if pin.starts_with(UPLINK_PIN) {
             if let Err(e) = dp.detach_tc(&pin) {
@@ -490,7 +490,6 @@ pub async fn teardown(
     if let Err(e) = dp.unload() {
         errors.push(e);
     }
-    state.networks.clear();
     state.datapath = None;
     errors
 }

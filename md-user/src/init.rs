@@ -119,10 +119,19 @@ pub fn spawn(
     Ok((child, pid))
 }
 
-/// The host pid of `parent`'s child that is `ns_pid` in its own PID namespace.
+/// The host pid of `parent`'s child that is `ns_pid` in its own PID namespace. Only the
+/// parent's children are looked at (/proc/PID/task/PID/children): scanning all of /proc costs
+/// a file read per process on the host, a hundred milliseconds next to a thousand containers.
 fn host_pid(parent: u32, ns_pid: u32) -> Option<u32> {
-    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+    // Every thread's children: a child belongs to the thread that forked it.
+    let children: String = fs::read_dir(format!("/proc/{parent}/task"))
+        .ok()?
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .collect::<Vec<_>>()
+        .join(" ");
+    children.split_whitespace().find_map(|p| {
+        let pid: u32 = p.parse().ok()?;
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |name: &str| {
             status

@@ -3,8 +3,10 @@
 //! There is no daemon: every command takes the state lock, reconciles what it finds, does its
 //! work and exits. What the datapath needs outlives the command because it is pinned.
 
+mod attach;
 mod caps;
 mod cli;
+mod cni;
 mod commands;
 mod datapath;
 mod dns;
@@ -23,6 +25,7 @@ mod policy;
 mod portmap;
 mod proc;
 mod state;
+mod timing;
 mod trace;
 
 use std::process::ExitCode;
@@ -30,6 +33,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    timing::start();
+    if cni::called_as_plugin() {
+        return cni::main();
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

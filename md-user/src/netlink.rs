@@ -24,6 +24,8 @@ pub struct Link {
     pub mac: Vec<u8>,
     pub kind: Option<String>,
     pub controller: Option<u32>,
+    /// IFF_UP is set.
+    pub up: bool,
     pub layer: Layer,
 }
 
@@ -85,6 +87,10 @@ fn parse_link(msg: LinkMessage) -> Link {
         mac: Vec::new(),
         kind: None,
         controller: None,
+        up: msg
+            .header
+            .flags
+            .contains(rtnetlink::packet_route::link::LinkFlags::Up),
         layer: msg.header.link_layer_type.into(),
     };
     for attr in msg.attributes {
@@ -413,6 +419,24 @@ impl Netlink {
             .with_context(|| format!("adding IPv6 default route via {gateway}"))
     }
 
+    /// The gateway of the IPv4 default route in the main table, if it has one.
+    pub async fn default_gateway(&self) -> Result<Option<Ipv4Addr>> {
+        for r in self.ipv4_routes().await? {
+            if r.header.destination_prefix_length != 0 {
+                continue;
+            }
+            if let Some(gw) = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => {
+                    Some(*ip)
+                }
+                _ => None,
+            }) {
+                return Ok(Some(gw));
+            }
+        }
+        Ok(None)
+    }
+
     pub async fn add_default_route(&self, gateway: Ipv4Addr) -> Result<()> {
         self.handle
             .route()
@@ -511,6 +535,47 @@ pub fn configure_container_side(
                 }
             }
             Ok(())
+        })
+    })
+}
+
+/// What a container's interface looks like from inside its namespace (for CHECK).
+#[derive(Debug, Clone)]
+pub struct ContainerSide {
+    pub mac: Vec<u8>,
+    pub up: bool,
+    pub addresses: Vec<(Ipv4Addr, u8)>,
+    pub default_gateway: Option<Ipv4Addr>,
+}
+
+/// Reads interface `name` inside `netns`; None when it is not there.
+pub fn inspect_container_side(
+    netns: &crate::netns::Netns,
+    name: &str,
+) -> Result<Option<ContainerSide>> {
+    let name = name.to_string();
+    netns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let nl = Netlink::connect()?;
+            let Some(link) = nl.link_by_name(&name).await? else {
+                return Ok(None);
+            };
+            let addresses = nl
+                .ipv4_addresses()
+                .await?
+                .into_iter()
+                .filter(|(i, _, _)| *i == link.index)
+                .map(|(_, ip, len)| (ip, len))
+                .collect();
+            Ok(Some(ContainerSide {
+                mac: link.mac.clone(),
+                up: link.up,
+                addresses,
+                default_gateway: nl.default_gateway().await?,
+            }))
         })
     })
 }

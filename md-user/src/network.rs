@@ -227,6 +227,19 @@ pub async fn remove_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
     Ok(())
 }
 
+/// Removes every network (resolver, bridge, datapath entry). Best effort; idempotent.
+pub async fn remove_all(nl: &Netlink, dp: &Datapath, state: &mut State) -> Vec<anyhow::Error> {
+    let mut errors = Vec::new();
+    for net in state.networks.values_mut() {
+        stop_resolver(net);
+        if let Err(e) = remove_bridge(nl, dp, net).await {
+            errors.push(e);
+        }
+    }
+    state.networks.clear();
+    errors
+}
+
 /// Starts the network's resolver if it is not running (it listens on the gateway, port 53).
 pub fn ensure_resolver(opts: &GlobalOpts, state: &mut State, name: &str) -> Result<()> {
     let net = state

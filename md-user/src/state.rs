@@ -168,10 +168,28 @@ pub struct Container {
     pub status: Status,
     pub detached: bool,
     pub created_unix: u64,
+    /// Extra names the container answers to on its networks (CNI `aliases`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Set when a runtime attached the container through md's CNI plugin: no supervisor then,
+    /// the container lives as long as its network namespace (and so its veths).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniOwner>,
     /// `run --privileged`: CMD (and `exec`) keep every capability and the host's PID
     /// namespace.
     #[serde(default)]
     pub privileged: bool,
+}
+
+/// Who attached a CNI container, as the runtime names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniOwner {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_NETNS at ADD time.
+    pub netns: String,
+    /// The CNI network (configuration `name`) of each interface, by interface name.
+    pub networks: BTreeMap<String, String>,
 }
 
 fn default_mode() -> String {

@@ -437,6 +437,41 @@ impl Lab {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Makes one more network namespace of the lab, `mdt-<key>-<tag>` (what a container runtime
+    /// makes before it calls a CNI plugin); deleted with the lab. Returns its /run/netns path.
+    #[track_caller]
+    pub fn add_netns(&self, tag: &str) -> PathBuf {
+        let name = self.add_ns(tag);
+        self.netns_path(&name)
+    }
+
+    /// Deletes a namespace made with [`Lab::add_netns`] (a runtime removing a container).
+    #[track_caller]
+    pub fn del_netns(&self, path: &Path) {
+        let name = path.file_name().expect("netns name").to_string_lossy();
+        self.sh(&["ip", "netns", "del", &name]);
+        self.extra_ns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|n| *n != name);
+    }
+
+    /// Runs a command inside a namespace made with [`Lab::add_netns`] (`ip netns exec`).
+    #[track_caller]
+    pub fn in_netns(&self, path: &Path, args: &[&str]) -> Output {
+        let name = path.file_name().expect("netns name").to_string_lossy();
+        run_timeout(&mut self.netns_exec(&name, args), MD_TIMEOUT)
+    }
+
+    /// Starts a background process inside a namespace made with [`Lab::add_netns`].
+    pub fn spawn_in_netns(&self, path: &Path, args: &[&str]) -> Bg {
+        let name = path.file_name().expect("netns name").to_string_lossy();
+        Bg::spawn(
+            &mut self.netns_exec(&name, args),
+            &self.log_path(&format!("ns-{name}")),
+        )
+    }
     pub fn host_ns(&self) -> &str {
         &self.host_ns
     }
@@ -1061,12 +1096,19 @@ fn sweep_stale_labs() {
                 keys.push(key.to_string());
             }
         };
+        let mut extra_ns: Vec<(String, String)> = Vec::new();
         for n in dir_entries(Path::new(NETNS_RUN_DIR)) {
-            if let Some(k) = n
-                .strip_prefix("mdt-")
-                .and_then(|k| k.strip_suffix("-h").or_else(|| k.strip_suffix("-o")))
-            {
-                consider(k);
+            // mdt-<pid>-<n><hex>-<tag>: the lab's host (h), outside (o) and added namespaces.
+            let Some(rest) = n.strip_prefix("mdt-") else {
+                continue;
+            };
+            let parts: Vec<&str> = rest.splitn(3, '-').collect();
+            if let [pid, seq, tag] = parts.as_slice() {
+                let k = format!("{pid}-{seq}");
+                consider(&k);
+                if *tag != "h" && *tag != "o" {
+                    extra_ns.push((k, n.clone()));
+                }
             }
         }
         for n in dir_entries(Path::new(BPFFS_ROOT)) {
@@ -1082,10 +1124,20 @@ fn sweep_stale_labs() {
         for key in keys {
             eprintln!("removing stale lab {key}");
             let mut stale = Lab::with_key("stale", &key, md_user_bin());
+            *stale.extra_ns.lock().unwrap_or_else(|e| e.into_inner()) = extra_ns
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, n)| n.clone())
+                .collect();
             // Its pids are unknown and may have been reused: track nothing from `ps`, only
             // the processes still inside its own namespaces.
             stale.born = u64::MAX;
-            for ns in [&stale.host_ns, &stale.outside_ns] {
+            let extra = stale
+                .extra_ns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for ns in extra.iter().chain([&stale.host_ns, &stale.outside_ns]) {
                 if let Some(ino) = ns_inode(stale.netns_path(ns)) {
                     stale
                         .netns_inodes

@@ -11,10 +11,12 @@
 //! which skips them unless `MD_E2E=1`, and panics when `MD_E2E=1` but the run cannot work (not
 //! root, `MD_USER_BIN` missing), so `cargo xtask test` cannot pass by skipping silently.
 
+pub mod cni;
 pub mod helpers;
 mod lab;
 pub mod pkt;
 pub mod process;
+pub mod runtimes;
 
 use std::path::{Path, PathBuf};
 use std::thread;

@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick]`: md's datapath against plain routing, Docker-style iptables
-//! and Podman's netavark, on the same lab topology, in one run (issue 8).
+//! `cargo xtask bench [--quick]`: md's datapath against plain routing, Docker-style iptables,
+//! Podman's netavark and the reference CNI plugins (bridge + host-local + portmap), on the same
+//! lab topology, in one run (issues 8 and 15).
 //!
 //! Every measurement runs inside network namespaces the bench makes and removes itself (see
 //! `bench/lab.rs`); nothing touches the machine's interfaces, routes or firewall. Output: a
@@ -52,6 +53,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
+    ("iptables", "iptables"),
+    // The reference CNI stack (cni-reference): bridge, host-local, portmap.
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
 
 /// How long and how often: `--quick` is a smoke run of a couple of minutes.

@@ -39,6 +39,15 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // md's CNI plugin under real runtimes (tests/tests/cni_runtimes.rs).
+    ("podman", "podman"),
+    ("conmon", "conmon"),
+    ("runc", "runc"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("busybox", "busybox-static"),
+    // Reference plugins chained around md (tests/tests/cni.rs).
+    ("/usr/lib/cni/tuning", "containernetworking-plugins"),
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
@@ -246,7 +255,13 @@ mod tests {
                 "dnsutils",
                 "dnsmasq-base",
                 "tcpdump",
-                "prometheus"
+                "prometheus",
+                "podman",
+                "conmon",
+                "runc",
+                "containerd",
+                "busybox-static",
+                "containernetworking-plugins"
             ]
         );
         assert_eq!(missing_packages(|c| c != "ping"), ["iputils-ping"]);

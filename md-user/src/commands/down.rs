@@ -3,7 +3,7 @@ use std::{fs, process::ExitCode, time::Duration};
 use anyhow::Result;
 
 use super::Ctx;
-use crate::{endpoint, error::one_line, host, hostports, netlink::Netlink, proc};
+use crate::{endpoint, error::one_line, host, hostports, netlink::Netlink, network, proc};
 
 /// Removes every container, bridge, program, pinned object and state md created. Idempotent.
 pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
@@ -22,7 +22,12 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
     if let Err(e) = hostports::release(&mut locked.state) {
         errors.push(e);
     }
-    errors.extend(host::teardown(&nl, &ctx.dp, &mut locked.state, &ctx.state_dir.dir).await);
+    errors.extend(network::remove_all(&nl, &ctx.dp, &mut locked.state).await);
+    errors.extend(host::teardown(
+        &ctx.dp,
+        &mut locked.state,
+        &ctx.state_dir.dir,
+    ));
     // Nothing may outlive `down`, not even a pin dir someone else's state forgot.
     if let Err(e) = ctx.dp.unload() {
         errors.push(e);

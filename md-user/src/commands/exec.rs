@@ -20,6 +20,9 @@ pub fn exec(state: &State, name: &str, cmd: &[String]) -> Result<ExitCode> {
         .containers
         .get(name)
         .with_context(|| format!("no such container: {name}"))?;
+    if c.cni.is_some() {
+        bail!("container {name} was attached by its runtime (CNI); exec through the runtime");
+    }
     if c.status != Status::Running || !proc::alive(c.pid, c.pid_start) {
         bail!("container {name} is not running");
     }

@@ -73,6 +73,12 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
             "Networks": networks,
             "Ports": ports,
         },
+        "Aliases": c.aliases,
+        "Cni": c.cni.as_ref().map(|o| json!({
+            "ContainerID": o.container_id,
+            "Netns": o.netns,
+            "Networks": o.networks,
+        })),
         "Policies": policies,
         "PolicyDefault": state.policy.default.to_string(),
         "Datapath": state.datapath.as_ref().map(|d| d.mode.clone()),

@@ -1,5 +1,5 @@
-//! One module per command. Every command that touches state first reconciles: containers whose
-//! supervisor is gone (a foreground run killed with -9 included) lose their network.
+//! One module per command. Every command that touches state first reconciles (`attach::lock`):
+//! containers whose owner is gone (a foreground run killed with -9 included) lose their network.
 
 mod down;
 mod exec;
@@ -18,28 +18,16 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
+pub use crate::attach::{reconcile, Ctx};
 use crate::{
-    cli::{Cli, Command, GlobalOpts},
-    datapath::Datapath,
+    cli::{Cli, Command},
     error::require_privileges,
     netlink::Netlink,
-    proc,
-    state::{State, StateDir, Status},
+    state::State,
 };
 
-/// What every command works with.
-pub struct Ctx {
-    pub opts: GlobalOpts,
-    pub state_dir: StateDir,
-    pub dp: Datapath,
-}
-
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let ctx = Ctx {
-        state_dir: StateDir::new(&cli.global.state_dir),
-        dp: Datapath::new(&cli.global.pin_dir),
-        opts: cli.global,
-    };
+    let ctx = Ctx::new(cli.global);
     match cli.command {
         // `run` validates its arguments before checking privileges, so bad input gets the
         // precise message even without root.
@@ -150,28 +138,6 @@ fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<E
 /// The state after reconciling, for commands that only read it.
 pub async fn reconciled(ctx: &Ctx) -> Result<State> {
     let nl = Netlink::connect()?;
-    let mut locked = ctx.state_dir.lock()?;
-    if !reconcile(ctx, &nl, &mut locked.state).await.is_empty() {
-        locked.save()?;
-    }
+    let mut locked = crate::attach::lock(ctx, &nl).await?;
     Ok(std::mem::take(&mut locked.state))
-}
-
-/// Tears down containers whose supervisor is gone. Returns their names.
-pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String> {
-    let dead: Vec<String> = state
-        .containers
-        .values()
-        .filter(|c| !proc::alive(c.supervisor_pid, c.supervisor_start))
-        .map(|c| c.name.clone())
-        .collect();
-    for name in &dead {
-        let c = state.containers.remove(name).expect("listed above");
-        if c.status == Status::Running {
-            // CMD normally dies with its supervisor (parent-death signal); make sure.
-            proc::signal(c.pid, c.pid_start, libc::SIGKILL);
-        }
-        run::remove(ctx, nl, state, &c).await;
-    }
-    dead
 }

@@ -5,13 +5,14 @@ use serde_json::json;
 
 use super::{reconcile, run::validate_name, Ctx};
 use crate::{
+    attach::{self, IfaceSpec},
     cli::NetworkCmd,
-    endpoint, host,
-    ipam::{mac_for, Subnet, Subnet6},
+    host,
+    ipam::{Subnet, Subnet6},
     netlink::Netlink,
     netns::Netns,
     network, proc,
-    state::{Interface, Status, DEFAULT_NETWORK},
+    state::{Status, DEFAULT_NETWORK},
 };
 
 pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
@@ -132,11 +133,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             ip,
             ip6,
         } => {
-            let net = state
-                .networks
-                .get(&net_name)
-                .with_context(|| format!("no such network: {net_name}"))?
-                .clone();
+            if !state.networks.contains_key(&net_name) {
+                bail!("no such network: {net_name}");
+            }
             let c = state
                 .containers
                 .get(&container)
@@ -151,85 +150,25 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                     c.mode
                 );
             }
-            if c.on_network(&net_name) {
-                bail!("container {container} is already on network {net_name}");
-            }
-            let used = state.used_ips(&net_name);
-            let ip = match ip {
-                Some(ip) => {
-                    net.subnet.check_static(ip, &used)?;
-                    ip
-                }
-                None => net.subnet.allocate(&used)?,
-            };
-            let ip6 = network::allocate6(state, &net, &net_name, ip6)?;
-            host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
-            let n = (0..)
+            let name = (0..)
                 .map(|i| format!("eth{i}"))
                 .find(|n| !c.interfaces.iter().any(|i| &i.name == n))
                 .expect("a free name");
-            let mut iface = Interface {
-                network: net_name.clone(),
+            let netns = Netns::of_pid(c.pid)?;
+            let want = IfaceSpec {
+                network: net_name,
                 ip,
                 ip6,
-                mac: mac_for(ip),
-                veth: format!("md{:08x}", rand_u32()),
-                ifindex: 0,
-                name: n,
+                mac: None,
+                name,
             };
-            let identity = state.identity_for(&container)?;
-            let netns = Netns::of_pid(c.pid)?;
-            // Without an interface yet the container has no default route: this one gets it.
-            let primary = c.interfaces.is_empty();
-            match endpoint::setup(&nl, &ctx.dp, &netns, &net, &iface, identity, primary).await {
-                Ok(ifindex) => iface.ifindex = ifindex,
-                Err(e) => {
-                    for te in endpoint::teardown_iface(&nl, &ctx.dp, &iface).await {
-                        eprintln!("md-user: cleaning up: {}", crate::error::one_line(&te));
-                    }
-                    return Err(e);
-                }
-            }
-            state
-                .containers
-                .get_mut(&container)
-                .expect("checked")
-                .interfaces
-                .push(iface);
-            // Recorded first: whatever fails next, the interface is known and torn down later.
-            locked.save()?;
-            let state = &mut locked.state;
-            network::containers_changed(&ctx.state_dir, state);
-            network::ensure_resolver(&ctx.opts, state, &net_name)?;
+            attach::add_interface(ctx, &nl, &mut locked, &container, want, &netns).await?;
         }
         NetworkCmd::Disconnect {
             network: net_name,
             container,
-        } => {
-            let c = state
-                .containers
-                .get_mut(&container)
-                .with_context(|| format!("no such container: {container}"))?;
-            let Some(pos) = c.interfaces.iter().position(|i| i.network == net_name) else {
-                bail!("container {container} is not on network {net_name}");
-            };
-            if pos == 0 && !c.ports.is_empty() {
-                bail!("container {container} publishes its ports on network {net_name}; stop it instead");
-            }
-            let iface = c.interfaces.remove(pos);
-            for e in endpoint::teardown_iface(&nl, &ctx.dp, &iface).await {
-                eprintln!("md-user: disconnecting: {}", crate::error::one_line(&e));
-            }
-            network::containers_changed(&ctx.state_dir, state);
-        }
+        } => attach::remove_interface(ctx, &nl, state, &container, &net_name).await?,
     }
     locked.save()?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn rand_u32() -> u32 {
-    use std::io::Read;
-    let mut b = [0u8; 4];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    u32::from_ne_bytes(b)
 }

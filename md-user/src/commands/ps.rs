@@ -31,6 +31,9 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                 "detached": c.detached,
                 "command": c.cmd.join(" "),
                 "created": c.created_unix,
+                "aliases": c.aliases,
+                // Attached by a runtime through the CNI plugin: its container id and namespace.
+                "cni": c.cni.as_ref().map(|o| json!({"container_id": o.container_id, "netns": o.netns})),
             })
         })
         .collect();
@@ -60,7 +63,11 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
             } else {
                 ports.join(",")
             },
-            r["command"].as_str().unwrap_or(""),
+            match r["cni"]["container_id"].as_str() {
+                // A runtime's container: md knows no command, only who attached it.
+                Some(id) => format!("(cni {})", &id[..id.len().min(12)]),
+                None => r["command"].as_str().unwrap_or("").to_string(),
+            },
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -5,29 +5,27 @@
 use std::{
     ffi::CString,
     fs::File,
-    io::{Read, Write},
+    io::Write,
     os::fd::FromRawFd,
     path::{Path, PathBuf},
     process::ExitCode,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{exec::exit_code, reconcile, runtime, Ctx};
+use super::{exec::exit_code, runtime};
 use crate::{
+    attach::{self, random_u64, Ctx, IfaceSpec, Spec},
     cli::RunArgs,
-    dns, endpoint,
+    dns,
     error::{one_line, require_privileges},
-    host, hostports, init,
-    ipam::mac_for,
+    init,
     netlink::Netlink,
     netns::{Confinement, Netns, PreExec, Uts},
-    network,
     portmap::{self, PortMapping},
     proc,
-    state::{Container, Interface, Locked, State, Status},
+    state::{Container, Locked, Status},
 };
 
 /// Where a container's network comes from (`--network`).
@@ -166,20 +164,6 @@ fn generate_name() -> String {
     )
 }
 
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        return t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
-    }
-    u64::from_ne_bytes(b)
-}
-
 /// Finds CMD like execvp would, so "not found" is reported before anything is created.
 fn resolve_program(cmd: &str) -> Result<PathBuf> {
     let executable = |p: &Path| {
@@ -280,6 +264,7 @@ async fn supervise(
         }
     };
     if let Some(r) = ready {
+        crate::timing::mark("ready");
         r.send("ok");
     }
     let pid = child.id().unwrap_or(0) as i32;
@@ -310,197 +295,96 @@ async fn supervise(
             .containers
             .remove(&setup.name)
             .expect("checked");
-        remove(ctx, &nl, &mut locked.state, &c).await;
+        attach::detach(ctx, &nl, &mut locked.state, &c).await;
         locked.save()?;
     }
     Ok(exit_code(status))
 }
 
-/// Undoes a container (already taken out of the state): its network, its files, and what its
-/// going changes for the others (hosts files, an idle resolver).
-pub async fn remove(ctx: &Ctx, nl: &Netlink, state: &mut State, c: &Container) {
-    for e in endpoint::teardown(nl, &ctx.dp, c).await {
-        eprintln!("md-user: tearing down {}: {}", c.name, one_line(&e));
-    }
-    dns::remove_files(&ctx.state_dir, &c.name);
-    if let Err(e) = state.prune_identity(&c.name) {
-        eprintln!(
-            "md-user: forgetting {}'s identity: {}",
-            c.name,
-            one_line(&e)
-        );
-    }
-    network::containers_changed(&ctx.state_dir, state);
-}
-
-/// Creates the container's network and starts CMD, under the state lock. On any failure
-/// everything created so far is removed again.
+/// Creates the container's network (through the core, under the state lock) and starts CMD.
+/// On any failure everything created so far is removed again.
 async fn start(
     ctx: &Ctx,
     nl: &Netlink,
     args: &RunArgs,
     setup: &Setup,
 ) -> Result<(tokio::process::Child, Option<Netns>)> {
-    let name = setup.name.as_str();
-    let mut locked = ctx.state_dir.lock()?;
-    if !reconcile(ctx, nl, &mut locked.state).await.is_empty() {
-        locked.save()?;
-    }
-    let state = &mut locked.state;
-    if state.containers.contains_key(name) {
-        bail!("container name {name} is already in use");
-    }
-    network::ensure_default(state, &ctx.opts)?;
-    // A mapping for both families publishes only IPv4 on an IPv4-only network.
-    let ports = match &setup.mode {
-        Mode::Net(n) => match state.networks.get(n) {
-            Some(net) => {
-                portmap::check_families(&setup.ports, n, net.subnet6.is_some())?;
-                portmap::for_network(&setup.ports, net.subnet6.is_some())
-            }
-            None => bail!("no such network: {n}"),
-        },
-        _ => setup.ports.clone(),
-    };
-    for c in state.containers.values() {
-        for p in &ports {
-            if let Some(q) = c.ports.iter().find(|q| q.conflicts_with(p)) {
-                bail!(
-                    "port {p} is already published by container {} ({q})",
-                    c.name
-                );
-            }
-        }
-    }
-    hostports::check_free(&ports, state)?;
-    let mut interfaces = Vec::new();
-    match &setup.mode {
-        Mode::Net(net_name) => {
-            let net = state
-                .networks
-                .get(net_name)
-                .with_context(|| format!("no such network: {net_name}"))?
-                .clone();
-            let used = state.used_ips(net_name);
-            let ip = match args.ip {
-                Some(ip) => {
-                    net.subnet.check_static(ip, &used)?;
-                    ip
-                }
-                None => net.subnet.allocate(&used)?,
-            };
-            let ip6 = network::allocate6(state, &net, net_name, args.ip6)?;
-            host::ensure_datapath(nl, &ctx.dp, state, &ctx.opts).await?;
-            interfaces.push(Interface {
-                network: net_name.clone(),
-                ip,
-                ip6,
-                mac: mac_for(ip),
-                veth: String::new(),
-                ifindex: 0,
-                name: "eth0".to_string(),
-            });
-        }
+    let mut locked = attach::lock(ctx, nl).await?;
+    let state = &locked.state;
+    let netns = match &setup.mode {
+        Mode::Net(_) | Mode::None => Some(Netns::create()?),
         Mode::Container(other) => match state.containers.get(other) {
-            Some(o) if o.status == Status::Running && proc::alive(o.pid, o.pid_start) => {}
+            Some(o) if o.status == Status::Running && proc::alive(o.pid, o.pid_start) => {
+                Some(Netns::of_pid(o.pid)?)
+            }
             Some(_) => bail!("container {other} is not running"),
             None => bail!("no such container: {other}"),
         },
-        Mode::None | Mode::Host => {}
-    }
-    let id = format!("{:012x}", random_u64() & 0xffff_ffff_ffff);
-    for i in &mut interfaces {
-        i.veth = format!("md{}", &id[..8]);
-    }
-    let identity = state.identity_for(name)?;
-    let (supervisor_pid, supervisor_start) = proc::self_identity();
-    let container = Container {
-        name: name.to_string(),
-        id,
-        hostname: args.hostname.clone().unwrap_or_else(|| name.to_string()),
+        Mode::Host => None,
+    };
+    let spec = Spec {
+        name: setup.name.clone(),
+        hostname: args.hostname.clone().unwrap_or_else(|| setup.name.clone()),
         mode: args.network.clone(),
-        interfaces,
-        ports,
+        iface: match &setup.mode {
+            Mode::Net(net) => Some(IfaceSpec {
+                network: net.clone(),
+                ip: args.ip,
+                ip6: args.ip6,
+                mac: None,
+                name: "eth0".to_string(),
+            }),
+            _ => None,
+        },
+        ports: setup.ports.clone(),
         cmd: args.cmd.clone(),
-        pid: 0,
-        pid_start: 0,
-        supervisor_pid,
-        supervisor_start,
-        status: Status::Creating,
         detached: args.ready_fd.is_some(),
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs(),
+        aliases: Vec::new(),
+        cni: None,
         privileged: args.privileged,
     };
-    // Recorded before anything exists, so a crash mid-setup is reclaimed by the next command.
-    state.containers.insert(name.to_string(), container.clone());
-    locked.save()?;
-
-    match create(ctx, nl, &mut locked, setup, identity).await {
-        Ok(started) => Ok(started),
+    let container = attach::create(ctx, nl, &mut locked, spec, netns.as_ref()).await?;
+    match spawn(ctx, &mut locked, setup, &container, netns.as_ref()) {
+        // Kept for the container's life when it is its own, so its leftovers can be found.
+        Ok(child) => Ok((
+            child,
+            netns.filter(|_| matches!(setup.mode, Mode::Net(_) | Mode::None)),
+        )),
         Err(e) => {
-            let c = locked.state.containers.remove(name).unwrap_or(container);
-            remove(ctx, nl, &mut locked.state, &c).await;
-            locked.save()?;
+            attach::discard(ctx, nl, &mut locked, &setup.name).await?;
             Err(e)
         }
     }
 }
 
-async fn create(
+/// Starts CMD in the container's namespaces with its hosts and resolv.conf files, and records
+/// it as running.
+fn spawn(
     ctx: &Ctx,
-    nl: &Netlink,
     locked: &mut Locked,
     setup: &Setup,
-    identity: u32,
-) -> Result<(tokio::process::Child, Option<Netns>)> {
+    container: &Container,
+    netns: Option<&Netns>,
+) -> Result<tokio::process::Child> {
     let name = setup.name.as_str();
-    let container = locked.state.containers[name].clone();
     let cstr = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
     let (hosts, resolv) = dns::files(&ctx.state_dir, name);
     let mut binds = Vec::new();
-    let (netns, uts) = match &setup.mode {
-        Mode::Net(net_name) => {
-            let netns = Netns::create()?;
-            let net = locked.state.networks[net_name].clone();
-            let ifindex = endpoint::setup(
-                nl,
-                &ctx.dp,
-                &netns,
-                &net,
-                &container.interfaces[0],
-                identity,
-                true,
-            )
-            .await?;
-            if let Some(c) = locked.state.containers.get_mut(name) {
-                c.interfaces[0].ifindex = ifindex;
-            }
-            locked.save()?;
-            endpoint::publish(&ctx.dp, locked, name, identity)?;
-            network::ensure_resolver(&ctx.opts, &mut locked.state, net_name)?;
+    let uts = match &setup.mode {
+        Mode::Net(_) => {
             binds.push((cstr(&hosts), c"/etc/hosts".to_owned()));
             binds.push((cstr(&resolv), c"/etc/resolv.conf".to_owned()));
-            (
-                Some(netns),
-                Uts::New(CString::new(container.hostname.clone())?),
-            )
+            Uts::New(CString::new(container.hostname.clone())?)
         }
         Mode::None => {
-            let netns = Netns::create()?;
-            crate::netlink::configure_container_side(&netns, None, None)?;
+            let netns = netns.context("no network namespace")?;
+            crate::netlink::configure_container_side(netns, None, None)?;
             binds.push((cstr(&hosts), c"/etc/hosts".to_owned()));
-            (
-                Some(netns),
-                Uts::New(CString::new(container.hostname.clone())?),
-            )
+            Uts::New(CString::new(container.hostname.clone())?)
         }
-        Mode::Host => (None, Uts::Inherit),
+        Mode::Host => Uts::Inherit,
         Mode::Container(other) => {
             let o = &locked.state.containers[other];
-            let netns = Netns::of_pid(o.pid)?;
             let uts = File::open(format!("/proc/{}/ns/uts", o.pid))
                 .with_context(|| format!("opening {other}'s UTS namespace"))?;
             let (oh, or) = dns::files(&ctx.state_dir, other);
@@ -511,11 +395,9 @@ async fn create(
             // Leaked on purpose: the fd must outlive the fork below; the process is short of
             // nothing but one descriptor.
             let fd = std::os::fd::IntoRawFd::into_raw_fd(uts);
-            (Some(netns), Uts::Join(fd))
+            Uts::Join(fd)
         }
     };
-    // Its own and its peers' hosts files now list it.
-    dns::refresh(&ctx.state_dir, &locked.state)?;
 
     let log = if container.detached {
         Some(ctx.state_dir.create_log(name)?)
@@ -523,22 +405,21 @@ async fn create(
         None
     };
     let pre = PreExec {
-        netns: netns.as_ref().map(|n| n.raw_fd()),
+        netns: netns.map(|n| n.raw_fd()),
         uts,
         binds,
         parent: std::process::id() as i32,
         confine: (!container.privileged).then(Confinement::docker_default),
     };
     let (child, pid) = init::spawn(&setup.program, &container.cmd, log, pre)?;
+    crate::timing::mark("spawned");
     if let Some(c) = locked.state.containers.get_mut(name) {
         c.pid = pid;
         c.pid_start = proc::start_time(pid).unwrap_or(0);
         c.status = Status::Running;
     }
     locked.save()?;
-    // Kept for the container's life when it is its own, so its leftovers can be found.
-    let own = matches!(setup.mode, Mode::Net(_) | Mode::None);
-    Ok((child, netns.filter(|_| own)))
+    Ok(child)
 }
 
 #[cfg(test)]

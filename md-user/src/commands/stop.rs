@@ -18,8 +18,12 @@ pub async fn stop(ctx: &Ctx, names: &[String], grace_secs: u64) -> Result<ExitCo
             locked.save()?;
         }
         for n in names {
-            if !locked.state.containers.contains_key(n) {
-                bail!("no such container: {n}");
+            match locked.state.containers.get(n) {
+                None => bail!("no such container: {n}"),
+                Some(c) if c.cni.is_some() => {
+                    bail!("container {n} was attached by its runtime (CNI); stop it there")
+                }
+                Some(_) => {}
             }
         }
     }

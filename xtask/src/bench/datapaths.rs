@@ -9,6 +9,9 @@
 //! - podman-netavark: netavark 2.x itself, `setup`/`teardown` with NETAVARK_FW=nftables, run in
 //!   the lab's host namespace; or, when no netavark binary is at hand, the nftables ruleset it
 //!   writes (same tables, chains and rule order), on hand-made containers.
+//! - cni-reference: the reference CNI plugins from Debian's containernetworking-plugins, the
+//!   stack kubenet-style Kubernetes nodes run (bridge + host-local IPAM + portmap, iptables),
+//!   called through the CNI protocol as a runtime does, in the lab's host namespace.
 //! - md: `md-user run -d -p ...` in the host namespace.
 
 use std::fmt::Write as _;
@@ -41,10 +44,11 @@ pub enum Dp {
     Plain,
     Docker,
     Netavark,
+    CniRef,
     Md,
 }
 
-pub const ALL: [Dp; 4] = [Dp::Plain, Dp::Docker, Dp::Netavark, Dp::Md];
+pub const ALL: [Dp; 5] = [Dp::Plain, Dp::Docker, Dp::Netavark, Dp::CniRef, Dp::Md];
 
 impl Dp {
     pub fn name(self) -> &'static str {
@@ -52,6 +56,7 @@ impl Dp {
             Dp::Plain => "plain",
             Dp::Docker => "docker-iptables",
             Dp::Netavark => "podman-netavark",
+            Dp::CniRef => "cni-reference",
             Dp::Md => "md",
         }
     }
@@ -143,7 +148,9 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 pub fn supports(dp: Dp, extra: Extra) -> bool {
     match extra {
         Extra::None => true,
-        Extra::Ports(_) => dp != Dp::Plain,
+        // portmap took 106 s to install 1,000 ports here: 10,000 would take longer than the
+        // rest of the bench together.
+        Extra::Ports(n) => dp != Dp::Plain && !(dp == Dp::CniRef && n > 1_000),
         // Neither plain routing nor netavark has inter-container policy.
         Extra::Policies(_) => matches!(dp, Dp::Docker | Dp::Md),
     }
@@ -173,6 +180,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
     let mut install_how = match (dp, extra) {
         (Dp::Docker, _) => "one iptables-restore",
         (Dp::Netavark, _) => "netavark setup of the helper container",
+        (Dp::CniRef, _) => "CNI ADD (bridge, portmap) of the helper container",
         (Dp::Md, Extra::Ports(_)) => "md-user run -d -p RANGE of the helper container",
         _ => "",
     };
@@ -208,6 +216,11 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
         }
         Dp::Netavark => {
             let (c1, c2) = netavark_setup(&mut lab, &env.netavark, extra, &mut install_secs)?;
+            let (e, i) = published(HOST_IP);
+            (c1, c2, C1_IP.to_string(), e, i)
+        }
+        Dp::CniRef => {
+            let (c1, c2) = cni_reference_setup(&mut lab, extra, &mut install_secs)?;
             let (e, i) = published(HOST_IP);
             (c1, c2, C1_IP.to_string(), e, i)
         }
@@ -540,6 +553,135 @@ fn netavark_setup(
     }
     let c2 = nss.remove(0);
     let c1 = nss.pop().context("no c1")?;
+    Ok((c1, c2))
+}
+
+/// Where Debian's containernetworking-plugins installs the reference plugins.
+pub const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
+
+/// The reference conflist: a bridge with host-local IPAM (its allocations in the lab), masquerade
+/// and the gateway on the bridge, then portmap for published ports.
+fn cni_reference_conflist(lab: &Lab) -> serde_json::Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "bench",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": true,
+                "ipMasq": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": lab.dir.join("cni-ipam"),
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    })
+}
+
+/// One plugin call the way libcni makes it: the plugin's entry with the list's name and
+/// version, the previous plugin's result and the runtime's capability arguments on stdin.
+/// One container as the runtime names it to the plugins: CNI_CONTAINERID, its namespace,
+/// CNI_ARGS and its published ports (host, container).
+struct CniCtr<'a> {
+    id: &'a str,
+    ns: &'a Ns,
+    args: &'a str,
+    ports: &'a [(u16, u16)],
+}
+
+fn cni_call(
+    lab: &Lab,
+    plugin: &serde_json::Value,
+    prev: Option<&serde_json::Value>,
+    verb: &str,
+    c: &CniCtr,
+) -> Result<std::process::Command> {
+    let (id, ns, args, ports) = (c.id, c.ns, c.args, c.ports);
+    let list = cni_reference_conflist(lab);
+    let mut conf = plugin.clone();
+    conf["name"] = list["name"].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    if let Some(p) = prev {
+        conf["prevResult"] = p.clone();
+    }
+    if plugin["capabilities"]["portMappings"] == true {
+        let pm: Vec<_> = ports
+            .iter()
+            .map(|&(h, c)| json!({"hostPort": h, "containerPort": c, "protocol": "tcp"}))
+            .collect();
+        conf["runtimeConfig"] = json!({"portMappings": pm});
+    }
+    let ty = plugin["type"].as_str().context("plugin type")?;
+    let file = lab.dir.join(format!("cni-{id}-{ty}-{verb}.json"));
+    std::fs::write(&file, conf.to_string())?;
+    let plugin = Path::new(CNI_PLUGIN_DIR).join(ty);
+    let (plugin, file) = (plugin.to_string_lossy(), file.to_string_lossy());
+    // The configuration on stdin (the bench's runner gives commands none of their own).
+    let mut cmd = in_ns(
+        &lab.host.path,
+        "sh",
+        &["-c", "exec \"$0\" < \"$1\"", &plugin, &file],
+    );
+    cmd.env("CNI_COMMAND", verb)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", &ns.path)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", CNI_PLUGIN_DIR);
+    Ok(cmd)
+}
+
+/// ADD of one container through the whole list (DEL in reverse order at teardown).
+fn cni_reference_add(lab: &mut Lab, name: &str, ip: &str, ports: &[(u16, u16)]) -> Result<Ns> {
+    let ns = lab.add_netns(name)?;
+    let list = cni_reference_conflist(lab);
+    let plugins = list["plugins"].as_array().context("plugins")?.clone();
+    let args = format!("IgnoreUnknown=1;IP={ip}");
+    let c = CniCtr {
+        id: name,
+        ns: &ns,
+        args: &args,
+        ports,
+    };
+    let mut prev: Option<serde_json::Value> = None;
+    for p in &plugins {
+        let mut add = cni_call(lab, p, prev.as_ref(), "ADD", &c)?;
+        let out = run_ok(&mut add, Duration::from_secs(600))
+            .with_context(|| format!("CNI ADD {} of {name}", p["type"]))?;
+        prev = Some(serde_json::from_str(&out).with_context(|| format!("CNI result {out:?}"))?);
+    }
+    for p in plugins.iter().rev() {
+        let del = cni_call(lab, p, prev.as_ref(), "DEL", &c)?;
+        lab.on_teardown(del);
+    }
+    Ok(ns.clone())
+}
+
+fn cni_reference_setup(
+    lab: &mut Lab,
+    extra: Extra,
+    install_secs: &mut Option<f64>,
+) -> Result<(Ns, Ns)> {
+    let c2 = cni_reference_add(lab, "c2", C2_IP, &[])?;
+    if let Extra::Ports(n) = extra {
+        let ports: Vec<(u16, u16)> = (0..n as u16)
+            .map(|i| (EXTRA_PORTS_BASE + i, EXTRA_PORTS_BASE + i))
+            .collect();
+        let t = Instant::now();
+        cni_reference_add(lab, "c3", C3_IP, &ports)?;
+        *install_secs = Some(t.elapsed().as_secs_f64());
+    }
+    let c1 = cni_reference_add(
+        lab,
+        "c1",
+        C1_IP,
+        &[(ECHO_PUBLISHED, ECHO_PORT), (IPERF_PORT, IPERF_PORT)],
+    )?;
     Ok((c1, c2))
 }
 

@@ -189,8 +189,12 @@ fn ratio(a: Option<&Summary>, b: Option<&Summary>) -> String {
 pub fn table(r: &Results) -> String {
     let sum = r.summaries();
     let mut s = String::new();
-    s += "| scenario | metric | plain | docker-iptables | podman-netavark | md | md/iptables | md/plain |\n";
-    s += "|---|---|---|---|---|---|---|---|\n";
+    let _ = writeln!(
+        s,
+        "| scenario | metric | {} | md/iptables | md/plain |",
+        dps().join(" | ")
+    );
+    let _ = writeln!(s, "|---|---|{}---|---|", "---|".repeat(dps().len()));
     for (sc, m, unit) in rows(&sum) {
         let better = match unit.as_str() {
             "Gbit/s" | "req/s" | "conn/s" => " ↑",
@@ -267,6 +271,7 @@ fn color(dp: &str) -> &'static str {
         PLAIN => "#8c8c8c",
         DOCKER => "#1d63ed",
         "podman-netavark" => "#892ca0",
+        "cni-reference" => "#2f9e44",
         _ => "#e8590c",
     }
 }
