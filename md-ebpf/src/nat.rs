@@ -232,8 +232,14 @@ pub fn routed_flow<A: Addr>(p: &Pkt<A>, ep: Option<Endpoint>, outbound: bool) {
     if ct::nat_tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto).is_none() {
         return;
     }
+    // Coming in, the flow is a published port's as far as direction goes (untranslated, like
+    // a routed network's published port): the uplink tells the two ways apart by kind.
     let spec = Spec {
-        kind: md_common::CT_KIND_NONE,
+        kind: if outbound {
+            md_common::CT_KIND_NONE
+        } else {
+            CT_KIND_DNAT
+        },
         hook: CT_HOOK_UPLINK,
         port: ct::PORT_KEEP,
         orig_ifindex: ifindex,

@@ -12,8 +12,8 @@
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, CT_HOOK_UPLINK, DROP_FORWARD, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF,
-    DROP_UNSOLICITED, DROP_UNSUPPORTED,
+    Config, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_DNAT, DROP_FORWARD,
+    DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
 };
 
 use crate::{
@@ -39,7 +39,13 @@ pub fn ingress<A: Addr>(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) 
     let Some(p) = parse::packet::<A>(ctx, l3) else {
         return Verdict::Pass;
     };
-    // The source first: nothing from the wire may claim an md address, translated or not.
+    // An established flow first (its entry can only be an inbound one: see `tracked`), then
+    // the source: nothing else from the wire may claim an md address.
+    if p.l4 == L4::Ports {
+        if let Some(v) = tracked(ctx, p, cfg, Some(l3)) {
+            return v;
+        }
+    }
     if nat::in_md_subnet(&p.saddr) {
         return Verdict::Drop(DROP_SPOOF);
     }
@@ -49,9 +55,6 @@ pub fn ingress<A: Addr>(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) 
     match p.l4 {
         L4::IcmpError => return Verdict::Icmp,
         L4::Ports => {
-            if let Some(v) = tracked(ctx, p, cfg, Some(l3)) {
-                return v;
-            }
             // Loopback never is a host address here: a packet from the wire addressed to
             // 127.0.0.1 must not reach a port published on 127.0.0.1.
             if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
@@ -96,8 +99,11 @@ pub fn icmp_out<A: Addr>(ctx: &TcContext, l3: usize, ifindex: u32) -> Verdict {
     }
 }
 
-/// A packet of a flow translated at the uplink (either way): rewrite it as its entry says;
-/// arriving (`l3`: Some), it may then go straight into its container.
+/// A packet of a flow translated at the uplink, in the direction it travels here: rewrite it
+/// as its entry says; arriving (`l3`: Some), it may then go straight into its container.
+/// Inbound only answers of masquerade (and of routed flows) and a published port's client
+/// match; outbound the other halves. So a packet from the wire that carries a container's own
+/// tuple is no flow of its, and an established flow needs no source check first.
 #[inline(always)]
 fn tracked<A: Addr>(
     ctx: &TcContext,
@@ -109,6 +115,16 @@ fn tracked<A: Addr>(
     let f = ct::lookup(&p.tuple, now)?;
     let e = unsafe { &*f.e };
     if e.hook != CT_HOOK_UPLINK {
+        return None;
+    }
+    // A published port's flow (DNAT, also a routed network's) comes in original; masquerade
+    // and a routed container's own flows (opened going out) come in as replies.
+    let way_in = if e.kind == CT_KIND_DNAT {
+        e.dir == CT_DIR_ORIGINAL
+    } else {
+        e.dir == CT_DIR_REPLY
+    };
+    if way_in != l3.is_some() {
         return None;
     }
     ct::touch(f, p, now, cfg);

@@ -123,13 +123,14 @@ pub fn spawn(
 /// parent's children are looked at (/proc/PID/task/PID/children): scanning all of /proc costs
 /// a file read per process on the host, a hundred milliseconds next to a thousand containers.
 fn host_pid(parent: u32, ns_pid: u32) -> Option<u32> {
-    // Every thread's children: a child belongs to the thread that forked it.
-    let children: String = fs::read_dir(format!("/proc/{parent}/task"))
-        .ok()?
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .collect::<Vec<_>>()
-        .join(" ");
+    // Each thread has its own children list: the one that forked is not always the main one.
+    let mut children = String::new();
+    for t in fs::read_dir(format!("/proc/{parent}/task")).ok()?.flatten() {
+        if let Ok(c) = fs::read_to_string(t.path().join("children")) {
+            children.push_str(&c);
+            children.push(' ');
+        }
+    }
     children.split_whitespace().find_map(|p| {
         let pid: u32 = p.parse().ok()?;
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

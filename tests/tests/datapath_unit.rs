@@ -2300,6 +2300,16 @@ fn hardening_uplink_drops_unsolicited_and_spoofed() {
         &with_tuple(&synack, key_of(&syn).reversed()),
         "answer of a masqueraded flow",
     );
+    // From the wire with the container's own tuple of that flow: not the flow's (its entry
+    // is for the way out), so no masquerade for it: dropped as spoofed.
+    let forged = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_ACK);
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &forged,
+        SHOT,
+        "C2's own tuple from the wire",
+    );
     // A published port still works; the host's own addresses (the gateway too) are not md's.
     dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
     let d = Ipv4Pkt::tcp(OUT, 5556, HOST, 8080, TCP_SYN);
@@ -2319,7 +2329,7 @@ fn hardening_uplink_drops_unsolicited_and_spoofed() {
         "OUT -> the gateway",
     );
     assert_eq!(dp.uplink_stat(|s| s.drop_unsolicited), 5);
-    assert_eq!(dp.uplink_stat(|s| s.drop_spoof), 2);
+    assert_eq!(dp.uplink_stat(|s| s.drop_spoof), 3);
 }
 
 /// A TCP segment opens a published port's translation only as a SYN: anything else without a

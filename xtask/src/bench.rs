@@ -68,6 +68,8 @@ pub struct Plan {
     pub scale_secs: f64,
     pub port_scales: Vec<usize>,
     pub policy_scales: Vec<usize>,
+    /// How many containers the control plane is measured with at scale.
+    pub containers: usize,
 }
 
 impl Plan {
@@ -82,6 +84,7 @@ impl Plan {
                 scale_secs: 0.5,
                 port_scales: vec![10, 1_000],
                 policy_scales: vec![10, 1_000],
+                containers: containers(50),
             }
         } else {
             Plan {
@@ -93,9 +96,19 @@ impl Plan {
                 scale_secs: 2.0,
                 port_scales: vec![10, 1_000, 10_000],
                 policy_scales: vec![10, 1_000, 10_000],
+                containers: containers(1_000),
             }
         }
     }
+}
+
+/// `MD_BENCH_CONTAINERS=N` overrides the count (memory: each container is three processes).
+fn containers(default: usize) -> usize {
+    std::env::var("MD_BENCH_CONTAINERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &usize| *n >= 2)
+        .unwrap_or(default)
 }
 
 pub fn run(quick: bool) -> Result<()> {
@@ -400,6 +413,9 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
             )?;
         }
     }
+    attempt(r, "md control plane at scale", |r| {
+        control_md_many(env, r, plan.containers)
+    })?;
     // 4. Where md's time goes: per-program BPF run time.
     attempt(r, "md BPF run-time stats", |r| bpf_cost(plan, env, r))?;
     Ok(())
@@ -532,44 +548,142 @@ fn ms(a: u64, b: u64) -> f64 {
     b.saturating_sub(a) as f64 / 1e6
 }
 
-/// md: `run -d` → first answer from outside (first container, which loads the datapath, and a
-/// later one), and `policy deny` → first refused connection.
-fn control_md(env: &Env, r: &mut Results, rep: usize) -> Result<()> {
-    let mut lab = Lab::new("md control plane")?;
-    lab.enable_md(&env.md_bin);
+/// md's datapath loaded at boot: `md-user watch` (md-watch.service) loads and attaches it
+/// before any container; returns how long that took (until the uplink is covered).
+fn preload_md(lab: &mut Lab) -> Result<f64> {
+    let links = lab.md.as_ref().context("md lab")?.pin_dir.join("links");
+    let t0 = mono_ns();
+    lab.spawn_md(&["watch"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let covered = std::fs::read_dir(&links)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("if"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if covered >= 2 {
+            return Ok(ms(t0, mono_ns()));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("md-user watch did not load the datapath within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `md-user run -d -p PORT:ECHO NAME -- bench-tool serve`: (ms until the port answers from
+/// outside, ms until run -d returned).
+fn md_run_answered(lab: &mut Lab, env: &Env, name: &str, port: u16) -> Result<(f64, f64)> {
     let tool = env.tool.to_string_lossy().into_owned();
     let echo = ECHO_PORT.to_string();
-    let sc = "control plane";
-    for (name, port, metric) in [
-        ("a", 9000u16, "first container"),
-        ("b", 9001, "next container"),
-    ] {
-        let target = format!("{HOST_IP}:{port}");
-        let o = lab.outside.path.clone();
-        let probe = start_probe(&mut lab, &o, env, &["wait-ok", "--addr", &target])?;
-        let publish = format!("{port}:{ECHO_PORT}");
-        let t0 = mono_ns();
+    let target = format!("{HOST_IP}:{port}");
+    let o = lab.outside.path.clone();
+    let probe = start_probe(lab, &o, env, &["wait-ok", "--addr", &target])?;
+    let publish = format!("{port}:{ECHO_PORT}");
+    let t0 = mono_ns();
+    lab.md(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        &publish,
+        "--",
+        &tool,
+        "bench-tool",
+        "serve",
+        "--echo",
+        &echo,
+    ])?;
+    let t_ret = mono_ns();
+    let ok = probe_result(probe, "ok_ns")?;
+    Ok((ms(t0, ok), ms(t0, t_ret)))
+}
+
+/// md with `n - 1` containers already running: `run -d` of the n-th (how the control plane
+/// scales with the containers a host has).
+fn control_md_many(env: &Env, r: &mut Results, n: usize) -> Result<()> {
+    let mut lab = Lab::new("md control plane at scale")?;
+    lab.enable_md(&env.md_bin);
+    preload_md(&mut lab)?;
+    for i in 1..n {
         lab.md(&[
             "run",
             "-d",
             "--name",
-            name,
-            "-p",
-            &publish,
+            &format!("s{i}"),
             "--",
-            &tool,
-            "bench-tool",
-            "serve",
-            "--echo",
-            &echo,
+            "sleep",
+            "infinity",
         ])?;
-        let t_ret = mono_ns();
-        let ok = probe_result(probe, "ok_ns")?;
+    }
+    let (answered, returned) = md_run_answered(&mut lab, env, "last", 9000)?;
+    let sc = "control plane";
+    let ord = thousands_ord(n);
+    r.add(
+        "md",
+        sc,
+        &format!("run -d → answered ({ord} container)"),
+        answered,
+        "ms",
+        0,
+    );
+    r.add(
+        "md",
+        sc,
+        &format!("run -d returns ({ord} container)"),
+        returned,
+        "ms",
+        0,
+    );
+    Ok(())
+}
+
+fn thousands_ord(n: usize) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    let suffix = match (n % 10, n % 100) {
+        (1, x) if x != 11 => "st",
+        (2, x) if x != 12 => "nd",
+        (3, x) if x != 13 => "rd",
+        _ => "th",
+    };
+    out + suffix
+}
+
+/// md: the datapath loaded at boot (md-user watch), `run -d` → first answer from outside
+/// (first container, and a later one), and `policy deny` → first refused connection.
+fn control_md(env: &Env, r: &mut Results, rep: usize) -> Result<()> {
+    let mut lab = Lab::new("md control plane")?;
+    lab.enable_md(&env.md_bin);
+    let sc = "control plane";
+    let boot = preload_md(&mut lab)?;
+    r.add(
+        "md",
+        sc,
+        "datapath load at boot (md-user watch)",
+        boot,
+        "ms",
+        rep,
+    );
+    for (name, port, metric) in [
+        ("a", 9000u16, "first container"),
+        ("b", 9001, "next container"),
+    ] {
+        let (answered, returned) = md_run_answered(&mut lab, env, name, port)?;
         r.add(
             "md",
             sc,
             &format!("run -d → answered ({metric})"),
-            ms(t0, ok),
+            answered,
             "ms",
             rep,
         );
@@ -577,7 +691,7 @@ fn control_md(env: &Env, r: &mut Results, rep: usize) -> Result<()> {
             "md",
             sc,
             &format!("run -d returns ({metric})"),
-            ms(t0, t_ret),
+            returned,
             "ms",
             rep,
         );

@@ -53,6 +53,8 @@ pub struct MdEnv {
     pub bin: PathBuf,
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
+    /// `--datapath` of every command (None: md's default).
+    pub datapath: Option<&'static str>,
 }
 
 pub struct Lab {
@@ -232,6 +234,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts `md-user ARGS` in the background (e.g. `watch`); it dies with the lab.
+    pub fn spawn_md(&mut self, args: &[&str]) -> Result<()> {
+        let log = self.log("md-bg");
+        let bg = Bg::spawn(&mut self.md_cmd(args), &log, false)?;
+        self.bg.push(bg);
+        Ok(())
+    }
+
     /// Registers a command to run (best effort) when the lab is dropped, before the kill.
     pub fn on_teardown(&mut self, cmd: Command) {
         self.teardown.push(cmd);
@@ -255,10 +265,16 @@ impl Lab {
 
     /// Uses md in this lab: state and pin dirs of its own; `md-user down` on drop.
     pub fn enable_md(&mut self, bin: &Path) {
+        self.enable_md_mode(bin, None);
+    }
+
+    /// [`Lab::enable_md`] with md's datapath mode (`redirect`, `stack`) for every command.
+    pub fn enable_md_mode(&mut self, bin: &Path, datapath: Option<&'static str>) {
         let env = MdEnv {
             bin: bin.to_path_buf(),
             state_dir: self.dir.join("md-state"),
             pin_dir: Path::new(BPFFS).join(format!("{PIN_PREFIX}{}", self.key)),
+            datapath,
         };
         self.md = Some(env);
         let down = self.md_cmd(&["down"]);
@@ -317,6 +333,9 @@ fn md_command(md: &MdEnv, host: &Path, args: &[&str]) -> Command {
         .env("MD_UPLINK", UPLINK)
         .env("MD_BRIDGE", BRIDGE)
         .env("MD_SUBNET", SUBNET);
+    if let Some(d) = md.datapath {
+        c.env("MD_DATAPATH", d);
+    }
     c
 }
 
@@ -413,6 +432,7 @@ pub fn sweep_stale(md_bin: Option<&Path>) {
                 bin: bin.to_path_buf(),
                 state_dir: dir.join("md-state"),
                 pin_dir: pin.clone(),
+                datapath: None,
             };
             let mut c = if host.exists() {
                 md_command(&md, &host, &["down"])
