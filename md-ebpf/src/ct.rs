@@ -21,6 +21,9 @@ use crate::{
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
+/// How far a flow's other half may lag behind in lifetime before a packet refreshes it.
+const REFRESH_NS: u64 = 1_000_000_000;
+
 /// How many ports SNAT tries before giving up on a flow (Cilium uses 32-128).
 const NAT_PORT_TRIES: u32 = 32;
 
@@ -194,9 +197,16 @@ fn answered_by(proto: u8, state: u8, dir: u8) -> bool {
 #[inline(never)]
 pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     let entry = unsafe { &mut *f.e };
-    // The other half is keyed by what this packet becomes, reversed.
+    // The other half is keyed by what this packet becomes, reversed. It is looked up only when
+    // something needs it: a RST to check against its window, a flow not answered yet, a state
+    // change, or its lifetime falling a second behind; a steady flow costs one lookup a packet.
     let partner = entry.reply_tuple(p.proto);
-    let other = A::ct_get(f.answered, &partner);
+    let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
+    let mut other = if rst || !f.answered {
+        A::ct_get(f.answered, &partner)
+    } else {
+        None
+    };
     let state = if p.proto == IPPROTO_TCP {
         let s = next_state(entry.tcp_state, entry.dir, p, entry, other);
         track_seq(entry, p);
@@ -205,40 +215,55 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
         TCP_NONE
     };
     let expires = now + lifetime_ns::<A>(cfg, p.proto, state);
+    let refresh = !f.answered
+        || rst
+        || state != entry.tcp_state
+        || expires > entry.expires_ns.saturating_add(REFRESH_NS);
     entry.tcp_state = state;
     entry.expires_ns = expires;
     entry.packets += 1;
     entry.bytes += p.len as u64;
+    if !refresh {
+        return;
+    }
+    if other.is_none() {
+        other = A::ct_get(f.answered, &partner);
+    }
     match other {
         Some(o) => unsafe {
             (*o).tcp_state = state;
             (*o).expires_ns = expires;
         },
-        // LRU eviction (or a collector racing us) took the reply half: put it back, or the
-        // answers of a live flow would go nowhere. It leads back to this packet's tuple.
-        // Built in the per-CPU scratch slot, not on the stack.
-        None if entry.dir == CT_DIR_ORIGINAL => {
-            if let Some(scratch) = A::scratch() {
-                let back = unsafe { &mut (*scratch).reply_e };
-                fill(
-                    back,
-                    &p.reply,
-                    entry.kind,
-                    CT_DIR_REPLY,
-                    entry.hook,
-                    entry.ifindex,
-                    0,
-                );
-                back.tcp_state = state;
-                back.expires_ns = expires;
-                let _ = A::ct_insert(f.answered, &partner, back, BPF_NOEXIST as u64);
-            }
-        }
+        None if entry.dir == CT_DIR_ORIGINAL => restore_reply(f.answered, &partner, entry, p),
         None => {}
     }
     if !f.answered && answered_by(p.proto, state, entry.dir) {
         promote(&p.tuple, &partner);
     }
+}
+
+/// LRU eviction (or a collector racing us) took a flow's reply half: put it back, or the
+/// answers of a live flow would go nowhere. It leads back to the tuple of `p`, the original
+/// direction's packet. Out of line, and built in the per-CPU scratch slot: its entry must not
+/// cost every packet's stack.
+#[inline(never)]
+fn restore_reply<A: Addr>(answered: bool, partner: &CtKeyOf<A>, orig: &CtEntryOf<A>, p: &Pkt<A>) {
+    let Some(scratch) = A::scratch() else {
+        return;
+    };
+    let back = unsafe { &mut (*scratch).reply_e };
+    fill(
+        back,
+        &p.reply,
+        orig.kind,
+        CT_DIR_REPLY,
+        orig.hook,
+        orig.ifindex,
+        0,
+    );
+    back.tcp_state = orig.tcp_state;
+    back.expires_ns = orig.expires_ns;
+    let _ = A::ct_insert(answered, partner, back, BPF_NOEXIST as u64);
 }
 
 /// Moves both halves of a flow from CONNTRACK_NEW to CONNTRACK.

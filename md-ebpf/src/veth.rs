@@ -142,8 +142,9 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
         if let Some(f) = ct::lookup(&p.tuple, now) {
             let e = unsafe { &*f.e };
             if e.hook != CT_HOOK_VETH {
-                // Translated at the uplink (masquerade, or an answer to an outside client).
-                return Verdict::Pass;
+                // Translated at the uplink (masquerade, or an answer to an outside client):
+                // on its way there.
+                return outbound(ctx, p, &src, cfg);
             }
             if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
@@ -178,12 +179,19 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
             v => v,
         };
     }
+    outbound(ctx, p, &src, cfg)
+}
+
+/// A container's packet for a routed destination: straight to the uplink's egress in the
+/// redirect datapath, through the bridge and the host stack otherwise.
+#[inline(always)]
+fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint, cfg: &Config) -> Verdict {
     if fwd::redirecting(cfg)
         && !p.daddr.link_scoped()
         && !nat::is_host_addr(&p.daddr)
         && !nat::in_md_subnet(&p.daddr)
     {
-        return fwd::outbound(ctx, p, &src);
+        return fwd::outbound(ctx, p, src);
     }
     Verdict::Pass
 }

@@ -167,7 +167,8 @@ pub fn supports(dp: Dp, extra: Extra) -> bool {
         // rest of the bench together.
         // md's stack mode is measured at the base; scaling is about the default mode.
         Extra::Ports(n) => {
-            !(matches!(dp, Dp::Plain | Dp::MdStack) || (dp == Dp::CniRef && n > 1_000))
+            let too_slow = dp == Dp::CniRef && n > 1_000;
+            !(matches!(dp, Dp::Plain | Dp::MdStack) || too_slow)
         }
         // Neither plain routing nor netavark has inter-container policy.
         Extra::Policies(_) => matches!(dp, Dp::Docker | Dp::Md),
