@@ -25,9 +25,9 @@ use md_common::{
 };
 use md_tests::{
     pkt::{
-        Ext, Ip6, Ipv6Pkt, Mac, View6, ICMP6_DEST_UNREACH, ICMP6_PACKET_TOO_BIG, IPPROTO_ICMPV6,
-        IPPROTO_TCP, IPPROTO_UDP, L4, NDP_ROUTER_ADVERT, NEXTHDR_DEST, NEXTHDR_HOP, TCP_ACK,
-        TCP_SYN,
+        fold, pseudo_sum6, sum16, Ext, Ip6, Ipv6Pkt, Mac, View6, ICMP6_DEST_UNREACH,
+        ICMP6_PACKET_TOO_BIG, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4, NDP_ROUTER_ADVERT,
+        NEXTHDR_DEST, NEXTHDR_HOP, TCP_ACK, TCP_SYN,
     },
     require_e2e,
 };
@@ -478,6 +478,46 @@ fn snat6_tcp_udp_icmp_and_reverse() {
         "echo reply back to C2 with its identifier",
     );
     assert_eq!(dp.stat(LO, |s| s.snat), 3);
+}
+
+#[test]
+fn snat6_udp_checksum_that_becomes_zero_is_sent_as_ffff() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    // One NAT port, so the translated datagram is known in advance; a payload word chosen so
+    // its checksum computes to 0, which over IPv6 must go out as 0xffff (0 is not allowed).
+    let mut cfg = Config::defaults();
+    cfg.datapath = DATAPATH_STACK;
+    cfg.nat_port_min = NAT_MIN;
+    cfg.nat_port_max = NAT_MIN;
+    Array::<_, Config>::try_from(dp.ebpf.map_mut(m::CONFIG).unwrap())
+        .unwrap()
+        .set(0, cfg, 0)
+        .unwrap();
+    let tail = *b"zz";
+    let translated =
+        Ipv6Pkt::udp(v6(HOST6), NAT_MIN, v6(OUT6), 53).payload(&[0, 0, tail[0], tail[1]]);
+    let mut seg = translated.l4_bytes();
+    seg[6] = 0;
+    seg[7] = 0;
+    let s = fold(sum16(
+        &seg,
+        pseudo_sum6(v6(HOST6), v6(OUT6), IPPROTO_UDP, seg.len()),
+    ));
+    let w = (!s).to_be_bytes();
+    let q = Ipv6Pkt::udp(v6(C2), 40002, v6(OUT6), 53).payload(&[w[0], w[1], tail[0], tail[1]]);
+    let port = expect_snat(&mut dp, &q, "UDP whose translated checksum is 0");
+    assert_eq!(port, NAT_MIN);
+    // The same datagram again (now an established flow): its checksum field, as sent.
+    let (rc, out) = dp.run(UPLINK_EGRESS, &q.build());
+    assert_verdict(rc, PASS, "the datagram again");
+    assert_eq!(
+        View6::new(&out).l4_csum().1,
+        0xffff,
+        "a computed 0 must be sent as 0xffff"
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `cargo xtask bench [--quick]`: md's datapath against plain routing, Docker-style iptables,
 //! Podman's netavark and the reference CNI plugins (bridge + host-local + portmap), on the same
-//! lab topology, in one run (issues 8 and 15).
+//! lab topology, in one run (issues 8 and 15); the base again over IPv6 (issue 14).
 //!
 //! Every measurement runs inside network namespaces the bench makes and removes itself (see
 //! `bench/lab.rs`); nothing touches the machine's interfaces, routes or firewall. Output: a
@@ -54,6 +54,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
     ("iptables", "iptables"),
+    ("ip6tables-restore", "iptables"),
     // The reference CNI stack (cni-reference): bridge, host-local, portmap.
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
@@ -334,18 +335,38 @@ fn attempt(
     Ok(())
 }
 
+/// `MD_BENCH_ONLY=ipv6,base,...` runs only those sections (base, ipv6, scaling, control,
+/// bpf): for working on one of them; a full comparison runs them all.
+fn wanted(section: &str) -> bool {
+    match std::env::var("MD_BENCH_ONLY") {
+        Ok(v) if !v.is_empty() => v.split(',').any(|s| s.trim() == section),
+        _ => true,
+    }
+}
+
 fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
+    if std::env::var("MD_BENCH_ONLY").is_ok_and(|v| !v.is_empty()) {
+        r.note(format!(
+            "only the sections MD_BENCH_ONLY={} names",
+            std::env::var("MD_BENCH_ONLY").unwrap_or_default()
+        ));
+    }
     // 1. The datapaths themselves, interleaved: each round builds every datapath afresh, in a
     //    rotated order, so slow drift of a shared machine spreads over all of them.
-    for rep in 0..plan.reps {
+    for rep in (0..plan.reps).filter(|_| wanted("base")) {
         for i in 0..ALL.len() {
             let dp = ALL[(i + rep) % ALL.len()];
             eprintln!("bench: base round {}/{} {}", rep + 1, plan.reps, dp.name());
             attempt(r, &format!("{} base round {}", dp.name(), rep + 1), |r| {
                 let s = datapaths::build(dp, env, Extra::None)?;
-                measure_base(plan, env, &s, r, rep)
+                measure_base(plan, env, &s, r, rep, Extra::None)
             })?;
         }
+    }
+    // 1b. The same over IPv6 (a dual-stack lab; md's NAT66 against Docker's ip6tables rules
+    //     and netavark's dual-stack network), rebuilt per round like the base.
+    if wanted("ipv6") {
+        ipv6_rounds(plan, env, r)?;
     }
     // 2. Scaling: published ports and policy rules. The datapaths of one scenario stay up
     //    side by side (separate labs) and are measured in turns, again against drift.
@@ -354,6 +375,7 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
         .iter()
         .map(|&n| Extra::Ports(n))
         .chain(plan.policy_scales.iter().map(|&n| Extra::Policies(n)))
+        .filter(|_| wanted("scaling"))
         .collect();
     for extra in extras {
         let sc = extra.scenario();
@@ -401,6 +423,9 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
         }
     }
     // 3. Control plane.
+    if !wanted("control") {
+        return bpf_section(plan, env, r);
+    }
     for rep in 0..plan.reps {
         attempt(r, &format!("md control plane round {}", rep + 1), |r| {
             control_md(env, r, rep)
@@ -416,8 +441,14 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
     attempt(r, "md control plane at scale", |r| {
         control_md_many(env, r, plan.containers)
     })?;
-    // 4. Where md's time goes: per-program BPF run time.
-    attempt(r, "md BPF run-time stats", |r| bpf_cost(plan, env, r))?;
+    bpf_section(plan, env, r)
+}
+
+/// 4. Where md's time goes: per-program BPF run time.
+fn bpf_section(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
+    if wanted("bpf") {
+        attempt(r, "md BPF run-time stats", |r| bpf_cost(plan, env, r))?;
+    }
     Ok(())
 }
 
@@ -488,10 +519,36 @@ fn iperf(env: &Env, ns: &Path, addr: std::net::SocketAddr, secs: u32) -> Result<
     bail!("{}", last.unwrap_or_default())
 }
 
-fn measure_base(plan: &Plan, env: &Env, s: &Setup, r: &mut Results, rep: usize) -> Result<()> {
+/// The base rounds over IPv6, for the datapaths that have it.
+fn ipv6_rounds(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
+    let v6: Vec<Dp> = ALL
+        .into_iter()
+        .filter(|&d| datapaths::supports(d, Extra::Ipv6))
+        .collect();
+    for rep in 0..plan.reps {
+        for i in 0..v6.len() {
+            let dp = v6[(i + rep) % v6.len()];
+            eprintln!("bench: IPv6 round {}/{} {}", rep + 1, plan.reps, dp.name());
+            attempt(r, &format!("{} IPv6 round {}", dp.name(), rep + 1), |r| {
+                let s = datapaths::build(dp, env, Extra::Ipv6)?;
+                measure_base(plan, env, &s, r, rep, Extra::Ipv6)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn measure_base(
+    plan: &Plan,
+    env: &Env,
+    s: &Setup,
+    r: &mut Results,
+    rep: usize,
+    extra: Extra,
+) -> Result<()> {
     let dp = s.dp.name();
     let o = s.lab.outside.path.as_path();
-    let sc = "base";
+    let sc = &extra.scenario();
     let g = iperf(env, o, s.iperf, plan.iperf_secs)?;
     r.add(
         dp,
@@ -515,7 +572,7 @@ fn measure_base(plan: &Plan, env: &Env, s: &Setup, r: &mut Results, rep: usize) 
     r.add(dp, sc, "connection p50", crr.p50_us, "µs", rep);
     check_interrupt()?;
     // East-west: container to container over the bridge (md's veth programs, no NAT).
-    let c2c = format!("{}:{ECHO_PORT}", s.c1_ip).parse()?;
+    let c2c = std::net::SocketAddr::new(s.c1_ip.parse()?, ECHO_PORT);
     let rr = client(env, &s.c2.path, "rr", c2c, plan.rr_secs)?;
     r.add(dp, sc, "container → container rr p50", rr.p50_us, "µs", rep);
     Ok(())
