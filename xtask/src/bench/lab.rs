@@ -8,6 +8,9 @@
 //!     +-- vb-c1 <-> eth0 10.88.0.2  mdb-<key>-c1 (container)
 //!     +-- vb-c2 <-> eth0 10.88.0.3  mdb-<key>-c2
 //! ```
+//! A dual-stack lab ([`Lab::enable_ipv6`], the IPv6 scenario) adds 2001:db8::1/64 and ::2/64 on
+//! the uplink, and fd00:88::1/64 (gateway), ::2, ::3 (c1, c2) on the bridge side.
+//!
 //! Both uplink ends are created directly inside their namespaces, so no interface of the lab
 //! ever exists in the root namespace, and nothing is sent anywhere but between them. For md the
 //! bridge and containers are md's own (`md-user run` in the host namespace); netavark creates
