@@ -44,7 +44,8 @@ pod! {
         pub bridge_ifindex: u32,
         /// The gateway's IPv6 address on a dual-stack network (zero otherwise).
         pub gateway6: Ip6,
-        /// [`NET_IPV6`], [`NET_ROUTED6`].
+        /// How the network meets the world: [`NET_IPV6`], [`NET_ROUTED6`], [`NET_ROUTED4`],
+        /// [`NET_INTERNAL`] (no mode flag: Docker's default gateway mode, `nat`).
         pub flags: u32,
     } = 40;
 
@@ -272,7 +273,8 @@ pub struct CtEntryOf<A> {
     pub nat_daddr: A,
     pub nat_sport: u16,
     pub nat_dport: u16,
-    /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`] or [`CT_KIND_HAIRPIN`].
+    /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`], [`CT_KIND_HAIRPIN`] or
+    /// [`CT_KIND_ROUTED`].
     pub kind: u8,
     /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
     pub dir: u8,
@@ -323,11 +325,22 @@ pub const NET_IPV6: u32 = 1;
 /// containers' published ports (and ICMPv6 echo) are reachable, directly on their addresses.
 pub const NET_ROUTED6: u32 = 2;
 
+/// IPv4 in routed mode (Docker's gateway_mode_ipv4=routed): no masquerade;
+/// from outside, only the containers' published ports (and ICMP echo) are reachable, directly
+/// on their own addresses and ports.
+pub const NET_ROUTED4: u32 = 4;
+/// An internal network (Docker's `--internal`, and gateway mode `isolated`, which needs it):
+/// nothing of it leaves by an uplink, nothing from an uplink reaches it.
+pub const NET_INTERNAL: u32 = 8;
+
 pub const CT_KIND_NONE: u8 = 0;
 pub const CT_KIND_SNAT: u8 = 1;
 pub const CT_KIND_DNAT: u8 = 2;
 /// Container → host address → same container: DNAT plus SNAT to the gateway.
 pub const CT_KIND_HAIRPIN: u8 = 3;
+/// A routed network's flow, opened by the container's first packet leaving by an uplink:
+/// tracked at the uplink like a masqueraded one (its answers are let in), never translated.
+pub const CT_KIND_ROUTED: u8 = 4;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
 use md_common::{
     Config, CtEntryOf, CtKeyOf, CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_TCP, TCP_CLOSING,
@@ -27,9 +27,11 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// How many ports SNAT tries before giving up on a flow (Cilium uses 32-128).
 const NAT_PORT_TRIES: u32 = 32;
 
+/// The tracker's clock: CLOCK_MONOTONIC at tick resolution. Lifetimes are seconds, and the
+/// precise clock reads the TSC, which costs a VM more than the rest of a lookup.
 #[inline(always)]
 pub fn now() -> u64 {
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// A live entry and the map it lives in.

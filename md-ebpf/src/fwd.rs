@@ -122,7 +122,7 @@ pub fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint) -> Verdict
         return Verdict::Pass;
     }
     let bridge_ifindex = net.bridge_ifindex;
-    let mut f: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut f = crate::route::fib_zeroed();
     f.l4_protocol = p.proto;
     f.sport = p.sport.to_be();
     f.dport = p.dport.to_be();

@@ -4,8 +4,8 @@
 use aya_ebpf::programs::TcContext;
 use md_common::{
     CtEntryOf, Endpoint, PortKeyOf, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT, CT_KIND_HAIRPIN,
-    CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT, HOST_ADDR_GATEWAY, NET_ROUTED6,
-    RESOLVER_PORT,
+    CT_KIND_ROUTED, CT_KIND_SNAT, DROP_MALFORMED, DROP_NAT_PORTS, EVENT_NAT, HOST_ADDR_GATEWAY,
+    NET_INTERNAL, NET_ROUTED4, NET_ROUTED6, RESOLVER_PORT,
 };
 
 use crate::{
@@ -72,16 +72,34 @@ pub fn in_md_subnet<A: Addr>(ip: &A) -> bool {
     A::subnet(ip).is_some()
 }
 
-/// Whether `ip` lies in a network whose IPv6 is routed, not masqueraded.
+/// The NETWORKS flags of the md network `ip` lies in (its gateway modes); None outside md's
+/// networks.
+#[inline(always)]
+pub fn network_flags<A: Addr>(ip: &A) -> Option<u32> {
+    let id = A::subnet(ip)?;
+    Some(unsafe { NETWORKS.get(id) }.map_or(0, |n| n.flags))
+}
+
+/// The flag that routes (rather than masquerades) family `A` of a network.
+#[inline(always)]
+pub fn routed_flag<A: Addr>() -> u32 {
+    if A::V6 {
+        NET_ROUTED6
+    } else {
+        NET_ROUTED4
+    }
+}
+
+/// Whether network `net_id` is internal: nothing of it leaves, nor reaches another network.
+#[inline(always)]
+pub fn internal(net_id: u32) -> bool {
+    unsafe { NETWORKS.get(net_id) }.is_some_and(|n| n.flags & NET_INTERNAL != 0)
+}
+
+/// Whether `ip` lies in a network whose family `A` is routed, not masqueraded.
 #[inline(always)]
 pub fn routed<A: Addr>(ip: &A) -> bool {
-    if !A::V6 {
-        return false;
-    }
-    let Some(id) = A::subnet(ip) else {
-        return false;
-    };
-    unsafe { NETWORKS.get(id) }.is_some_and(|n| n.flags & NET_ROUTED6 != 0)
+    network_flags(ip).is_some_and(|f| f & routed_flag::<A>() != 0)
 }
 
 #[inline(always)]
@@ -224,30 +242,43 @@ pub fn snat<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: Option<Endpoint>, uplink_
     Verdict::Pass
 }
 
-/// Tracks a routed (untranslated) flow at the uplink so its answers pass: leaving
-/// (`outbound`) from container `ep`, or coming in to it.
+/// Tracks a routed network's flow leaving by an uplink, untranslated, so its answers pass
+/// (like a masqueraded flow's: the original half goes out).
 #[inline(always)]
-pub fn routed_flow<A: Addr>(p: &Pkt<A>, ep: Option<Endpoint>, outbound: bool) {
+pub fn routed_out<A: Addr>(p: &Pkt<A>, ep: Option<Endpoint>) {
     let (ifindex, identity) = ep.map(|s| (s.ifindex, s.identity)).unwrap_or((0, 0));
     if ct::nat_tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto).is_none() {
         return;
     }
-    // Coming in, the flow is a published port's as far as direction goes (untranslated, like
-    // a routed network's published port): the uplink tells the two ways apart by kind.
     let spec = Spec {
-        kind: if outbound {
-            md_common::CT_KIND_NONE
-        } else {
-            CT_KIND_DNAT
-        },
+        kind: CT_KIND_ROUTED,
         hook: CT_HOOK_UPLINK,
         port: ct::PORT_KEEP,
         orig_ifindex: ifindex,
         reply_ifindex: ifindex,
-        orig_identity: if outbound { 0 } else { identity },
-        reply_identity: if outbound { identity } else { 0 },
+        orig_identity: 0,
+        reply_identity: identity,
     };
     // A clash only means the flow is already known the other way round.
+    let _ = ct::open(p, &spec);
+}
+
+/// Tracks a new flow from outside into container `ep` of a routed network, untranslated (an
+/// ICMP echo: its ports go through [`dnat_from_uplink`] with their own address and port).
+#[inline(always)]
+pub fn routed_in<A: Addr>(p: &Pkt<A>, ep: &Endpoint) {
+    if ct::nat_tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto).is_none() {
+        return;
+    }
+    let spec = Spec {
+        kind: CT_KIND_DNAT,
+        hook: CT_HOOK_UPLINK,
+        port: ct::PORT_KEEP,
+        orig_ifindex: ep.ifindex,
+        reply_ifindex: ep.ifindex,
+        orig_identity: ep.identity,
+        reply_identity: 0,
+    };
     let _ = ct::open(p, &spec);
 }
 

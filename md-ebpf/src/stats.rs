@@ -24,7 +24,7 @@ pub fn emit4(kind: u8, reason: u8, ifindex: u32, p: &Pkt<Ip4>, nat_addr: Ip4, na
         return;
     };
     slot.write(Event {
-        ts_ns: crate::ct::now(),
+        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
         kind,
         reason,
         proto: p.proto,

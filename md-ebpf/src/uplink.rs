@@ -6,14 +6,18 @@
 //! starts: 14 behind Ethernet, 0 on a layer-3 device (tun, WireGuard).
 //!
 //! Both families go through the same code (`A`: `Ip4` or `Ip6`). IPv6 adds link-scoped
-//! traffic (NDP, multicast, link-local), which is the host's and passes, and networks in
-//! routed mode, whose flows leave untranslated and which outside clients reach directly, on
-//! their published ports only.
+//! traffic (NDP, multicast, link-local), which is the host's and passes.
+//!
+//! Each network's gateway mode (its NETWORKS flags, one routed flag per family) decides how
+//! it meets the uplinks: `nat` masquerades; `routed` flows leave untranslated and outside
+//! clients reach its containers directly, on their published ports only; an internal network
+//! (`--internal`, `isolated`) neither leaves nor is reached, in either family.
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_DNAT, DROP_FORWARD,
-    DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
+    Config, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_FORWARD,
+    DROP_ISOLATION, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
+    NET_INTERNAL,
 };
 
 use crate::{
@@ -117,13 +121,9 @@ fn tracked<A: Addr>(
     if e.hook != CT_HOOK_UPLINK {
         return None;
     }
-    // A published port's flow (DNAT, also a routed network's) comes in original; masquerade
-    // and a routed container's own flows (opened going out) come in as replies.
-    let way_in = if e.kind == CT_KIND_DNAT {
-        e.dir == CT_DIR_ORIGINAL
-    } else {
-        e.dir == CT_DIR_REPLY
-    };
+    // Masquerade and routed flows start leaving; published ports' start coming in.
+    let leaves_first = e.kind == CT_KIND_SNAT || e.kind == CT_KIND_ROUTED;
+    let way_in = leaves_first == (e.dir == CT_DIR_REPLY);
     if way_in != l3.is_some() {
         return None;
     }
@@ -180,17 +180,20 @@ pub fn egress<A: Addr>(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) -
 /// An md address leaving the host untracked: masquerade, or drop what cannot be translated
 /// (fragments of untranslated datagrams, protocols without ports, errors about no flow of
 /// md's) rather than leak it. A routed network's flow leaves as it is, tracked so that its
-/// answers come back in.
+/// answers come back in; an internal network's does not leave.
 #[inline(always)]
 fn leaving<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> Verdict {
-    if !nat::in_md_subnet(&p.saddr) {
+    let Some(flags) = nat::network_flags(&p.saddr) else {
         return Verdict::Pass;
+    };
+    if flags & NET_INTERNAL != 0 {
+        return Verdict::Drop(DROP_ISOLATION);
     }
     if p.l4 != L4::Ports || p.frag == Frag::Later {
         return Verdict::Drop(DROP_UNSUPPORTED);
     }
-    if nat::routed(&p.saddr) {
-        nat::routed_flow(p, nat::endpoint(&p.saddr), true);
+    if flags & nat::routed_flag::<A>() != 0 {
+        nat::routed_out(p, nat::endpoint(&p.saddr));
         return Verdict::Pass;
     }
     let Some(addr) = route::masquerade_source(ctx, p, ifindex) else {
@@ -200,15 +203,16 @@ fn leaving<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> Verdict {
 }
 
 /// A new flow from outside straight to a container of a routed network: only to a port it
-/// published (PORT_MAP6 keyed by the container's own address) or an ICMPv6 echo request;
-/// anything else is unsolicited. Tracked like any flow, so the answers leave untouched.
+/// published (PORT_MAP/PORT_MAP6 keyed by the container's own address and port) or an ICMP
+/// echo request; anything else is unsolicited. Tracked like any flow, so the answers leave
+/// untouched.
 #[inline(always)]
 fn routed_in<A: Addr>(ctx: &TcContext, cfg: &Config, p: &Pkt<A>) -> Verdict {
     if p.proto == A::ICMP {
         let Some(ep) = nat::endpoint(&p.daddr).filter(|_| p.icmp_type == A::ECHO) else {
             return Verdict::Drop(DROP_UNSOLICITED);
         };
-        nat::routed_flow(p, Some(ep), false);
+        nat::routed_in(p, &ep);
         return fwd::inbound::<A>(ctx, cfg, p.l3_off, &p.daddr);
     }
     match nat::port_lookup(&p.daddr, p.dport, p.proto, false) {

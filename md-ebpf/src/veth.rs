@@ -143,8 +143,12 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
             let e = unsafe { &*f.e };
             if e.hook != CT_HOOK_VETH {
                 // Translated at the uplink (masquerade, or an answer to an outside client):
-                // on its way there.
-                return outbound(ctx, p, &src, cfg);
+                // on its way there, to an address that is neither the host's nor md's.
+                return if fwd::redirecting(cfg) {
+                    fwd::outbound(ctx, p, &src)
+                } else {
+                    Verdict::Pass
+                };
             }
             if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
@@ -163,7 +167,14 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
             let reserved = target.is_some_and(|t| route::runtime_reserved::<A>(t));
             if reserved || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
                 if let Some(target) = target {
-                    let (_, _, identity) = A::target(target);
+                    let (t_ip, _, identity) = A::target(target);
+                    // An internal network reaches no other network, published ports
+                    // included (Docker drops what it forwards to another bridge).
+                    if nat::internal(src.net_id)
+                        && nat::endpoint(&t_ip).map(|d| d.net_id) != Some(src.net_id)
+                    {
+                        return Verdict::Drop(DROP_ISOLATION);
+                    }
                     if !policy::allowed(cfg, src.identity, identity) {
                         return Verdict::Drop(DROP_POLICY);
                     }
@@ -197,10 +208,16 @@ fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint, cfg: &Config) 
 }
 
 /// Container → container on md's bridges: network isolation, policy, and tracking so answers
-/// to an allowed flow pass even where the other direction is denied.
+/// to an allowed flow pass even where the other direction is denied. A published port of a
+/// routed network is open to the containers of other (not internal) networks too, on the
+/// container's own address (Docker's direct routing in `routed` mode).
 #[inline(always)]
 fn to_container<A: Addr>(p: &Pkt<A>, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdict {
-    if let Some(drop) = between(src, dst, cfg) {
+    if dst.net_id != src.net_id && !nat::internal(src.net_id) && routed_port(p) {
+        if !policy::allowed(cfg, src.identity, dst.identity) {
+            return Verdict::Drop(DROP_POLICY);
+        }
+    } else if let Some(drop) = between(src, dst, cfg) {
         return drop;
     }
     if p.l4 == L4::Ports && ct::nat_tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto).is_some() {
@@ -217,4 +234,13 @@ fn to_container<A: Addr>(p: &Pkt<A>, src: &Endpoint, dst: &Endpoint, cfg: &Confi
         let _ = ct::open(p, &spec);
     }
     Verdict::Pass
+}
+
+/// Whether `p` goes to a port its destination publishes on a routed network (keyed by the
+/// container's own address and port).
+#[inline(always)]
+fn routed_port<A: Addr>(p: &Pkt<A>) -> bool {
+    p.l4 == L4::Ports
+        && nat::routed(&p.daddr)
+        && nat::port_lookup(&p.daddr, p.dport, p.proto, false).is_some()
 }

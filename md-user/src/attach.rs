@@ -8,6 +8,7 @@
 //! that the next command's [`reconcile`] tears down.
 
 use std::{
+    collections::HashSet,
     net::{Ipv4Addr, Ipv6Addr},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -57,11 +58,16 @@ pub struct Spec {
     pub ports: Vec<crate::portmap::PortMapping>,
     pub cmd: Vec<String>,
     pub detached: bool,
-    pub aliases: Vec<String>,
     /// The runtime that attached it through the CNI plugin, if one did.
     pub cni: Option<CniOwner>,
     /// `run --privileged`.
     pub privileged: bool,
+    /// `--dns`, `--dns-search`, `--dns-option` (the rest of resolv.conf comes from the host's).
+    pub dns: dns::DnsRequest,
+    /// `--add-host NAME:IP` (or `NAME:host-gateway`).
+    pub extra_hosts: Vec<(String, dns::HostAddr)>,
+    /// `--expose`d ports (already published when `-P` asked for it).
+    pub exposed: Vec<(u16, crate::portmap::Proto)>,
 }
 
 /// One interface on an md network.
@@ -76,6 +82,8 @@ pub struct IfaceSpec {
     pub mac: Option<[u8; 6]>,
     /// Name inside the namespace (eth0, ...).
     pub name: String,
+    /// Names it answers to on this network besides its own (`--network-alias`, `--alias`).
+    pub aliases: Vec<String>,
 }
 
 /// Takes the state lock and reconciles (saving when something was reclaimed).
@@ -99,31 +107,63 @@ pub async fn reserve(
     spec: Spec,
 ) -> Result<Container> {
     let state = &mut locked.state;
-    let mut spec = spec;
-    let name = spec.name.clone();
-    let name = name.as_str();
+    let name = spec.name.as_str();
     if state.containers.contains_key(name) {
         bail!("container name {name} is already in use");
     }
     network::ensure_default(state, &ctx.opts)?;
-    // A mapping for both families publishes only IPv4 on an IPv4-only network.
-    if let Some(want) = &spec.iface {
-        let net = state
-            .networks
-            .get(&want.network)
-            .with_context(|| format!("no such network: {}", want.network))?;
+    let mut ports = spec.ports.clone();
+    let iface = spec
+        .iface
+        .as_ref()
+        .map(|want| allocate(state, want, &new_veth_name()))
+        .transpose()?;
+    let net = iface.as_ref().map(|i| state.networks[&i.network].clone());
+    if let (Some(net), Some(iface)) = (&net, &iface) {
+        if net.internal && !ports.is_empty() {
+            bail!(
+                "network {} is internal: it publishes no ports",
+                iface.network
+            );
+        }
+        // A mapping for both families publishes only IPv4 on an IPv4-only network.
         let ipv6 = net.subnet6.is_some();
-        crate::portmap::check_families(&spec.ports, &want.network, ipv6)?;
-        spec.ports = crate::portmap::for_network(&spec.ports, ipv6);
+        crate::portmap::check_families(&ports, &iface.network, ipv6)?;
+        ports = crate::portmap::for_network(&ports, ipv6);
+        if net.routed() {
+            // Docker's routed mode: the container's own address and port, no host port (for
+            // IPv4; the IPv6 side keeps its own mode).
+            ports = crate::portmap::routed4(&ports, iface.ip);
+        }
     }
-    check_ports(state, name, &spec.ports)?;
+    let nat_min = if ctx.dp.is_loaded() {
+        ctx.dp.config().map(|c| c.nat_port_min)
+    } else {
+        Ok(md_common::Config::defaults().nat_port_min)
+    }?;
+    crate::hostports::pick_random(
+        &mut ports,
+        |p| {
+            state
+                .containers
+                .values()
+                .any(|c| c.ports.iter().any(|q| q.conflicts_with(p)))
+        },
+        nat_min,
+    )?;
+    check_ports(state, name, &ports)?;
     // A runtime may hold its ports itself (Podman's conmon does, to reserve them).
     if spec.cni.is_none() {
-        crate::hostports::check_free(&spec.ports, state)?;
+        crate::hostports::check_free(&ports, state)?;
     }
+    let extra_hosts = dns::resolve_extra_hosts(&spec.extra_hosts, net.as_ref())?;
+    let dns_settings = if spec.iface.is_some() && spec.cni.is_none() {
+        spec.dns.settings(&ctx.opts.resolv_conf)
+    } else {
+        Default::default()
+    };
     let mut interfaces = Vec::new();
-    if let Some(want) = &spec.iface {
-        let iface = allocate(state, want, &new_veth_name())?;
+    if let Some(iface) = iface {
         host::ensure_datapath(nl, &ctx.dp, state, &ctx.opts).await?;
         crate::timing::mark("datapath");
         interfaces.push(iface);
@@ -136,7 +176,7 @@ pub async fn reserve(
         hostname: spec.hostname,
         mode: spec.mode,
         interfaces,
-        ports: spec.ports,
+        ports,
         cmd: spec.cmd,
         pid: 0,
         pid_start: 0,
@@ -148,9 +188,12 @@ pub async fn reserve(
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs(),
-        aliases: spec.aliases,
+        aliases: Vec::new(),
         cni: spec.cni,
         privileged: spec.privileged,
+        dns: dns_settings,
+        extra_hosts,
+        exposed: spec.exposed,
     };
     state.identity_for(name)?;
     // Recorded before anything exists, so a crash mid-setup is reclaimed by the next command.
@@ -181,22 +224,48 @@ fn allocate(state: &State, want: &IfaceSpec, veth: &str) -> Result<Interface> {
         .get(&want.network)
         .with_context(|| format!("no such network: {}", want.network))?;
     let used = state.used_ips(&want.network);
+    let gw = net.gateway();
     let ip = match want.ip {
         Some(ip) => {
-            net.subnet.check_static(ip, &used)?;
+            net.subnet.check_static_with(ip, gw, &used)?;
             ip
         }
-        None => net.subnet.allocate(&used)?,
+        None => net.subnet.allocate_in(net.ip_range.as_ref(), gw, &used)?,
+    };
+    let macs: HashSet<[u8; 6]> = state
+        .containers
+        .values()
+        .flat_map(|c| c.interfaces.iter())
+        .filter(|i| i.network == want.network)
+        .map(|i| i.mac)
+        .chain([mac_for(gw)])
+        .collect();
+    let mac = match want.mac {
+        Some(m) if macs.contains(&m) => bail!(
+            "MAC address {} is already in use on network {}",
+            crate::ipam::format_mac(&m),
+            want.network
+        ),
+        Some(m) => m,
+        // Derived from the address, unless a static MAC took that one: then a random one.
+        None => std::iter::once(mac_for(ip))
+            .chain(std::iter::repeat_with(|| {
+                let r = random_u64().to_ne_bytes();
+                [0x02, r[0], r[1], r[2], r[3], r[4]]
+            }))
+            .find(|m| !macs.contains(m))
+            .expect("an unused MAC"),
     };
     let ip6 = network::allocate6(state, net, &want.network, want.ip6)?;
     Ok(Interface {
         network: want.network.clone(),
         ip,
         ip6,
-        mac: want.mac.unwrap_or_else(|| mac_for(ip)),
+        mac,
         veth: veth.to_string(),
         ifindex: 0,
         name: want.name.clone(),
+        aliases: want.aliases.clone(),
     })
 }
 
@@ -395,7 +464,7 @@ pub async fn check(
         .networks
         .get(&iface.network)
         .with_context(|| format!("network {} is gone", iface.network))?;
-    let gw = net.subnet.gateway();
+    let gw = net.default_route();
     match nl.link_by_name(&iface.veth).await? {
         None => drift.push(format!("host veth {} is missing", iface.veth)),
         Some(l) if l.index != iface.ifindex => drift.push(format!(
@@ -438,8 +507,13 @@ pub async fn check(
                     iface.ip, net.subnet.prefix_len
                 ));
             }
-            if pos == 0 && side.default_gateway != Some(gw) {
-                drift.push(format!("the default route via {gw} is missing"));
+            if pos == 0 && side.default_gateway != gw {
+                match gw {
+                    Some(gw) => drift.push(format!("the default route via {gw} is missing")),
+                    None => {
+                        drift.push("an internal network's container has a default route".into())
+                    }
+                }
             }
         }
     }

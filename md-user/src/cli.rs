@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(
     name = "md-user",
-    version,
+    version = crate::VERSION,
     about = "Container networking whose datapath is eBPF, not iptables"
 )]
 pub struct Cli {
@@ -168,6 +168,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Published ports of a container, as `docker port` prints them (PORT: only that container
+    /// port's host addresses).
+    Port {
+        name: String,
+        #[arg(value_name = "PRIVATE_PORT[/PROTO]")]
+        port: Option<String>,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Internal: write md-user's man pages (md-user.1 and one per subcommand) into DIR.
+    #[command(name = "__man", hide = true)]
+    Man { dir: PathBuf },
     /// Run a packet from FROM to TO through md's programs (a private copy: nothing live
     /// changes) and show every program, map entry and verdict on the way, and the answer's
     /// way back. FROM/TO: a container name, outside:IP, host, or an address (FROM also a
@@ -190,6 +205,30 @@ pub enum NetworkCmd {
         /// CIDR [default: the first free 172.19-31.0.0/16].
         #[arg(long)]
         subnet: Option<String>,
+        /// The bridge's address, the containers' default route [default: the subnet's first
+        /// address].
+        #[arg(long)]
+        gateway: Option<std::net::Ipv4Addr>,
+        /// Allocate container addresses from this part of the subnet only (CIDR).
+        #[arg(long, value_name = "CIDR")]
+        ip_range: Option<String>,
+        /// MTU of the bridge, the veths and the containers' interfaces (68-65535).
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// No way out: no default route in the containers, nothing leaves by or comes in
+        /// from an uplink, no published ports, no upstream DNS.
+        #[arg(long)]
+        internal: bool,
+        /// How the network meets the outside (Docker 28's gateway_mode_ipv4): `nat`
+        /// (masquerade), `routed` (container addresses routed as they are; from outside only
+        /// their published ports, on their own address and port) or `isolated` (with
+        /// --internal: no address on the bridge, not even the host is reachable).
+        #[arg(long, value_name = "MODE")]
+        gateway_mode: Option<String>,
+        /// Driver option KEY=VALUE: com.docker.network.bridge.name,
+        /// com.docker.network.driver.mtu, com.docker.network.bridge.gateway_mode_ipv4.
+        #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+        opt: Vec<String>,
         /// Dual-stack: containers get an IPv6 address too.
         #[arg(long)]
         ipv6: bool,
@@ -201,6 +240,13 @@ pub enum NetworkCmd {
         /// reachable directly, on their published ports only); Docker's gateway_mode_ipv6.
         #[arg(long, value_parser = ["nat", "routed"], default_value = "nat")]
         gateway_mode_ipv6: String,
+    },
+    /// Show a network as `docker network inspect` does (--json: its JSON array).
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// List networks.
     Ls {
@@ -221,6 +267,10 @@ pub enum NetworkCmd {
         /// Static IPv6 address on a dual-stack NETWORK.
         #[arg(long)]
         ip6: Option<std::net::Ipv6Addr>,
+        /// Another name for the container on NETWORK (repeatable; any number of containers
+        /// may share one: DNS answers with all of them).
+        #[arg(long = "alias", value_name = "NAME")]
+        aliases: Vec<String>,
     },
     /// Remove a running container's interface on NETWORK.
     Disconnect { network: String, container: String },
@@ -267,9 +317,37 @@ pub struct RunArgs {
     /// Return once the network is ready; a supervisor tears it down when CMD exits.
     #[arg(short = 'd', long)]
     pub detach: bool,
-    /// Publish a port: [IP:]HOST:CONTAINER[/tcp|udp], ranges as H1-H2:C1-C2.
+    /// Publish a port: [IP:][HOST:]CONTAINER[/tcp|udp], ranges as H1-H2:C1-C2; without
+    /// HOST (`-p 80`, `-p 127.0.0.1::80`) on a random free host port.
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub publish: Vec<String>,
+    /// Publish every --expose'd port on a random free host port.
+    #[arg(short = 'P', long = "publish-all")]
+    pub publish_all: bool,
+    /// Expose a port or range: PORT[-END][/tcp|udp] (published with -P).
+    #[arg(long, value_name = "PORT")]
+    pub expose: Vec<String>,
+    /// Another name for the container on its network (repeatable; shared names answer with
+    /// every container that has them).
+    #[arg(long = "network-alias", value_name = "NAME")]
+    pub network_alias: Vec<String>,
+    /// Add a line to /etc/hosts: NAME:IP (IP may be `host-gateway`: the host, at the
+    /// network's gateway).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// A nameserver md's resolver forwards this container's other names to (instead of the
+    /// host's).
+    #[arg(long, value_name = "IP")]
+    pub dns: Vec<String>,
+    /// A search domain for resolv.conf (`.`: none) [default: the host's].
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    pub dns_search: Vec<String>,
+    /// An option for resolv.conf, like ndots:2 [default: the host's, and ndots:0].
+    #[arg(long = "dns-option", value_name = "OPT")]
+    pub dns_option: Vec<String>,
+    /// The container's MAC address [default: 02:42 and its IPv4 address].
+    #[arg(long = "mac-address", value_name = "MAC")]
+    pub mac_address: Option<String>,
     /// Network: `bridge` (default), a network from `network create`, `none` (only lo),
     /// `host` (the host's namespace) or `container:NAME` (share NAME's).
     #[arg(long, default_value = "bridge")]

@@ -25,7 +25,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifier, TcAttachOptions, TcAttachType},
-        CgroupAttachMode, CgroupSockAddr, LinkOrder,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError,
     },
     util::KernelVersion,
     Btf, EbpfLoader, Pod,
@@ -233,7 +233,7 @@ impl Datapath {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("loading {name}"))?;
+            load_retrying(|| prog.load()).with_context(|| format!("loading {name}"))?;
             prog.pin(self.prog_pin(name))
                 .with_context(|| format!("pinning {name}"))?;
         }
@@ -242,7 +242,7 @@ impl Datapath {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("loading {name}"))?;
+            load_retrying(|| prog.load()).with_context(|| format!("loading {name}"))?;
             prog.pin(self.prog_pin(name))
                 .with_context(|| format!("pinning {name}"))?;
         }
@@ -797,4 +797,22 @@ pub fn monotonic_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Loads a program, again when the verifier gave up with EAGAIN: it does when a signal is
+/// pending for the loading thread (libbpf retries the same way).
+pub fn load_retrying(
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> Result<(), ProgramError> {
+    let mut tries = 0;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
 }

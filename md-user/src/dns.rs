@@ -5,13 +5,13 @@
 //! and gone with its last. It answers container names that share a network with the asker and
 //! forwards everything else to the upstream servers of the host's resolv.conf (over IPv4 or
 //! IPv6, whichever each server's address is). Containers on dual-stack networks are known by
-//! both addresses: A and AAAA records, and both in /etc/hosts.
+//! both addresses: A and AAAA records, PTR for both, and both in /etc/hosts.
 
 use std::{
     collections::HashSet,
     fs::{self, OpenOptions},
     io::Write,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -20,12 +20,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use hickory_proto::{
     op::{Message, MessageType, ResponseCode},
     rr::{
-        rdata::{A, AAAA},
-        DNSClass, RData, Record, RecordType,
+        rdata::{A, AAAA, PTR},
+        DNSClass, Name, RData, Record, RecordType,
     },
 };
 use tokio::{
@@ -33,7 +33,147 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use crate::state::{Container, Interface, State, StateDir, StateReader};
+use crate::state::{
+    Container, DnsSettings, ExtraHost, Interface, Network, State, StateDir, StateReader,
+};
+
+/// What `run --dns`, `--dns-search` and `--dns-option` asked for (None: the host's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsRequest {
+    pub servers: Vec<std::net::IpAddr>,
+    pub search: Option<Vec<String>>,
+    pub options: Option<Vec<String>>,
+}
+
+impl DnsRequest {
+    /// Checks the flags' values. `--dns-search .` means no search domains at all (Docker's).
+    pub fn parse(servers: &[String], search: &[String], options: &[String]) -> Result<DnsRequest> {
+        let servers = servers
+            .iter()
+            .map(|s| {
+                let ip: std::net::IpAddr = s
+                    .parse()
+                    .with_context(|| format!("--dns {s:?} is not an IP address"))?;
+                if ip.is_loopback() || ip.is_unspecified() {
+                    // The resolver forwards from the host's namespace: a loopback server
+                    // there is the host's, not the container's.
+                    bail!("--dns {ip}: md's resolver forwards from the host, give a server the host reaches (not loopback)");
+                }
+                Ok(ip)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for d in search {
+            let ok = d == "."
+                || (d.len() <= 253
+                    && d.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    }));
+            if !ok {
+                bail!("--dns-search {d:?} is not a domain name");
+            }
+        }
+        for o in options {
+            if o.is_empty() || !o.bytes().all(|b| b.is_ascii_graphic()) {
+                bail!("--dns-option {o:?}: one option without spaces, like ndots:2 or edns0");
+            }
+            if let Some(n) = o.strip_prefix("ndots:") {
+                if n.parse::<u8>().is_err() {
+                    bail!("--dns-option {o:?}: ndots takes a number");
+                }
+            }
+        }
+        Ok(DnsRequest {
+            servers,
+            search: (!search.is_empty())
+                .then(|| search.iter().filter(|d| *d != ".").cloned().collect()),
+            options: (!options.is_empty()).then(|| options.to_vec()),
+        })
+    }
+
+    /// The container's settings: what was asked for, the rest from the host's resolv.conf
+    /// (its search domains and options, as Docker copies them).
+    pub fn settings(&self, host_resolv: &Path) -> DnsSettings {
+        let host = fs::read_to_string(host_resolv).unwrap_or_default();
+        let (mut search, mut options) = (Vec::new(), Vec::new());
+        for line in host.lines() {
+            let mut w = line.split_whitespace();
+            match w.next() {
+                // The last search (or domain) line wins, options accumulate.
+                Some("search" | "domain") => search = w.map(str::to_string).collect(),
+                Some("options") => options.extend(w.map(str::to_string)),
+                _ => {}
+            }
+        }
+        DnsSettings {
+            servers: self.servers.clone(),
+            search: self.search.clone().unwrap_or(search),
+            options: self.options.clone().unwrap_or(options),
+        }
+    }
+}
+
+/// The address of an `--add-host` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostAddr {
+    Ip(std::net::IpAddr),
+    /// The host, as the container reaches it: its network's gateway.
+    HostGateway,
+}
+
+/// Parses `--add-host NAME:IP` (also `NAME=IP`, `[IPv6]`, and `host-gateway`).
+pub fn parse_add_host(s: &str) -> Result<(String, HostAddr)> {
+    let (name, addr) = s
+        .split_once(['=', ':'])
+        .with_context(|| format!("--add-host {s:?} must be NAME:IP"))?;
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && !name.starts_with(['-', '.']);
+    if !name_ok {
+        bail!("--add-host {s:?}: {name:?} is not a host name");
+    }
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    let addr = if addr == "host-gateway" {
+        HostAddr::HostGateway
+    } else {
+        HostAddr::Ip(
+            addr.parse()
+                .with_context(|| format!("--add-host {s:?}: {addr:?} is not an IP address"))?,
+        )
+    };
+    Ok((name.to_string(), addr))
+}
+
+/// The `--add-host` lines of a container on `net` (`host-gateway`: its gateway).
+pub fn resolve_extra_hosts(
+    hosts: &[(String, HostAddr)],
+    net: Option<&Network>,
+) -> Result<Vec<ExtraHost>> {
+    hosts
+        .iter()
+        .map(|(name, addr)| {
+            let ip = match addr {
+                HostAddr::Ip(ip) => *ip,
+                HostAddr::HostGateway => match net {
+                    Some(n) if n.has_gateway() => std::net::IpAddr::V4(n.gateway()),
+                    Some(_) => bail!(
+                        "--add-host {name}:host-gateway: the host has no address on an isolated network"
+                    ),
+                    None => bail!("--add-host {name}:host-gateway needs a network to reach the host on"),
+                },
+            };
+            Ok(ExtraHost {
+                name: name.clone(),
+                ip,
+            })
+        })
+        .collect()
+}
 
 /// Nameservers of a resolv.conf.
 pub fn upstreams(resolv_conf: &Path) -> Vec<SocketAddr> {
@@ -60,6 +200,13 @@ fn shared_iface<'a>(
                 .find(|i| i.network == n && nets.iter().any(|m| m == n))
         })
         .or_else(|| peer.interfaces.iter().find(|i| nets.contains(&i.network)))
+}
+
+/// An interface's addresses: IPv4, and IPv6 on a dual-stack network.
+pub type Addrs = (Ipv4Addr, Option<Ipv6Addr>);
+
+fn addrs(i: &Interface) -> Addrs {
+    (i.ip, i.ip6)
 }
 
 fn is_a_name(state: &State, name: &str) -> bool {
@@ -114,28 +261,105 @@ fn hosts_lines(names: &NameSet, i: &Interface, c: &Container) -> String {
     s
 }
 
-/// The interface a container name (or hostname) resolves to for someone on `nets`.
-fn lookup<'a>(
-    state: &'a State,
-    nets: &[String],
-    network: Option<&str>,
-    name: &str,
-) -> Option<&'a Interface> {
+/// Resolves a name for someone on `nets`: the container of that name (one address), else
+/// every container with that network alias, alias or hostname on a network they share (a
+/// service scaled to several containers answers with all of them). Names win over aliases and
+/// hostnames.
+pub fn lookup(state: &State, nets: &[String], network: Option<&str>, name: &str) -> Vec<Addrs> {
     let name = name.trim_end_matches('.');
-    let by_name = is_a_name(state, name);
-    state
-        .containers
-        .values()
-        .filter(|c| {
-            if by_name {
-                c.name.eq_ignore_ascii_case(name)
-            } else {
-                // Hostnames and aliases, unless a container has that name (names win).
-                c.hostname.eq_ignore_ascii_case(name)
-                    || c.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-            }
-        })
-        .find_map(|c| shared_iface(c, nets, network))
+    let is = |s: &str| s.eq_ignore_ascii_case(name);
+    if is_a_name(state, name) {
+        return state
+            .containers
+            .values()
+            .filter(|c| is(&c.name))
+            .filter_map(|c| shared_iface(c, nets, network))
+            .map(addrs)
+            .take(1)
+            .collect();
+    }
+    let mut out = Vec::new();
+    for c in state.containers.values() {
+        // A network alias is the address on its own network, for askers on that network
+        // (the preferred network first).
+        let aliased = c
+            .interfaces
+            .iter()
+            .filter(|i| nets.contains(&i.network) && i.aliases.iter().any(|a| is(a)))
+            .min_by_key(|i| Some(i.network.as_str()) != network)
+            .map(addrs);
+        let ip = aliased.or_else(|| {
+            (is(&c.hostname) || c.aliases.iter().any(|a| is(a)))
+                .then(|| shared_iface(c, nets, network).map(addrs))
+                .flatten()
+        });
+        if let Some(ip) = ip.filter(|ip| !out.contains(ip)) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
+/// `NAME.NETWORK` (what PTR answers give) for someone on NETWORK: NAME looked up there.
+fn lookup_qualified(state: &State, nets: &[String], name: &str) -> Vec<Addrs> {
+    let name = name.trim_end_matches('.');
+    for n in nets {
+        let Some(short) = name
+            .len()
+            .checked_sub(n.len() + 1)
+            .filter(|&cut| name.is_char_boundary(cut))
+            .map(|cut| (&name[..cut], &name[cut..]))
+            .filter(|(_, tail)| tail[1..].eq_ignore_ascii_case(n) && tail.starts_with('.'))
+            .map(|(short, _)| short)
+        else {
+            continue;
+        };
+        let found = lookup(state, std::slice::from_ref(n), Some(n), short);
+        if !found.is_empty() {
+            return found;
+        }
+    }
+    Vec::new()
+}
+
+/// The address a reverse name (`4.3.2.1.in-addr.arpa.`, or IPv6's 32 nibbles under
+/// `ip6.arpa.`) is about.
+fn reverse_addr(name: &str) -> Option<IpAddr> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if let Some(rest) = name.strip_suffix(".ip6.arpa") {
+        let nibbles: Vec<u8> = rest
+            .split('.')
+            .map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 1))
+            .collect::<Option<_>>()?;
+        if nibbles.len() != 32 {
+            return None;
+        }
+        // Least significant nibble first.
+        let mut o = [0u8; 16];
+        for (k, n) in nibbles.iter().rev().enumerate() {
+            o[k / 2] |= if k % 2 == 0 { n << 4 } else { *n };
+        }
+        return Some(IpAddr::V6(Ipv6Addr::from(o)));
+    }
+    let rest = name.strip_suffix(".in-addr.arpa")?;
+    let o: Vec<u8> = rest
+        .split('.')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    match o[..] {
+        [a, b, c, d] => Some(IpAddr::V4(Ipv4Addr::new(d, c, b, a))),
+        _ => None,
+    }
+}
+
+/// PTR: a container address on a network the asker is on names `NAME.NETWORK.` (Docker's).
+fn reverse(state: &State, nets: &[String], ip: IpAddr) -> Option<String> {
+    state.containers.values().find_map(|c| {
+        c.interfaces
+            .iter()
+            .find(|i| has_ip(i, ip) && nets.contains(&i.network))
+            .map(|i| format!("{}.{}.", c.name, i.network))
+    })
 }
 
 fn networks_of(c: &Container) -> Vec<String> {
@@ -150,6 +374,10 @@ pub fn render_hosts(state: &State, c: &Container) -> String {
 
 fn render_hosts_with(state: &State, names: &NameSet, c: &Container) -> String {
     let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    // `--add-host` entries before the container's own, as Docker writes them.
+    for h in &c.extra_hosts {
+        s.push_str(&format!("{}\t{}\n", h.ip, h.name));
+    }
     match c.interfaces.first() {
         Some(i) => s.push_str(&hosts_lines(names, i, c)),
         None => s.push_str(&hosts_line(names, "127.0.1.1", c)),
@@ -163,14 +391,44 @@ fn render_hosts_with(state: &State, names: &NameSet, c: &Container) -> String {
     s
 }
 
-/// /etc/resolv.conf of a container: its network's resolver.
+/// /etc/resolv.conf of a container: its network's resolver, then the search domains and
+/// options (`--dns-search`/`--dns-option` or the host's), with `ndots:0` unless an option sets
+/// ndots, as Docker writes it for a network with its internal resolver (names with dots are
+/// tried as they are first).
 pub fn render_resolv(state: &State, c: &Container) -> Option<String> {
-    let net = state.networks.get(&c.interfaces.first()?.network)?;
-    Some(format!(
-        "# md: the resolver of network {}\nnameserver {}\n",
-        c.interfaces[0].network,
-        net.subnet.gateway()
-    ))
+    let iface = c.interfaces.first()?;
+    let net = state.networks.get(&iface.network)?;
+    let mut s = if net.has_gateway() {
+        format!(
+            "# md: the resolver of network {}\nnameserver {}\n",
+            iface.network,
+            net.gateway()
+        )
+    } else {
+        format!(
+            "# md: network {} is isolated, the host has no address on it: no resolver (names are in /etc/hosts)\n",
+            iface.network
+        )
+    };
+    if !c.dns.search.is_empty() {
+        s.push_str(&format!("search {}\n", c.dns.search.join(" ")));
+    }
+    let mut options: Vec<&str> = c
+        .dns
+        .options
+        .iter()
+        .map(String::as_str)
+        // An ndots the resolver library would not take is dropped (Docker does the same).
+        .filter(|o| {
+            o.strip_prefix("ndots:")
+                .is_none_or(|n| n.parse::<u8>().is_ok())
+        })
+        .collect();
+    if !options.iter().any(|o| o.starts_with("ndots:")) {
+        options.push("ndots:0");
+    }
+    s.push_str(&format!("options {}\n", options.join(" ")));
+    Some(s)
 }
 
 fn write_in_place(path: &Path, content: &str) -> Result<()> {
@@ -273,12 +531,15 @@ fn has_ip(i: &Interface, ip: IpAddr) -> bool {
     }
 }
 
-/// Builds the answer to a query for a container name, or None to forward it.
+/// Builds the answer to a query for a container name (A and AAAA: every address of the name,
+/// rotated by `turn` so clients of a scaled service spread over its containers) or a container
+/// address (PTR), or None to forward it.
 pub fn answer(
     state: &State,
     network: &str,
     asker: impl Into<IpAddr>,
     query: &Message,
+    turn: usize,
 ) -> Option<Message> {
     let asker = asker.into();
     let q = query.queries().first()?;
@@ -292,7 +553,6 @@ pub fn answer(
         .map(networks_of)
         .unwrap_or_else(|| vec![network.to_string()]);
     let name = q.name().to_ascii();
-    let iface = lookup(state, &asker_nets, Some(network), &name)?;
     let mut m = Message::new();
     m.set_id(query.id())
         .set_message_type(MessageType::Response)
@@ -302,23 +562,43 @@ pub fn answer(
         .set_recursion_available(true)
         .set_response_code(ResponseCode::NoError)
         .add_query(q.clone());
-    let a = || Record::from_rdata(q.name().clone(), 0, RData::A(A(iface.ip)));
-    let aaaa = |ip6| Record::from_rdata(q.name().clone(), 0, RData::AAAA(AAAA(ip6)));
-    match (q.query_type(), iface.ip6) {
-        (RecordType::A, _) => {
-            m.add_answer(a());
-        }
-        (RecordType::AAAA, Some(ip6)) => {
-            m.add_answer(aaaa(ip6));
-        }
-        (RecordType::ANY, ip6) => {
-            m.add_answer(a());
-            if let Some(ip6) = ip6 {
-                m.add_answer(aaaa(ip6));
-            }
-        }
+    if q.query_type() == RecordType::PTR {
+        let target = reverse(state, &asker_nets, reverse_addr(&name)?)?;
+        let target = Name::from_ascii(&target).ok()?;
+        m.add_answer(Record::from_rdata(
+            q.name().clone(),
+            0,
+            RData::PTR(PTR(target)),
+        ));
+        return Some(m);
+    }
+    let mut ips = lookup(state, &asker_nets, Some(network), &name);
+    if ips.is_empty() {
+        ips = lookup_qualified(state, &asker_nets, &name);
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    let n = ips.len();
+    ips.rotate_left(turn % n);
+    let (want_a, want_aaaa) = match q.query_type() {
+        RecordType::A => (true, false),
+        RecordType::AAAA => (false, true),
+        RecordType::ANY => (true, true),
         // The name exists, with no address of that type: NOERROR, empty.
-        _ => {}
+        _ => (false, false),
+    };
+    for (ip, ip6) in ips {
+        if want_a {
+            m.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(ip))));
+        }
+        if let (true, Some(ip6)) = (want_aaaa, ip6) {
+            m.add_answer(Record::from_rdata(
+                q.name().clone(),
+                0,
+                RData::AAAA(AAAA(ip6)),
+            ));
+        }
     }
     Some(m)
 }
@@ -355,12 +635,19 @@ impl Names {
 #[derive(Debug, PartialEq)]
 enum Reply {
     Now(Vec<u8>),
-    Forward,
+    /// To the asker's own servers (`--dns`), or the host's when it has none.
+    Forward(Vec<std::net::IpAddr>),
     Nothing,
 }
 
 /// The resolver's decision for a query from `asker`, the same over UDP and TCP.
-fn reply(state: &State, network: &str, asker: std::net::IpAddr, query: &[u8]) -> Reply {
+fn reply(
+    state: &State,
+    network: &str,
+    asker: std::net::IpAddr,
+    query: &[u8],
+    turn: usize,
+) -> Reply {
     // An IPv4-mapped address is the IPv4 address it maps.
     let asker = match asker {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(asker),
@@ -368,19 +655,28 @@ fn reply(state: &State, network: &str, asker: std::net::IpAddr, query: &[u8]) ->
     };
     // Only md's containers may ask: the gateway address may be reachable from elsewhere, and
     // an open forwarder is not what md runs.
-    if !state
+    let Some(c) = state
         .containers
         .values()
-        .any(|c| c.interfaces.iter().any(|i| has_ip(i, asker)))
-    {
+        .find(|c| c.interfaces.iter().any(|i| has_ip(i, asker)))
+    else {
         return refused(query).map_or(Reply::Nothing, Reply::Now);
-    }
+    };
     if let Ok(msg) = Message::from_vec(query) {
-        if let Some(reply) = answer(state, network, asker, &msg) {
+        if let Some(reply) = answer(state, network, asker, &msg, turn) {
             return reply.to_vec().map_or(Reply::Nothing, Reply::Now);
         }
     }
-    Reply::Forward
+    // A container with no way out (only internal networks) gets no answers from outside
+    // either: DNS would be its way out.
+    let outside = c
+        .interfaces
+        .iter()
+        .any(|i| state.networks.get(&i.network).is_some_and(|n| !n.internal));
+    if !outside {
+        return refused(query).map_or(Reply::Nothing, Reply::Now);
+    }
+    Reply::Forward(c.dns.servers.clone())
 }
 
 /// What every query handler shares.
@@ -391,20 +687,25 @@ struct Resolver {
     own: std::net::IpAddr,
     /// How long a TCP client may stay silent ([`TCP_IDLE`]).
     idle: Duration,
+    /// Answers so far: where the next multi-address answer starts (round robin).
+    turn: AtomicUsize,
 }
 
 impl Resolver {
     fn decide(&self, asker: std::net::IpAddr, query: &[u8]) -> Reply {
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        reply(names.current(), &self.network, asker, query)
+        reply(names.current(), &self.network, asker, query, turn)
     }
 
-    /// The upstream servers, never ourselves.
-    fn upstreams(&self) -> Vec<SocketAddr> {
-        upstreams(&self.resolv_conf)
-            .into_iter()
-            .filter(|u| u.ip() != self.own)
-            .collect()
+    /// The upstream servers (the asker's own, else the host's), never ourselves.
+    fn upstreams(&self, own: &[std::net::IpAddr]) -> Vec<SocketAddr> {
+        let servers = if own.is_empty() {
+            upstreams(&self.resolv_conf)
+        } else {
+            own.iter().map(|ip| SocketAddr::new(*ip, 53)).collect()
+        };
+        servers.into_iter().filter(|u| u.ip() != self.own).collect()
     }
 }
 
@@ -433,6 +734,7 @@ pub async fn serve(
         resolv_conf,
         own: std::net::IpAddr::V4(*listen.ip()),
         idle: TCP_IDLE,
+        turn: AtomicUsize::new(0),
     });
     let conns = Arc::new(AtomicUsize::new(0));
     let mut buf = vec![0u8; 4096];
@@ -447,8 +749,8 @@ pub async fn serve(
                         let _ = sock.send_to(&bytes, peer).await;
                     }
                     Reply::Nothing => {}
-                    Reply::Forward => {
-                        let (q, sock, ups) = (query.to_vec(), sock.clone(), res.upstreams());
+                    Reply::Forward(own) => {
+                        let (q, sock, ups) = (query.to_vec(), sock.clone(), res.upstreams(&own));
                         tokio::spawn(async move {
                             if let Some(resp) = forward(&q, &ups).await {
                                 let _ = sock.send_to(&resp, peer).await;
@@ -487,8 +789,8 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, res: &Resolver) {
         let resp = match res.decide(peer.ip(), &query) {
             Reply::Now(bytes) => Some(bytes),
             Reply::Nothing => None,
-            Reply::Forward => {
-                let ups = res.upstreams();
+            Reply::Forward(own) => {
+                let ups = res.upstreams(&own);
                 match forward_tcp(&query, &ups).await {
                     Some(r) => Some(r),
                     None => forward(&query, &ups).await,
@@ -593,8 +895,8 @@ mod tests {
         ipam::Subnet,
         state::{Interface, Network, Status},
     };
-    use hickory_proto::{op::Query, rr::Name};
-    use std::net::Ipv4Addr;
+    use hickory_proto::op::Query;
+    use std::collections::BTreeSet;
 
     fn container(name: &str, ifaces: &[(&str, [u8; 4])]) -> Container {
         Container {
@@ -615,6 +917,7 @@ mod tests {
                     veth: String::new(),
                     ifindex: 0,
                     name: "eth0".into(),
+                    aliases: vec![],
                 })
                 .collect(),
             ports: vec![],
@@ -629,6 +932,9 @@ mod tests {
             aliases: vec![],
             cni: None,
             privileged: false,
+            dns: DnsSettings::default(),
+            extra_hosts: vec![],
+            exposed: vec![],
         }
     }
 
@@ -645,6 +951,14 @@ mod tests {
                     routed6: false,
                     dns_pid: 0,
                     dns_start: 0,
+                    gateway: None,
+                    ip_range: None,
+                    mtu: None,
+                    internal: false,
+                    gateway_mode: Default::default(),
+                    options: Default::default(),
+                    uid: String::new(),
+                    created_unix: 0,
                 },
             );
         }
@@ -662,7 +976,7 @@ mod tests {
         let mut q = Message::new();
         q.set_id(7)
             .add_query(Query::query(Name::from_ascii(name).unwrap(), t));
-        answer(s, net, Ipv4Addr::from(asker), &q)
+        answer(s, net, Ipv4Addr::from(asker), &q, 0)
     }
 
     fn a_record(m: &Message) -> Option<Ipv4Addr> {
@@ -746,7 +1060,7 @@ mod tests {
     fn same_decision_for_members_only() {
         let s = lab();
         let member = std::net::IpAddr::V4(Ipv4Addr::new(172, 18, 0, 2));
-        let Reply::Now(r) = reply(&s, "bridge", member, &query(1, "b")) else {
+        let Reply::Now(r) = reply(&s, "bridge", member, &query(1, "b"), 0) else {
             panic!("a member asking for a peer gets an answer");
         };
         assert_eq!(
@@ -754,11 +1068,11 @@ mod tests {
             Some(Ipv4Addr::new(172, 18, 0, 3))
         );
         assert_eq!(
-            reply(&s, "bridge", member, &query(2, "example.org")),
-            Reply::Forward
+            reply(&s, "bridge", member, &query(2, "example.org"), 0),
+            Reply::Forward(vec![])
         );
         let stranger = std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9));
-        let Reply::Now(r) = reply(&s, "bridge", stranger, &query(3, "b")) else {
+        let Reply::Now(r) = reply(&s, "bridge", stranger, &query(3, "b"), 0) else {
             panic!("a stranger is told no");
         };
         let m = Message::from_vec(&r).unwrap();
@@ -786,6 +1100,7 @@ mod tests {
             resolv_conf: dir.join("none"),
             own: "127.0.0.1".parse().unwrap(),
             idle: Duration::from_millis(300),
+            turn: AtomicUsize::new(0),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -826,6 +1141,283 @@ mod tests {
         assert!(matches!(eof, Ok(Ok(0))), "{eof:?}");
         server.await.unwrap();
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn with_aliases(mut c: Container, aliases: &[&str]) -> Container {
+        c.interfaces[0].aliases = aliases.iter().map(|a| a.to_string()).collect();
+        c
+    }
+
+    fn a_records(m: &Message) -> Vec<Ipv4Addr> {
+        m.answers()
+            .iter()
+            .filter_map(|r| match r.data() {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn aliases_answer_with_every_container_in_turn() {
+        let mut s = lab();
+        for (n, ip) in [("w1", 10), ("w2", 11), ("w3", 12)] {
+            let c = with_aliases(container(n, &[("back", [10, 9, 0, ip])]), &["svc"]);
+            s.containers.insert(n.into(), c);
+        }
+        let mut firsts = BTreeSet::new();
+        for turn in 0..3 {
+            let mut q = Message::new();
+            q.add_query(Query::query(
+                Name::from_ascii("svc").unwrap(),
+                RecordType::A,
+            ));
+            let m = answer(&s, "back", Ipv4Addr::new(10, 9, 0, 4), &q, turn).unwrap();
+            let got = a_records(&m);
+            assert_eq!(got.len(), 3, "{got:?}");
+            firsts.insert(got[0]);
+        }
+        assert_eq!(firsts.len(), 3, "each turn starts with another container");
+        // A network alias is for its own network: a (on bridge only) does not see it.
+        assert!(ask(&s, "bridge", [172, 18, 0, 2], "svc", RecordType::A).is_none());
+        // A container named like the alias wins.
+        s.containers
+            .insert("svc".into(), container("svc", &[("back", [10, 9, 0, 20])]));
+        let m = ask(&s, "back", [10, 9, 0, 4], "svc", RecordType::A).unwrap();
+        assert_eq!(a_records(&m), [Ipv4Addr::new(10, 9, 0, 20)]);
+    }
+
+    #[test]
+    fn ptr_and_qualified_names() {
+        let s = lab();
+        let m = ask(
+            &s,
+            "back",
+            [10, 9, 0, 4],
+            "3.0.9.10.in-addr.arpa.",
+            RecordType::PTR,
+        )
+        .unwrap();
+        let ptr: Vec<String> = m
+            .answers()
+            .iter()
+            .filter_map(|r| match r.data() {
+                RData::PTR(p) => Some(p.0.to_ascii()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ptr, ["b.back."]);
+        // The name a PTR gives resolves too.
+        let m = ask(&s, "back", [10, 9, 0, 4], "b.back.", RecordType::A).unwrap();
+        assert_eq!(a_records(&m), [Ipv4Addr::new(10, 9, 0, 3)]);
+        // Not on a shared network, or no container: forwarded.
+        assert!(ask(
+            &s,
+            "bridge",
+            [172, 18, 0, 2],
+            "4.0.9.10.in-addr.arpa.",
+            RecordType::PTR
+        )
+        .is_none());
+        assert!(ask(
+            &s,
+            "back",
+            [10, 9, 0, 4],
+            "99.0.9.10.in-addr.arpa.",
+            RecordType::PTR
+        )
+        .is_none());
+        assert!(ask(&s, "bridge", [172, 18, 0, 2], "c.back", RecordType::A).is_none());
+        assert_eq!(
+            reverse_addr("1.2.3.4.IN-ADDR.ARPA"),
+            Some(Ipv4Addr::new(4, 3, 2, 1).into())
+        );
+        assert_eq!(reverse_addr("2.3.4.in-addr.arpa."), None);
+    }
+
+    #[test]
+    fn dual_stack_names_aaaa_and_ip6_ptr() {
+        let mut s = lab();
+        let ip6: Ipv6Addr = "fd00:1::3".parse().unwrap();
+        for n in ["b"] {
+            let c = s.containers.get_mut(n).unwrap();
+            c.interfaces[1].ip6 = Some(ip6);
+            c.interfaces[1].aliases = vec!["svc".into()];
+        }
+        let aaaa = |m: &Message| -> Vec<Ipv6Addr> {
+            m.answers()
+                .iter()
+                .filter_map(|r| match r.data() {
+                    RData::AAAA(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Asked over IPv4 or IPv6 (c has no IPv6: its IPv4 address asks).
+        let m = ask(&s, "back", [10, 9, 0, 4], "b", RecordType::AAAA).unwrap();
+        assert_eq!((aaaa(&m), a_records(&m)), (vec![ip6], vec![]));
+        let mut q = Message::new();
+        q.add_query(Query::query(
+            Name::from_ascii("svc").unwrap(),
+            RecordType::ANY,
+        ));
+        let m = answer(&s, "back", ip6, &q, 0).unwrap();
+        assert_eq!(
+            (aaaa(&m), a_records(&m)),
+            (vec![ip6], vec![Ipv4Addr::new(10, 9, 0, 3)])
+        );
+        // No IPv6 address: the name exists, with no AAAA.
+        let m = ask(&s, "back", [10, 9, 0, 3], "c", RecordType::AAAA).unwrap();
+        assert!(m.answers().is_empty());
+        let rev = "3.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.0.0.d.f.ip6.arpa.";
+        assert_eq!(reverse_addr(rev), Some(ip6.into()));
+        let m = ask(&s, "back", [10, 9, 0, 4], rev, RecordType::PTR).unwrap();
+        assert_eq!(m.answers().len(), 1);
+        assert!(reverse_addr("1.ip6.arpa.").is_none());
+        // Both addresses in the peers' hosts files.
+        let hosts = render_hosts(&s, &s.containers["c"]);
+        assert!(hosts.contains("fd00:1::3\tb\n"), "{hosts}");
+    }
+
+    #[test]
+    fn own_upstreams_and_internal_networks() {
+        let mut s = lab();
+        let mut d = container("d", &[("back", [10, 9, 0, 9])]);
+        d.dns.servers = vec!["192.0.2.53".parse().unwrap()];
+        s.containers.insert("d".into(), d);
+        let asker = |o: u8| std::net::IpAddr::V4(Ipv4Addr::new(10, 9, 0, o));
+        assert_eq!(
+            reply(&s, "back", asker(9), &query(1, "example.org"), 0),
+            Reply::Forward(vec!["192.0.2.53".parse().unwrap()])
+        );
+        // Only on an internal network: no forwarding, names still answered.
+        s.networks.get_mut("back").unwrap().internal = true;
+        let Reply::Now(r) = reply(&s, "back", asker(4), &query(2, "example.org"), 0) else {
+            panic!("an internal network's container is told no");
+        };
+        assert_eq!(
+            Message::from_vec(&r).unwrap().response_code(),
+            ResponseCode::Refused
+        );
+        assert!(matches!(
+            reply(&s, "back", asker(4), &query(3, "b"), 0),
+            Reply::Now(_)
+        ));
+        // b is on bridge too: it has a way out.
+        assert_eq!(
+            reply(&s, "back", asker(3), &query(4, "example.org"), 0),
+            Reply::Forward(vec![])
+        );
+    }
+
+    #[test]
+    fn resolv_conf_like_docker() {
+        let mut s = lab();
+        let r = render_resolv(&s, &s.containers["a"]).unwrap();
+        assert!(r.contains("nameserver 172.18.0.1\n"), "{r}");
+        assert!(r.ends_with("options ndots:0\n"), "{r}");
+        let c = s.containers.get_mut("a").unwrap();
+        c.dns = DnsSettings {
+            servers: vec![],
+            search: vec!["lab.test".into(), "example.org".into()],
+            options: vec!["ndots:3".into(), "edns0".into()],
+        };
+        let r = render_resolv(&s, &s.containers["a"]).unwrap();
+        assert!(r.contains("search lab.test example.org\n"), "{r}");
+        assert!(r.contains("options ndots:3 edns0\n"), "{r}");
+        assert!(!r.contains("ndots:0"), "{r}");
+        // An isolated network: no resolver to name.
+        let net = s.networks.get_mut("bridge").unwrap();
+        net.internal = true;
+        net.gateway_mode = crate::state::GatewayMode::Isolated;
+        let r = render_resolv(&s, &s.containers["a"]).unwrap();
+        assert!(!r.contains("nameserver"), "{r}");
+    }
+
+    #[test]
+    fn dns_flags_and_host_settings() {
+        let p = std::env::temp_dir().join(format!("md-resolv-host-{}", std::process::id()));
+        fs::write(
+            &p,
+            "nameserver 10.0.0.1\nsearch corp.example\noptions rotate\noptions timeout:2\n",
+        )
+        .unwrap();
+        let none = DnsRequest::parse(&[], &[], &[]).unwrap();
+        let got = none.settings(&p);
+        assert_eq!(got.search, ["corp.example"]);
+        assert_eq!(got.options, ["rotate", "timeout:2"]);
+        let own =
+            DnsRequest::parse(&["192.0.2.53".into()], &[".".into()], &["ndots:2".into()]).unwrap();
+        let got = own.settings(&p);
+        assert!(got.search.is_empty(), "`.`: no search domains");
+        assert_eq!(got.options, ["ndots:2"]);
+        assert_eq!(
+            got.servers,
+            ["192.0.2.53".parse::<std::net::IpAddr>().unwrap()]
+        );
+        fs::remove_file(&p).unwrap();
+        for (servers, search, options) in [
+            (&["x"][..], &[][..], &[][..]),
+            (&["127.0.0.1"], &[], &[]),
+            (&[], &["bad domain"], &[]),
+            (&[], &["a..b"], &[]),
+            (&[], &[], &["two words"]),
+            (&[], &[], &["ndots:x"]),
+        ] {
+            let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            assert!(
+                DnsRequest::parse(&v(servers), &v(search), &v(options)).is_err(),
+                "{servers:?} {search:?} {options:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn add_host_forms() {
+        assert_eq!(
+            parse_add_host("db:10.1.2.3").unwrap(),
+            ("db".into(), HostAddr::Ip("10.1.2.3".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_add_host("db=::1").unwrap().1,
+            HostAddr::Ip("::1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_add_host("v6:[2001:db8::1]").unwrap().1,
+            HostAddr::Ip("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_add_host("gw:host-gateway").unwrap().1,
+            HostAddr::HostGateway
+        );
+        for bad in [
+            "db",
+            "db:",
+            ":1.2.3.4",
+            "d b:1.2.3.4",
+            "db:1.2.3",
+            "db:host-gw",
+        ] {
+            assert!(parse_add_host(bad).is_err(), "{bad}");
+        }
+        let s = lab();
+        let net = &s.networks["back"];
+        let hosts = resolve_extra_hosts(
+            &[
+                ("gw".into(), HostAddr::HostGateway),
+                parse_add_host("x:1.2.3.4").unwrap(),
+            ],
+            Some(net),
+        )
+        .unwrap();
+        assert_eq!(hosts[0].ip.to_string(), "10.9.0.1");
+        assert!(resolve_extra_hosts(&[("gw".into(), HostAddr::HostGateway)], None).is_err());
+        let mut c = s.containers["a"].clone();
+        c.extra_hosts = hosts;
+        let h = render_hosts(&s, &c);
+        let own = h.find("172.18.0.2\ta").unwrap();
+        assert!(h.find("1.2.3.4\tx\n").unwrap() < own, "{h}");
+        assert!(h.contains("10.9.0.1\tgw\n"), "{h}");
     }
 
     #[test]

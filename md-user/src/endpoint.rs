@@ -31,7 +31,14 @@ pub async fn setup(
     let bridge = network::ensure_bridge(nl, dp, net).await?;
     crate::timing::mark("bridge");
     let host = nl
-        .create_veth(&iface.veth, bridge, &iface.name, iface.mac, netns.raw_fd())
+        .create_veth(
+            &iface.veth,
+            bridge,
+            &iface.name,
+            iface.mac,
+            netns.raw_fd(),
+            net.mtu,
+        )
         .await?;
     crate::timing::mark("veth");
     match attach(dp, netns, net, iface, identity, primary, host.index) {
@@ -108,9 +115,10 @@ fn attach(
             prefix_len: net.subnet.prefix_len,
             ip6: iface.ip6.zip(net.subnet6.map(|s| s.prefix_len)),
         }),
+        // An internal network has no way out: no default route, in either family.
         primary.then(|| crate::netlink::Gateways {
-            v4: net.subnet.gateway(),
-            v6: net.subnet6.map(|s| s.gateway()),
+            v4: net.default_route(),
+            v6: net.subnet6.filter(|_| !net.internal).map(|s| s.gateway()),
         }),
     )?;
     crate::timing::mark("container side");

@@ -215,7 +215,7 @@ pub fn check_free(ports: &[PortMapping], state: &State) -> Result<()> {
     }
     let own = own_sockets(state);
     let held = holders()?;
-    for p in ports {
+    for p in ports.iter().filter(|p| p.uses_host_port()) {
         if let Some(h) = held
             .iter()
             .find(|h| !own.contains(&h.inode) && h.clashes_with(p))
@@ -226,6 +226,71 @@ pub fn check_free(ports: &[PortMapping], state: &State) -> Result<()> {
                 p.proto
             );
         }
+    }
+    Ok(())
+}
+
+/// Where random host ports come from: the host's ephemeral range (Docker's choice too), below
+/// md's NAT range.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// The ephemeral range of md's host namespace, kept below `nat_min`.
+fn ephemeral_range(nat_min: u16) -> (u16, u16) {
+    let (lo, hi) = fs::read_to_string(LOCAL_PORT_RANGE)
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let hi = hi.min(nat_min.saturating_sub(1));
+    if lo > hi {
+        (32768, 60999.min(nat_min.saturating_sub(1)))
+    } else {
+        (lo, hi)
+    }
+}
+
+/// Gives every mapping without a host port one: a free port of the host's ephemeral range
+/// (random start, then the next ones) that `taken` does not claim, no host process holds and
+/// the host does not keep reserved. Called under the state lock, so two containers never get
+/// the same one.
+pub fn pick_random(
+    ports: &mut [PortMapping],
+    taken: impl Fn(&PortMapping) -> bool,
+    nat_min: u16,
+) -> Result<()> {
+    if !ports.iter().any(|p| p.random()) {
+        return Ok(());
+    }
+    let (lo, hi) = ephemeral_range(nat_min);
+    let held = holders()?;
+    let reserved = read_reserved().unwrap_or_default();
+    let span = u32::from(hi - lo) + 1;
+    for i in 0..ports.len() {
+        if !ports[i].random() {
+            continue;
+        }
+        let start = (crate::attach::random_u64() % u64::from(span)) as u32;
+        let free = (0..span)
+            .map(|k| lo + ((start + k) % span) as u16)
+            .map(|port| PortMapping {
+                host_port: port,
+                ..ports[i]
+            })
+            .find(|cand| {
+                !reserved.contains(&cand.host_port)
+                    && !held.iter().any(|h| h.clashes_with(cand))
+                    && !taken(cand)
+                    && !ports.iter().any(|q| !q.random() && q.conflicts_with(cand))
+            })
+            .with_context(|| {
+                format!(
+                    "no free host port left in {lo}-{hi} for {}/{}",
+                    ports[i].container_port, ports[i].proto
+                )
+            })?;
+        ports[i] = free;
     }
     Ok(())
 }
@@ -281,6 +346,7 @@ pub fn unreserved(ports: &[PortMapping]) -> Result<BTreeSet<u16>> {
     let now = read_reserved()?;
     Ok(ports
         .iter()
+        .filter(|p| p.uses_host_port())
         .map(|p| p.host_port)
         .filter(|p| !now.contains(p))
         .collect())
@@ -302,7 +368,12 @@ pub fn release(state: &mut State) -> Result<()> {
     let published: BTreeSet<u16> = state
         .containers
         .values()
-        .flat_map(|c| c.ports.iter().map(|p| p.host_port))
+        .flat_map(|c| {
+            c.ports
+                .iter()
+                .filter(|p| p.uses_host_port())
+                .map(|p| p.host_port)
+        })
         .collect();
     let back: BTreeSet<u16> = state
         .reserved_ports

@@ -57,27 +57,91 @@ impl Subnet {
     }
 
     /// Lowest address that is not the network, gateway, broadcast or in `used`.
+    #[cfg(test)]
     pub fn allocate(&self, used: &HashSet<Ipv4Addr>) -> Result<Ipv4Addr> {
-        let first = u32::from(self.gateway()) + 1;
-        let last = u32::from(self.broadcast()) - 1;
+        self.allocate_in(None, self.gateway(), used)
+    }
+
+    /// Lowest address of `range` (`--ip-range`; the whole subnet when None) that is not the
+    /// network, `gateway`, broadcast or in `used`.
+    pub fn allocate_in(
+        &self,
+        range: Option<&Subnet>,
+        gateway: Ipv4Addr,
+        used: &HashSet<Ipv4Addr>,
+    ) -> Result<Ipv4Addr> {
+        let pool = range.unwrap_or(self);
+        let first = u32::from(pool.network).max(u32::from(self.network) + 1);
+        let last = u32::from(pool.broadcast()).min(u32::from(self.broadcast()) - 1);
         (first..=last)
             .map(Ipv4Addr::from)
-            .find(|ip| !used.contains(ip))
-            .with_context(|| format!("subnet {self} has no free address"))
+            .find(|ip| *ip != gateway && !used.contains(ip))
+            .with_context(|| match range {
+                Some(r) => format!("ip range {r} of subnet {self} has no free address"),
+                None => format!("subnet {self} has no free address"),
+            })
     }
 
     /// Checks a requested static address.
+    #[cfg(test)]
     pub fn check_static(&self, ip: Ipv4Addr, used: &HashSet<Ipv4Addr>) -> Result<()> {
+        self.check_static_with(ip, self.gateway(), used)
+    }
+
+    /// Checks a requested static address against the subnet, its reserved addresses (network,
+    /// `gateway`, broadcast) and the addresses in use. As in Docker, a static address may lie
+    /// outside `--ip-range` (that is what ranges are for).
+    pub fn check_static_with(
+        &self,
+        ip: Ipv4Addr,
+        gateway: Ipv4Addr,
+        used: &HashSet<Ipv4Addr>,
+    ) -> Result<()> {
         if !self.contains(ip) {
             bail!("address {ip} is outside subnet {self}");
         }
-        if ip == self.network || ip == self.gateway() || ip == self.broadcast() {
+        if ip == self.network || ip == gateway || ip == self.broadcast() {
             bail!("address {ip} is reserved in subnet {self}");
         }
         if used.contains(&ip) {
             bail!("address {ip} is already in use");
         }
         Ok(())
+    }
+
+    /// Checks a `--gateway` for this subnet.
+    pub fn check_gateway(&self, gw: Ipv4Addr) -> Result<()> {
+        if !self.contains(gw) {
+            bail!("gateway {gw} is outside subnet {self}");
+        }
+        if gw == self.network || gw == self.broadcast() {
+            bail!("gateway {gw} is the network or broadcast address of subnet {self}");
+        }
+        Ok(())
+    }
+
+    /// Parses an `--ip-range` of this subnet: CIDR inside it, /32 at most.
+    pub fn parse_range(&self, s: &str) -> Result<Subnet> {
+        let (addr, len) = s
+            .split_once('/')
+            .with_context(|| format!("ip range {s:?} must be CIDR, like 172.20.5.0/24"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .with_context(|| format!("ip range {s:?}: {addr:?} is not an IPv4 address"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| (1..=32).contains(l))
+            .with_context(|| format!("ip range {s:?}: {len:?} is not a prefix length"))?;
+        let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+        let range = Subnet {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix_len: len,
+        };
+        if len < self.prefix_len || !self.contains(range.network) {
+            bail!("ip range {range} is not inside subnet {self}");
+        }
+        Ok(range)
     }
 }
 
@@ -241,6 +305,38 @@ pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x42, o[0], o[1], o[2], o[3]]
 }
 
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `--mac-address`: six hex octets separated by ':' (or '-'), a unicast address other
+/// than all zeros (the kernel refuses the others for an interface).
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let bad = || format!("invalid MAC address {s:?}: six hex bytes like 02:42:ac:12:00:09");
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        bail!("{}", bad());
+    }
+    let mut m = [0u8; 6];
+    for (b, p) in m.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            bail!("{}", bad());
+        }
+        *b = u8::from_str_radix(p, 16).with_context(bad)?;
+    }
+    if m[0] & 1 != 0 {
+        bail!("MAC address {s} is a multicast address; a container's must be unicast");
+    }
+    if m == [0; 6] {
+        bail!("MAC address {s} is all zeros");
+    }
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +384,50 @@ mod tests {
         assert!(s.check_static(Ipv4Addr::new(10, 9, 0, 5), &used).is_err());
         assert!(s.check_static(Ipv4Addr::new(10, 9, 0, 1), &used).is_err());
         assert!(s.check_static(Ipv4Addr::new(10, 9, 1, 6), &used).is_err());
+    }
+
+    #[test]
+    fn ranges_and_gateways() {
+        let s: Subnet = "10.9.0.0/24".parse().unwrap();
+        let r = s.parse_range("10.9.0.130/25").unwrap();
+        assert_eq!(r.to_string(), "10.9.0.128/25");
+        let none = HashSet::new();
+        assert_eq!(
+            s.allocate_in(Some(&r), s.gateway(), &none).unwrap(),
+            Ipv4Addr::new(10, 9, 0, 128)
+        );
+        // The last address of the range is the subnet's broadcast: never handed out.
+        let small = s.parse_range("10.9.0.254/31").unwrap();
+        let used: HashSet<_> = [Ipv4Addr::new(10, 9, 0, 254)].into();
+        assert!(s.allocate_in(Some(&small), s.gateway(), &used).is_err());
+        // A gateway of its own: .1 is free for containers, the gateway is not.
+        let gw = Ipv4Addr::new(10, 9, 0, 2);
+        s.check_gateway(gw).unwrap();
+        assert_eq!(
+            s.allocate_in(None, gw, &none).unwrap(),
+            Ipv4Addr::new(10, 9, 0, 1)
+        );
+        let used: HashSet<_> = [Ipv4Addr::new(10, 9, 0, 1)].into();
+        assert_eq!(
+            s.allocate_in(None, gw, &used).unwrap(),
+            Ipv4Addr::new(10, 9, 0, 3)
+        );
+        assert!(s.check_static_with(gw, gw, &none).is_err());
+        assert!(s
+            .check_static_with(Ipv4Addr::new(10, 9, 0, 1), gw, &none)
+            .is_ok());
+        for bad in [
+            "10.9.1.0/25",
+            "10.9.0.0/16",
+            "10.9.0.0",
+            "x/25",
+            "10.9.0.0/33",
+        ] {
+            assert!(s.parse_range(bad).is_err(), "{bad}");
+        }
+        for bad in ["10.9.0.0", "10.9.0.255", "10.9.1.1"] {
+            assert!(s.check_gateway(bad.parse().unwrap()).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -353,6 +493,25 @@ mod tests {
         let second = next_ula64(a, &[first]).unwrap();
         assert_eq!(second.network.octets()[7], 1);
         assert!(!second.overlaps(&first));
+    }
+
+    #[test]
+    fn macs_parse_and_print() {
+        let m = parse_mac("02:42:AC:12:00:09").unwrap();
+        assert_eq!(m, [0x02, 0x42, 0xac, 0x12, 0x00, 0x09]);
+        assert_eq!(format_mac(&m), "02:42:ac:12:00:09");
+        assert_eq!(parse_mac("02-42-ac-12-00-09").unwrap(), m);
+        for bad in [
+            "",
+            "02:42:ac:12:00",
+            "02:42:ac:12:00:09:01",
+            "02:42:ac:12:00:zz",
+            "2:42:ac:12:00:09",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -32,6 +32,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// `md-user --version`: the package version and the git revision it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("MD_GIT_REVISION"),
+    ")"
+);
+
 fn main() -> ExitCode {
     timing::start();
     if cni::called_as_plugin() {

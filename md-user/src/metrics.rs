@@ -475,7 +475,7 @@ impl Collector for Snapshot {
             self.ports
                 .iter()
                 .map(|p| {
-                    let host_ip = crate::portmap::host_ip_text(&p.port);
+                    let host_ip = p.port.host_ip_text();
                     let l = labels([
                         ("container", &p.container),
                         ("protocol", &p.port.proto.to_string()),
@@ -644,6 +644,7 @@ mod tests {
                     container_port: 80,
                     proto: Proto::Tcp,
                     family: Default::default(),
+                    routed: false,
                 },
                 hits: 4,
             }],

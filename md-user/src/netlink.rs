@@ -27,6 +27,7 @@ pub struct Link {
     /// IFF_UP is set.
     pub up: bool,
     pub layer: Layer,
+    pub mtu: Option<u32>,
 }
 
 /// The kernel's route for one destination (see [`Netlink::route_to`]).
@@ -92,12 +93,14 @@ fn parse_link(msg: LinkMessage) -> Link {
             .flags
             .contains(rtnetlink::packet_route::link::LinkFlags::Up),
         layer: msg.header.link_layer_type.into(),
+        mtu: None,
     };
     for attr in msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n,
             LinkAttribute::Address(a) => link.mac = a,
             LinkAttribute::Controller(c) => link.controller = Some(c),
+            LinkAttribute::Mtu(m) => link.mtu = Some(m),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
@@ -156,14 +159,15 @@ impl Netlink {
     }
 
     /// Creates the bridge if missing, with a fixed MAC (a bridge otherwise takes its lowest
-    /// port's MAC, and md's redirects need the gateway MAC to stay put), the gateway address,
-    /// and up. Returns it.
+    /// port's MAC, and md's redirects need the gateway MAC to stay put), the gateway address
+    /// (none for an isolated network), the MTU (set explicitly, so the bridge keeps it
+    /// whatever its ports have), and up. Returns it.
     pub async fn ensure_bridge(
         &self,
         name: &str,
-        gateway: Ipv4Addr,
-        prefix_len: u8,
+        address: Option<(Ipv4Addr, u8)>,
         mac: [u8; 6],
+        mtu: Option<u32>,
     ) -> Result<Link> {
         if self.link_by_name(name).await?.is_none() {
             let msg = LinkBridge::new(name).address(mac.to_vec()).up().build();
@@ -180,11 +184,27 @@ impl Netlink {
         if link.kind.as_deref() != Some("bridge") {
             anyhow::bail!("{name} exists and is not a bridge");
         }
+        if let Some(mtu) = mtu.filter(|m| Some(*m) != link.mtu) {
+            self.set_mtu(link.index, mtu)
+                .await
+                .with_context(|| format!("setting the MTU of {name} to {mtu}"))?;
+        }
         self.set_up(link.index).await?;
-        self.ensure_address(link.index, gateway, prefix_len)
-            .await
-            .with_context(|| format!("adding {gateway}/{prefix_len} to {name}"))?;
+        if let Some((gateway, prefix_len)) = address {
+            self.ensure_address(link.index, gateway, prefix_len)
+                .await
+                .with_context(|| format!("adding {gateway}/{prefix_len} to {name}"))?;
+        }
         Ok(link)
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .with_context(|| format!("setting the MTU of link {index}"))
     }
 
     pub async fn set_up(&self, index: u32) -> Result<()> {
@@ -220,17 +240,23 @@ impl Netlink {
         peer: &str,
         peer_mac: [u8; 6],
         netns_fd: i32,
+        mtu: Option<u32>,
     ) -> Result<Link> {
-        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
             .address(peer_mac.to_vec())
-            .setns_by_fd(netns_fd)
-            .build();
-        let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+            .setns_by_fd(netns_fd);
+        let mut host_msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
             .name(host.to_string())
             .controller(bridge)
-            .up()
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .up();
+        // Both ends with the network's MTU (the container's interface is the peer).
+        if let Some(mtu) = mtu {
+            peer_msg = peer_msg.mtu(mtu);
+            host_msg = host_msg.mtu(mtu);
+        }
+        let msg = host_msg
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
             .build();
         self.handle
             .link()
@@ -462,7 +488,7 @@ pub struct ContainerIface {
 
 /// The default routes of a container's primary interface.
 pub struct Gateways {
-    pub v4: Ipv4Addr,
+    pub v4: Option<Ipv4Addr>,
     pub v6: Option<Ipv6Addr>,
 }
 
@@ -529,7 +555,9 @@ pub fn configure_container_side(
                 .with_context(|| format!("adding {ip}/{prefix_len} to {name}"))?;
             nl.set_up(link.index).await?;
             if let Some(gw) = gateway {
-                nl.add_default_route(gw.v4).await?;
+                if let Some(gw4) = gw.v4 {
+                    nl.add_default_route(gw4).await?;
+                }
                 if let (Some(gw6), true) = (gw.v6, ipv6) {
                     nl.add_default_route6(gw6).await?;
                 }

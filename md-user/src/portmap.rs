@@ -1,7 +1,8 @@
 //! Port publishing: Docker's `-p` forms, parsed and checked before anything is created. As in
 //! Docker 27+, a mapping without an address publishes one host port on both families (on a
 //! dual-stack network), `0.0.0.0:` only on IPv4, `[::]:` only on IPv6, and an address only on
-//! its own family.
+//! its own family. A mapping without a host port (`-p 80`, `-p 127.0.0.1::80`, `-P` with
+//! `--expose`) gets a random free one when the container is created (under the state lock).
 
 use std::{
     fmt,
@@ -24,6 +25,10 @@ pub struct PortMapping {
     /// `[::]:`).
     #[serde(default, skip_serializing_if = "Family::is_both")]
     pub family: Family,
+    /// Published on a routed network: reachable at the container's own address and port
+    /// (`host_ip` and `host_port` say so), no host port is taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub routed: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +45,9 @@ impl Family {
         *self == Family::Both
     }
 }
+
+/// `host_port` of a mapping whose host port is still to be chosen.
+pub const RANDOM_PORT: u16 = 0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +76,14 @@ impl fmt::Display for Proto {
 
 impl fmt::Display for PortMapping {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.routed {
+            match self.host_ip {
+                Some(IpAddr::V4(ip)) => write!(f, "{ip}:")?,
+                Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:")?,
+                None => {}
+            }
+            return write!(f, "{}/{} (routed)", self.container_port, self.proto);
+        }
         match (self.host_ip, self.family) {
             (Some(IpAddr::V4(ip)), _) => write!(f, "{ip}:")?,
             (Some(IpAddr::V6(ip)), _) => write!(f, "[{ip}]:")?,
@@ -85,8 +101,11 @@ impl fmt::Display for PortMapping {
 
 impl PortMapping {
     /// Whether two mappings claim the same host socket (same proto and port, overlapping IPs).
+    /// A routed mapping claims none.
     pub fn conflicts_with(&self, other: &PortMapping) -> bool {
-        self.proto == other.proto
+        self.uses_host_port()
+            && other.uses_host_port()
+            && self.proto == other.proto
             && self.host_port == other.host_port
             && ((self.applies_v4() && other.applies_v4())
                 || (self.applies_v6() && other.applies_v6()))
@@ -124,15 +143,25 @@ impl PortMapping {
             _ => None,
         }
     }
-}
 
-/// The host address a mapping is published on, as Docker prints it (`0.0.0.0` and `::` for
-/// every address of a family; a mapping for both families shows as `0.0.0.0`).
-pub fn host_ip_text(p: &PortMapping) -> String {
-    match (p.host_ip, p.family) {
-        (Some(ip), _) => ip.to_string(),
-        (None, Family::V6) => "::".into(),
-        (None, _) => "0.0.0.0".into(),
+    /// Whether the mapping takes a host port (all but routed ones).
+    pub fn uses_host_port(&self) -> bool {
+        !self.routed
+    }
+
+    /// Whether its host port is still to be chosen.
+    pub fn random(&self) -> bool {
+        self.uses_host_port() && self.host_port == RANDOM_PORT
+    }
+
+    /// The host address as Docker prints it (`0.0.0.0` and `::` for every address of a
+    /// family; a mapping for both families shows as `0.0.0.0`).
+    pub fn host_ip_text(&self) -> String {
+        match (self.host_ip, self.family) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Family::V6) => "::".into(),
+            (None, _) => "0.0.0.0".into(),
+        }
     }
 }
 
@@ -179,7 +208,33 @@ fn host_part(body: &str) -> Result<(Option<IpAddr>, Option<Family>, &str)> {
     Ok((None, None, body))
 }
 
-/// Parses one `-p` value: `H:C`, `H:C/tcp`, `H:C/udp`, `IP:H:C`, `H1-H2:C1-C2` (equal length).
+/// The mappings of a container on a network whose IPv4 is routed (Docker's routed mode): the
+/// IPv4 side at the container's own address and port, no host port; a mapping that covers
+/// IPv6 too keeps its IPv6 side as it is (published by the network's IPv6 mode).
+pub fn routed4(ports: &[PortMapping], ip: Ipv4Addr) -> Vec<PortMapping> {
+    let mut out = Vec::new();
+    for p in ports {
+        if p.applies_v6() {
+            out.push(PortMapping {
+                family: Family::V6,
+                ..*p
+            });
+        }
+        if p.applies_v4() {
+            out.push(PortMapping {
+                host_ip: Some(IpAddr::V4(ip)),
+                host_port: p.container_port,
+                family: Family::V4,
+                routed: true,
+                ..*p
+            });
+        }
+    }
+    out
+}
+
+/// Parses one `-p` value: `H:C`, `H:C/tcp`, `H:C/udp`, `IP:H:C`, `H1-H2:C1-C2` (equal length),
+/// and without a host port (a random free one): `C`, `C1-C2`, `IP::C`.
 pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
     let bad = || format!("invalid port spec {spec:?}");
     let (body, proto) = match spec.rsplit_once('/') {
@@ -191,6 +246,7 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
     let (ip6, family6, body) = host_part(body).with_context(bad)?;
     let parts: Vec<&str> = body.split(':').collect();
     let (host_ip, family, host, container) = match (parts.as_slice(), family6) {
+        ([c], None) => (None, Family::Both, "", *c),
         ([h, c], Some(f)) => (ip6, f, *h, *c),
         ([h, c], None) => (None, Family::Both, *h, *c),
         ([ip, h, c], None) => {
@@ -202,14 +258,28 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
             (host_ip, Family::V4, *h, *c)
         }
         (_, Some(_)) => bail!("{}: expected [IPv6]:HOST:CONTAINER", bad()),
-        ([_], None) => bail!(
-            "{}: expected HOST:CONTAINER (md publishes on a host port you choose)",
-            bad()
-        ),
         (_, None) => bail!("{}: too many ':' (an IPv6 address goes in brackets)", bad()),
     };
-    let (h1, h2) = parse_range(host).with_context(bad)?;
     let (c1, c2) = parse_range(container).with_context(bad)?;
+    if host.is_empty() {
+        if parts.len() == 2 && family6.is_none() {
+            bail!(
+                "{}: no host port before ':' (leave out HOST: for a random one)",
+                bad()
+            );
+        }
+        return Ok((c1..=c2)
+            .map(|c| PortMapping {
+                host_ip,
+                host_port: RANDOM_PORT,
+                container_port: c,
+                proto,
+                family,
+                routed: false,
+            })
+            .collect());
+    }
+    let (h1, h2) = parse_range(host).with_context(bad)?;
     if h2 - h1 != c2 - c1 {
         bail!(
             "{}: host range {h1}-{h2} and container range {c1}-{c2} differ in length",
@@ -223,8 +293,40 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
             container_port: c1 + i,
             proto,
             family,
+            routed: false,
         })
         .collect())
+}
+
+/// Parses one `--expose` value: `C`, `C/tcp|udp`, `C1-C2[/proto]`.
+pub fn parse_expose(spec: &str) -> Result<Vec<(u16, Proto)>> {
+    let (body, proto) = match spec.rsplit_once('/') {
+        Some((b, "tcp")) => (b, Proto::Tcp),
+        Some((b, "udp")) => (b, Proto::Udp),
+        Some((_, p)) => bail!("invalid --expose {spec:?}: unknown protocol {p:?} (tcp or udp)"),
+        None => (spec, Proto::Tcp),
+    };
+    let (a, b) = parse_range(body).with_context(|| format!("invalid --expose {spec:?}"))?;
+    Ok((a..=b).map(|p| (p, proto)).collect())
+}
+
+/// `-P`: every exposed port not published yet, on a random host port of every address.
+pub fn publish_all(exposed: &[(u16, Proto)], ports: &mut Vec<PortMapping>) {
+    for &(port, proto) in exposed {
+        if !ports
+            .iter()
+            .any(|p| p.container_port == port && p.proto == proto)
+        {
+            ports.push(PortMapping {
+                host_ip: None,
+                host_port: RANDOM_PORT,
+                container_port: port,
+                proto,
+                family: Family::Both,
+                routed: false,
+            });
+        }
+    }
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16)> {
@@ -256,7 +358,7 @@ pub fn parse_all(specs: &[String]) -> Result<Vec<PortMapping>> {
     let mut out: Vec<PortMapping> = Vec::new();
     for spec in specs {
         for m in parse_spec(spec)? {
-            if let Some(prev) = out.iter().find(|p| p.conflicts_with(&m)) {
+            if let Some(prev) = out.iter().find(|p| !m.random() && p.conflicts_with(&m)) {
                 bail!("port {m} is published twice (also as {prev})");
             }
             out.push(m);
@@ -317,7 +419,7 @@ mod tests {
             "65536:80",
             "99999:80",
             "8080:80/sctp",
-            "8080",
+            ":80",
             "a:b",
             "1.2.3:80:80",
             "1:2:3:4",
@@ -335,6 +437,65 @@ mod tests {
         }
         let e = parse_spec("8080:80/sctp").unwrap_err().to_string();
         assert!(e.contains("unknown protocol"), "{e}");
+    }
+
+    #[test]
+    fn random_host_ports() {
+        let m = one("8080");
+        assert_eq!((m.host_ip, m.host_port, m.container_port), (None, 0, 8080));
+        assert!(m.random());
+        let m = one("127.0.0.1::80/udp");
+        assert_eq!(
+            (m.host_ip, m.host_port, m.container_port, m.proto),
+            (Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0, 80, Proto::Udp)
+        );
+        let m = one("[::1]::80");
+        assert_eq!(
+            (m.host_ip, m.host_port, m.applies_v4()),
+            (Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), 0, false)
+        );
+        assert_eq!(parse_spec("8000-8002").unwrap().len(), 3);
+        assert!(parse_spec("0.0.0.0::80").unwrap()[0].host_ip.is_none());
+        // Two random ports for the same container port are fine; so are the same one twice
+        // by address.
+        assert!(parse_all(&["80".into(), "127.0.0.1::81".into()]).is_ok());
+    }
+
+    #[test]
+    fn expose_and_publish_all() {
+        assert_eq!(
+            parse_expose("8000-8001/udp").unwrap(),
+            [(8000, Proto::Udp), (8001, Proto::Udp)]
+        );
+        assert_eq!(parse_expose("80").unwrap(), [(80, Proto::Tcp)]);
+        for bad in ["", "0", "x", "80/sctp", "9-8", "70000"] {
+            assert!(parse_expose(bad).is_err(), "{bad}");
+        }
+        let mut ports = parse_all(&["8080:80".into()]).unwrap();
+        publish_all(
+            &[(80, Proto::Tcp), (81, Proto::Tcp), (80, Proto::Udp)],
+            &mut ports,
+        );
+        let shown: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown, ["8080:80/tcp", "0:81/tcp", "0:80/udp"]);
+        let routed = PortMapping {
+            host_ip: Some(Ipv4Addr::new(172, 19, 0, 2).into()),
+            host_port: 80,
+            container_port: 80,
+            proto: Proto::Tcp,
+            family: Family::V4,
+            routed: true,
+        };
+        assert_eq!(routed.to_string(), "172.19.0.2:80/tcp (routed)");
+        assert!(!routed.conflicts_with(&one("80:80")));
+        // On a routed IPv4 network a mapping for both families keeps its IPv6 side.
+        let split = routed4(&[one("8080:80")], Ipv4Addr::new(172, 19, 0, 2));
+        let shown: Vec<String> = split.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown, ["[::]:8080:80/tcp", "172.19.0.2:80/tcp (routed)"]);
+        assert_eq!(
+            routed4(&[one("[::1]:8080:80")], Ipv4Addr::LOCALHOST).len(),
+            1
+        );
     }
 
     #[test]

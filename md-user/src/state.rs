@@ -104,6 +104,117 @@ pub struct Network {
     pub dns_pid: u32,
     #[serde(default)]
     pub dns_start: u64,
+    /// `--gateway`: the bridge's address [default: the subnet's first].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// `--ip-range`: where addresses are allocated from [default: the whole subnet].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<Subnet>,
+    /// `--mtu`: of the bridge, the veths and the containers' interfaces [default: the
+    /// kernel's, 1500].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// `--internal`: no way out, no published ports.
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub gateway_mode: GatewayMode,
+    /// The `--opt`s as given (Docker's `Options` in `network inspect`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// Docker-style network id (64 hex digits) and creation time, for `network inspect`.
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub created_unix: u64,
+}
+
+/// How a network meets the world beyond the host (Docker 28's `gateway_mode_ipv4`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayMode {
+    /// Masquerade outbound, published ports on host addresses.
+    #[default]
+    Nat,
+    /// No masquerade: container addresses are routed; from outside only published container
+    /// ports are reachable, on the container's own address and port.
+    Routed,
+    /// Internal and without an address on the bridge: not even the host is reachable.
+    Isolated,
+}
+
+impl GatewayMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GatewayMode::Nat => "nat",
+            GatewayMode::Routed => "routed",
+            GatewayMode::Isolated => "isolated",
+        }
+    }
+}
+
+impl std::str::FromStr for GatewayMode {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "nat" => GatewayMode::Nat,
+            "routed" => GatewayMode::Routed,
+            "isolated" => GatewayMode::Isolated,
+            // Docker's nat-unprotected opens every container port to direct routing, the one
+            // thing md's datapath is there to prevent.
+            _ => anyhow::bail!("unknown gateway mode {s:?} (nat, routed or isolated)"),
+        })
+    }
+}
+
+impl Network {
+    /// The gateway address: the bridge's, the containers' default route and where the
+    /// resolver listens. An isolated network reserves it but the bridge does not take it.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway.unwrap_or_else(|| self.subnet.gateway())
+    }
+
+    /// Whether the bridge has an address (all but isolated networks).
+    pub fn has_gateway(&self) -> bool {
+        self.gateway_mode != GatewayMode::Isolated
+    }
+
+    /// The containers' default route: none on an internal network (no way out).
+    pub fn default_route(&self) -> Option<Ipv4Addr> {
+        (!self.internal).then(|| self.gateway())
+    }
+
+    pub fn routed(&self) -> bool {
+        self.gateway_mode == GatewayMode::Routed && !self.internal
+    }
+
+    /// The datapath's flags for this network (NETWORKS).
+    pub fn datapath_flags(&self) -> u32 {
+        let mut f = 0;
+        if self.internal {
+            f |= md_common::NET_INTERNAL;
+        }
+        if self.routed() {
+            f |= md_common::NET_ROUTED4;
+        }
+        if self.subnet6.is_some() {
+            f |= md_common::NET_IPV6;
+            if self.routed6 && !self.internal {
+                f |= md_common::NET_ROUTED6;
+            }
+        }
+        f
+    }
+
+    /// The Docker-style id shown by `network inspect`.
+    pub fn docker_id(&self) -> String {
+        if self.uid.is_empty() {
+            format!("{:064x}", self.id)
+        } else {
+            self.uid.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -144,6 +255,10 @@ pub struct Interface {
     pub ifindex: u32,
     /// Name inside the container (eth0, eth1, ...).
     pub name: String,
+    /// Names the container also answers to on this interface's network (`run
+    /// --network-alias`, `network connect --alias`), shared by any number of containers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -168,7 +283,8 @@ pub struct Container {
     pub status: Status,
     pub detached: bool,
     pub created_unix: u64,
-    /// Extra names the container answers to on its networks (CNI `aliases`).
+    /// Extra names the container answers to on every network it is on: only in the records
+    /// of earlier mds (CNI `aliases` now go on the interface, network by network).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
     /// Set when a runtime attached the container through md's CNI plugin: no supervisor then,
@@ -179,6 +295,44 @@ pub struct Container {
     /// namespace.
     #[serde(default)]
     pub privileged: bool,
+    /// The container's resolv.conf settings (`--dns`, `--dns-search`, `--dns-option`).
+    #[serde(default, skip_serializing_if = "DnsSettings::is_empty")]
+    pub dns: DnsSettings,
+    /// `--add-host` entries of its /etc/hosts (`host-gateway` already resolved).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<ExtraHost>,
+    /// `--expose`d ports (published on random host ports with `-P`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed: Vec<(u16, crate::portmap::Proto)>,
+}
+
+/// What a container's resolv.conf says besides its network's resolver.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DnsSettings {
+    /// `--dns`: where the resolver forwards this container's other names [default: the
+    /// host's nameservers].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<std::net::IpAddr>,
+    /// `search` domains: `--dns-search`, else the host's (read when the container started).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+    /// `options`: `--dns-option`, else the host's; `ndots:0` added when none sets ndots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+impl DnsSettings {
+    pub fn is_empty(&self) -> bool {
+        *self == DnsSettings::default()
+    }
+}
+
+/// One `--add-host NAME:IP` line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraHost {
+    pub name: String,
+    pub ip: std::net::IpAddr,
 }
 
 /// Who attached a CNI container, as the runtime names it.
@@ -203,6 +357,22 @@ impl Container {
 
     pub fn primary_ip6(&self) -> Option<Ipv6Addr> {
         self.interfaces.first().and_then(|i| i.ip6)
+    }
+
+    /// Every alias the container answers to on some network, each once (`ps` and `inspect`
+    /// list them all; the per-network lists are under each network).
+    pub fn all_aliases(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        for a in self
+            .aliases
+            .iter()
+            .chain(self.interfaces.iter().flat_map(|i| &i.aliases))
+        {
+            if !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all
     }
 
     pub fn on_network(&self, network: &str) -> bool {
@@ -727,12 +897,28 @@ impl Locked {
                         .map_err(sql_context("removing a container"))?;
                 }
             }
-            conn.execute_batch("COMMIT; BEGIN IMMEDIATE")
-                .map_err(sql_context("committing"))
+            conn.execute_batch("COMMIT")
+                .map_err(sql_context("committing"))?;
+            // The first command to open the database reads the whole WAL to rebuild its index
+            // (nothing checkpoints on close): keep it short, so one change stays a few pages.
+            if wal_len(&self.db) > WAL_CHECKPOINT_BYTES {
+                let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+            }
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(sql_context("beginning"))
         })?;
         self.saved = self.state.clone();
         Ok(())
     }
+}
+
+/// Past this, a save checkpoints the WAL into the database and empties it.
+const WAL_CHECKPOINT_BYTES: u64 = 256 << 10;
+
+fn wal_len(db: &Path) -> u64 {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    fs::metadata(&wal).map(|m| m.len()).unwrap_or(0)
 }
 
 impl Drop for Locked {
@@ -866,6 +1052,32 @@ mod tests {
         assert!(!dir.join("state.json").exists(), "taken over");
         let l = sd.lock().unwrap();
         assert_eq!(l.state.rules().unwrap().len(), 1, "kept across locks");
+        drop(l);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_big_change_is_checkpointed_so_the_next_command_reads_little() {
+        let dir = tempdir();
+        let sd = StateDir::new(&dir);
+        let mut l = sd.lock().unwrap();
+        l.save().unwrap();
+        for i in 0..5_000 {
+            let r = Rule {
+                from: format!("x{i}"),
+                to: format!("y{i}"),
+                verdict: crate::policy::Verdict::Deny,
+            };
+            l.state.put_rule(&r).unwrap();
+            l.state.identity_for(&r.from).unwrap();
+        }
+        l.save().unwrap();
+        // Without the checkpoint every page written stays in the WAL, and the next command
+        // to open the database reads all of it to rebuild the WAL index.
+        assert!(wal_len(&dir.join("state.db")) <= WAL_CHECKPOINT_BYTES);
+        drop(l);
+        let l = sd.lock().unwrap();
+        assert_eq!(l.state.rules().unwrap().len(), 5_000, "nothing lost");
         drop(l);
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -125,6 +125,17 @@ pub fn mac_of(lab: &Lab, container: &str) -> String {
         .to_string()
 }
 
+/// A ports list as `ip_local_reserved_ports` writes it ("8080,40000-40002"), expanded.
+pub fn parse_port_ranges(s: &str) -> std::collections::BTreeSet<u16> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u16, u16) = (a.parse().unwrap(), b.parse().unwrap());
+        out.extend(a..=b);
+    }
+    out
+}
+
 // ---- stats ----------------------------------------------------------------------------------
 
 /// The row of container `name` in `md-user stats --json` output `stats`.

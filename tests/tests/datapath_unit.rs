@@ -26,9 +26,9 @@ use aya::{
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
     PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
-    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_SNAT, DATAPATH_REDIRECT, DATAPATH_STACK,
-    HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, POLICY_ALLOW, POLICY_DENY, TCP_CLOSING, TCP_ESTABLISHED,
-    TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV, TCP_SYN_SENT,
+    CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_ROUTED, CT_KIND_SNAT, DATAPATH_REDIRECT, DATAPATH_STACK,
+    HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, NET_INTERNAL, NET_ROUTED4, POLICY_ALLOW, POLICY_DENY,
+    TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 use md_tests::{
     pkt::{
@@ -189,8 +189,16 @@ impl Dp {
                 .unwrap_or_else(|| panic!("program {name} missing"))
                 .try_into()
                 .unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
+            // The verifier gives up with EAGAIN when a signal is pending: load again.
+            let mut tries = 0;
+            while let Err(e) = prog.load() {
+                let again = matches!(&e, aya::programs::ProgramError::LoadError { io_error, .. }
+                    if io_error.raw_os_error() == Some(libc::EAGAIN));
+                tries += 1;
+                if !again || tries > 5 {
+                    panic!("loading {name}: {e:?}");
+                }
+            }
         }
         let mut dp = Dp { ebpf, uplink };
         dp.set_config(|_| {});
@@ -258,6 +266,14 @@ impl Dp {
         let mut subnets: LpmTrie<_, Ip4, u32> =
             LpmTrie::try_from(self.ebpf.map_mut(m::MD_SUBNETS).unwrap()).unwrap();
         subnets.insert(&LpmKey::new(16, subnet), id, 0).unwrap();
+    }
+
+    /// Sets network `id`'s NETWORKS flags (its gateway mode).
+    fn network_flags(&mut self, id: u32, flags: u32) {
+        let mut nets = self.hash::<u32, Network>(m::NETWORKS);
+        let mut net = nets.get(&id, 0).expect("a network of the lab");
+        net.flags = flags;
+        nets.insert(id, net, 0).unwrap();
     }
 
     fn endpoint(&mut self, ip: Ip4, net_id: u32, ifindex: u32) {
@@ -2884,4 +2900,283 @@ fn redirect_datapath_delivers_itself() {
         before,
         "nothing redirected in the stack datapath"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway modes (issue 18): the NETWORKS flags the uplink programs read.
+
+/// A routed network (gateway_mode_ipv4=routed): its flows leave untranslated and tracked, their
+/// answers come back in; from outside only a port the container publishes (keyed by its own
+/// address and port) and ICMP echo reach it, directly; nothing is masqueraded.
+#[test]
+fn gateway_mode_routed_at_the_uplink() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.network_flags(1, NET_ROUTED4);
+    // Leaving: untouched, both halves tracked at the uplink without a translation.
+    let syn = Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN);
+    expect_untouched(
+        &dp,
+        UPLINK_EGRESS,
+        &syn,
+        PASS,
+        "C2 -> OUT:80 leaves as it is",
+    );
+    let e = dp.ct_must(&key_of(&syn));
+    assert_eq!(
+        (e.kind, e.dir, e.hook),
+        (CT_KIND_ROUTED, CT_DIR_ORIGINAL, CT_HOOK_UPLINK),
+        "original half of a routed flow"
+    );
+    assert_eq!(fmt_key(&e.nat_tuple(IPPROTO_TCP)), fmt_key(&key_of(&syn)));
+    let synack = Ipv4Pkt::tcp(OUT, 80, C2, 40000, TCP_SYN | TCP_ACK);
+    expect_untouched(&dp, UPLINK_INGRESS, &synack, PASS, "its answer comes in");
+    assert_eq!(dp.stat(|s| s.snat), 0, "nothing masqueraded");
+    // UDP and ping the same way.
+    expect_untouched(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::udp(C2, 5353, OUT, 53),
+        PASS,
+        "UDP leaves",
+    );
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::udp(OUT, 53, C2, 5353),
+        PASS,
+        "UDP answer",
+    );
+    expect_untouched(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::echo(C2, OUT, 9, 1),
+        PASS,
+        "ping leaves",
+    );
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::echo_reply(OUT, C2, 9, 1),
+        PASS,
+        "ping answer",
+    );
+
+    // From outside: only what C2 publishes, at its own address and port.
+    let unsolicited = dp.uplink_stat(|s| s.drop_unsolicited);
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 5555, C2, 80, TCP_SYN),
+        SHOT,
+        "OUT -> C2:80 before C2 publishes it",
+    );
+    dp.publish(C2, 80, IPPROTO_TCP, C2, 80);
+    let inbound = Ipv4Pkt::tcp(OUT, 5556, C2, 80, TCP_SYN);
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &inbound,
+        PASS,
+        "OUT -> C2:80 published",
+    );
+    let e = dp.ct_must(&key_of(&inbound));
+    assert_eq!((e.kind, e.hook), (CT_KIND_DNAT, CT_HOOK_UPLINK));
+    assert_eq!(
+        fmt_key(&e.nat_tuple(IPPROTO_TCP)),
+        fmt_key(&key_of(&inbound))
+    );
+    assert_eq!(dp.port_hits(C2, 80, IPPROTO_TCP), 1);
+    expect_untouched(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::tcp(C2, 80, OUT, 5556, TCP_SYN | TCP_ACK),
+        PASS,
+        "the published port's answer leaves as it is",
+    );
+    for (p, what) in [
+        (
+            Ipv4Pkt::tcp(OUT, 5557, C2, 81, TCP_SYN),
+            "OUT -> C2:81 (not published)",
+        ),
+        (Ipv4Pkt::udp(OUT, 5557, C2, 80), "UDP to a TCP-only port"),
+        (
+            Ipv4Pkt::tcp(OUT, 5558, C3, 80, TCP_SYN),
+            "OUT -> C3:80 (C2's port, not C3's)",
+        ),
+        (
+            Ipv4Pkt::tcp(OUT, 5559, C2, 80, TCP_ACK),
+            "a mid-stream segment opens nothing",
+        ),
+        (
+            Ipv4Pkt::echo_reply(OUT, C3, 10, 1),
+            "an echo reply nobody asked for",
+        ),
+    ] {
+        expect_untouched(&dp, UPLINK_INGRESS, &p, SHOT, what);
+    }
+    assert_eq!(dp.uplink_stat(|s| s.drop_unsolicited), unsolicited + 6);
+    // ICMP echo reaches a routed container, and its reply leaves.
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::echo(OUT, C3, 11, 1),
+        PASS,
+        "OUT pings C3",
+    );
+    expect_untouched(
+        &dp,
+        UPLINK_EGRESS,
+        &Ipv4Pkt::echo_reply(C3, OUT, 11, 1),
+        PASS,
+        "C3's echo reply",
+    );
+    // A network in nat mode still masquerades, next to the routed one.
+    dp.endpoint([172, 19, 0, 9], 2, LO);
+    expect_snat(
+        &mut dp,
+        &Ipv4Pkt::tcp([172, 19, 0, 9], 40001, OUT, 80, TCP_SYN),
+        "net 2 (nat) still masquerades",
+    );
+}
+
+/// An internal network (`--internal`, gateway mode isolated): nothing of it leaves by an uplink
+/// (counted as network isolation), nothing from an uplink reaches it.
+#[test]
+fn gateway_mode_internal_at_the_uplink() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.network_flags(1, NET_INTERNAL);
+    for (i, (p, what)) in [
+        (Ipv4Pkt::tcp(C2, 40000, OUT, 80, TCP_SYN), "TCP C2 -> OUT"),
+        (Ipv4Pkt::udp(C2, 5353, OUT, 53), "UDP C2 -> OUT"),
+        (Ipv4Pkt::echo(C2, OUT, 9, 1), "ping C2 -> OUT"),
+        (
+            Ipv4Pkt {
+                l4: L4::Raw(vec![0; 24]),
+                ..Ipv4Pkt::udp(C2, 0, OUT, 0).payload(&[])
+            }
+            .frag(185),
+            "a fragment C2 -> OUT",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        expect_untouched(&dp, UPLINK_EGRESS, &p, SHOT, what);
+        assert_eq!(dp.uplink_stat(|s| s.drop_isolation), i as u64 + 1, "{what}");
+    }
+    expect_untouched(
+        &dp,
+        UPLINK_INGRESS,
+        &Ipv4Pkt::tcp(OUT, 5555, C2, 80, TCP_SYN),
+        SHOT,
+        "OUT -> C2",
+    );
+    assert_eq!(dp.uplink_stat(|s| s.drop_unsolicited), 1);
+    assert!(
+        dp.ct_keys().is_empty(),
+        "nothing tracked, nothing masqueraded"
+    );
+    assert_eq!(dp.stat(|s| s.snat), 0);
+    // The other network is not internal.
+    dp.endpoint([172, 19, 0, 9], 2, LO);
+    expect_snat(
+        &mut dp,
+        &Ipv4Pkt::tcp([172, 19, 0, 9], 40001, OUT, 80, TCP_SYN),
+        "net 2 still masquerades",
+    );
+}
+
+/// An internal network's container reaches no other network's container, not through a
+/// published port at a host address, nor a routed network's port at its own address: both
+/// dropped at its veth as network isolation, nothing tracked. Inside the network all is as
+/// before.
+#[test]
+fn gateway_mode_internal_reaches_no_other_network() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish([0; 4], 8080, IPPROTO_TCP, C4, 80);
+    dp.publish(C2, 80, IPPROTO_TCP, C2, 80);
+    dp.network_flags(1, NET_ROUTED4);
+    let c6_mac = [0x0e, 0x6d, 0, 0, 0, 2];
+    let via_host = Ipv4Pkt::tcp(C6, 42000, HOST, 8080, TCP_SYN).macs(mac(C6), c6_mac);
+    let routed = Ipv4Pkt::tcp(C6, 42001, C2, 80, TCP_SYN).macs(mac(C6), c6_mac);
+    // Net 2 in nat mode: both open.
+    let (rc, _) = dp.run(VETH_INGRESS, &via_host.build());
+    assert_verdict(rc, REDIRECT, "C6 -> HOST:8080 from a nat network");
+    expect_untouched(&dp, VETH_INGRESS, &routed, PASS, "C6 -> C2:80 (routed)");
+    assert_eq!(dp.stat(|s| s.drop_isolation), 0);
+    let tracked = dp.ct_keys().len();
+    dp.network_flags(2, NET_INTERNAL);
+    let via_host = Ipv4Pkt::tcp(C6, 42002, HOST, 8080, TCP_SYN).macs(mac(C6), c6_mac);
+    let routed = Ipv4Pkt::tcp(C6, 42003, C2, 80, TCP_SYN).macs(mac(C6), c6_mac);
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &via_host,
+        SHOT,
+        "internal C6 -> HOST:8080",
+    );
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &routed,
+        SHOT,
+        "internal C6 -> C2:80 (routed)",
+    );
+    assert_eq!(dp.stat(|s| s.drop_isolation), 2);
+    assert_eq!(dp.ct_keys().len(), tracked, "nothing more tracked");
+}
+
+/// A routed network's published port is open to containers of other networks too, on the
+/// container's own address (Docker's direct routing); its other ports stay isolated, and
+/// policy still applies.
+#[test]
+fn gateway_mode_routed_port_open_to_other_networks() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    dp.publish(C2, 80, IPPROTO_TCP, C2, 80);
+    let to_port = Ipv4Pkt::tcp(C6, 41000, C2, 80, TCP_SYN).macs(mac(C6), [0x0e, 0x6d, 0, 0, 0, 2]);
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &to_port,
+        SHOT,
+        "net 1 in nat mode: isolated",
+    );
+    dp.network_flags(1, NET_ROUTED4);
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &to_port,
+        PASS,
+        "net 1 routed: its published port",
+    );
+    let e = dp.ct_must(&key_of(&to_port));
+    assert_eq!((e.kind, e.hook), (CT_KIND_NONE, CT_HOOK_VETH));
+    // The answer passes C2's veth as a tracked flow.
+    let answer = Ipv4Pkt::tcp(C2, 80, C6, 41000, TCP_SYN | TCP_ACK).macs(mac(C2), GW_MAC);
+    expect_untouched(&dp, VETH_INGRESS, &answer, PASS, "C2's answer to C6");
+    let other = Ipv4Pkt::tcp(C6, 41001, C2, 81, TCP_SYN).macs(mac(C6), [0x0e, 0x6d, 0, 0, 0, 2]);
+    expect_untouched(
+        &dp,
+        VETH_INGRESS,
+        &other,
+        SHOT,
+        "an unpublished port stays isolated",
+    );
+    assert_eq!(dp.stat(|s| s.drop_isolation), 2);
+    dp.policy(C6, C2, POLICY_DENY);
+    let denied = Ipv4Pkt::tcp(C6, 41002, C2, 80, TCP_SYN).macs(mac(C6), [0x0e, 0x6d, 0, 0, 0, 2]);
+    expect_untouched(&dp, VETH_INGRESS, &denied, SHOT, "policy still applies");
+    assert_eq!(dp.policy_drops(C6, C2), 1);
 }

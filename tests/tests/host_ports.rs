@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use md_tests::helpers::{assert_one_line_error, run_args, run_d};
+use md_tests::helpers::{assert_one_line_error, parse_port_ranges, run_args, run_d};
 use md_tests::process::show_output;
 use md_tests::{require_e2e, require_tools, Lab, HOST_UPLINK_IP};
 use serde_json::Value;
@@ -27,21 +27,10 @@ s.bind((sys.argv[1], int(sys.argv[2])))
 time.sleep(600)
 "#;
 
-/// A ports list as the sysctl writes it ("8080,40000-40002"), expanded.
-fn parse_ports(s: &str) -> BTreeSet<u16> {
-    let mut out = BTreeSet::new();
-    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (u16, u16) = (a.parse().unwrap(), b.parse().unwrap());
-        out.extend(a..=b);
-    }
-    out
-}
-
 /// `ip_local_reserved_ports` of the lab's host namespace.
 #[track_caller]
 fn reserved(lab: &Lab) -> BTreeSet<u16> {
-    parse_ports(&lab.host_ok(&["cat", RESERVED]))
+    parse_port_ranges(&lab.host_ok(&["cat", RESERVED]))
 }
 
 /// The same file as the test process sees it (the machine's own namespace).

@@ -16,6 +16,15 @@ use anyhow::{bail, Context, Result};
 
 use crate::util;
 
+/// Commands the demo uses, and the Debian package providing each.
+pub const DEMO_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("bpftool", "bpftool"),
+];
+
 struct Lab {
     host: String,
     outside: String,
@@ -157,15 +166,10 @@ pub fn run() -> Result<()> {
     if !util::is_root() {
         bail!("the demo creates network namespaces: run it as root (sudo -E cargo xtask demo)");
     }
+    // Like the test tools: installed from Debian when missing (bpftool for the last step).
+    util::ensure_tools("demo tools", DEMO_TOOLS)?;
     crate::build_ebpf::run()?;
     let md_user = util::cargo_host_build_md_user()?;
-    for tool in ["ip", "nsenter", "curl", "python3"] {
-        if util::which(tool).is_none() {
-            bail!(
-                "the demo needs {tool} (Debian: apt-get install iproute2 util-linux curl python3)"
-            );
-        }
-    }
     let fixtures = util::workspace_root().join("tests/fixtures");
     let peer_http = fixtures.join("peer_http.py");
     let peer_http = peer_http.to_str().context("path")?;
@@ -303,19 +307,30 @@ fn demo(lab: &mut Lab, peer_http: &str) -> Result<()> {
     section("What the datapath counted");
     lab.md(&["stats"])?;
     lab.md(&["inspect", "web"])?;
+    lab.md(&["port", "web"])?;
     section("Pinned maps carry BTF: bpftool prints field names");
-    if util::which("bpftool").is_some() {
-        let out = util::command("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(lab.pin.join("maps/PORT_MAP"))
-            .output()?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-    } else {
-        println!(
-            "(install bpftool to see `bpftool map dump pinned {}`)",
-            lab.pin.join("maps/PORT_MAP").display()
+    let port_map = lab.pin.join("maps/PORT_MAP");
+    println!(
+        "\x1b[1m$ bpftool map dump pinned {}\x1b[0m",
+        port_map.display()
+    );
+    let out = util::command("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&port_map)
+        .output()?;
+    let dump = String::from_utf8_lossy(&out.stdout);
+    print!("{dump}");
+    if !out.status.success() {
+        bail!(
+            "bpftool map dump failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    expect(
+        "PORT_MAP maps host port 8080 to web's port 80 (field names from BTF)",
+        &dump,
+        "\"port\": 8080",
+    )?;
 
     section("Tear down: md-user down removes containers, bridge, programs, pins and state");
     lab.md(&["down"])?;

@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod install;
 mod test;
 mod toolchain;
 mod util;
@@ -33,6 +34,9 @@ enum Command {
     Toolchain,
     /// Run the demo.
     Demo,
+    /// Install md-user (release build), its shell completions, man pages and systemd unit
+    /// under PREFIX, or staged under DESTDIR.
+    Install(install::Options),
     /// Run the benchmarks.
     Bench {
         /// Short runs, for a smoke test.
@@ -51,6 +55,7 @@ fn main() {
         Command::Test(opts) => test::run(&opts),
         Command::Toolchain => toolchain::show(),
         Command::Demo => demo::run(),
+        Command::Install(opts) => install::run(&opts),
         Command::Bench { quick } => bench::run(quick),
         Command::BenchTool(cmd) => bench::tool::run(cmd),
     };

@@ -51,48 +51,13 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// The packages to install for the commands `present` says are missing (deduplicated, in order).
+#[cfg(test)]
 pub fn missing_packages(present: impl Fn(&str) -> bool) -> Vec<&'static str> {
-    let mut pkgs = Vec::new();
-    for &(cmd, pkg) in TEST_TOOLS {
-        if !present(cmd) && !pkgs.contains(&pkg) {
-            pkgs.push(pkg);
-        }
-    }
-    pkgs
+    util::missing_packages(TEST_TOOLS, present)
 }
 
 fn ensure_test_tools() -> Result<()> {
-    let missing = missing_packages(|c| util::which(c).is_some());
-    if missing.is_empty() {
-        println!("test tools: nothing to install");
-        return Ok(());
-    }
-    if !util::is_debian() {
-        bail!(
-            "missing test tools; install these (Debian package names): {}",
-            missing.join(" ")
-        );
-    }
-    // `command -v` said missing; install only packages dpkg does not know either
-    // (an installed package whose binary is off PATH would not be fixed by apt).
-    let to_install: Vec<&str> = missing
-        .iter()
-        .copied()
-        .filter(|p| !util::dpkg_installed(p))
-        .collect();
-    if to_install.is_empty() {
-        bail!(
-            "packages {} are installed but their commands are not on PATH",
-            missing.join(" ")
-        );
-    }
-    println!("test tools: installing {}", to_install.join(" "));
-    util::apt_install(&to_install)?;
-    let still = missing_packages(|c| util::which(c).is_some());
-    if !still.is_empty() {
-        bail!("still missing after apt-get install: {}", still.join(" "));
-    }
-    Ok(())
+    util::ensure_tools("test tools", TEST_TOOLS)
 }
 
 enum Outcome {
@@ -225,6 +190,10 @@ pub fn run(opts: &Options) -> Result<()> {
 fn host_cargo_with(md_user: &Path) -> std::process::Command {
     let mut c = util::host_cargo();
     c.env("MD_USER_BIN", md_user);
+    // The install test runs `cargo xtask install` itself: this very binary.
+    if let Ok(me) = std::env::current_exe() {
+        c.env("MD_XTASK_BIN", me);
+    }
     c
 }
 

@@ -178,6 +178,57 @@ pub fn apt_install(pkgs: &[&str]) -> Result<()> {
 
 /// The cargo running this xtask (`$CARGO`), for host builds with the same
 /// toolchain as the surrounding `cargo xtask`.
+/// The packages of `tools` (command, Debian package) whose command `present` says is missing
+/// (deduplicated, in order).
+pub fn missing_packages(
+    tools: &[(&str, &'static str)],
+    present: impl Fn(&str) -> bool,
+) -> Vec<&'static str> {
+    let mut pkgs = Vec::new();
+    for &(cmd, pkg) in tools {
+        if !present(cmd) && !pkgs.contains(&pkg) {
+            pkgs.push(pkg);
+        }
+    }
+    pkgs
+}
+
+/// Installs (apt, as root on Debian) the packages of `tools` whose commands are missing;
+/// `what` names them in messages.
+pub fn ensure_tools(what: &str, tools: &[(&str, &'static str)]) -> Result<()> {
+    let missing = missing_packages(tools, |c| which(c).is_some());
+    if missing.is_empty() {
+        println!("{what}: nothing to install");
+        return Ok(());
+    }
+    if !is_debian() {
+        bail!(
+            "missing {what}; install these (Debian package names): {}",
+            missing.join(" ")
+        );
+    }
+    // `command -v` said missing; install only packages dpkg does not know either
+    // (an installed package whose binary is off PATH would not be fixed by apt).
+    let to_install: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if to_install.is_empty() {
+        bail!(
+            "packages {} are installed but their commands are not on PATH",
+            missing.join(" ")
+        );
+    }
+    println!("{what}: installing {}", to_install.join(" "));
+    apt_install(&to_install)?;
+    let still = missing_packages(tools, |c| which(c).is_some());
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
 pub fn host_cargo() -> Command {
     let mut c = command(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(workspace_root());

@@ -373,6 +373,7 @@ pub fn request(conf: &NetConf, env: &Env) -> Result<Request, CniError> {
             container_port: port(p.container_port, "containerPort")?,
             proto,
             family: crate::portmap::Family::V4,
+            routed: false,
         };
         if let Some(q) = ports.iter().find(|q| q.conflicts_with(&m) && **q != m) {
             return Err(bad(format!("portMappings: {m} conflicts with {q}")));

@@ -118,6 +118,8 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
         ip6: None,
         mac: req.mac,
         name: env.ifname.clone(),
+        // CNI aliases are per network: this interface's.
+        aliases: req.aliases.clone(),
     };
     let name = match by_id(&locked.state, &env.container_id) {
         Some(c) if c.interfaces.iter().any(|i| i.name == env.ifname) => {
@@ -150,13 +152,15 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
                 ports: req.ports.clone(),
                 cmd: Vec::new(),
                 detached: true,
-                aliases: req.aliases.clone(),
                 cni: Some(CniOwner {
                     container_id: env.container_id.clone(),
                     netns: env.netns.clone(),
                     networks: [(env.ifname.clone(), conf.name.clone())].into(),
                 }),
                 privileged: false,
+                dns: Default::default(),
+                extra_hosts: Vec::new(),
+                exposed: Vec::new(),
             };
             attach::create(ctx, &nl, &mut locked, spec, Some(&netns)).await?;
             // Attached: from now on the namespace, not this process, keeps it alive.

@@ -6,12 +6,7 @@ use serde_json::{json, Value};
 use super::Ctx;
 use crate::state::Status;
 
-fn mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+use crate::ipam::format_mac as mac;
 
 /// Docker-inspect-like network settings of one container.
 pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
@@ -28,10 +23,12 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
             json!({
                 "IPAddress": i.ip.to_string(),
                 "IPPrefixLen": net.map(|n| n.subnet.prefix_len),
-                "Gateway": net.map(|n| n.subnet.gateway().to_string()),
+                "Gateway": net.and_then(|n| n.default_route()).map(|g| g.to_string()),
                 "GlobalIPv6Address": i.ip6.map(|a| a.to_string()).unwrap_or_default(),
                 "GlobalIPv6PrefixLen": net.and_then(|n| n.subnet6).map(|s| s.prefix_len).unwrap_or(0),
-                "IPv6Gateway": net.and_then(|n| n.subnet6).map(|s| s.gateway().to_string()).unwrap_or_default(),
+                "IPv6Gateway": net.filter(|n| !n.internal).and_then(|n| n.subnet6).map(|s| s.gateway().to_string()).unwrap_or_default(),
+                "Aliases": i.aliases,
+                "MTU": net.and_then(|n| n.mtu),
                 "MacAddress": mac(&i.mac),
                 "Interface": i.name,
                 "HostVeth": i.veth,
@@ -46,8 +43,9 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
         let entry = ports.entry(key).or_insert_with(|| json!([]));
         if let Value::Array(a) = entry {
             a.push(json!({
-                "HostIp": crate::portmap::host_ip_text(p),
-                "HostPort": p.host_port.to_string(),
+                "HostIp": p.host_ip_text(),
+                // Routed: the container's own address and port, no host port (Docker's "").
+                "HostPort": if p.routed { String::new() } else { p.host_port.to_string() },
             }));
         }
     }
@@ -68,12 +66,19 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
         },
         "HostConfig": {
             "Privileged": c.privileged,
+            "Dns": c.dns.servers,
+            "DnsSearch": c.dns.search,
+            "DnsOptions": c.dns.options,
+            "ExtraHosts": c.extra_hosts.iter().map(|h| format!("{}:{}", h.name, h.ip)).collect::<Vec<_>>(),
+        },
+        "Config": {
+            "ExposedPorts": c.exposed.iter().map(|(p, proto)| (format!("{p}/{proto}"), json!({}))).collect::<serde_json::Map<_, _>>(),
         },
         "NetworkSettings": {
             "Networks": networks,
             "Ports": ports,
         },
-        "Aliases": c.aliases,
+        "Aliases": c.all_aliases(),
         "Cni": c.cni.as_ref().map(|o| json!({
             "ContainerID": o.container_id,
             "Netns": o.netns,

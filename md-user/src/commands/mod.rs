@@ -8,6 +8,7 @@ mod metrics;
 mod monitor;
 mod network;
 mod policy;
+mod port;
 mod ps;
 pub mod run;
 pub mod stats;
@@ -46,10 +47,30 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             program,
             cmd,
         } => crate::init::main(ready_fd, &program, &cmd),
+        // Generated from the CLI definition; nothing is touched.
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "md-user", &mut script);
+            // Into a pipe that may close early (`| head`): no panic, just stop.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir)
+                .map_err(|e| anyhow::anyhow!("writing man pages to {}: {e}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         command => {
             require_privileges()?;
             match command {
-                Command::Run(_) | Command::Init { .. } | Command::Trace { .. } => unreachable!(),
+                Command::Run(_)
+                | Command::Init { .. }
+                | Command::Trace { .. }
+                | Command::Completion { .. }
+                | Command::Man { .. } => unreachable!(),
+                Command::Port { name, port } => block_on(port::port(&ctx, &name, port.as_deref())),
                 Command::Ps { json } => block_on(ps::ps(&ctx, json)),
                 Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
                 Command::Exec { name, cmd } => {

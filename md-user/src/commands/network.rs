@@ -1,42 +1,69 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::{reconcile, run::validate_name, Ctx};
+use super::{
+    reconcile,
+    run::{validate_hostname, validate_name},
+    Ctx,
+};
 use crate::{
     attach::{self, IfaceSpec},
     cli::NetworkCmd,
     host,
-    ipam::{Subnet, Subnet6},
+    ipam::{format_mac, Subnet6},
     netlink::Netlink,
     netns::Netns,
-    network, proc,
-    state::{Status, DEFAULT_NETWORK},
+    network::{self, Settings, OPT_BRIDGE_NAME, OPT_GATEWAY_MODE, OPT_GATEWAY_MODE6, OPT_MTU},
+    proc,
+    state::{GatewayMode, Network, State, Status, DEFAULT_NETWORK},
 };
 
 pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     // Parse before taking the lock or creating anything.
-    let (subnet, v6) = match &cmd {
+    let settings = match &cmd {
         NetworkCmd::Create {
             name,
             subnet,
+            gateway,
+            ip_range,
+            mtu,
+            internal,
+            gateway_mode,
+            opt,
             ipv6,
             subnet6,
             gateway_mode_ipv6,
         } => {
             validate_name(name)?;
+            let mut settings = Settings::parse(
+                subnet.as_deref(),
+                *gateway,
+                ip_range.as_deref(),
+                *mtu,
+                *internal,
+                gateway_mode.as_deref(),
+                opt,
+            )?;
             let subnet6 = subnet6.as_deref().map(str::parse::<Subnet6>).transpose()?;
             let routed = gateway_mode_ipv6 == "routed";
             if routed && !ipv6 && subnet6.is_none() {
                 bail!("--gateway-mode-ipv6 routed needs --ipv6");
             }
-            (
-                subnet.as_deref().map(str::parse::<Subnet>).transpose()?,
-                (*ipv6 || subnet6.is_some()).then_some((subnet6, routed)),
-            )
+            if routed && *internal {
+                bail!("an --internal network has no way out to route: --gateway-mode-ipv6 routed does not apply");
+            }
+            settings.v6 = (*ipv6 || subnet6.is_some()).then_some((subnet6, routed));
+            Some(settings)
         }
-        _ => (None, None),
+        NetworkCmd::Connect { aliases, .. } => {
+            for a in aliases {
+                validate_hostname(a).with_context(|| format!("--alias {a:?}"))?;
+            }
+            None
+        }
+        _ => None,
     };
     let nl = Netlink::connect()?;
     let mut locked = ctx.state_dir.lock()?;
@@ -45,14 +72,48 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     let state = &mut locked.state;
     match cmd {
         NetworkCmd::Create { name, .. } => {
-            let net = network::create(state, &name, subnet, v6)?;
-            host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
-            if let Err(e) = network::ensure_bridge(&nl, &ctx.dp, &net).await {
+            let settings = settings.expect("parsed above");
+            if let Some(b) = &settings.bridge {
+                // A bridge md did not make is not md's to take over (nor to delete later).
+                if nl.link_by_name(b).await?.is_some() {
+                    bail!("interface {b} exists already: md makes its network's bridge itself");
+                }
+            }
+            let net = network::create_with(state, &name, settings)?;
+            // Recorded before the bridge exists: the watcher never takes it for an uplink,
+            // and a crash leaves a network `network rm` removes.
+            locked.save()?;
+            let state = &mut locked.state;
+            let made = async {
+                host::ensure_datapath(&nl, &ctx.dp, state, &ctx.opts).await?;
+                network::ensure_bridge(&nl, &ctx.dp, &net).await
+            }
+            .await;
+            if let Err(e) = made {
                 let _ = network::remove_bridge(&nl, &ctx.dp, &net).await;
                 state.networks.remove(&name);
+                locked.save()?;
                 return Err(e);
             }
             println!("{name}");
+        }
+        NetworkCmd::Inspect { names, json } => {
+            let mut out = Vec::new();
+            for name in &names {
+                let net = state
+                    .networks
+                    .get(name)
+                    .with_context(|| format!("no such network: {name}"))?;
+                out.push(inspect_json(state, name, net));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for n in &out {
+                    print_inspect(n);
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         NetworkCmd::Ls { json } => {
             let rows: Vec<_> = state
@@ -70,7 +131,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         "id": n.id,
                         "bridge": n.bridge,
                         "subnet": n.subnet.to_string(),
-                        "gateway": n.subnet.gateway().to_string(),
+                        "gateway": n.gateway().to_string(),
+                        "internal": n.internal,
+                        "gateway_mode": n.gateway_mode.as_str(),
                         "subnet6": n.subnet6.map(|s| s.to_string()),
                         "gateway6": n.subnet6.map(|s| s.gateway().to_string()),
                         "gateway_mode_ipv6": n.subnet6.map(|_| if n.routed6 { "routed" } else { "nat" }),
@@ -132,6 +195,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             container,
             ip,
             ip6,
+            aliases,
         } => {
             if !state.networks.contains_key(&net_name) {
                 bail!("no such network: {net_name}");
@@ -161,6 +225,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 ip6,
                 mac: None,
                 name,
+                aliases,
             };
             attach::add_interface(ctx, &nl, &mut locked, &container, want, &netns).await?;
         }
@@ -171,4 +236,117 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     }
     locked.save()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `docker network inspect`'s object for one network.
+fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
+    let mut ipam = json!({
+        "Subnet": net.subnet.to_string(),
+        "Gateway": net.gateway().to_string(),
+    });
+    if let Some(r) = &net.ip_range {
+        ipam["IPRange"] = json!(r.to_string());
+    }
+    let containers: serde_json::Map<String, Value> = state
+        .containers
+        .values()
+        .filter_map(|c| {
+            let i = c.interfaces.iter().find(|i| i.network == name)?;
+            Some((
+                c.id.clone(),
+                json!({
+                    "Name": c.name,
+                    "EndpointID": i.veth,
+                    "MacAddress": format_mac(&i.mac),
+                    "IPv4Address": format!("{}/{}", i.ip, net.subnet.prefix_len),
+                    "IPv6Address": match (i.ip6, net.subnet6) {
+                        (Some(ip6), Some(s6)) => format!("{ip6}/{}", s6.prefix_len),
+                        _ => String::new(),
+                    },
+                }),
+            ))
+        })
+        .collect();
+    // The options as given, and what md chose where they were not (the bridge's name), in
+    // Docker's keys.
+    let mut options = net.options.clone();
+    options.insert(OPT_BRIDGE_NAME.into(), net.bridge.clone());
+    if let Some(m) = net.mtu {
+        options.insert(OPT_MTU.into(), m.to_string());
+    }
+    if net.gateway_mode != GatewayMode::Nat {
+        options.insert(OPT_GATEWAY_MODE.into(), net.gateway_mode.as_str().into());
+    }
+    if net.routed6 {
+        options.insert(OPT_GATEWAY_MODE6.into(), "routed".into());
+    }
+    let mut config = vec![ipam];
+    if let Some(s6) = net.subnet6 {
+        config.push(json!({
+            "Subnet": s6.to_string(),
+            "Gateway": s6.gateway().to_string(),
+        }));
+    }
+    let created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(net.created_unix);
+    json!({
+        "Name": name,
+        "Id": net.docker_id(),
+        "Created": humantime::format_rfc3339_seconds(created).to_string(),
+        "Scope": "local",
+        "Driver": "bridge",
+        "EnableIPv4": true,
+        "EnableIPv6": net.subnet6.is_some(),
+        "IPAM": {
+            "Driver": "default",
+            "Options": {},
+            "Config": config,
+        },
+        "Internal": net.internal,
+        "Attachable": false,
+        "Ingress": false,
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": false,
+        "Containers": containers,
+        "Options": options,
+        "Labels": {},
+    })
+}
+
+fn print_inspect(n: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let cfg = &n["IPAM"]["Config"][0];
+    let opt = &n["Options"];
+    println!("Name:        {}", s(&n["Name"]));
+    println!("Id:          {}", s(&n["Id"]));
+    println!("Created:     {}", s(&n["Created"]));
+    println!("Driver:      {}", s(&n["Driver"]));
+    println!("Bridge:      {}", s(&opt[OPT_BRIDGE_NAME]));
+    println!("Subnet:      {}", s(&cfg["Subnet"]));
+    if cfg["IPRange"].is_string() {
+        println!("IPRange:     {}", s(&cfg["IPRange"]));
+    }
+    println!("Gateway:     {}", s(&cfg["Gateway"]));
+    let cfg6 = &n["IPAM"]["Config"][1];
+    if cfg6["Subnet"].is_string() {
+        println!("Subnet6:     {}", s(&cfg6["Subnet"]));
+        println!("Gateway6:    {}", s(&cfg6["Gateway"]));
+    }
+    if opt[OPT_MTU].is_string() {
+        println!("MTU:         {}", s(&opt[OPT_MTU]));
+    }
+    println!("Internal:    {}", n["Internal"]);
+    let mode = opt[OPT_GATEWAY_MODE].as_str().unwrap_or("nat");
+    println!("GatewayMode: {mode}");
+    for (k, v) in n["Options"].as_object().into_iter().flatten() {
+        println!("Option:      {k}={}", s(v));
+    }
+    for (id, c) in n["Containers"].as_object().into_iter().flatten() {
+        println!(
+            "Container:   {} {} {} {}",
+            s(&c["Name"]),
+            &id[..id.len().min(12)],
+            s(&c["IPv4Address"]),
+            s(&c["MacAddress"])
+        );
+    }
 }

@@ -23,7 +23,7 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                 "ip": c.primary_ip().map(|i| i.to_string()),
                 "ip6": c.primary_ip6().map(|i| i.to_string()),
                 "network": c.mode,
-                "networks": c.interfaces.iter().map(|i| json!({"network": i.network, "ip": i.ip.to_string(), "ip6": i.ip6.map(|a| a.to_string())})).collect::<Vec<_>>(),
+                "networks": c.interfaces.iter().map(|i| json!({"network": i.network, "ip": i.ip.to_string(), "ip6": i.ip6.map(|a| a.to_string()), "aliases": i.aliases})).collect::<Vec<_>>(),
                 "hostname": c.hostname,
                 "pid": c.pid,
                 "ports": c.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
@@ -31,7 +31,7 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
                 "detached": c.detached,
                 "command": c.cmd.join(" "),
                 "created": c.created_unix,
-                "aliases": c.aliases,
+                "aliases": c.all_aliases(),
                 // Attached by a runtime through the CNI plugin: its container id and namespace.
                 "cni": c.cni.as_ref().map(|o| json!({"container_id": o.container_id, "netns": o.netns})),
             })

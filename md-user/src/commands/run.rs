@@ -57,6 +57,22 @@ impl Mode {
 
     /// Refuses flags that make no sense for this mode.
     fn check(&self, ports: &[PortMapping], args: &RunArgs) -> Result<()> {
+        let net = &args.network;
+        if !matches!(self, Mode::Net(_)) {
+            let on_a_network = [
+                ("--network-alias", !args.network_alias.is_empty()),
+                ("--mac-address", args.mac_address.is_some()),
+                ("--dns", !args.dns.is_empty()),
+                ("--dns-search", !args.dns_search.is_empty()),
+                ("--dns-option", !args.dns_option.is_empty()),
+            ];
+            if let Some((flag, _)) = on_a_network.iter().find(|(_, given)| *given) {
+                bail!("{flag} needs a bridge network, not --network {net}");
+            }
+        }
+        if matches!(self, Mode::Host | Mode::Container(_)) && !args.add_host.is_empty() {
+            bail!("--add-host does not apply to --network {net}: /etc/hosts is shared");
+        }
         let why = match self {
             Mode::Net(_) => return Ok(()),
             Mode::Host => "--network host uses the host's own ports; -p does not apply",
@@ -86,9 +102,34 @@ impl Mode {
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
     // Everything that can be refused is refused before anything is created.
-    let ports = portmap::parse_all(&args.publish)?;
+    let mut ports = portmap::parse_all(&args.publish)?;
+    let mut exposed = Vec::new();
+    for e in &args.expose {
+        for p in portmap::parse_expose(e)? {
+            if !exposed.contains(&p) {
+                exposed.push(p);
+            }
+        }
+    }
+    if args.publish_all {
+        portmap::publish_all(&exposed, &mut ports);
+    }
     let mode = Mode::parse(&args.network)?;
     mode.check(&ports, &args)?;
+    for a in &args.network_alias {
+        validate_hostname(a).with_context(|| format!("--network-alias {a:?}"))?;
+    }
+    let extra_hosts = args
+        .add_host
+        .iter()
+        .map(|h| dns::parse_add_host(h))
+        .collect::<Result<Vec<_>>>()?;
+    let dns_request = dns::DnsRequest::parse(&args.dns, &args.dns_search, &args.dns_option)?;
+    let mac = args
+        .mac_address
+        .as_deref()
+        .map(crate::ipam::parse_mac)
+        .transpose()?;
     let name = match &args.name {
         Some(n) => {
             validate_name(n)?;
@@ -117,6 +158,10 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode> {
             mode,
             ports,
             program,
+            exposed,
+            extra_hosts,
+            dns: dns_request,
+            mac,
         },
         ready,
     ))
@@ -214,6 +259,24 @@ fn detach(ctx: &Ctx, args: &RunArgs, name: &str) -> Result<ExitCode> {
     if args.privileged {
         cmd.arg("--privileged");
     }
+    if args.publish_all {
+        cmd.arg("-P");
+    }
+    for (flag, values) in [
+        ("--expose", &args.expose),
+        ("--network-alias", &args.network_alias),
+        ("--add-host", &args.add_host),
+        ("--dns", &args.dns),
+        ("--dns-search", &args.dns_search),
+        ("--dns-option", &args.dns_option),
+    ] {
+        for v in values {
+            cmd.arg(format!("{flag}={v}"));
+        }
+    }
+    if let Some(m) = &args.mac_address {
+        cmd.arg("--mac-address").arg(m);
+    }
     let (mut child, msg) = proc::spawn_with_ready_pipe(cmd, |cmd, fd| {
         cmd.arg("--ready-fd")
             .arg(fd.to_string())
@@ -241,6 +304,10 @@ struct Setup {
     mode: Mode,
     ports: Vec<PortMapping>,
     program: PathBuf,
+    exposed: Vec<(u16, portmap::Proto)>,
+    extra_hosts: Vec<(String, dns::HostAddr)>,
+    dns: dns::DnsRequest,
+    mac: Option<[u8; 6]>,
 }
 
 /// Setup, CMD, wait, teardown. Runs in the foreground md-user or the detached supervisor.
@@ -331,17 +398,20 @@ async fn start(
                 network: net.clone(),
                 ip: args.ip,
                 ip6: args.ip6,
-                mac: None,
+                mac: setup.mac,
                 name: "eth0".to_string(),
+                aliases: args.network_alias.clone(),
             }),
             _ => None,
         },
         ports: setup.ports.clone(),
         cmd: args.cmd.clone(),
         detached: args.ready_fd.is_some(),
-        aliases: Vec::new(),
         cni: None,
         privileged: args.privileged,
+        dns: setup.dns.clone(),
+        extra_hosts: setup.extra_hosts.clone(),
+        exposed: setup.exposed.clone(),
     };
     let container = attach::create(ctx, nl, &mut locked, spec, netns.as_ref()).await?;
     match spawn(ctx, &mut locked, setup, &container, netns.as_ref()) {

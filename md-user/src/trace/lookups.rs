@@ -83,6 +83,7 @@ fn kind_name(kind: u8) -> &'static str {
         CT_KIND_SNAT => "snat",
         CT_KIND_DNAT => "dnat",
         CT_KIND_HAIRPIN => "hairpin",
+        md_common::CT_KIND_ROUTED => "routed (no translation)",
         _ => "no translation",
     }
 }

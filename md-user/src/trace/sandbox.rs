@@ -254,7 +254,7 @@ impl Sandbox {
             let Program::SchedClassifier(p) = prog else {
                 continue;
             };
-            p.load()
+            crate::datapath::load_retrying(|| p.load())
                 .with_context(|| format!("loading a private copy of {name}"))?;
             let tag = p.info()?.tag();
             let live_tag = ProgramInfo::from_pin(dp.prog_pin(name))
