@@ -1239,11 +1239,9 @@ mod tests {
     fn dual_stack_names_aaaa_and_ip6_ptr() {
         let mut s = lab();
         let ip6: Ipv6Addr = "fd00:1::3".parse().unwrap();
-        for n in ["b"] {
-            let c = s.containers.get_mut(n).unwrap();
-            c.interfaces[1].ip6 = Some(ip6);
-            c.interfaces[1].aliases = vec!["svc".into()];
-        }
+        let b = s.containers.get_mut("b").unwrap();
+        b.interfaces[1].ip6 = Some(ip6);
+        b.interfaces[1].aliases = vec!["svc".into()];
         let aaaa = |m: &Message| -> Vec<Ipv6Addr> {
             m.answers()
                 .iter()

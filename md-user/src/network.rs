@@ -636,6 +636,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.datapath_flags(), md_common::NET_ROUTED4);
+        // Each family's gateway mode is its own flag; internal holds for both.
+        let v6 = |internal| Settings {
+            internal,
+            v6: Some((None, true)),
+            ..Settings::default()
+        };
+        let d = create_with(&mut state, "v6", v6(false)).unwrap();
+        assert_eq!(
+            d.datapath_flags(),
+            md_common::NET_IPV6 | md_common::NET_ROUTED6
+        );
+        let i = create_with(&mut state, "v6i", v6(true)).unwrap();
+        assert_eq!(
+            i.datapath_flags(),
+            md_common::NET_IPV6 | md_common::NET_INTERNAL
+        );
+        for n in ["v6", "v6i"] {
+            state.networks.remove(n);
+        }
         // A bridge name another network has, a subnet that overlaps: refused.
         let dup = Settings {
             bridge: Some("mdn1".into()),
