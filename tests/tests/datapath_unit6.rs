@@ -20,8 +20,8 @@ use aya::{
 };
 use md_common::{
     maps as m, Config, CtEntry6, CtKey6, Endpoint, IfStats, Network, PortKey6, PortTarget6,
-    CT_KIND_DNAT, CT_KIND_SNAT, DATAPATH_STACK, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, NET_IPV6,
-    NET_ROUTED6,
+    CT_KIND_DNAT, CT_KIND_ROUTED, CT_KIND_SNAT, DATAPATH_STACK, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL,
+    NET_INTERNAL, NET_IPV6, NET_ROUTED6,
 };
 use md_tests::{
     pkt::{
@@ -705,6 +705,52 @@ fn icmp6_error_from_container_about_dnat_flow_leaves_translated() {
         "quoted destination: the published address"
     );
     assert_eq!(u16::from_be_bytes([quote[42], quote[43]]), 5353, "and port");
+}
+
+/// Issue 18's gateway modes over IPv6: a routed flow leaving is tracked as CT_KIND_ROUTED (as
+/// IPv4's), other networks' containers reach a routed network's published port directly, and an
+/// internal network neither leaves nor reaches another network through a published port.
+#[test]
+fn gateway_modes6_routed_kind_and_internal() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let out_syn = Ipv6Pkt::tcp(v6(R2), 42010, v6(OUT6), 443, TCP_SYN).build();
+    let (rc, _) = dp.run(UPLINK_EGRESS, &out_syn);
+    assert_verdict(rc, PASS, "routed: outbound");
+    let e = dp
+        .ct_get(&CtKey6::new(v6(R2), v6(OUT6), 42010, 443, IPPROTO_TCP))
+        .expect("tracked");
+    assert_eq!(e.kind, CT_KIND_ROUTED, "a routed flow's kind");
+    // C2 (net 1, nat) reaches R2's published port on R2's own address; not an unpublished one.
+    dp.publish(v6(R2), 80, IPPROTO_TCP, R2, 80);
+    let to_port = |sport| Ipv6Pkt::tcp(v6(C2), sport, v6(R2), 80, TCP_SYN).macs(mac(C2), GW_MAC);
+    let (rc, _) = dp.run(VETH_INGRESS, &to_port(40010).build());
+    assert_verdict(
+        rc,
+        PASS,
+        "another network to a routed network's published port",
+    );
+    let p = Ipv6Pkt::tcp(v6(C2), 40011, v6(R2), 81, TCP_SYN).macs(mac(C2), GW_MAC);
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(rc, SHOT, "unpublished port of a routed network");
+    // Net 1 internal: nothing leaves by the uplink, no other network through any port.
+    dp.network(1, "fd00:6::", GW6, NET_IPV6 | NET_INTERNAL);
+    dp.publish([0; 16], 8080, IPPROTO_TCP, R2, 80);
+    let out = Ipv6Pkt::tcp(v6(C2), 40012, v6(OUT6), 443, TCP_SYN).build();
+    let (rc, _) = dp.run(UPLINK_EGRESS, &out);
+    assert_verdict(rc, SHOT, "internal: leaving by an uplink");
+    let (rc, _) = dp.run(VETH_INGRESS, &to_port(40013).build());
+    assert_verdict(rc, SHOT, "internal: a routed network's port");
+    let p = Ipv6Pkt::tcp(v6(C2), 40014, v6(HOST6), 8080, TCP_SYN).macs(mac(C2), GW_MAC);
+    let (rc, _) = dp.run(VETH_INGRESS, &p.build());
+    assert_verdict(
+        rc,
+        SHOT,
+        "internal: a published port of another network's container",
+    );
+    assert!(dp.stat(LO, |s| s.drop_isolation) >= 2);
 }
 
 #[test]

@@ -434,6 +434,107 @@ fn ipv6_routed_network_is_reached_directly_on_published_ports_only() {
     );
 }
 
+/// Issue 18's gateway modes on a dual-stack network: each family has its own. IPv4 routed and
+/// IPv6 masqueraded: `-p 8080:80` is the container's own IPv4 address and port, and host port
+/// 8080 over IPv6 (the IPv6 side is not lost to the IPv4 mode). An internal dual-stack network:
+/// no IPv6 default route, nothing out over IPv6 even with a route added by hand, and routed
+/// IPv6 refused with `--internal`.
+#[test]
+fn ipv6_gateway_modes_per_family_and_internal() {
+    if !require_e2e() {
+        return;
+    }
+    need_tools();
+    let lab = Lab::new("v6-modes");
+    let _srv = outside_http(&lab);
+    lab.md_ok(&[
+        "network",
+        "create",
+        "mix",
+        "--subnet",
+        "10.67.0.0/24",
+        "--gateway-mode",
+        "routed",
+        "--ipv6",
+        "--subnet6",
+        "fd00:67::/64",
+    ]);
+    lab.outside_ok(&["ip", "route", "add", "10.67.0.0/24", "via", HOST_UPLINK_IP]);
+    run_d(
+        &lab,
+        "web",
+        &["--network", "mix", "-p", "8080:80"],
+        &["python3", &fx("dual_http.py"), "80"],
+    );
+    lab.wait_listening_in("web", "tcp", 80);
+    let web4 = lab.ip_of("web");
+    let port = lab.md_ok(&["port", "web"]);
+    assert_eq!(
+        port.lines().collect::<Vec<_>>(),
+        [
+            format!("80/tcp -> {web4}:80"),
+            "80/tcp -> [::]:8080".to_string()
+        ],
+        "{port}"
+    );
+    // IPv4: routed, at the container's own address; the host port is not IPv4's.
+    let seen = curl_ok(&lab, "outside", &format!("http://{web4}:80/"));
+    assert_eq!(peer_ip(&seen), OUTSIDE_IP);
+    assert!(curl(&lab, "outside", &format!("http://{HOST_UPLINK_IP}:8080/")).is_none());
+    // IPv6: NAT66, through the host port.
+    let seen = curl_ok(
+        &lab,
+        "outside",
+        &format!("http://[{HOST_UPLINK_IP6}]:8080/"),
+    );
+    assert_eq!(peer_ip(&seen), OUTSIDE_IP6);
+    let seen = curl_ok(&lab, "web", &format!("http://[{OUTSIDE_IP6}]:{OUT_HTTP}/"));
+    assert_eq!(peer_ip(&seen), HOST_UPLINK_IP6, "masqueraded over IPv6");
+
+    let bad = lab.md(&[
+        "network",
+        "create",
+        "bad",
+        "--internal",
+        "--ipv6",
+        "--gateway-mode-ipv6",
+        "routed",
+    ]);
+    assert!(!bad.status.success(), "{}", show_output(&bad));
+    lab.md_ok(&[
+        "network",
+        "create",
+        "in6",
+        "--internal",
+        "--ipv6",
+        "--subnet6",
+        "fd00:68::/64",
+    ]);
+    // Privileged: it may add a route of its own.
+    run_d(
+        &lab,
+        "hermit",
+        &["--network", "in6", "--privileged"],
+        &["sleep", "600"],
+    );
+    let routes = lab.exec_ok("hermit", &["ip", "-6", "route", "show", "default"]);
+    assert!(routes.trim().is_empty(), "no IPv6 way out: {routes}");
+    lab.exec_ok(
+        "hermit",
+        &["ip", "-6", "route", "add", "default", "via", "fd00:68::1"],
+    );
+    // With it, the packets reach the uplink and are dropped there.
+    let isolation = |lab: &Lab| {
+        lab.stats()["uplink"]["drops"]["network-isolation"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = isolation(&lab);
+    let url = format!("http://[{OUTSIDE_IP6}]:{OUT_HTTP}/");
+    assert!(curl(&lab, "hermit", &url).is_none());
+    assert!(isolation(&lab) > before, "{}", lab.stats());
+}
+
 #[test]
 fn ipv6_fragments_and_icmp_errors_are_translated() {
     if !require_e2e() {
