@@ -88,6 +88,14 @@ pub const SOCK_REV6: &str = "SOCK_REV6";
 pub const EVENTS: &str = "EVENTS";
 pub const EVENTS_BYTES: usize = 1 << 20;
 
+/// Containers on other hosts of md's overlay networks ([`crate::Remote`]), filled by the
+/// watcher from the store (issue 17).
+pub const REMOTE: &str = "REMOTE";
+pub const REMOTE_MAX: usize = 65536;
+
+/// This host's VXLAN device and underlay address, one slot ([`crate::Tunnel`]).
+pub const TUNNEL: &str = "TUNNEL";
+
 /// Every map md pins, in the order `down` removes them.
 pub const ALL_MAPS: &[&str] = &[
     ENDPOINTS,
@@ -112,6 +120,8 @@ pub const ALL_MAPS: &[&str] = &[
     FRAGS6,
     MD_SUBNETS6,
     SOCK_REV6,
+    REMOTE,
+    TUNNEL,
 ];
 
 /// TC programs: one per attach point.
@@ -122,6 +132,8 @@ pub const PROG_UPLINK_EGRESS: &str = "md_uplink_egress";
 /// The same for layer-3 devices (tun, WireGuard: no Ethernet header).
 pub const PROG_L3_INGRESS: &str = "md_l3_ingress";
 pub const PROG_L3_EGRESS: &str = "md_l3_egress";
+/// Ingress of md's VXLAN device: packets from containers on other hosts (issue 17).
+pub const PROG_TUNNEL_INGRESS: &str = "md_tunnel_ingress";
 /// Socket programs at the cgroup-v2 root (host processes reaching published ports).
 pub const PROG_SOCK_CONNECT4: &str = "md_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "md_sock_sendmsg4";

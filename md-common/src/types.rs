@@ -215,6 +215,28 @@ pod! {
         pub _pad: u16,
     } = 8;
 
+    /// A container on another host of an overlay network (issue 17). Key: its IPv4 address.
+    pub struct Remote {
+        /// The underlay address of the host it lives on (where VXLAN packets go, or the
+        /// next hop of its block in native routing).
+        pub host: Ip4,
+        /// Its policy identity, the same on every host (allocated through the store).
+        pub identity: u32,
+        /// The overlay network's id on *this* host (ids are per host).
+        pub net_id: u32,
+        /// [`OVERLAY_TUNNEL`] or [`OVERLAY_NATIVE`].
+        pub mode: u8,
+        pub _pad: [u8; 3],
+    } = 16;
+
+    /// This host's VXLAN device, the single slot of `TUNNEL`.
+    pub struct Tunnel {
+        /// The collect-metadata VXLAN device packets to other hosts are redirected to (0: none).
+        pub ifindex: u32,
+        /// This host's underlay address: the outer source of what it encapsulates.
+        pub local: Ip4,
+    } = 8;
+
     /// A datapath event for `md-user monitor`.
     pub struct Event {
         pub ts_ns: u64,
@@ -391,6 +413,15 @@ pub const DATAPATH_STACK: u8 = 0;
 /// (bpf_redirect_peer), from a container straight to the uplink the FIB names (bpf_redirect)
 /// or into another container (bpf_redirect_peer), skipping the bridge and the host stack.
 pub const DATAPATH_REDIRECT: u8 = 1;
+
+/// Overlay modes (Remote.mode): VXLAN through the collect-metadata device, the sender's
+/// identity in the VNI; or native routing over a shared underlay (identity from the registry).
+pub const OVERLAY_TUNNEL: u8 = 1;
+pub const OVERLAY_NATIVE: u8 = 2;
+/// Identities allocated through the store (overlay containers) start here: they must fit
+/// the 24-bit VNI, and local identities (counted from 1 on each host) stay below.
+pub const CLUSTER_IDENTITY_MIN: u32 = 1 << 20;
+pub const CLUSTER_IDENTITY_MAX: u32 = (1 << 24) - 1;
 
 pub const POLICY_ALLOW: u8 = 1;
 pub const POLICY_DENY: u8 = 2;

@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use md_common::{
     CtEntryOf, CtKeyOf, Endpoint, FragEntry, FragEntry6, FragKey, FragKey6, Ip4, Ip6, Network,
-    PortKeyOf, PortTarget, PortTarget6, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6,
-    IPPROTO_ICMP, IPPROTO_ICMPV6,
+    PortKeyOf, PortTarget, PortTarget6, Remote, SockRevKey, SockRevKey6, SockRevValue,
+    SockRevValue6, IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     parse::{self, Pkt},
     parse6, stats, CONNTRACK, CONNTRACK6, CONNTRACK6_NEW, CONNTRACK_NEW, ENDPOINTS, ENDPOINTS6,
     FLOW_SCRATCH, FLOW_SCRATCH6, FRAGS, FRAGS6, HOST_ADDRS, HOST_ADDRS6, MD_SUBNETS, MD_SUBNETS6,
-    PKT_SCRATCH, PKT_SCRATCH6, PORT_MAP, PORT_MAP6, SOCK_REV, SOCK_REV6,
+    PKT_SCRATCH, PKT_SCRATCH6, PORT_MAP, PORT_MAP6, REMOTE, SOCK_REV, SOCK_REV6,
 };
 
 const AF_INET: u8 = 2;
@@ -63,6 +63,9 @@ pub trait Addr: Copy + PartialEq + Default + 'static {
     fn ct_remove(answered: bool, k: &CtKeyOf<Self>);
     fn scratch() -> Option<*mut NewFlow<Self>>;
     fn endpoint(a: &Self) -> Option<Endpoint>;
+    /// A container on another host of an overlay network (issue 17: IPv4 only, so always None
+    /// for IPv6).
+    fn remote(a: &Self) -> Option<Remote>;
     fn host_flags(a: &Self) -> Option<u32>;
     /// The md network whose subnet holds `a`.
     fn subnet(a: &Self) -> Option<u32>;
@@ -172,6 +175,10 @@ impl Addr for Ip4 {
     #[inline(always)]
     fn endpoint(a: &Ip4) -> Option<Endpoint> {
         unsafe { ENDPOINTS.get(a) }.copied()
+    }
+    #[inline(always)]
+    fn remote(a: &Ip4) -> Option<Remote> {
+        unsafe { REMOTE.get(a) }.copied()
     }
     #[inline(always)]
     fn host_flags(a: &Ip4) -> Option<u32> {
@@ -437,6 +444,10 @@ impl Addr for Ip6 {
     #[inline(always)]
     fn endpoint(a: &Ip6) -> Option<Endpoint> {
         unsafe { ENDPOINTS6.get(a) }.copied()
+    }
+    #[inline(always)]
+    fn remote(_a: &Ip6) -> Option<Remote> {
+        None
     }
     #[inline(always)]
     fn host_flags(a: &Ip6) -> Option<u32> {

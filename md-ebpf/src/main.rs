@@ -17,6 +17,7 @@ mod policy;
 mod route;
 mod sock;
 mod stats;
+mod tunnel;
 mod uplink;
 mod veth;
 
@@ -30,9 +31,9 @@ use family::Addr;
 use md_common::{
     maps as m, Config, CtEntry, CtEntry6, CtKey, CtKey6, Endpoint, Event, FragEntry, FragEntry6,
     FragKey, FragKey6, IfStats, Ip4, Ip6, Network, PolicyKey, PolicyRule, PortKey, PortKey6,
-    PortTarget, PortTarget6, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, DROP_FORWARD,
-    DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_NO_SOURCE, DROP_POLICY, DROP_SPOOF,
-    DROP_UNSOLICITED, DROP_UNSUPPORTED, EVENT_DROP, EVENT_POLICY,
+    PortTarget, PortTarget6, Remote, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, Tunnel,
+    DROP_FORWARD, DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_NO_SOURCE, DROP_POLICY,
+    DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED, EVENT_DROP, EVENT_POLICY,
 };
 use nat::Verdict;
 use parse::Proto;
@@ -72,6 +73,11 @@ static IF_STATS: PerCpuHashMap<u32, IfStats, { m::IF_STATS_MAX }, { BPF_F_NO_PRE
 static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { m::SOCK_REV_MAX }> = LruHashMap::new();
 #[btf_map]
 static EVENTS: RingBuf<Event, { m::EVENTS_BYTES }> = RingBuf::new();
+/// Issue 17: containers on other hosts of overlay networks, and this host's VXLAN device.
+#[btf_map]
+static REMOTE: HashMap<Ip4, Remote, { m::REMOTE_MAX }> = HashMap::new();
+#[btf_map]
+static TUNNEL: Array<Tunnel, 1> = Array::new();
 
 // IPv6: the same roles, keyed by 16-byte addresses (md_common::maps).
 #[btf_map]
@@ -116,8 +122,8 @@ fn finish(ctx: &TcContext, l3: usize, ifindex: u32, v: Verdict) -> i32 {
         Verdict::Pass => TCX_NEXT,
         Verdict::Redirect(code) => code,
         Verdict::Drop(reason) => drop_packet(ctx, l3, ifindex, reason),
-        // Handled before: an entry point never finishes with it.
-        Verdict::Icmp => TCX_NEXT,
+        // Handled before: an entry point never finishes with them.
+        Verdict::Icmp | Verdict::Overlay => TCX_NEXT,
     }
 }
 
@@ -181,6 +187,7 @@ pub fn md_veth_ingress(ctx: TcContext) -> i32 {
 fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
     match veth::ingress::<A>(ctx, ifindex, cfg) {
         Verdict::Icmp => veth::icmp::<A>(ctx, ifindex, cfg),
+        Verdict::Overlay => tunnel::from_container::<A>(ctx, ifindex, cfg),
         v => v,
     }
 }
@@ -258,6 +265,7 @@ fn uplink_family<A: Addr>(
     if ingress {
         match uplink::ingress::<A>(ctx, cfg, l3, ifindex) {
             Verdict::Icmp => uplink::icmp_in::<A>(ctx, l3, ifindex),
+            Verdict::Overlay => tunnel::native_in::<A>(ctx, cfg, l3),
             v => v,
         }
     } else {
@@ -266,6 +274,23 @@ fn uplink_family<A: Addr>(
             v => v,
         }
     }
+}
+
+/// Ingress of md's VXLAN device (overlay tunnel mode): decapsulated packets from containers on
+/// other hosts, the sender's identity in the tunnel key.
+#[classifier]
+pub fn md_tunnel_ingress(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
+    let len = ctx.len() as u64;
+    stats::count(ifindex, |s| {
+        s.ingress_packets += 1;
+        s.ingress_bytes += len;
+    });
+    let v = match config() {
+        Some(cfg) => tunnel::ingress(&ctx, cfg),
+        None => Verdict::Drop(DROP_MALFORMED),
+    };
+    finish(&ctx, parse::ETH_HLEN, ifindex, v)
 }
 
 #[cgroup_sock_addr(connect4)]

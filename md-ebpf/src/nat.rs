@@ -24,6 +24,9 @@ pub enum Verdict {
     Drop(u8),
     /// An ICMP error: the entry point runs the hook's ICMP handler on a frame of its own.
     Icmp,
+    /// Between a container here and one on another host (issue 17): the entry point hands it
+    /// to `tunnel`, on a frame of its own.
+    Overlay,
 }
 
 /// The published port a packet to `ip`:`port` reaches: a mapping bound to that exact address

@@ -26,7 +26,7 @@ use crate::{
     frag, fwd,
     nat::{self, Verdict},
     parse::{self, Frag, Pkt, L4},
-    route,
+    route, tunnel,
 };
 
 #[inline(always)]
@@ -49,6 +49,10 @@ pub fn ingress<A: Addr>(ctx: &TcContext, cfg: &Config, l3: usize, ifindex: u32) 
         if let Some(v) = tracked(ctx, p, cfg, Some(l3)) {
             return v;
         }
+    }
+    // Issue 17: a container on another host of a natively routed overlay network.
+    if tunnel::native_peer(&p.saddr) {
+        return Verdict::Overlay;
     }
     if nat::in_md_subnet(&p.saddr) {
         return Verdict::Drop(DROP_SPOOF);
@@ -188,6 +192,10 @@ fn leaving<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> Verdict {
     };
     if flags & NET_INTERNAL != 0 {
         return Verdict::Drop(DROP_ISOLATION);
+    }
+    // Issue 17: natively routed to a container on another host: untranslated.
+    if tunnel::native_peer(&p.daddr) {
+        return Verdict::Pass;
     }
     if p.l4 != L4::Ports || p.frag == Frag::Later {
         return Verdict::Drop(DROP_UNSUPPORTED);

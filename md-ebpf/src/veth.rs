@@ -19,7 +19,7 @@ use crate::{
     nat::{self, Verdict},
     ndp,
     parse::{self, Pkt, L4},
-    policy, route, VETH_OWNERS,
+    policy, route, tunnel, VETH_OWNERS,
 };
 
 /// What a container sends. ICMP errors come back as [`Verdict::Icmp`]: the entry point hands
@@ -38,7 +38,7 @@ pub fn ingress<A: Addr>(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict 
 
 /// Anti-spoofing: the source address must be this port's container, with its MAC.
 #[inline(always)]
-fn sender<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>) -> Option<Endpoint> {
+pub fn sender<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>) -> Option<Endpoint> {
     match nat::endpoint(&p.saddr) {
         Some(ep) if ep.ifindex == ifindex && Some(ep.mac) == parse::eth_src(ctx) => Some(ep),
         _ => None,
@@ -155,7 +155,8 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
             }
             ct::touch(f, p, now, cfg);
             if e.kind == CT_KIND_NONE {
-                return Verdict::Pass;
+                // Issue 17: a flow to a container on another host goes on through the overlay.
+                return tunnel::onward(ctx, cfg, p, &src);
             }
             if csum::rewrite_entry(ctx, p, e).is_err() {
                 return Verdict::Drop(DROP_MALFORMED);
@@ -189,6 +190,10 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
             Verdict::Pass => fwd::between_containers(ctx, cfg, &dst),
             v => v,
         };
+    }
+    // Issue 17: a container on another host of an overlay network.
+    if tunnel::remote(&p.daddr).is_some() {
+        return Verdict::Overlay;
     }
     outbound(ctx, p, &src, cfg)
 }

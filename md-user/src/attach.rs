@@ -195,6 +195,9 @@ pub async fn reserve(
         extra_hosts,
         exposed: spec.exposed,
     };
+    // Issue 17: on an overlay network, the identity comes from the store and the name is
+    // registered there (free on every host).
+    crate::overlay::register(ctx, nl, state, &container).await?;
     state.identity_for(name)?;
     // Recorded before anything exists, so a crash mid-setup is reclaimed by the next command.
     state.containers.insert(name.to_string(), container.clone());
@@ -355,6 +358,7 @@ pub async fn detach(ctx: &Ctx, nl: &Netlink, state: &mut State, c: &Container) {
         eprintln!("md-user: tearing down {}: {}", c.name, one_line(&e));
     }
     dns::remove_files(&ctx.state_dir, &c.name);
+    crate::overlay::unregister(state, c).await;
     if let Err(e) = state.prune_identity(&c.name) {
         eprintln!(
             "md-user: forgetting {}'s identity: {}",

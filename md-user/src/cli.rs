@@ -63,6 +63,19 @@ pub struct GlobalOpts {
     /// until changed].
     #[arg(long, env = "MD_DATAPATH", global = true, value_parser = ["redirect", "stack"])]
     pub datapath: Option<String>,
+    /// The cluster store overlay networks are coordinated through:
+    /// etcd://HOST:PORT[,HOST:PORT...] (`network create --driver overlay` takes one too).
+    #[arg(long, env = "MD_STORE", global = true, value_name = "URL")]
+    pub store: Option<String>,
+    /// Seconds this host's registrations outlive it in the store (its lease's TTL): a host
+    /// that dies leaves every other host's routes, maps and names within that time.
+    #[arg(long, env = "MD_STORE_TTL", global = true, default_value_t = 15,
+          value_parser = clap::value_parser!(u32).range(2..=3600))]
+    pub store_ttl: u32,
+    /// This host's underlay address for overlay networks [default: the source address of its
+    /// route to the store].
+    #[arg(long, env = "MD_ADVERTISE_ADDR", global = true, value_name = "IP")]
+    pub advertise_addr: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -202,9 +215,20 @@ pub enum NetworkCmd {
     /// Create a network: a bridge and a subnet of its own.
     Create {
         name: String,
-        /// CIDR [default: the first free 172.19-31.0.0/16].
+        /// CIDR [default: the first free 172.19-31.0.0/16]. An overlay's is the whole
+        /// network's (each host leases a block of it).
         #[arg(long)]
         subnet: Option<String>,
+        /// `bridge` (this host only) or `overlay` (across the hosts sharing a store).
+        #[arg(long, default_value = "bridge", value_parser = ["bridge", "overlay"])]
+        driver: String,
+        /// The overlay's store: etcd://HOST:PORT[,HOST:PORT...] [default: the global --store].
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// Overlay: `tunnel` (VXLAN between hosts) or `native` (routed over an underlay the
+        /// hosts share) [default: tunnel, or the store's for an existing network].
+        #[arg(long, value_parser = ["tunnel", "native"])]
+        mode: Option<String>,
         /// The bridge's address, the containers' default route [default: the subnet's first
         /// address].
         #[arg(long)]
@@ -399,6 +423,13 @@ impl GlobalOpts {
         if let Some(s) = &self.subnet6 {
             cmd.arg("--subnet6").arg(s);
         }
+        if let Some(s) = &self.store {
+            cmd.arg("--store").arg(s);
+        }
+        if let Some(a) = &self.advertise_addr {
+            cmd.arg("--advertise-addr").arg(a.to_string());
+        }
+        cmd.arg("--store-ttl").arg(self.store_ttl.to_string());
         cmd
     }
 }

@@ -32,8 +32,8 @@ use aya::{
 };
 use md_common::{
     maps as m, Config, CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf, Endpoint, IfStats,
-    Ip4, Ip6, Network, PolicyKey, PolicyRule, PortKey, PortKey6, PortTarget, PortTarget6,
-    HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL,
+    Ip4, Ip6, Network, PolicyKey, PolicyRule, PortKey, PortKey6, PortTarget, PortTarget6, Remote,
+    Tunnel, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -99,6 +99,7 @@ const TC_PROGRAMS: &[&str] = &[
     m::PROG_UPLINK_EGRESS,
     m::PROG_L3_INGRESS,
     m::PROG_L3_EGRESS,
+    m::PROG_TUNNEL_INGRESS,
 ];
 
 fn sock_programs() -> [(&'static str, aya::programs::CgroupSockAddrAttachType); 8] {
@@ -477,9 +478,23 @@ impl Datapath {
         let key = LpmKey::new(prefix_len as u32, network.octets());
         match self.md_subnets()?.remove(&key) {
             Ok(()) => Ok(()),
+            // Already gone (an overlay's span and its block, a teardown run again): aya reports
+            // a missing key as the syscall's ENOENT, not KeyNotFound.
             Err(e) if missing(&e) => Ok(()),
             Err(e) => Err(e).context("removing from MD_SUBNETS"),
         }
+    }
+
+    /// Containers on other hosts of overlay networks (issue 17).
+    pub fn remote(&self) -> Result<HashMap<MapData, Ip4, Remote>> {
+        self.hash(m::REMOTE)
+    }
+
+    /// This host's VXLAN device and underlay address.
+    pub fn set_tunnel(&self, t: &Tunnel) -> Result<()> {
+        let mut arr: Array<MapData, Tunnel> = Array::try_from(self.map_data(m::TUNNEL)?)?;
+        arr.set(0, t, 0).context("writing TUNNEL")?;
+        Ok(())
     }
 
     pub fn port_map(&self) -> Result<HashMap<MapData, PortKey, PortTarget>> {

@@ -267,6 +267,18 @@ fn hosts_lines(names: &NameSet, i: &Interface, c: &Container) -> String {
 /// hostnames.
 pub fn lookup(state: &State, nets: &[String], network: Option<&str>, name: &str) -> Vec<Addrs> {
     let name = name.trim_end_matches('.');
+    let local = local_lookup(state, nets, network, name);
+    if !local.is_empty() {
+        return local;
+    }
+    // Overlay networks are IPv4 only: a remote container has no IPv6 address.
+    remote_lookup(state, nets, name)
+        .map(|ip| (ip, None))
+        .into_iter()
+        .collect()
+}
+
+fn local_lookup(state: &State, nets: &[String], network: Option<&str>, name: &str) -> Vec<Addrs> {
     let is = |s: &str| s.eq_ignore_ascii_case(name);
     if is_a_name(state, name) {
         return state
@@ -354,12 +366,43 @@ fn reverse_addr(name: &str) -> Option<IpAddr> {
 
 /// PTR: a container address on a network the asker is on names `NAME.NETWORK.` (Docker's).
 fn reverse(state: &State, nets: &[String], ip: IpAddr) -> Option<String> {
-    state.containers.values().find_map(|c| {
-        c.interfaces
-            .iter()
-            .find(|i| has_ip(i, ip) && nets.contains(&i.network))
-            .map(|i| format!("{}.{}.", c.name, i.network))
-    })
+    state
+        .containers
+        .values()
+        .find_map(|c| {
+            c.interfaces
+                .iter()
+                .find(|i| has_ip(i, ip) && nets.contains(&i.network))
+                .map(|i| format!("{}.{}.", c.name, i.network))
+        })
+        .or_else(|| {
+            // A container on another host of an overlay network (issue 17).
+            state
+                .remote
+                .iter()
+                .find(|(_, r)| IpAddr::V4(r.ip) == ip && nets.contains(&r.network))
+                .map(|(n, r)| format!("{n}.{}.", r.network))
+        })
+}
+
+/// A container on another host of an overlay network the asker is on (issue 17): by name, then
+/// by hostname; local containers win.
+fn remote_lookup(state: &State, nets: &[String], name: &str) -> Option<Ipv4Addr> {
+    let on = |r: &&crate::state::RemoteContainer| nets.contains(&r.network);
+    state
+        .remote
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, r)| r)
+        .find(on)
+        .or_else(|| {
+            state
+                .remote
+                .values()
+                .filter(|r| r.hostname.eq_ignore_ascii_case(name))
+                .find(on)
+        })
+        .map(|r| r.ip)
 }
 
 fn networks_of(c: &Container) -> Vec<String> {
@@ -951,6 +994,7 @@ mod tests {
                     routed6: false,
                     dns_pid: 0,
                     dns_start: 0,
+                    overlay: None,
                     gateway: None,
                     ip_range: None,
                     mtu: None,

@@ -37,7 +37,8 @@ pub async fn setup(
             &iface.name,
             iface.mac,
             netns.raw_fd(),
-            net.mtu,
+            // An overlay's containers get the underlay MTU less the encapsulation.
+            net.overlay.as_ref().map(|o| o.mtu).or(net.mtu),
         )
         .await?;
     crate::timing::mark("veth");

@@ -179,6 +179,8 @@ pub fn owned_links(state: &State) -> HashSet<String> {
                 .values()
                 .flat_map(|c| c.interfaces.iter().map(|i| i.veth.clone())),
         )
+        // Issue 17: the overlay's VXLAN device.
+        .chain(crate::overlay::owned_links(state))
         .collect()
 }
 
@@ -418,6 +420,11 @@ pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Res
             crate::error::one_line(&e)
         );
     }
+    // Issue 17: the lease and the store's view of the other hosts, while in a cluster.
+    tokio::spawn(crate::overlay::follow(
+        opts.clone(),
+        Datapath::new(&dp.pin_dir),
+    ));
     let mut gc = tokio::time::interval(std::time::Duration::from_secs(30));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

@@ -21,10 +21,12 @@ mod metrics;
 mod netlink;
 mod netns;
 mod network;
+mod overlay;
 mod policy;
 mod portmap;
 mod proc;
 mod state;
+mod store;
 mod timing;
 mod trace;
 

@@ -17,6 +17,10 @@ pub struct Netlink {
     handle: Handle,
 }
 
+/// The routing protocol number md's routes carry (overlay blocks of other hosts, and the
+/// unreachable rest of an overlay's subnet), so they are told from everyone else's.
+pub const MD_ROUTE_PROTO: u8 = 0x4d;
+
 #[derive(Debug, Clone)]
 pub struct Link {
     pub index: u32,
@@ -233,6 +237,7 @@ impl Netlink {
     /// Creates a veth pair: `host` attached to `bridge` and up, its peer created directly in
     /// the container's namespace as `peer` with `peer_mac` (no rename or move afterwards).
     /// Returns the host side.
+    /// `mtu`: both ends' MTU (an overlay's), else the kernel's default.
     pub async fn create_veth(
         &self,
         host: &str,
@@ -267,6 +272,112 @@ impl Netlink {
         self.link_by_name(host)
             .await?
             .with_context(|| format!("veth {host} vanished"))
+    }
+
+    /// Creates md's VXLAN device if missing (issue 17): collect-metadata ("external"), so one
+    /// device serves every remote host and VNI, its tunnel key set per packet by md's programs;
+    /// no learning (md knows where every container is). Returns it, up, with `mtu`.
+    pub async fn ensure_vxlan(&self, name: &str, port: u16, mtu: u32) -> Result<Link> {
+        if self.link_by_name(name).await?.is_none() {
+            let msg = rtnetlink::LinkVxlan::new(name, 0)
+                .port(port)
+                .collect_metadata(true)
+                .learning(false)
+                .mtu(mtu)
+                .up()
+                .build();
+            match self.handle.link().add(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).with_context(|| format!("creating VXLAN device {name}")),
+            }
+        }
+        let link = self
+            .link_by_name(name)
+            .await?
+            .with_context(|| format!("VXLAN device {name} vanished"))?;
+        if link.kind.as_deref() != Some("vxlan") {
+            anyhow::bail!("{name} exists and is not a VXLAN device");
+        }
+        if link.mtu != Some(mtu) {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(link.index).mtu(mtu).build())
+                .execute()
+                .await
+                .with_context(|| format!("setting the MTU of {name}"))?;
+        }
+        self.set_up(link.index).await?;
+        Ok(link)
+    }
+
+    /// md's routes (protocol [`MD_ROUTE_PROTO`]) in the main table: (destination, prefix,
+    /// gateway; None for an unreachable route).
+    pub async fn md_routes(&self) -> Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteProtocol};
+        let mut out = Vec::new();
+        for r in self.ipv4_routes().await? {
+            if r.header.protocol != RouteProtocol::Other(MD_ROUTE_PROTO) {
+                continue;
+            }
+            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let mut gw = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    _ => {}
+                }
+            }
+            out.push((dst, r.header.destination_prefix_length, gw));
+        }
+        Ok(out)
+    }
+
+    fn md_route(dst: Ipv4Addr, prefix: u8, via: Option<Ipv4Addr>) -> RouteMessage {
+        use rtnetlink::packet_route::route::{RouteProtocol, RouteType};
+        let b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix)
+            .protocol(RouteProtocol::Other(MD_ROUTE_PROTO));
+        match via {
+            Some(gw) => b.gateway(gw).build(),
+            None => b.kind(RouteType::Unreachable).build(),
+        }
+    }
+
+    /// Adds (or replaces) one of md's routes: via a gateway, or unreachable.
+    pub async fn set_md_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        via: Option<Ipv4Addr>,
+    ) -> Result<()> {
+        self.handle
+            .route()
+            .add(Self::md_route(dst, prefix, via))
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding the route to {dst}/{prefix}"))
+    }
+
+    pub async fn del_md_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        via: Option<Ipv4Addr>,
+    ) -> Result<()> {
+        match self
+            .handle
+            .route()
+            .del(Self::md_route(dst, prefix, via))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing the route to {dst}/{prefix}")),
+        }
     }
 
     /// Deletes a link; a link that is already gone is not an error.

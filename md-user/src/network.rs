@@ -61,7 +61,13 @@ pub fn ensure_default(state: &mut State, opts: &GlobalOpts) -> Result<()> {
 /// host's ULA /48) and whether it is routed.
 pub type V6 = Option<(Option<Subnet6>, bool)>;
 
-fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet, v6: V6) -> Result<Network> {
+pub fn add(
+    state: &mut State,
+    name: &str,
+    bridge: String,
+    subnet: Subnet,
+    v6: V6,
+) -> Result<Network> {
     add_with(
         state,
         name,
@@ -211,8 +217,10 @@ fn add_with(state: &mut State, name: &str, set: Settings) -> Result<Network> {
     let subnet = set.subnet.context("a network needs a subnet")?;
     let bridge = set.bridge.context("a network needs a bridge")?;
     for (other, net) in &state.networks {
-        if net.subnet.overlaps(&subnet) {
-            bail!("subnet {subnet} overlaps network {other} ({})", net.subnet);
+        // An overlay takes its whole subnet on every host, not just this host's block.
+        let taken = net.span();
+        if taken.overlaps(&subnet) {
+            bail!("subnet {subnet} overlaps network {other} ({taken})");
         }
         if net.bridge == bridge {
             bail!("bridge {bridge} is already used by network {other}");
@@ -265,6 +273,7 @@ fn add_with(state: &mut State, name: &str, set: Settings) -> Result<Network> {
         routed6,
         dns_pid: 0,
         dns_start: 0,
+        overlay: None,
         gateway: set.gateway,
         ip_range,
         mtu: set.mtu,
@@ -306,17 +315,12 @@ pub fn create_with(state: &mut State, name: &str, mut set: Settings) -> Result<N
         set.subnet = Some(
             (19..=31)
                 .map(|b| Subnet::new(std::net::Ipv4Addr::new(172, b, 0, 0), 16).expect("valid"))
-                .find(|s| !state.networks.values().any(|n| n.subnet.overlaps(s)))
+                .find(|s| !state.networks.values().any(|n| n.span().overlaps(s)))
                 .context("no free 172.19-31.0.0/16 subnet left; pass --subnet")?,
         );
     }
     if set.bridge.is_none() {
-        // Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex);
-        // the first mdnN no network uses (a user may have named a bridge so).
-        let taken = |b: &str| state.networks.values().any(|n| n.bridge == b);
-        set.bridge = (state.next_network_id.max(1)..)
-            .map(|i| format!("mdn{i}"))
-            .find(|b| !taken(b));
+        set.bridge = Some(next_bridge_name(state));
     }
     add_with(state, name, set)
 }
@@ -343,6 +347,16 @@ pub fn allocate6(
         }
         None => s6.allocate(&used)?,
     }))
+}
+
+/// Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex): the first
+/// mdnN no network uses (a user may have named a bridge so).
+pub fn next_bridge_name(state: &State) -> String {
+    let taken = |b: &str| state.networks.values().any(|n| n.bridge == b);
+    (state.next_network_id.max(1)..)
+        .map(|i| format!("mdn{i}"))
+        .find(|b| !taken(b))
+        .expect("a free name")
 }
 
 /// Creates the network's bridge if needed and publishes it to the datapath.
@@ -403,6 +417,9 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
     if let Some(s6) = net.subnet6 {
         dp.add_subnet6(s6.network, s6.prefix_len, net.id)?;
     }
+    // An overlay's whole subnet too (issue 17).
+    let span = net.span();
+    dp.add_subnet(span.network, span.prefix_len, net.id)?;
     crate::host::refresh_host_addrs(nl, dp).await?;
     Ok(link.index)
 }

@@ -130,6 +130,32 @@ pub fn sync(dp: &Datapath, state: &mut State) -> Result<()> {
     dp.set_config(&cfg)
 }
 
+/// `name` was given another identity (the store's, issue 17): its rules move to it in POLICY.
+pub fn reidentify(dp: &Datapath, state: &mut State, name: &str, old: Option<u32>) -> Result<()> {
+    let rules = state.rules_of(name)?;
+    if rules.is_empty() || !dp.is_loaded() {
+        return Ok(());
+    }
+    let mut map = dp.policy()?;
+    let mut keys = Vec::new();
+    for r in rules {
+        let (s, d) = (state.identity_for(&r.from)?, state.identity_for(&r.to)?);
+        if let Some(old) = old {
+            let stale = PolicyKey {
+                src_identity: if r.from == name { old } else { s },
+                dst_identity: if r.to == name { old } else { d },
+            };
+            let _ = map.remove(&stale);
+        }
+        let key = PolicyKey {
+            src_identity: s,
+            dst_identity: d,
+        };
+        keys.push((key, r.verdict.map_value()));
+    }
+    write_rules(dp, &keys)
+}
+
 /// Drop counters of a rule, read from the map (`identities`: by name).
 pub fn drops(dp: &Datapath, identities: &BTreeMap<String, u32>, rule: &Rule) -> u64 {
     let (Some(s), Some(d)) = (identities.get(&rule.from), identities.get(&rule.to)) else {

@@ -51,6 +51,51 @@ pub struct State {
     /// Where identities and rules are read and written (inside the lock's transaction).
     #[serde(skip)]
     pub store: Store,
+    /// This host's membership of a cluster of hosts sharing overlay networks (issue 17).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
+    /// Containers on other hosts of this host's overlay networks, as the store last said
+    /// (written by the watcher; the resolver answers their names).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub remote: BTreeMap<String, RemoteContainer>,
+}
+
+/// This host in a cluster: the store, its id and underlay address, and the lease its
+/// registrations hang on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Cluster {
+    /// `etcd://HOST:PORT[,...]`.
+    pub store: String,
+    pub host_id: String,
+    /// The underlay address: VXLAN packets come from and go to it, native routes point to it.
+    pub addr: Ipv4Addr,
+    /// Its interface's MTU.
+    pub underlay_mtu: u32,
+    pub lease: i64,
+    /// Seconds the lease lives without a keep-alive.
+    pub ttl: u32,
+}
+
+/// A container on another host, as the store said (see [`State::remote`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RemoteContainer {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    pub host: String,
+    pub addr: Ipv4Addr,
+    pub hostname: String,
+}
+
+/// What makes a network an overlay across hosts; its `subnet` is then this host's block.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Overlay {
+    /// The whole network's subnet, shared by every host.
+    pub subnet: Subnet,
+    /// `tunnel` or `native`.
+    pub mode: String,
+    /// The MTU its containers get: the underlay's less the encapsulation (tunnel mode).
+    pub mtu: u32,
 }
 
 /// A handle on the database that holds identities and rules. A state that was never stored
@@ -104,6 +149,9 @@ pub struct Network {
     pub dns_pid: u32,
     #[serde(default)]
     pub dns_start: u64,
+    /// Set for an overlay network spanning hosts (issue 17).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Overlay>,
     /// `--gateway`: the bridge's address [default: the subnet's first].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Ipv4Addr>,
@@ -350,6 +398,13 @@ fn default_mode() -> String {
     DEFAULT_NETWORK.to_string()
 }
 
+impl Network {
+    /// The addresses this network takes on every host: an overlay's whole subnet, else its own.
+    pub fn span(&self) -> Subnet {
+        self.overlay.as_ref().map_or(self.subnet, |o| o.subnet)
+    }
+}
+
 impl Container {
     pub fn primary_ip(&self) -> Option<Ipv4Addr> {
         self.interfaces.first().map(|i| i.ip)
@@ -425,6 +480,30 @@ impl State {
                 .map_err(sql_context("writing an identity"))
         })?;
         Ok(id)
+    }
+
+    /// Gives `name` the identity `id` (one the store handed out, the same on every host);
+    /// returns the one it had before, if it differs.
+    pub fn set_identity(&mut self, name: &str, id: u32) -> Result<Option<u32>> {
+        let old = self.identity(name)?;
+        if old == Some(id) {
+            return Ok(None);
+        }
+        self.store.with(|c| {
+            // Another name holding `id` (a local identity counted up to the cluster range)
+            // gives it up: the store's word wins.
+            c.prepare_cached("DELETE FROM identities WHERE id = ?1 AND name != ?2")
+                .and_then(|mut s| s.execute(params![id, name]))
+                .and_then(|_| {
+                    c.prepare_cached(
+                        "INSERT INTO identities (name, id) VALUES (?1, ?2)
+                         ON CONFLICT (name) DO UPDATE SET id = excluded.id",
+                    )
+                })
+                .and_then(|mut s| s.execute(params![name, id]))
+                .map_err(sql_context("writing an identity"))
+        })?;
+        Ok(old)
     }
 
     /// Every identity by name.

@@ -14,6 +14,7 @@
 pub mod cni;
 pub mod helpers;
 mod lab;
+pub mod multihost;
 pub mod pkt;
 pub mod process;
 pub mod runtimes;

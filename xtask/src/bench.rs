@@ -1,6 +1,8 @@
 //! `cargo xtask bench [--quick]`: md's datapath against plain routing, Docker-style iptables,
 //! Podman's netavark and the reference CNI plugins (bridge + host-local + portmap), on the same
-//! lab topology, in one run (issues 8 and 15); the base again over IPv6 (issue 14).
+//! lab topology, in one run (issues 8 and 15); the base again over IPv6 (issue 14); and
+//! containers across two hosts over md's overlay (VXLAN and native routing) against plain
+//! routing between them (issue 17).
 //!
 //! Every measurement runs inside network namespaces the bench makes and removes itself (see
 //! `bench/lab.rs`); nothing touches the machine's interfaces, routes or firewall. Output: a
@@ -22,6 +24,7 @@
 //! measurement cannot run.
 
 mod datapaths;
+mod hosts;
 mod lab;
 mod report;
 mod stats;
@@ -46,10 +49,15 @@ const NETAVARK_VERSION: &str = "2.1.0";
 
 /// Tools the bench runs, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
+    // Building md-user (etcd-client's gRPC code, issue 17).
+    ("protoc", "protobuf-compiler"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
     ("iperf3", "iperf3"),
+    // The overlay's store across hosts (bench/hosts.rs).
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
@@ -335,7 +343,7 @@ fn attempt(
     Ok(())
 }
 
-/// `MD_BENCH_ONLY=ipv6,base,...` runs only those sections (base, ipv6, scaling, control,
+/// `MD_BENCH_ONLY=ipv6,base,...` runs only those sections (base, ipv6, hosts, scaling, control,
 /// bpf): for working on one of them; a full comparison runs them all.
 fn wanted(section: &str) -> bool {
     match std::env::var("MD_BENCH_ONLY") {
@@ -367,6 +375,18 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
     //     and netavark's dual-stack network), rebuilt per round like the base.
     if wanted("ipv6") {
         ipv6_rounds(plan, env, r)?;
+    }
+    // 1c. Across hosts (issue 17): plain routing, md's VXLAN overlay and md's native routing
+    //     between containers on two hosts, rotated likewise.
+    for rep in (0..plan.reps).filter(|_| wanted("hosts")) {
+        for i in 0..3 {
+            let which = (i + rep) % 3;
+            let what = ["plain", "md vxlan", "md native"][which];
+            eprintln!("bench: across hosts round {}/{} {what}", rep + 1, plan.reps);
+            attempt(r, &format!("across hosts {what} round {}", rep + 1), |r| {
+                hosts::round(plan, env, r, rep, which)
+            })?;
+        }
     }
     // 2. Scaling: published ports and policy rules. The datapaths of one scenario stay up
     //    side by side (separate labs) and are measured in turns, again against drift.

@@ -276,6 +276,12 @@ impl NetConf {
                 .or_else(|| env("MD_RESOLV_CONF").map(PathBuf::from))
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             datapath: self.datapath.clone().or_else(|| env("MD_DATAPATH")),
+            // An overlay network the host joined keeps its store in md's state.
+            store: env("MD_STORE"),
+            store_ttl: env("MD_STORE_TTL")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(15),
+            advertise_addr: env("MD_ADVERTISE_ADDR").and_then(|a| a.parse().ok()),
         }
     }
 }

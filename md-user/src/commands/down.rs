@@ -22,6 +22,7 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
     if let Err(e) = hostports::release(&mut locked.state) {
         errors.push(e);
     }
+    errors.extend(crate::overlay::leave(&nl, &ctx.dp, &mut locked.state).await);
     errors.extend(network::remove_all(&nl, &ctx.dp, &mut locked.state).await);
     errors.extend(host::teardown(
         &ctx.dp,
@@ -45,6 +46,7 @@ pub async fn down(ctx: &Ctx) -> Result<ExitCode> {
     }
     let _ = fs::remove_dir_all(ctx.state_dir.dir.join("logs"));
     let _ = fs::remove_dir_all(ctx.state_dir.dir.join("containers"));
+    let _ = fs::remove_file(crate::overlay::status_file(&ctx.state_dir.dir));
     for e in &errors {
         eprintln!("md-user: down: {}", one_line(e));
     }

@@ -29,10 +29,51 @@ use crate::{
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     let ctx = Ctx::new(cli.global);
-    match cli.command {
+    let tells_store = tells_store(&cli.command);
+    let code = command(&ctx, cli.command)?;
+    if tells_store {
+        store_down_warning(&ctx);
+    }
+    Ok(code)
+}
+
+/// Commands that say, once they have succeeded, that the overlay's store is down (issue 17:
+/// every command says so; one that fails names the store in its error instead). Not the
+/// long-running ones, nor those whose output is a container's (`exec`, `logs`, a foreground
+/// `run`), nor `ps` and `network ls`, which say it before their listing.
+fn tells_store(command: &Command) -> bool {
+    match command {
+        Command::Run(args) => args.detach && args.ready_fd.is_none(),
+        Command::Network(crate::cli::NetworkCmd::Ls { .. }) => false,
+        Command::Stop { .. }
+        | Command::Policy(_)
+        | Command::Stats { .. }
+        | Command::Inspect { .. }
+        | Command::Trace { .. }
+        | Command::Port { .. }
+        | Command::Network(_) => true,
+        _ => false,
+    }
+}
+
+fn store_down_warning(ctx: &Ctx) {
+    // No watcher status, no cluster: spare the state read.
+    if !crate::overlay::status_file(&ctx.state_dir.dir).exists() {
+        return;
+    }
+    let Ok(state) = ctx.state_dir.peek() else {
+        return;
+    };
+    if let Some(w) = crate::overlay::store_warning(&state, &ctx.state_dir.dir) {
+        eprintln!("md-user: warning: {w}");
+    }
+}
+
+fn command(ctx: &Ctx, command: Command) -> Result<ExitCode> {
+    match command {
         // `run` validates its arguments before checking privileges, so bad input gets the
         // precise message even without root.
-        Command::Run(args) => run::run(&ctx, args),
+        Command::Run(args) => run::run(ctx, args),
         // So does `trace`: a bad spec is named before anything else.
         Command::Trace { from, to, json } => {
             let (from, to) = (
@@ -40,7 +81,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 crate::trace::spec::parse_to(&to)?,
             );
             require_privileges()?;
-            block_on(trace::trace(&ctx, from, to, json))
+            block_on(trace::trace(ctx, from, to, json))
         }
         Command::Init {
             ready_fd,
@@ -70,21 +111,21 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 | Command::Trace { .. }
                 | Command::Completion { .. }
                 | Command::Man { .. } => unreachable!(),
-                Command::Port { name, port } => block_on(port::port(&ctx, &name, port.as_deref())),
-                Command::Ps { json } => block_on(ps::ps(&ctx, json)),
-                Command::Stop { names, time } => block_on(stop::stop(&ctx, &names, time)),
+                Command::Port { name, port } => block_on(port::port(ctx, &name, port.as_deref())),
+                Command::Ps { json } => block_on(ps::ps(ctx, json)),
+                Command::Stop { names, time } => block_on(stop::stop(ctx, &names, time)),
                 Command::Exec { name, cmd } => {
-                    let state = block_on_state(&ctx)?;
+                    let state = block_on_state(ctx)?;
                     exec::exec(&state, &name, &cmd)
                 }
                 Command::Logs { name } => {
-                    block_on_state(&ctx)?;
-                    exec::logs(&ctx, &name)
+                    block_on_state(ctx)?;
+                    exec::logs(ctx, &name)
                 }
-                Command::Down => block_on(down::down(&ctx)),
-                Command::Policy(cmd) => block_on(policy::policy(&ctx, cmd)),
+                Command::Down => block_on(down::down(ctx)),
+                Command::Policy(cmd) => block_on(policy::policy(ctx, cmd)),
                 Command::Stats { json, prometheus } => {
-                    block_on(stats::stats(&ctx, json, prometheus))
+                    block_on(stats::stats(ctx, json, prometheus))
                 }
                 Command::Monitor {
                     json,
@@ -97,13 +138,13 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                         max_size,
                         max_files,
                     });
-                    block_on(monitor::monitor(&ctx, json, out))
+                    block_on(monitor::monitor(ctx, json, out))
                 }
                 Command::Metrics { listen, bpf_stats } => {
-                    block_on(metrics::metrics(&ctx, listen, bpf_stats))
+                    block_on(metrics::metrics(ctx, listen, bpf_stats))
                 }
-                Command::Inspect { name, json } => block_on(inspect::inspect(&ctx, &name, json)),
-                Command::Network(cmd) => block_on(network::network(&ctx, cmd)),
+                Command::Inspect { name, json } => block_on(inspect::inspect(ctx, &name, json)),
+                Command::Network(cmd) => block_on(network::network(ctx, cmd)),
                 Command::Watch { ready_fd } => {
                     let ready = ready_fd.map(|fd| unsafe {
                         libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);

@@ -12,7 +12,7 @@ use crate::{
     attach::{self, IfaceSpec},
     cli::NetworkCmd,
     host,
-    ipam::{format_mac, Subnet6},
+    ipam::{format_mac, Subnet, Subnet6},
     netlink::Netlink,
     netns::Netns,
     network::{self, Settings, OPT_BRIDGE_NAME, OPT_GATEWAY_MODE, OPT_GATEWAY_MODE6, OPT_MTU},
@@ -22,10 +22,13 @@ use crate::{
 
 pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     // Parse before taking the lock or creating anything.
-    let settings = match &cmd {
+    let (settings, overlay_subnet) = match &cmd {
         NetworkCmd::Create {
             name,
             subnet,
+            driver,
+            store,
+            mode,
             gateway,
             ip_range,
             mtu,
@@ -37,33 +40,59 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             gateway_mode_ipv6,
         } => {
             validate_name(name)?;
-            let mut settings = Settings::parse(
-                subnet.as_deref(),
-                *gateway,
-                ip_range.as_deref(),
-                *mtu,
-                *internal,
-                gateway_mode.as_deref(),
-                opt,
-            )?;
-            let subnet6 = subnet6.as_deref().map(str::parse::<Subnet6>).transpose()?;
-            let routed = gateway_mode_ipv6 == "routed";
-            if routed && !ipv6 && subnet6.is_none() {
-                bail!("--gateway-mode-ipv6 routed needs --ipv6");
+            if driver != "overlay" && (store.is_some() || mode.is_some()) {
+                bail!("--store and --mode are options of --driver overlay");
             }
-            if routed && *internal {
-                bail!("an --internal network has no way out to route: --gateway-mode-ipv6 routed does not apply");
+            if driver == "overlay" {
+                if gateway.is_some()
+                    || ip_range.is_some()
+                    || mtu.is_some()
+                    || *internal
+                    || gateway_mode.is_some()
+                    || !opt.is_empty()
+                {
+                    bail!("--gateway, --ip-range, --mtu, --internal, --gateway-mode and --opt are options of --driver bridge (an overlay's MTU is the underlay's less VXLAN's)");
+                }
+                if *ipv6 || subnet6.is_some() || gateway_mode_ipv6 != "nat" {
+                    bail!("overlay networks are IPv4 only: --ipv6, --subnet6 and --gateway-mode-ipv6 are options of --driver bridge");
+                }
+                if let Some(s) = store {
+                    crate::store::parse_url(s)?;
+                }
+                let subnet = subnet.as_deref().map(str::parse::<Subnet>).transpose()?;
+                if let Some(s) = &subnet {
+                    crate::overlay::block_prefix(s)?;
+                }
+                (None, subnet)
+            } else {
+                let mut settings = Settings::parse(
+                    subnet.as_deref(),
+                    *gateway,
+                    ip_range.as_deref(),
+                    *mtu,
+                    *internal,
+                    gateway_mode.as_deref(),
+                    opt,
+                )?;
+                let subnet6 = subnet6.as_deref().map(str::parse::<Subnet6>).transpose()?;
+                let routed = gateway_mode_ipv6 == "routed";
+                if routed && !ipv6 && subnet6.is_none() {
+                    bail!("--gateway-mode-ipv6 routed needs --ipv6");
+                }
+                if routed && *internal {
+                    bail!("an --internal network has no way out to route: --gateway-mode-ipv6 routed does not apply");
+                }
+                settings.v6 = (*ipv6 || subnet6.is_some()).then_some((subnet6, routed));
+                (Some(settings), None)
             }
-            settings.v6 = (*ipv6 || subnet6.is_some()).then_some((subnet6, routed));
-            Some(settings)
         }
         NetworkCmd::Connect { aliases, .. } => {
             for a in aliases {
                 validate_hostname(a).with_context(|| format!("--alias {a:?}"))?;
             }
-            None
+            (None, None)
         }
-        _ => None,
+        _ => (None, None),
     };
     let nl = Netlink::connect()?;
     let mut locked = ctx.state_dir.lock()?;
@@ -71,6 +100,22 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
     network::ensure_default(&mut locked.state, &ctx.opts)?;
     let state = &mut locked.state;
     match cmd {
+        NetworkCmd::Create {
+            name,
+            driver,
+            store,
+            mode,
+            ..
+        } if driver == "overlay" => {
+            let args = crate::overlay::CreateArgs {
+                name: name.clone(),
+                subnet: overlay_subnet,
+                store,
+                mode,
+            };
+            crate::overlay::create_network(ctx, &nl, &mut locked, args).await?;
+            println!("{name}");
+        }
         NetworkCmd::Create { name, .. } => {
             let settings = settings.expect("parsed above");
             if let Some(b) = &settings.bridge {
@@ -116,6 +161,10 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         NetworkCmd::Ls { json } => {
+            // Issue 17: overlay peers listed here are as the store last said.
+            if let Some(w) = crate::overlay::store_warning(state, &ctx.state_dir.dir) {
+                eprintln!("md-user: warning: {w}");
+            }
             let rows: Vec<_> = state
                 .networks
                 .iter()
@@ -126,11 +175,22 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         .filter(|c| c.on_network(name))
                         .map(|c| c.name.as_str())
                         .collect();
+                    let remote: Vec<&str> = state
+                        .remote
+                        .iter()
+                        .filter(|(_, r)| &r.network == name)
+                        .map(|(n, _)| n.as_str())
+                        .collect();
                     json!({
                         "name": name,
                         "id": n.id,
                         "bridge": n.bridge,
-                        "subnet": n.subnet.to_string(),
+                        "driver": if n.overlay.is_some() { "overlay" } else { "bridge" },
+                        "subnet": n.span().to_string(),
+                        // Overlay: this host's block of the subnet.
+                        "block": n.overlay.as_ref().map(|_| n.subnet.to_string()),
+                        "mode": n.overlay.as_ref().map(|o| o.mode.clone()),
+                        "mtu": n.overlay.as_ref().map(|o| o.mtu).or(n.mtu),
                         "gateway": n.gateway().to_string(),
                         "internal": n.internal,
                         "gateway_mode": n.gateway_mode.as_str(),
@@ -138,6 +198,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         "gateway6": n.subnet6.map(|s| s.gateway().to_string()),
                         "gateway_mode_ipv6": n.subnet6.map(|_| if n.routed6 { "routed" } else { "nat" }),
                         "containers": members,
+                        "remote": remote,
                         "dns": proc::alive(n.dns_pid, n.dns_start),
                     })
                 })
@@ -146,17 +207,30 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<16} {:<8} {:<18} {:<16} {:<24} CONTAINERS",
-                    "NAME", "BRIDGE", "SUBNET", "GATEWAY", "SUBNET6"
+                    "{:<16} {:<8} {:<8} {:<18} {:<16} {:<24} CONTAINERS",
+                    "NAME", "DRIVER", "BRIDGE", "SUBNET", "GATEWAY", "SUBNET6"
                 );
+                let names = |k: &str, r: &serde_json::Value| -> Vec<String> {
+                    r[k].as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
                 for r in rows {
-                    let members: Vec<&str> = r["containers"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-                        .unwrap_or_default();
+                    let mut members = names("containers", &r);
+                    // Containers on other hosts, marked as such.
+                    members.extend(
+                        names("remote", &r)
+                            .into_iter()
+                            .map(|n| format!("{n}(remote)")),
+                    );
                     println!(
-                        "{:<16} {:<8} {:<18} {:<16} {:<24} {}",
+                        "{:<16} {:<8} {:<8} {:<18} {:<16} {:<24} {}",
                         r["name"].as_str().unwrap_or(""),
+                        r["driver"].as_str().unwrap_or(""),
                         r["bridge"].as_str().unwrap_or(""),
                         r["subnet"].as_str().unwrap_or(""),
                         r["gateway"].as_str().unwrap_or(""),
@@ -184,6 +258,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                     bail!("network {name} is in use by {}", users.join(", "));
                 }
                 let mut net = net.clone();
+                if net.overlay.is_some() {
+                    crate::overlay::remove_network(ctx, &nl, state, name, &net).await?;
+                }
                 network::stop_resolver(&mut net);
                 network::remove_bridge(&nl, &ctx.dp, &net).await?;
                 state.networks.remove(name);
@@ -199,6 +276,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
         } => {
             if !state.networks.contains_key(&net_name) {
                 bail!("no such network: {net_name}");
+            }
+            if state.networks[&net_name].overlay.is_some() {
+                bail!("overlay network {net_name} takes containers when they start (run --network {net_name}), not by connect");
             }
             let c = state
                 .containers
@@ -232,7 +312,18 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
         NetworkCmd::Disconnect {
             network: net_name,
             container,
-        } => attach::remove_interface(ctx, &nl, state, &container, &net_name).await?,
+        } => {
+            if state
+                .networks
+                .get(&net_name)
+                .is_some_and(|n| n.overlay.is_some())
+            {
+                bail!(
+                    "containers leave overlay network {net_name} when they stop, not by disconnect"
+                );
+            }
+            attach::remove_interface(ctx, &nl, state, &container, &net_name).await?
+        }
     }
     locked.save()?;
     Ok(ExitCode::SUCCESS)
@@ -241,11 +332,15 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
 /// `docker network inspect`'s object for one network.
 fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
     let mut ipam = json!({
-        "Subnet": net.subnet.to_string(),
+        "Subnet": net.span().to_string(),
         "Gateway": net.gateway().to_string(),
     });
     if let Some(r) = &net.ip_range {
         ipam["IPRange"] = json!(r.to_string());
+    }
+    // An overlay allocates from this host's block (issue 17).
+    if net.overlay.is_some() {
+        ipam["IPRange"] = json!(net.subnet.to_string());
     }
     let containers: serde_json::Map<String, Value> = state
         .containers
@@ -271,7 +366,7 @@ fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
     // Docker's keys.
     let mut options = net.options.clone();
     options.insert(OPT_BRIDGE_NAME.into(), net.bridge.clone());
-    if let Some(m) = net.mtu {
+    if let Some(m) = net.overlay.as_ref().map(|o| o.mtu).or(net.mtu) {
         options.insert(OPT_MTU.into(), m.to_string());
     }
     if net.gateway_mode != GatewayMode::Nat {
@@ -292,8 +387,9 @@ fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
         "Name": name,
         "Id": net.docker_id(),
         "Created": humantime::format_rfc3339_seconds(created).to_string(),
-        "Scope": "local",
-        "Driver": "bridge",
+        // Docker's multi-host overlay on an external store was "global" too.
+        "Scope": if net.overlay.is_some() { "global" } else { "local" },
+        "Driver": if net.overlay.is_some() { "overlay" } else { "bridge" },
         "EnableIPv4": true,
         "EnableIPv6": net.subnet6.is_some(),
         "IPAM": {

@@ -48,7 +48,9 @@ pub async fn policy(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
             let mut all = Vec::new();
             for (verdict, from, to, both) in &rules {
                 for n in [from, to] {
-                    if !state.containers.contains_key(n.as_str()) {
+                    if !state.containers.contains_key(n.as_str())
+                        && !state.remote.contains_key(n.as_str())
+                    {
                         absent.insert(n.clone());
                     }
                 }
@@ -124,6 +126,8 @@ fn set(
     // kept and applies when it starts (with a warning, in case of a typo).
     for n in [from, to] {
         match state.containers.get(n) {
+            // A container on another host of an overlay network (issue 17).
+            None if state.remote.contains_key(n) => {}
             None => eprintln!(
                 "md-user: warning: no container named {n} is running; the rule applies once it runs"
             ),

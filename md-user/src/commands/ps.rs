@@ -12,6 +12,9 @@ pub async fn ps(ctx: &Ctx, as_json: bool) -> Result<ExitCode> {
     if !reconcile(ctx, &nl, &mut locked.state).await.is_empty() {
         locked.save()?;
     }
+    if let Some(w) = crate::overlay::store_warning(&locked.state, &ctx.state_dir.dir) {
+        eprintln!("md-user: warning: {w}");
+    }
     let rows: Vec<serde_json::Value> = locked
         .state
         .containers

@@ -119,7 +119,9 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
     // Every host interface md covers, by name.
     let mut uplinks = Vec::new();
     if loaded {
-        for idx in crate::host::uplink_ifindexes(dp) {
+        // Issue 17: the overlay's VXLAN device counts (and drops) what other hosts send.
+        let tunnel = crate::overlay::tunnel_ifindex(dp);
+        for idx in crate::host::uplink_ifindexes(dp).into_iter().chain(tunnel) {
             let name = match nl.link_by_index(idx).await {
                 Ok(Some(l)) => l.name,
                 _ => format!("if{idx}"),
