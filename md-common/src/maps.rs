@@ -60,6 +60,30 @@ pub const IF_STATS_MAX: usize = 65536;
 pub const SOCK_REV: &str = "SOCK_REV";
 pub const SOCK_REV_MAX: usize = 65536;
 
+// IPv6: maps of their own beside the IPv4 ones, keyed by 16-byte addresses (the IPv4 maps
+// keep their 4-byte keys, so bpftool dumps and everything reading them stay as they are).
+
+/// Container interfaces by IPv6 address (the same [`crate::Endpoint`] values as ENDPOINTS).
+pub const ENDPOINTS6: &str = "ENDPOINTS6";
+/// The host namespace's own IPv6 addresses (no loopback, no link-local), flags as HOST_ADDRS.
+pub const HOST_ADDRS6: &str = "HOST_ADDRS6";
+/// Published ports over IPv6 ([`crate::PortKey6`] → [`crate::PortTarget6`]). On a routed
+/// network the key is the container's own address and port (reachable directly, untranslated).
+pub const PORT_MAP6: &str = "PORT_MAP6";
+/// The IPv6 trackers ([`crate::CtKey6`] → [`crate::CtEntry6`]), as CONNTRACK/CONNTRACK_NEW.
+pub const CONNTRACK6: &str = "CONNTRACK6";
+pub const CONNTRACK6_MAX: usize = 65536;
+pub const CONNTRACK6_NEW: &str = "CONNTRACK6_NEW";
+pub const CONNTRACK6_NEW_MAX: usize = 32768;
+/// Both IPv6 tracker maps.
+pub const TRACKERS6: &[&str] = &[CONNTRACK6, CONNTRACK6_NEW];
+/// Later fragments of a translated IPv6 datagram ([`crate::FragKey6`] → [`crate::FragEntry6`]).
+pub const FRAGS6: &str = "FRAGS6";
+/// Subnets of md's dual-stack networks (LPM trie over IPv6 prefixes → network id).
+pub const MD_SUBNETS6: &str = "MD_SUBNETS6";
+/// Socket-level reverse translation for host UDP sockets over IPv6 (recvmsg6).
+pub const SOCK_REV6: &str = "SOCK_REV6";
+
 /// Datapath events for `md-user monitor` ([`crate::Event`]).
 pub const EVENTS: &str = "EVENTS";
 pub const EVENTS_BYTES: usize = 1 << 20;
@@ -88,6 +112,14 @@ pub const ALL_MAPS: &[&str] = &[
     IF_STATS,
     SOCK_REV,
     EVENTS,
+    ENDPOINTS6,
+    HOST_ADDRS6,
+    PORT_MAP6,
+    CONNTRACK6,
+    CONNTRACK6_NEW,
+    FRAGS6,
+    MD_SUBNETS6,
+    SOCK_REV6,
     REMOTE,
     TUNNEL,
 ];
@@ -107,3 +139,8 @@ pub const PROG_SOCK_CONNECT4: &str = "md_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "md_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "md_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "md_sock_getpeername4";
+/// The same for IPv6 sockets.
+pub const PROG_SOCK_CONNECT6: &str = "md_sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "md_sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "md_sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "md_sock_getpeername6";

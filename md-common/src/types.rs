@@ -2,6 +2,8 @@ use bytemuck::{Pod, Zeroable};
 
 /// An IPv4 address in network byte order, as it appears in the packet.
 pub type Ip4 = [u8; 4];
+/// An IPv6 address in network byte order.
+pub type Ip6 = [u8; 16];
 
 macro_rules! pod {
     ($($(#[$m:meta])* pub struct $name:ident $body:tt = $size:expr;)*) => {$(
@@ -40,10 +42,12 @@ pod! {
         /// Gateway (bridge) MAC: the source MAC of frames md redirects into a container.
         pub gateway_mac: [u8; 6],
         pub bridge_ifindex: u32,
-        /// How the network meets the world beyond the host: [`NET_ROUTED4`], [`NET_INTERNAL`]
-        /// (none: Docker's default gateway mode, `nat`).
+        /// The gateway's IPv6 address on a dual-stack network (zero otherwise).
+        pub gateway6: Ip6,
+        /// How the network meets the world: [`NET_IPV6`], [`NET_ROUTED6`], [`NET_ROUTED4`],
+        /// [`NET_INTERNAL`] (no mode flag: Docker's default gateway mode, `nat`).
         pub flags: u32,
-    } = 24;
+    } = 40;
 
     /// Host-wide settings, the single slot of `CONFIG`.
     pub struct Config {
@@ -70,14 +74,6 @@ pod! {
         pub _pad2: [u8; 4],
     } = 48;
 
-    /// A published port. `ip` is `[0; 4]` for "every host address".
-    pub struct PortKey {
-        pub ip: Ip4,
-        pub port: u16,
-        pub proto: u8,
-        pub _pad: u8,
-    } = 8;
-
     /// Where a published port leads.
     pub struct PortTarget {
         pub ip: Ip4,
@@ -90,48 +86,6 @@ pod! {
         /// New connections (or UDP flows) translated through this port.
         pub hits: u64,
     } = 24;
-
-    /// A flow tuple in one direction. ICMP echo puts the identifier in `sport` for requests and in
-    /// `dport` for replies, so a reply's tuple is the request's reversed.
-    pub struct CtKey {
-        pub saddr: Ip4,
-        pub daddr: Ip4,
-        pub sport: u16,
-        pub dport: u16,
-        pub proto: u8,
-        pub _pad: [u8; 3],
-    } = 16;
-
-    /// One direction of a tracked flow: what a packet with the key's tuple becomes.
-    pub struct CtEntry {
-        pub nat_saddr: Ip4,
-        pub nat_daddr: Ip4,
-        pub nat_sport: u16,
-        pub nat_dport: u16,
-        /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`], [`CT_KIND_HAIRPIN`] or
-        /// [`CT_KIND_ROUTED`].
-        pub kind: u8,
-        /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
-        pub dir: u8,
-        /// [`TCP_SYN_SENT`], [`TCP_ESTABLISHED`], [`TCP_CLOSING`], [`TCP_FIN_ORIGINAL`],
-        /// [`TCP_FIN_REPLY`]; 0 for UDP/ICMP.
-        pub tcp_state: u8,
-        /// Where the entry is applied: [`CT_HOOK_VETH`] or [`CT_HOOK_UPLINK`].
-        pub hook: u8,
-        /// CLOCK_MONOTONIC nanoseconds after which the entry is dead.
-        pub expires_ns: u64,
-        pub packets: u64,
-        pub bytes: u64,
-        /// Host-side veth of the container the flow belongs to (for stats).
-        pub ifindex: u32,
-        /// Policy identity of the container the original direction is headed to (0: none).
-        pub identity: u32,
-        /// TCP: the sequence number just after the last segment this direction sent (seq + data
-        /// + SYN/FIN); 0 before the first. With `ack` it is the window edge a RST must hit.
-        pub seq_next: u32,
-        /// TCP: the last acknowledgement number this direction sent (0: none yet).
-        pub ack: u32,
-    } = 56;
 
     /// A policy rule between two container identities.
     pub struct PolicyKey {
@@ -186,6 +140,66 @@ pod! {
         /// CLOCK_MONOTONIC nanoseconds after which later fragments no longer follow.
         pub expires_ns: u64,
     } = 16;
+
+    /// Where a published port leads over IPv6 (PORT_MAP6).
+    pub struct PortTarget6 {
+        pub ip: Ip6,
+        pub port: u16,
+        /// PORT_* flags.
+        pub flags: u16,
+        /// Identity of the publishing container.
+        pub identity: u32,
+        /// New connections (or UDP flows) translated through this port.
+        pub hits: u64,
+    } = 32;
+
+    /// An IPv6 datagram as it arrived; its fragment header's 32-bit identification.
+    pub struct FragKey6 {
+        pub saddr: Ip6,
+        pub daddr: Ip6,
+        pub id: u32,
+        pub proto: u8,
+        pub _pad: [u8; 3],
+    } = 40;
+
+    /// The addresses an IPv6 datagram's first fragment was given.
+    pub struct FragEntry6 {
+        pub saddr: Ip6,
+        pub daddr: Ip6,
+        pub expires_ns: u64,
+    } = 40;
+
+    /// SOCK_REV6 key: a host socket whose destination connect6/sendmsg6 rewrote.
+    pub struct SockRevKey6 {
+        pub cookie: u64,
+        pub ip: Ip6,
+        pub port: u16,
+        pub _pad: [u8; 6],
+    } = 32;
+
+    pub struct SockRevValue6 {
+        pub ip: Ip6,
+        pub port: u16,
+        pub _pad: u16,
+    } = 20;
+
+    /// A datapath event about an IPv6 packet: [`Event`]'s fields with IPv6 addresses (the ring
+    /// holds both; a reader tells them apart by size).
+    pub struct Event6 {
+        pub ts_ns: u64,
+        pub kind: u8,
+        pub reason: u8,
+        pub proto: u8,
+        pub _pad: u8,
+        pub ifindex: u32,
+        pub saddr: Ip6,
+        pub daddr: Ip6,
+        pub sport: u16,
+        pub dport: u16,
+        pub nat_addr: Ip6,
+        pub nat_port: u16,
+        pub _pad2: u16,
+    } = 72;
 
     /// Reverse translation for a host UDP socket whose destination connect4/sendmsg4 rewrote.
     pub struct SockRevKey {
@@ -244,11 +258,96 @@ pod! {
     } = 40;
 }
 
+/// Map types shared by both families, generic over the address (`Ip4` or `Ip6`): the same
+/// fields, the same logic on both sides. Neither instance has implicit padding (asserted
+/// below), which is what makes them plain old data.
+macro_rules! pod_instances {
+    ($name:ident: $($a:ty = $size:expr),*) => {$(
+        const _: () = assert!(core::mem::size_of::<$name<$a>>() == $size);
+        unsafe impl Zeroable for $name<$a> {}
+        unsafe impl Pod for $name<$a> {}
+        #[cfg(feature = "user")]
+        unsafe impl aya::Pod for $name<$a> {}
+    )*};
+}
+
+/// A flow tuple in one direction. ICMP echo puts the identifier in `sport` for requests and in
+/// `dport` for replies, so a reply's tuple is the request's reversed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtKeyOf<A> {
+    pub saddr: A,
+    pub daddr: A,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+pub type CtKey = CtKeyOf<Ip4>;
+pub type CtKey6 = CtKeyOf<Ip6>;
+pod_instances!(CtKeyOf: Ip4 = 16, Ip6 = 40);
+
+/// One direction of a tracked flow: what a packet with the key's tuple becomes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntryOf<A> {
+    pub nat_saddr: A,
+    pub nat_daddr: A,
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    /// [`CT_KIND_NONE`], [`CT_KIND_SNAT`], [`CT_KIND_DNAT`], [`CT_KIND_HAIRPIN`] or
+    /// [`CT_KIND_ROUTED`].
+    pub kind: u8,
+    /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
+    /// [`TCP_SYN_SENT`], [`TCP_ESTABLISHED`], [`TCP_CLOSING`], [`TCP_FIN_ORIGINAL`],
+    /// [`TCP_FIN_REPLY`]; 0 for UDP/ICMP.
+    pub tcp_state: u8,
+    /// Where the entry is applied: [`CT_HOOK_VETH`] or [`CT_HOOK_UPLINK`].
+    pub hook: u8,
+    /// CLOCK_MONOTONIC nanoseconds after which the entry is dead.
+    pub expires_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Host-side veth of the container the flow belongs to (for stats).
+    pub ifindex: u32,
+    /// Policy identity of the container the original direction is headed to (0: none).
+    pub identity: u32,
+    /// TCP: the sequence number just after the last segment this direction sent (seq + data
+    /// + SYN/FIN); 0 before the first. With `ack` it is the window edge a RST must hit.
+    pub seq_next: u32,
+    /// TCP: the last acknowledgement number this direction sent (0: none yet).
+    pub ack: u32,
+}
+pub type CtEntry = CtEntryOf<Ip4>;
+pub type CtEntry6 = CtEntryOf<Ip6>;
+pod_instances!(CtEntryOf: Ip4 = 56, Ip6 = 80);
+
+/// A published port. `ip` is all zeros for "every host address" of the family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortKeyOf<A> {
+    pub ip: A,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+pub type PortKey = PortKeyOf<Ip4>;
+pub type PortKey6 = PortKeyOf<Ip6>;
+pod_instances!(PortKeyOf: Ip4 = 8, Ip6 = 20);
+
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// NETWORKS flags. IPv4 in routed mode (Docker's gateway_mode_ipv4=routed): no masquerade;
+/// NETWORKS flags: the network is dual-stack (its containers have IPv6 addresses).
+pub const NET_IPV6: u32 = 1;
+/// IPv6 in routed mode (Docker's gateway_mode_ipv6=routed): no NAT66; from outside, only the
+/// containers' published ports (and ICMPv6 echo) are reachable, directly on their addresses.
+pub const NET_ROUTED6: u32 = 2;
+
+/// IPv4 in routed mode (Docker's gateway_mode_ipv4=routed): no masquerade;
 /// from outside, only the containers' published ports (and ICMP echo) are reachable, directly
 /// on their own addresses and ports.
 pub const NET_ROUTED4: u32 = 4;
@@ -384,9 +483,9 @@ impl Config {
     }
 }
 
-impl CtKey {
-    pub const fn new(saddr: Ip4, daddr: Ip4, sport: u16, dport: u16, proto: u8) -> Self {
-        CtKey {
+impl<A: Copy> CtKeyOf<A> {
+    pub const fn new(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> Self {
+        CtKeyOf {
             saddr,
             daddr,
             sport,
@@ -398,14 +497,26 @@ impl CtKey {
 
     /// The tuple of packets flowing the other way.
     pub const fn reversed(&self) -> Self {
-        CtKey::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+        CtKeyOf::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
     }
 }
 
-impl CtEntry {
+impl<A: Copy> CtEntryOf<A> {
+    /// The tuple of the packets answering the ones this entry translates: the other half's
+    /// key (`nat_tuple(proto).reversed()`, built in one go).
+    pub const fn reply_tuple(&self, proto: u8) -> CtKeyOf<A> {
+        CtKeyOf::new(
+            self.nat_daddr,
+            self.nat_saddr,
+            self.nat_dport,
+            self.nat_sport,
+            proto,
+        )
+    }
+
     /// The tuple a packet matching this entry leaves with.
-    pub const fn nat_tuple(&self, proto: u8) -> CtKey {
-        CtKey::new(
+    pub const fn nat_tuple(&self, proto: u8) -> CtKeyOf<A> {
+        CtKeyOf::new(
             self.nat_saddr,
             self.nat_daddr,
             self.nat_sport,
@@ -415,9 +526,9 @@ impl CtEntry {
     }
 }
 
-impl PortKey {
-    pub const fn new(ip: Ip4, port: u16, proto: u8) -> Self {
-        PortKey {
+impl<A: Copy> PortKeyOf<A> {
+    pub const fn new(ip: A, port: u16, proto: u8) -> Self {
+        PortKeyOf {
             ip,
             port,
             proto,

@@ -12,13 +12,13 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
 use md_common::{
-    Config, CtEntry, CtKey, CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_ICMP, IPPROTO_TCP, TCP_CLOSING,
+    Config, CtEntryOf, CtKeyOf, CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_TCP, TCP_CLOSING,
     TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_NONE, TCP_SYN_RECV, TCP_SYN_SENT,
 };
 
 use crate::{
+    family::Addr,
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    CONNTRACK, CONNTRACK_NEW, FLOW_SCRATCH,
 };
 
 /// How far a flow's other half may lag behind in lifetime before a packet refreshes it.
@@ -36,44 +36,26 @@ pub fn now() -> u64 {
 
 /// A live entry and the map it lives in.
 #[derive(Clone, Copy)]
-pub struct Found {
-    pub e: *mut CtEntry,
-    /// In CONNTRACK (answered) rather than CONNTRACK_NEW.
+pub struct Found<A> {
+    pub e: *mut CtEntryOf<A>,
+    /// In CONNTRACK (answered) rather than CONNTRACK_NEW (CONNTRACK6 and CONNTRACK6_NEW).
     pub answered: bool,
 }
 
 #[inline(always)]
-fn get(answered: bool, key: &CtKey) -> Option<*mut CtEntry> {
-    if answered {
-        CONNTRACK.get_ptr_mut(key)
-    } else {
-        CONNTRACK_NEW.get_ptr_mut(key)
-    }
-}
-
-#[inline(always)]
-fn insert(answered: bool, key: &CtKey, e: &CtEntry, flags: u32) -> Result<(), i32> {
-    if answered {
-        CONNTRACK.insert(key, e, flags as u64)
-    } else {
-        CONNTRACK_NEW.insert(key, e, flags as u64)
-    }
-}
-
-#[inline(always)]
-fn live(e: *mut CtEntry, now: u64) -> bool {
+fn live<A>(e: *mut CtEntryOf<A>, now: u64) -> bool {
     unsafe { (*e).expires_ns > now }
 }
 
 /// A live entry for `key`, answered flows first.
 #[inline(always)]
-pub fn lookup(key: &CtKey, now: u64) -> Option<Found> {
-    if let Some(e) = CONNTRACK.get_ptr_mut(key) {
+pub fn lookup<A: Addr>(key: &CtKeyOf<A>, now: u64) -> Option<Found<A>> {
+    if let Some(e) = A::ct_get(true, key) {
         if live(e, now) {
             return Some(Found { e, answered: true });
         }
     }
-    let e = CONNTRACK_NEW.get_ptr_mut(key)?;
+    let e = A::ct_get(false, key)?;
     if !live(e, now) {
         return None;
     }
@@ -81,14 +63,14 @@ pub fn lookup(key: &CtKey, now: u64) -> Option<Found> {
 }
 
 #[inline(always)]
-fn lifetime_ns(cfg: &Config, proto: u8, state: u8) -> u64 {
+fn lifetime_ns<A: Addr>(cfg: &Config, proto: u8, state: u8) -> u64 {
     let secs = match (proto, state) {
         // Unanswered flows keep the short lifetime whatever else they send (a SYN then a FIN
         // must not hold an entry for hours).
         (IPPROTO_TCP, TCP_SYN_SENT | TCP_SYN_RECV) => cfg.ct_tcp_syn_secs,
         (IPPROTO_TCP, TCP_CLOSING) => cfg.ct_tcp_closing_secs,
         (IPPROTO_TCP, _) => cfg.ct_tcp_established_secs,
-        (IPPROTO_ICMP, _) => cfg.ct_icmp_secs,
+        (p, _) if p == A::ICMP => cfg.ct_icmp_secs,
         _ => cfg.ct_udp_secs,
     };
     secs as u64 * 1_000_000_000
@@ -97,7 +79,7 @@ fn lifetime_ns(cfg: &Config, proto: u8, state: u8) -> u64 {
 /// TCP state of a flow's first packet. A flow picked up mid-stream gets the short SYN lifetime
 /// too until the other side answers, so stray ACKs cannot fill the tracker for hours.
 #[inline(always)]
-pub fn initial_state(p: &Pkt) -> u8 {
+pub fn initial_state<A>(p: &Pkt<A>) -> u8 {
     if p.proto != IPPROTO_TCP {
         TCP_NONE
     } else if p.tcp_flags & (TCP_RST | TCP_FIN) != 0 {
@@ -118,7 +100,7 @@ fn seq_ge(a: u32, b: u32) -> bool {
 /// acknowledges exactly what the receiver sent (the answer to a SYN). A blind RST has to guess
 /// a 32-bit number; without the other half there is nothing to check against.
 #[inline(always)]
-fn rst_in_window(p: &Pkt, me: &CtEntry, other: Option<*mut CtEntry>) -> bool {
+fn rst_in_window<A>(p: &Pkt<A>, me: &CtEntryOf<A>, other: Option<*mut CtEntryOf<A>>) -> bool {
     let Some(o) = other else {
         return true;
     };
@@ -138,7 +120,13 @@ fn rst_in_window(p: &Pkt, me: &CtEntry, other: Option<*mut CtEntry>) -> bool {
 }
 
 #[inline(always)]
-fn next_state(state: u8, dir: u8, p: &Pkt, me: &CtEntry, other: Option<*mut CtEntry>) -> u8 {
+fn next_state<A>(
+    state: u8,
+    dir: u8,
+    p: &Pkt<A>,
+    me: &CtEntryOf<A>,
+    other: Option<*mut CtEntryOf<A>>,
+) -> u8 {
     let flags = p.tcp_flags;
     if flags & TCP_RST != 0 {
         // Shorten the lifetime, don't delete: the last segments must still pass. A RST off the
@@ -184,7 +172,7 @@ fn next_state(state: u8, dir: u8, p: &Pkt, me: &CtEntry, other: Option<*mut CtEn
 
 /// Records how far this direction has sent and acknowledged (TCP).
 #[inline(always)]
-fn track_seq(me: &mut CtEntry, p: &Pkt) {
+fn track_seq<A>(me: &mut CtEntryOf<A>, p: &Pkt<A>) {
     if p.tcp_flags & TCP_RST != 0 {
         return;
     }
@@ -206,18 +194,18 @@ fn answered_by(proto: u8, state: u8, dir: u8) -> bool {
     }
 }
 
-/// Accounts a packet to its live entry (found under `p.key()`) and refreshes both halves of the
+/// Accounts a packet to its live entry (found under `p.tuple`) and refreshes both halves of the
 /// flow; the flow moves to CONNTRACK when this packet answers it.
 #[inline(never)]
-pub fn touch(f: Found, p: &Pkt, now: u64, cfg: &Config) {
+pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     let entry = unsafe { &mut *f.e };
     // The other half is keyed by what this packet becomes, reversed. It is looked up only when
     // something needs it: a RST to check against its window, a flow not answered yet, a state
     // change, or its lifetime falling a second behind; a steady flow costs one lookup a packet.
-    let partner = entry.nat_tuple(p.proto).reversed();
+    let partner = entry.reply_tuple(p.proto);
     let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
     let mut other = if rst || !f.answered {
-        get(f.answered, &partner)
+        A::ct_get(f.answered, &partner)
     } else {
         None
     };
@@ -228,7 +216,7 @@ pub fn touch(f: Found, p: &Pkt, now: u64, cfg: &Config) {
     } else {
         TCP_NONE
     };
-    let expires = now + lifetime_ns(cfg, p.proto, state);
+    let expires = now + lifetime_ns::<A>(cfg, p.proto, state);
     let refresh = !f.answered
         || rst
         || state != entry.tcp_state
@@ -241,7 +229,7 @@ pub fn touch(f: Found, p: &Pkt, now: u64, cfg: &Config) {
         return;
     }
     if other.is_none() {
-        other = get(f.answered, &partner);
+        other = A::ct_get(f.answered, &partner);
     }
     match other {
         Some(o) => unsafe {
@@ -252,17 +240,23 @@ pub fn touch(f: Found, p: &Pkt, now: u64, cfg: &Config) {
         None => {}
     }
     if !f.answered && answered_by(p.proto, state, entry.dir) {
-        promote(&p.key(), &partner);
+        promote(&p.tuple, &partner);
     }
 }
 
 /// LRU eviction (or a collector racing us) took a flow's reply half: put it back, or the
 /// answers of a live flow would go nowhere. It leads back to the tuple of `p`, the original
-/// direction's packet. Out of line: its entry must not cost every packet's stack.
+/// direction's packet. Out of line, and built in the per-CPU scratch slot: its entry must not
+/// cost every packet's stack.
 #[inline(never)]
-fn restore_reply(answered: bool, partner: &CtKey, orig: &CtEntry, p: &Pkt) {
-    let mut back = entry(
-        &p.key().reversed(),
+fn restore_reply<A: Addr>(answered: bool, partner: &CtKeyOf<A>, orig: &CtEntryOf<A>, p: &Pkt<A>) {
+    let Some(scratch) = A::scratch() else {
+        return;
+    };
+    let back = unsafe { &mut (*scratch).reply_e };
+    fill(
+        back,
+        &p.reply,
         orig.kind,
         CT_DIR_REPLY,
         orig.hook,
@@ -271,24 +265,32 @@ fn restore_reply(answered: bool, partner: &CtKey, orig: &CtEntry, p: &Pkt) {
     );
     back.tcp_state = orig.tcp_state;
     back.expires_ns = orig.expires_ns;
-    let _ = insert(answered, partner, &back, BPF_NOEXIST);
+    let _ = A::ct_insert(answered, partner, back, BPF_NOEXIST as u64);
 }
 
 /// Moves both halves of a flow from CONNTRACK_NEW to CONNTRACK.
 #[inline(never)]
-fn promote(key: &CtKey, partner: &CtKey) {
+fn promote<A: Addr>(key: &CtKeyOf<A>, partner: &CtKeyOf<A>) {
     for k in [key, partner] {
-        if let Some(e) = CONNTRACK_NEW.get_ptr(k) {
+        if let Some(e) = A::ct_get(false, k) {
             let copy = unsafe { *e };
-            if CONNTRACK.insert(k, &copy, BPF_ANY as u64).is_ok() {
-                let _ = CONNTRACK_NEW.remove(k);
+            if A::ct_insert(true, k, &copy, BPF_ANY as u64).is_ok() {
+                A::ct_remove(false, k);
             }
         }
     }
 }
 
 #[inline(always)]
-fn fill(e: &mut CtEntry, nat: &CtKey, kind: u8, dir: u8, hook: u8, ifindex: u32, identity: u32) {
+fn fill<A: Copy>(
+    e: &mut CtEntryOf<A>,
+    nat: &CtKeyOf<A>,
+    kind: u8,
+    dir: u8,
+    hook: u8,
+    ifindex: u32,
+    identity: u32,
+) {
     e.nat_saddr = nat.saddr;
     e.nat_daddr = nat.daddr;
     e.nat_sport = nat.sport;
@@ -306,37 +308,34 @@ fn fill(e: &mut CtEntry, nat: &CtKey, kind: u8, dir: u8, hook: u8, ifindex: u32,
     e.ack = 0;
 }
 
-/// An entry saying "becomes `nat`".
-#[inline(always)]
-pub fn entry(nat: &CtKey, kind: u8, dir: u8, hook: u8, ifindex: u32, identity: u32) -> CtEntry {
-    CtEntry {
-        nat_saddr: nat.saddr,
-        nat_daddr: nat.daddr,
-        nat_sport: nat.sport,
-        nat_dport: nat.dport,
-        kind,
-        dir,
-        tcp_state: 0,
-        hook,
-        expires_ns: 0,
-        packets: 0,
-        bytes: 0,
-        ifindex,
-        identity,
-        seq_next: 0,
-        ack: 0,
-    }
-}
-
-/// Both halves of a new flow about to be tracked. Built in a per-CPU scratch slot (FLOW_SCRATCH),
-/// not on the 512-byte stack.
+/// Both halves of a new flow about to be tracked. Built in a per-CPU scratch slot
+/// (FLOW_SCRATCH, FLOW_SCRATCH6), not on the 512-byte stack.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct NewFlow {
-    pub orig: CtKey,
-    pub orig_e: CtEntry,
-    pub reply: CtKey,
-    pub reply_e: CtEntry,
+pub struct NewFlow<A> {
+    pub orig: CtKeyOf<A>,
+    pub orig_e: CtEntryOf<A>,
+    pub reply: CtKeyOf<A>,
+    pub reply_e: CtEntryOf<A>,
+    /// What the new flow's packets become: set by the caller (see [`nat_tuple`]) before
+    /// [`open`], which fills in the source port it picks.
+    pub nat: CtKeyOf<A>,
+}
+
+/// The tuple a new flow's packets are to become, in the scratch slot [`open`] reads it from
+/// (and leaves the chosen port in): None only if the per-CPU slot is missing.
+#[inline(always)]
+pub fn nat_tuple<A: Addr>(
+    saddr: &A,
+    daddr: &A,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> Option<*const CtKeyOf<A>> {
+    let f = A::scratch()?;
+    let nat = unsafe { &mut (*f).nat };
+    crate::parse::set_tuple(nat, saddr, daddr, sport, dport, proto);
+    Some(nat)
 }
 
 /// How a new flow's translated source port is chosen.
@@ -361,32 +360,33 @@ pub struct Spec {
     pub reply_identity: u32,
 }
 
-/// Tracks a new flow whose packets (`p`'s tuple) become `nat`, and their answers the reverse.
-/// With PORT_KEEP_OR_REMAP/PORT_ALLOCATE, `nat.sport` is set to the port chosen. Returns false
-/// when no reply tuple is free (a clash with a live flow, or NAT ports exhausted).
+/// Tracks a new flow whose packets (`p`'s tuple) become the scratch slot's `nat` (set with
+/// [`nat_tuple`]), and their answers the reverse. With PORT_KEEP_OR_REMAP/PORT_ALLOCATE,
+/// `nat.sport` is set to the port chosen. Returns false when no reply tuple is free (a clash
+/// with a live flow, or NAT ports exhausted).
 #[inline(never)]
-pub fn open(p: &Pkt, nat: &mut CtKey, spec: &Spec) -> bool {
-    let Some(f) = FLOW_SCRATCH.get_ptr_mut(0) else {
+pub fn open<A: Addr>(p: &Pkt<A>, spec: &Spec) -> bool {
+    let Some(f) = A::scratch() else {
         return false;
     };
     let f = unsafe { &mut *f };
-    f.orig = p.key();
-    f.reply = nat.reversed();
-    // Field by field into the scratch slot: a CtEntry built on the stack first would cost
-    // the call chain 56 bytes twice.
+    // Field by field into the scratch slot: keys and entries built on the stack first would
+    // cost the call chain their size twice.
+    f.orig = p.tuple;
+    let n = &f.nat;
+    crate::parse::set_tuple(&mut f.reply, &n.daddr, &n.saddr, n.dport, n.sport, n.proto);
     fill(
         &mut f.orig_e,
-        nat,
+        &f.nat,
         spec.kind,
         CT_DIR_ORIGINAL,
         spec.hook,
         spec.orig_ifindex,
         spec.orig_identity,
     );
-    let back = f.orig.reversed();
     fill(
         &mut f.reply_e,
-        &back,
+        &p.reply,
         spec.kind,
         CT_DIR_REPLY,
         spec.hook,
@@ -401,7 +401,7 @@ pub fn open(p: &Pkt, nat: &mut CtKey, spec: &Spec) -> bool {
     }
     match create_with_port(f, p) {
         Some(port) => {
-            nat.sport = port;
+            f.nat.sport = port;
             true
         }
         None => false,
@@ -413,18 +413,18 @@ pub fn open(p: &Pkt, nat: &mut CtKey, spec: &Spec) -> bool {
 /// another flow (inserting over it would steal that flow's mapping). Returns 0, or a negative
 /// errno on such a clash.
 #[inline(never)]
-fn create(f: &mut NewFlow, p: &Pkt) -> i64 {
+fn create<A: Addr>(f: &mut NewFlow<A>, p: &Pkt<A>) -> i64 {
     let now = now();
     let Some(cfg) = crate::config() else {
         return -1;
     };
-    if let Some(e) = CONNTRACK.get_ptr_mut(&f.reply) {
+    if let Some(e) = A::ct_get(true, &f.reply) {
         if live(e, now) {
             return -17;
         }
     }
     let state = initial_state(p);
-    let expires = now + lifetime_ns(cfg, p.proto, state);
+    let expires = now + lifetime_ns::<A>(cfg, p.proto, state);
     f.orig_e.tcp_state = state;
     f.orig_e.expires_ns = expires;
     f.orig_e.packets = 1;
@@ -434,30 +434,27 @@ fn create(f: &mut NewFlow, p: &Pkt) -> i64 {
     }
     f.reply_e.tcp_state = state;
     f.reply_e.expires_ns = expires;
-    if CONNTRACK_NEW
-        .insert(&f.reply, &f.reply_e, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        if let Some(old) = CONNTRACK_NEW.get_ptr_mut(&f.reply) {
+    if A::ct_insert(false, &f.reply, &f.reply_e, BPF_NOEXIST as u64).is_err() {
+        if let Some(old) = A::ct_get(false, &f.reply) {
             if live(old, now) {
                 return -17;
             }
         }
-        if let Err(e) = CONNTRACK_NEW.insert(&f.reply, &f.reply_e, BPF_ANY as u64) {
+        if let Err(e) = A::ct_insert(false, &f.reply, &f.reply_e, BPF_ANY as u64) {
             return e as i64;
         }
     }
-    if let Err(e) = CONNTRACK_NEW.insert(&f.orig, &f.orig_e, BPF_ANY as u64) {
-        let _ = CONNTRACK_NEW.remove(&f.reply);
+    if let Err(e) = A::ct_insert(false, &f.orig, &f.orig_e, BPF_ANY as u64) {
+        A::ct_remove(false, &f.reply);
         return e as i64;
     }
     0
 }
 
 /// The state of a NAT port search, shared with [`try_port`] through bpf_loop.
-struct PortSearch {
-    f: *mut NewFlow,
-    p: *const Pkt,
+struct PortSearch<A> {
+    f: *mut NewFlow<A>,
+    p: *const Pkt<A>,
     min: u32,
     span: u32,
     start: u32,
@@ -467,8 +464,8 @@ struct PortSearch {
 
 /// One try of the NAT port search: port `min + (start + i) % span`; stops the loop (1) when
 /// the flow went in with it.
-extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    let s = unsafe { &mut *(ctx as *mut PortSearch) };
+extern "C" fn try_port<A: Addr>(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let s = unsafe { &mut *(ctx as *mut PortSearch<A>) };
     if s.span == 0 {
         return 1;
     }
@@ -488,7 +485,7 @@ extern "C" fn try_port(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// Starts at a random port in CONFIG's range and steps on clashes. The tries run under
 /// bpf_loop: an unrolled loop would have the verifier walk `create` once per try.
 #[inline(always)]
-fn create_with_port(f: &mut NewFlow, p: &Pkt) -> Option<u16> {
+fn create_with_port<A: Addr>(f: &mut NewFlow<A>, p: &Pkt<A>) -> Option<u16> {
     let cfg = crate::config()?;
     let min = cfg.nat_port_min as u32;
     let span = (cfg.nat_port_max as u32)
@@ -505,8 +502,8 @@ fn create_with_port(f: &mut NewFlow, p: &Pkt) -> Option<u16> {
     unsafe {
         bpf_loop(
             NAT_PORT_TRIES,
-            try_port as *mut core::ffi::c_void,
-            &mut s as *mut PortSearch as *mut core::ffi::c_void,
+            try_port::<A> as *mut core::ffi::c_void,
+            &mut s as *mut PortSearch<A> as *mut core::ffi::c_void,
             0,
         )
     };

@@ -18,17 +18,15 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use md_common::{Config, Endpoint, Ip4, DATAPATH_REDIRECT, DROP_MALFORMED};
+use md_common::{Config, Endpoint, DATAPATH_REDIRECT, DROP_MALFORMED};
 
 use crate::{
     csum,
+    family::Addr,
     nat::Verdict,
     parse::{Pkt, ETH_HLEN},
     stats, NETWORKS,
 };
-
-const AF_INET: u8 = 2;
-const IP_TTL: usize = 8;
 
 #[inline(always)]
 pub fn redirecting(cfg: &Config) -> bool {
@@ -46,31 +44,13 @@ fn count_in(ctx: &TcContext, ep: &Endpoint) {
     });
 }
 
-/// Decrements the TTL as a router does (with the IP checksum); false when it would reach 0:
-/// the stack then sends the ICMP time-exceeded.
-#[inline(always)]
-fn ttl_down(ctx: &TcContext, l3: usize) -> Result<bool, i64> {
-    let w: [u8; 2] = ctx.load(l3 + IP_TTL)?;
-    if w[0] <= 1 {
-        return Ok(false);
-    }
-    let new = [w[0] - 1, w[1]];
-    ctx.l3_csum_replace(
-        l3 + 10,
-        u16::from_ne_bytes(w) as u64,
-        u16::from_ne_bytes(new) as u64,
-        2,
-    )?;
-    ctx.store(l3 + IP_TTL, &new[0], 0)?;
-    Ok(true)
-}
-
 /// Delivers an Ethernet frame whose destination is (now) container `ep`, with the gateway as
 /// its source, as if the host had routed it (`routed`: the TTL goes down by one). From TC
 /// ingress in the redirect datapath: straight into the container's namespace; otherwise out
-/// of its host-side veth, whose egress program counts it.
+/// of its host-side veth, whose egress program counts it. A TTL (hop limit) that would reach 0
+/// is left to the stack, which sends the ICMP time-exceeded.
 #[inline(always)]
-pub fn into_container(
+pub fn into_container<A: Addr>(
     ctx: &TcContext,
     cfg: &Config,
     ep: &Endpoint,
@@ -81,7 +61,7 @@ pub fn into_container(
         return Verdict::Pass;
     };
     if routed {
-        match ttl_down(ctx, ETH_HLEN) {
+        match A::hop_down(ctx, ETH_HLEN) {
             Ok(true) => {}
             Ok(false) => return Verdict::Pass,
             Err(_) => return Verdict::Drop(DROP_MALFORMED),
@@ -101,12 +81,12 @@ pub fn into_container(
 /// goes straight into it. Layer-3 uplinks (no Ethernet header to rewrite) and anything that is
 /// not a container's take the stack.
 #[inline(always)]
-pub fn inbound(ctx: &TcContext, cfg: &Config, l3: usize, daddr: &Ip4) -> Verdict {
+pub fn inbound<A: Addr>(ctx: &TcContext, cfg: &Config, l3: usize, daddr: &A) -> Verdict {
     if !redirecting(cfg) || l3 != ETH_HLEN {
         return Verdict::Pass;
     }
     match crate::nat::endpoint(daddr) {
-        Some(ep) => into_container(ctx, cfg, &ep, true, true),
+        Some(ep) => into_container::<A>(ctx, cfg, &ep, true, true),
         None => Verdict::Pass,
     }
 }
@@ -132,7 +112,7 @@ pub fn between_containers(ctx: &TcContext, cfg: &Config, dst: &Endpoint) -> Verd
 /// routed destination goes straight to the egress of the interface the FIB names (as if the
 /// bridge had handed it to the host and the host had routed it).
 #[inline(never)]
-pub fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint) -> Verdict {
+pub fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint) -> Verdict {
     let Some(net) = (unsafe { NETWORKS.get(src.net_id) }) else {
         return Verdict::Pass;
     };
@@ -143,13 +123,11 @@ pub fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint) -> Verdict {
     }
     let bridge_ifindex = net.bridge_ifindex;
     let mut f = crate::route::fib_zeroed();
-    f.family = AF_INET;
     f.l4_protocol = p.proto;
     f.sport = p.sport.to_be();
     f.dport = p.dport.to_be();
     f.ifindex = bridge_ifindex;
-    f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(p.saddr);
-    f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(p.daddr);
+    A::fib_set(&mut f, Some(&p.saddr), &p.daddr);
     let ret = unsafe {
         aya_ebpf::helpers::bpf_fib_lookup(
             ctx.as_ptr(),
@@ -161,7 +139,7 @@ pub fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint) -> Verdict {
     if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Verdict::Pass;
     }
-    match ttl_down(ctx, ETH_HLEN) {
+    match A::hop_down(ctx, ETH_HLEN) {
         Ok(true) => {}
         Ok(false) => return Verdict::Pass,
         Err(_) => return Verdict::Drop(DROP_MALFORMED),

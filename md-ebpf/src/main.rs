@@ -6,10 +6,13 @@
 
 mod csum;
 mod ct;
+mod family;
 mod frag;
 mod fwd;
 mod nat;
+mod ndp;
 mod parse;
+mod parse6;
 mod policy;
 mod route;
 mod sock;
@@ -24,13 +27,16 @@ use aya_ebpf::{
     macros::{btf_map, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
+use family::Addr;
 use md_common::{
-    maps as m, Config, CtEntry, CtKey, Endpoint, Event, FragEntry, FragKey, IfStats, Ip4, Network,
-    PolicyKey, PolicyRule, PortKey, PortTarget, Remote, SockRevKey, SockRevValue, Tunnel,
+    maps as m, Config, CtEntry, CtEntry6, CtKey, CtKey6, Endpoint, Event, FragEntry, FragEntry6,
+    FragKey, FragKey6, IfStats, Ip4, Ip6, Network, PolicyKey, PolicyRule, PortKey, PortKey6,
+    PortTarget, PortTarget6, Remote, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, Tunnel,
     DROP_FORWARD, DROP_ISOLATION, DROP_MALFORMED, DROP_NAT_PORTS, DROP_NO_SOURCE, DROP_POLICY,
     DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED, EVENT_DROP, EVENT_POLICY,
 };
 use nat::Verdict;
+use parse::Proto;
 
 #[btf_map]
 static ENDPOINTS: HashMap<Ip4, Endpoint, { m::ENDPOINTS_MAX }> = HashMap::new();
@@ -50,7 +56,10 @@ static CONNTRACK: LruHashMap<CtKey, CtEntry, { m::CONNTRACK_MAX }> = LruHashMap:
 static CONNTRACK_NEW: LruHashMap<CtKey, CtEntry, { m::CONNTRACK_NEW_MAX }> = LruHashMap::new();
 /// One per CPU: where a new flow's two halves are built (too big for the stack).
 #[btf_map]
-static FLOW_SCRATCH: PerCpuArray<ct::NewFlow, 1> = PerCpuArray::new();
+static FLOW_SCRATCH: PerCpuArray<ct::NewFlow<Ip4>, 1> = PerCpuArray::new();
+/// One per CPU: the packet being handled and the one an ICMP error quotes, parsed.
+#[btf_map]
+static PKT_SCRATCH: PerCpuArray<parse::Pkt<Ip4>, 2> = PerCpuArray::new();
 #[btf_map]
 static FRAGS: LruHashMap<FragKey, FragEntry, { m::FRAGS_MAX }> = LruHashMap::new();
 #[btf_map]
@@ -69,6 +78,28 @@ static EVENTS: RingBuf<Event, { m::EVENTS_BYTES }> = RingBuf::new();
 static REMOTE: HashMap<Ip4, Remote, { m::REMOTE_MAX }> = HashMap::new();
 #[btf_map]
 static TUNNEL: Array<Tunnel, 1> = Array::new();
+
+// IPv6: the same roles, keyed by 16-byte addresses (md_common::maps).
+#[btf_map]
+static ENDPOINTS6: HashMap<Ip6, Endpoint, { m::ENDPOINTS_MAX }> = HashMap::new();
+#[btf_map]
+static HOST_ADDRS6: HashMap<Ip6, u32, { m::HOST_ADDRS_MAX }> = HashMap::new();
+#[btf_map]
+static PORT_MAP6: HashMap<PortKey6, PortTarget6, { m::PORT_MAP_MAX }> = HashMap::new();
+#[btf_map]
+static CONNTRACK6: LruHashMap<CtKey6, CtEntry6, { m::CONNTRACK6_MAX }> = LruHashMap::new();
+#[btf_map]
+static CONNTRACK6_NEW: LruHashMap<CtKey6, CtEntry6, { m::CONNTRACK6_NEW_MAX }> = LruHashMap::new();
+#[btf_map]
+static FLOW_SCRATCH6: PerCpuArray<ct::NewFlow<Ip6>, 1> = PerCpuArray::new();
+#[btf_map]
+static PKT_SCRATCH6: PerCpuArray<parse::Pkt<Ip6>, 2> = PerCpuArray::new();
+#[btf_map]
+static FRAGS6: LruHashMap<FragKey6, FragEntry6, { m::FRAGS_MAX }> = LruHashMap::new();
+#[btf_map]
+static MD_SUBNETS6: LpmTrie<Ip6, u32, { m::NETWORKS_MAX }> = LpmTrie::new();
+#[btf_map]
+static SOCK_REV6: LruHashMap<SockRevKey6, SockRevValue6, { m::SOCK_REV_MAX }> = LruHashMap::new();
 
 /// TCX: hand the packet on (to the next program, then the stack).
 const TCX_NEXT: i32 = -1;
@@ -111,15 +142,24 @@ fn drop_packet(ctx: &TcContext, l3: usize, ifindex: u32, reason: u8) -> i32 {
         DROP_NO_SOURCE => s.drop_no_source += 1,
         _ => s.drop_malformed += 1,
     });
-    if let parse::Parsed::Ipv4(p) = parse::parse_at(ctx, l3) {
-        let kind = if reason == DROP_POLICY {
-            EVENT_POLICY
-        } else {
-            EVENT_DROP
-        };
-        stats::emit(kind, reason, ifindex, &p, [0; 4], 0);
+    let kind = if reason == DROP_POLICY {
+        EVENT_POLICY
+    } else {
+        EVENT_DROP
+    };
+    match parse::proto_at(ctx, l3) {
+        Proto::Ipv4 => report::<Ip4>(ctx, l3, kind, reason, ifindex),
+        Proto::Ipv6 => report::<Ip6>(ctx, l3, kind, reason, ifindex),
+        _ => {}
     }
     TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn report<A: Addr>(ctx: &TcContext, l3: usize, kind: u8, reason: u8, ifindex: u32) {
+    if let Some(p) = parse::packet::<A>(ctx, l3) {
+        stats::emit(kind, reason, ifindex, p, A::default(), 0);
+    }
 }
 
 /// Ingress of a container's host-side veth: packets the container sends.
@@ -132,14 +172,24 @@ pub fn md_veth_ingress(ctx: TcContext) -> i32 {
         s.egress_bytes += len;
     });
     let v = match config() {
-        Some(cfg) => match veth::ingress(&ctx, ifindex, cfg) {
-            Verdict::Icmp => veth::icmp(&ctx, ifindex, cfg),
-            Verdict::Overlay => tunnel::from_container(&ctx, ifindex, cfg),
-            v => v,
+        Some(cfg) => match parse::proto_at(&ctx, parse::ETH_HLEN) {
+            Proto::Ipv4 => from_container::<Ip4>(&ctx, ifindex, cfg),
+            Proto::Ipv6 => from_container::<Ip6>(&ctx, ifindex, cfg),
+            Proto::Arp => veth::check_arp(&ctx, ifindex),
+            Proto::Other => Verdict::Drop(DROP_UNSUPPORTED),
         },
         None => Verdict::Drop(DROP_MALFORMED),
     };
     finish(&ctx, parse::ETH_HLEN, ifindex, v)
+}
+
+#[inline(always)]
+fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
+    match veth::ingress::<A>(ctx, ifindex, cfg) {
+        Verdict::Icmp => veth::icmp::<A>(ctx, ifindex, cfg),
+        Verdict::Overlay => tunnel::from_container::<A>(ctx, ifindex, cfg),
+        v => v,
+    }
 }
 
 /// Egress of a container's host-side veth: packets the container receives.
@@ -151,9 +201,10 @@ pub fn md_veth_egress(ctx: TcContext) -> i32 {
         s.ingress_packets += 1;
         s.ingress_bytes += len;
     });
-    let (v, blame) = match config() {
-        Some(cfg) => veth::egress(&ctx, ifindex, cfg),
-        None => (Verdict::Pass, ifindex),
+    let (v, blame) = match (config(), parse::proto_at(&ctx, parse::ETH_HLEN)) {
+        (Some(cfg), Proto::Ipv4) => veth::egress::<Ip4>(&ctx, ifindex, cfg),
+        (Some(cfg), Proto::Ipv6) => veth::egress::<Ip6>(&ctx, ifindex, cfg),
+        _ => (Verdict::Pass, ifindex),
     };
     finish(&ctx, parse::ETH_HLEN, blame, v)
 }
@@ -195,19 +246,34 @@ fn on_uplink(ctx: &TcContext, ingress: bool, l3: usize) -> i32 {
             s.egress_bytes += len;
         }
     });
-    let v = match (config(), ingress) {
-        (Some(cfg), true) => match uplink::ingress(ctx, cfg, l3, ifindex) {
-            Verdict::Icmp => uplink::icmp_in(ctx, l3, ifindex),
-            Verdict::Overlay => tunnel::native_in(ctx, cfg, l3),
-            v => v,
-        },
-        (Some(cfg), false) => match uplink::egress(ctx, cfg, l3, ifindex) {
-            Verdict::Icmp => uplink::icmp_out(ctx, l3, ifindex),
-            v => v,
-        },
-        (None, _) => Verdict::Pass,
+    let v = match (config(), parse::proto_at(ctx, l3)) {
+        (Some(cfg), Proto::Ipv4) => uplink_family::<Ip4>(ctx, cfg, ingress, l3, ifindex),
+        (Some(cfg), Proto::Ipv6) => uplink_family::<Ip6>(ctx, cfg, ingress, l3, ifindex),
+        _ => Verdict::Pass,
     };
     finish(ctx, l3, ifindex, v)
+}
+
+#[inline(always)]
+fn uplink_family<A: Addr>(
+    ctx: &TcContext,
+    cfg: &Config,
+    ingress: bool,
+    l3: usize,
+    ifindex: u32,
+) -> Verdict {
+    if ingress {
+        match uplink::ingress::<A>(ctx, cfg, l3, ifindex) {
+            Verdict::Icmp => uplink::icmp_in::<A>(ctx, l3, ifindex),
+            Verdict::Overlay => tunnel::native_in::<A>(ctx, cfg, l3),
+            v => v,
+        }
+    } else {
+        match uplink::egress::<A>(ctx, cfg, l3, ifindex) {
+            Verdict::Icmp => uplink::icmp_out::<A>(ctx, l3, ifindex),
+            v => v,
+        }
+    }
 }
 
 /// Ingress of md's VXLAN device (overlay tunnel mode): decapsulated packets from containers on
@@ -229,22 +295,42 @@ pub fn md_tunnel_ingress(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn md_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate_destination(&ctx)
+    sock::translate_destination::<Ip4>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn md_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate_destination(&ctx)
+    sock::translate_destination::<Ip4>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn md_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::restore_source(&ctx)
+    sock::restore_source::<Ip4>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn md_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::restore_source(&ctx)
+    sock::restore_source::<Ip4>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn md_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination::<Ip6>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn md_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination::<Ip6>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn md_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore_source::<Ip6>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn md_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore_source::<Ip6>(&ctx)
 }
 
 #[cfg(not(test))]

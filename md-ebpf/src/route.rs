@@ -11,11 +11,10 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use md_common::{Ip4, IPPROTO_TCP, IPPROTO_UDP};
+use md_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::parse::Pkt;
+use crate::{family::Addr, parse::Pkt};
 
-const AF_INET: u8 = 2;
 /// Look sockets up in the namespace of the packet's device (BPF_F_CURRENT_NETNS).
 const CURRENT_NETNS: u64 = u64::MAX;
 
@@ -34,31 +33,36 @@ pub fn fib_zeroed() -> bpf_fib_lookup {
 }
 
 #[inline(always)]
-fn fib_params(p: &Pkt, ifindex: u32) -> bpf_fib_lookup {
+fn fib_params<A: Addr>(p: &Pkt<A>, ifindex: u32, src: bool) -> bpf_fib_lookup {
     let mut f = fib_zeroed();
-    f.family = AF_INET;
     f.l4_protocol = p.proto;
     f.sport = p.sport.to_be();
     f.dport = p.dport.to_be();
     f.ifindex = ifindex;
-    f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(p.daddr);
+    A::fib_set(&mut f, src.then_some(&p.saddr), &p.daddr);
     f
 }
 
 /// The address the host would give a packet to `p.daddr` leaving by `ifindex` (what iptables'
 /// MASQUERADE picks), asked at the moment of each new flow so a changed address (DHCP) is
-/// followed at once.
+/// followed at once. Never an IPv6 link-local address: that is no source for a routed flow.
 #[inline(always)]
-pub fn masquerade_source(ctx: &TcContext, p: &Pkt, ifindex: u32) -> Option<Ip4> {
-    let src = fib_source(ctx, p, ifindex);
-    (src != 0).then(|| src.to_ne_bytes())
+pub fn masquerade_source<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> Option<A> {
+    let mut src = A::default();
+    if !fib_source(ctx, p, ifindex, &mut src) || src == A::default() {
+        return None;
+    }
+    if src.link_scoped() {
+        return None;
+    }
+    Some(src)
 }
 
-/// Out of line: the lookup's 64-byte parameter block stays off the callers' frames. 0 when the
-/// host has no route or no address for it.
+/// Out of line: the lookup's 64-byte parameter block stays off the callers' frames. False when
+/// the host has no route or no address for it.
 #[inline(never)]
-fn fib_source(ctx: &TcContext, p: &Pkt, ifindex: u32) -> u32 {
-    let mut f = fib_params(p, ifindex);
+fn fib_source<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32, out: &mut A) -> bool {
+    let mut f = fib_params(p, ifindex, false);
     let flags = BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC;
     let ret = unsafe {
         aya_ebpf::helpers::bpf_fib_lookup(
@@ -69,17 +73,17 @@ fn fib_source(ctx: &TcContext, p: &Pkt, ifindex: u32) -> u32 {
         )
     };
     if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return 0;
+        return false;
     }
-    unsafe { f.__bindgen_anon_3.ipv4_src }
+    *out = A::fib_src(&f);
+    true
 }
 
 /// Whether the host would route a packet that arrived on `ifindex` out again (to anything
 /// but itself: local, broadcast and multicast addresses are not forwarded).
 #[inline(never)]
-pub fn forwarded(ctx: &TcContext, p: &Pkt, ifindex: u32) -> bool {
-    let mut f = fib_params(p, ifindex);
-    f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(p.saddr);
+pub fn forwarded<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> bool {
+    let mut f = fib_params(p, ifindex, true);
     let ret = unsafe {
         aya_ebpf::helpers::bpf_fib_lookup(
             ctx.as_ptr(),
@@ -96,32 +100,24 @@ pub fn forwarded(ctx: &TcContext, p: &Pkt, ifindex: u32) -> bool {
 /// Whether the runtime that published a port holds the host port with a socket of its own
 /// (Podman's conmon): such a port does not give way to host sockets.
 #[inline(always)]
-pub fn runtime_reserved(target: *const md_common::PortTarget) -> bool {
-    let flags = unsafe { (*target).flags };
-    flags & md_common::PORT_RUNTIME_RESERVED != 0
+pub fn runtime_reserved<A: Addr>(target: *mut A::Target) -> bool {
+    A::target_flags(target) & md_common::PORT_RUNTIME_RESERVED != 0
 }
 
 /// Whether a socket of the host (a listener, or a socket this packet answers) owns the tuple
 /// `saddr:sport → daddr:dport`. Such a packet is never translated: a published port must not
 /// take over a host service or the answers to the host's own connections.
 #[inline(always)]
-pub fn host_socket<C: EbpfContext>(
+pub fn host_socket<C: EbpfContext, A: Addr>(
     ctx: &C,
     proto: u8,
-    saddr: Ip4,
+    saddr: A,
     sport: u16,
-    daddr: Ip4,
+    daddr: A,
     dport: u16,
 ) -> bool {
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    unsafe {
-        let v4 = &mut t.__bindgen_anon_1.ipv4;
-        v4.saddr = u32::from_ne_bytes(saddr);
-        v4.daddr = u32::from_ne_bytes(daddr);
-        v4.sport = sport.to_be();
-        v4.dport = dport.to_be();
-    }
-    let size = core::mem::size_of::<u32>() as u32 * 3;
+    let size = A::sock_tuple(&mut t, &saddr, sport, &daddr, dport);
     let sk = unsafe {
         match proto {
             IPPROTO_TCP => bpf_sk_lookup_tcp(ctx.as_ptr(), &mut t, size, CURRENT_NETNS, 0),

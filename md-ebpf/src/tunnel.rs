@@ -14,6 +14,10 @@
 //! Both ends check: the sender with its rules and the receiver's registered identity, the
 //! receiver with its own rules and the identity the packet carries; replies of a flow the
 //! receiver's container opened pass through its tracker.
+//!
+//! IPv4 only: REMOTE is keyed by IPv4 addresses, so for IPv6 `A::remote` is always None and
+//! an IPv6 packet never takes these paths (the functions are generic only so that the hooks,
+//! written once for both families, can call them).
 
 use aya_ebpf::{
     bindings::bpf_tunnel_key,
@@ -21,17 +25,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use md_common::{
-    Config, Endpoint, Ip4, Remote, CT_DIR_ORIGINAL, CT_HOOK_VETH, CT_KIND_NONE, DROP_ISOLATION,
+    Config, Endpoint, Remote, CT_DIR_ORIGINAL, CT_HOOK_VETH, CT_KIND_NONE, DROP_ISOLATION,
     DROP_MALFORMED, DROP_POLICY, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED, OVERLAY_NATIVE,
     OVERLAY_TUNNEL,
 };
 
 use crate::{
     ct::{self, Spec},
+    family::Addr,
     fwd,
     nat::{self, Verdict},
-    parse::{self, Parsed, Pkt, ETH_HLEN, L4},
-    policy, veth, REMOTE, TUNNEL,
+    parse::{self, Pkt, ETH_HLEN, L4},
+    policy, veth, TUNNEL,
 };
 
 /// The outer UDP checksum is left zero (allowed for IPv4; the inner packet has its own).
@@ -40,13 +45,13 @@ const TUNNEL_TTL: u8 = 64;
 const VNI_MASK: u32 = 0x00ff_ffff;
 
 #[inline(always)]
-pub fn remote(ip: &Ip4) -> Option<Remote> {
-    unsafe { REMOTE.get(ip) }.copied()
+pub fn remote<A: Addr>(ip: &A) -> Option<Remote> {
+    A::remote(ip)
 }
 
 /// Whether `ip` is a container reached by native routing: its packets leave untranslated.
 #[inline(always)]
-pub fn native_peer(ip: &Ip4) -> bool {
+pub fn native_peer<A: Addr>(ip: &A) -> bool {
     remote(ip).is_some_and(|r| r.mode == OVERLAY_NATIVE)
 }
 
@@ -55,29 +60,34 @@ pub fn native_peer(ip: &Ip4) -> bool {
 /// containers (the destination's identity from the registry), the flow tracked so its answers
 /// pass whatever the rules say the other way, then on its way.
 #[inline(never)]
-pub fn from_container(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
-    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+pub fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
+    let Some(p) = parse::packet::<A>(ctx, ETH_HLEN) else {
         return Verdict::Drop(DROP_MALFORMED);
     };
-    let Some(src) = veth::sender(ctx, ifindex, &p) else {
+    let Some(src) = veth::sender(ctx, ifindex, p) else {
         return Verdict::Drop(DROP_SPOOF);
     };
     let Some(dst) = remote(&p.daddr) else {
         return Verdict::Drop(DROP_MALFORMED);
     };
-    to_remote(ctx, cfg, &p, &src, &dst)
+    to_remote(ctx, cfg, p, &src, &dst)
 }
 
 #[inline(always)]
-fn to_remote(ctx: &TcContext, cfg: &Config, p: &Pkt, src: &Endpoint, dst: &Remote) -> Verdict {
+fn to_remote<A: Addr>(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &Pkt<A>,
+    src: &Endpoint,
+    dst: &Remote,
+) -> Verdict {
     if dst.net_id != src.net_id {
         return Verdict::Drop(DROP_ISOLATION);
     }
     if !policy::allowed(cfg, src.identity, dst.identity) {
         return Verdict::Drop(DROP_POLICY);
     }
-    if p.l4 == L4::Ports {
-        let mut same = p.key();
+    if p.l4 == L4::Ports && ct::nat_tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto).is_some() {
         let spec = Spec {
             kind: CT_KIND_NONE,
             hook: CT_HOOK_VETH,
@@ -88,7 +98,7 @@ fn to_remote(ctx: &TcContext, cfg: &Config, p: &Pkt, src: &Endpoint, dst: &Remot
             reply_identity: src.identity,
         };
         // A clash only means the flow is already known the other way round.
-        let _ = ct::open(p, &mut same, &spec);
+        let _ = ct::open(p, &spec);
     }
     send(ctx, cfg, p, src, dst)
 }
@@ -96,7 +106,7 @@ fn to_remote(ctx: &TcContext, cfg: &Config, p: &Pkt, src: &Endpoint, dst: &Remot
 /// A packet of a tracked flow (already allowed): to a remote container it goes on its way,
 /// anything else is left as it is.
 #[inline(always)]
-pub fn onward(ctx: &TcContext, cfg: &Config, p: &Pkt, src: &Endpoint) -> Verdict {
+pub fn onward<A: Addr>(ctx: &TcContext, cfg: &Config, p: &Pkt<A>, src: &Endpoint) -> Verdict {
     match remote(&p.daddr) {
         Some(dst) if dst.net_id == src.net_id => send(ctx, cfg, p, src, &dst),
         _ => Verdict::Pass,
@@ -104,7 +114,13 @@ pub fn onward(ctx: &TcContext, cfg: &Config, p: &Pkt, src: &Endpoint) -> Verdict
 }
 
 #[inline(always)]
-fn send(ctx: &TcContext, cfg: &Config, p: &Pkt, src: &Endpoint, dst: &Remote) -> Verdict {
+fn send<A: Addr>(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &Pkt<A>,
+    src: &Endpoint,
+    dst: &Remote,
+) -> Verdict {
     if dst.mode == OVERLAY_TUNNEL {
         return encap(ctx, u32::from_be_bytes(dst.host), src.identity);
     }
@@ -168,7 +184,10 @@ fn tunnel_key(ctx: &TcContext) -> u64 {
 /// Ingress of md's VXLAN device: what containers on other hosts send to ours.
 #[inline(never)]
 pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
-    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+    if parse::proto_at(ctx, ETH_HLEN) != parse::Proto::Ipv4 {
+        return Verdict::Drop(DROP_UNSUPPORTED);
+    }
+    let Some(p) = parse::packet::<md_common::Ip4>(ctx, ETH_HLEN) else {
         return Verdict::Drop(DROP_UNSUPPORTED);
     };
     let key = tunnel_key(ctx);
@@ -183,19 +202,19 @@ pub fn ingress(ctx: &TcContext, cfg: &Config) -> Verdict {
     if src.mode != OVERLAY_TUNNEL || u32::from_be_bytes(src.host) != from {
         return Verdict::Drop(DROP_SPOOF);
     }
-    deliver(ctx, cfg, &p, src.net_id, identity, false)
+    deliver(ctx, cfg, p, src.net_id, identity, false)
 }
 
 /// A registered remote container's packet arriving on an uplink (native routing), handed over
 /// by the uplink's ingress as [`Verdict::Overlay`].
 #[inline(never)]
-pub fn native_in(ctx: &TcContext, cfg: &Config, l3: usize) -> Verdict {
-    let Parsed::Ipv4(p) = parse::parse_at(ctx, l3) else {
+pub fn native_in<A: Addr>(ctx: &TcContext, cfg: &Config, l3: usize) -> Verdict {
+    let Some(p) = parse::packet::<A>(ctx, l3) else {
         return Verdict::Drop(DROP_MALFORMED);
     };
     match remote(&p.saddr) {
         Some(src) if src.mode == OVERLAY_NATIVE => {
-            deliver(ctx, cfg, &p, src.net_id, src.identity, true)
+            deliver(ctx, cfg, p, src.net_id, src.identity, true)
         }
         _ => Verdict::Drop(DROP_SPOOF),
     }
@@ -203,10 +222,10 @@ pub fn native_in(ctx: &TcContext, cfg: &Config, l3: usize) -> Verdict {
 
 /// Isolation and policy at the receiver (`identity`: the sender's), then into the container.
 #[inline(always)]
-fn deliver(
+fn deliver<A: Addr>(
     ctx: &TcContext,
     cfg: &Config,
-    p: &Pkt,
+    p: &Pkt<A>,
     net_id: u32,
     identity: u32,
     routed: bool,
@@ -219,7 +238,7 @@ fn deliver(
     }
     if p.l4 == L4::Ports {
         let now = ct::now();
-        if let Some(f) = ct::lookup(&p.key(), now) {
+        if let Some(f) = ct::lookup(&p.tuple, now) {
             let e = unsafe { &*f.e };
             if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
@@ -229,7 +248,6 @@ fn deliver(
             if !policy::allowed(cfg, identity, dst.identity) {
                 return Verdict::Drop(DROP_POLICY);
             }
-            let mut same = p.key();
             let spec = Spec {
                 kind: CT_KIND_NONE,
                 hook: CT_HOOK_VETH,
@@ -239,7 +257,9 @@ fn deliver(
                 orig_identity: dst.identity,
                 reply_identity: identity,
             };
-            let _ = ct::open(p, &mut same, &spec);
+            if ct::nat_tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto).is_some() {
+                let _ = ct::open(p, &spec);
+            }
         }
     } else if p.l4 != L4::IcmpError && !policy::allowed(cfg, identity, dst.identity) {
         return Verdict::Drop(DROP_POLICY);
@@ -248,5 +268,5 @@ fn deliver(
         // A layer-3 uplink: the host routes it to the bridge.
         return Verdict::Pass;
     }
-    fwd::into_container(ctx, cfg, &dst, true, routed)
+    fwd::into_container::<A>(ctx, cfg, &dst, true, routed)
 }

@@ -2,19 +2,23 @@
 //! Ingress of the veth = packets leaving the container: anti-spoofing, policy, hairpin DNAT.
 //! Egress of the veth = packets entering the container: counting, and policy for what the
 //! bridge floods (broadcast, multicast), which has no single destination to check at ingress.
+//! Both families go through the same code (`A`: `Ip4` or `Ip6`); IPv6's link plumbing (NDP,
+//! MLD) is screened first (`ndp`).
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
     Config, Endpoint, CT_DIR_ORIGINAL, CT_HOOK_VETH, CT_KIND_NONE, DROP_ISOLATION, DROP_MALFORMED,
-    DROP_POLICY, DROP_SPOOF, DROP_UNSUPPORTED,
+    DROP_POLICY, DROP_SPOOF,
 };
 
 use crate::{
     csum,
     ct::{self, Spec},
+    family::Addr,
     fwd,
     nat::{self, Verdict},
-    parse::{self, Parsed, Pkt, L4},
+    ndp,
+    parse::{self, Pkt, L4},
     policy, route, tunnel, VETH_OWNERS,
 };
 
@@ -22,18 +26,19 @@ use crate::{
 /// them to [`icmp`], on a stack frame of their own (the verifier allows 512 bytes for a whole
 /// call chain).
 #[inline(never)]
-pub fn ingress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
-    match parse::parse(ctx) {
-        Parsed::Ipv4(p) => from_container(ctx, ifindex, &p, cfg),
-        Parsed::Arp => check_arp(ctx, ifindex),
-        Parsed::Other => Verdict::Drop(DROP_UNSUPPORTED),
-        Parsed::Malformed => Verdict::Drop(DROP_MALFORMED),
+pub fn ingress<A: Addr>(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
+    match parse::packet::<A>(ctx, parse::ETH_HLEN) {
+        Some(p) => match A::screen(ctx, ifindex, p) {
+            Some(v) => v,
+            None => from_container(ctx, ifindex, p, cfg),
+        },
+        None => Verdict::Drop(DROP_MALFORMED),
     }
 }
 
 /// Anti-spoofing: the source address must be this port's container, with its MAC.
 #[inline(always)]
-pub fn sender(ctx: &TcContext, ifindex: u32, p: &Pkt) -> Option<Endpoint> {
+pub fn sender<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>) -> Option<Endpoint> {
     match nat::endpoint(&p.saddr) {
         Some(ep) if ep.ifindex == ifindex && Some(ep.mac) == parse::eth_src(ctx) => Some(ep),
         _ => None,
@@ -44,23 +49,23 @@ pub fn sender(ctx: &TcContext, ifindex: u32, p: &Pkt) -> Option<Endpoint> {
 /// from, the flow's peer, so isolation and policy apply as to that peer; otherwise it is
 /// checked like any packet to its destination.
 #[inline(never)]
-pub fn icmp(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
-    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+pub fn icmp<A: Addr>(ctx: &TcContext, ifindex: u32, cfg: &Config) -> Verdict {
+    let Some(p) = parse::packet::<A>(ctx, parse::ETH_HLEN) else {
         return Verdict::Drop(DROP_MALFORMED);
     };
-    let Some(src) = sender(ctx, ifindex, &p) else {
+    let Some(src) = sender(ctx, ifindex, p) else {
         return Verdict::Drop(DROP_SPOOF);
     };
-    if let Some(f) = nat::icmp_error_flow(ctx, &p, CT_HOOK_VETH, true) {
-        if let Some(dst) = nat::endpoint(&f.quoted.saddr) {
-            if f.kind == CT_KIND_NONE && dst.net_id != src.net_id {
+    if let Some(f) = nat::icmp_error_flow(ctx, p, CT_HOOK_VETH, true) {
+        if let Some(dst) = nat::endpoint(&f.e.nat_daddr) {
+            if f.e.kind == CT_KIND_NONE && dst.net_id != src.net_id {
                 return Verdict::Drop(DROP_ISOLATION);
             }
-            if f.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, dst.identity) {
+            if f.e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, dst.identity) {
                 return Verdict::Drop(DROP_POLICY);
             }
         }
-        return nat::translate_icmp_error(ctx, &p, &f);
+        return nat::translate_icmp_error(ctx, p, &f);
     }
     match nat::endpoint(&p.daddr) {
         Some(dst) => between(&src, &dst, cfg).unwrap_or(Verdict::Pass),
@@ -84,15 +89,20 @@ fn between(src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Option<Verdict> {
 /// Unicast to this container was checked where it entered; anything else a container sent
 /// that reaches this one (broadcast, multicast, or a frame whose IP destination is not this
 /// container's, e.g. a broadcast address in a unicast frame) is checked here, per receiver.
+///
+/// NDP and MLD pass whoever sent them, as ARP does: the sender was checked where it entered.
 #[inline(always)]
-pub fn egress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> (Verdict, u32) {
-    let Parsed::Ipv4(p) = parse::parse(ctx) else {
+pub fn egress<A: Addr>(ctx: &TcContext, ifindex: u32, cfg: &Config) -> (Verdict, u32) {
+    let Some(p) = parse::packet::<A>(ctx, parse::ETH_HLEN) else {
         return (Verdict::Pass, ifindex);
     };
+    if ndp::link_plumbing(p) {
+        return (Verdict::Pass, ifindex);
+    }
     let Some(me) = (unsafe { VETH_OWNERS.get(ifindex) }) else {
         return (Verdict::Pass, ifindex);
     };
-    if p.daddr == me.ip {
+    if A::is_owner(&p.daddr, me, ifindex) {
         return (Verdict::Pass, ifindex);
     }
     let Some(src) = nat::endpoint(&p.saddr) else {
@@ -108,8 +118,8 @@ pub fn egress(ctx: &TcContext, ifindex: u32, cfg: &Config) -> (Verdict, u32) {
 }
 
 /// ARP from a container must claim its own address and MAC, or it could steal another's.
-#[inline(always)]
-fn check_arp(ctx: &TcContext, ifindex: u32) -> Verdict {
+#[inline(never)]
+pub fn check_arp(ctx: &TcContext, ifindex: u32) -> Verdict {
     let (Some((sha, spa)), Some(eth_src)) = (parse::arp_sender(ctx), parse::eth_src(ctx)) else {
         return Verdict::Drop(DROP_MALFORMED);
     };
@@ -120,7 +130,7 @@ fn check_arp(ctx: &TcContext, ifindex: u32) -> Verdict {
 }
 
 #[inline(always)]
-fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdict {
+fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Config) -> Verdict {
     let Some(src) = sender(ctx, ifindex, p) else {
         return Verdict::Drop(DROP_SPOOF);
     };
@@ -129,7 +139,7 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
     }
     if p.l4 == L4::Ports {
         let now = ct::now();
-        if let Some(f) = ct::lookup(&p.key(), now) {
+        if let Some(f) = ct::lookup(&p.tuple, now) {
             let e = unsafe { &*f.e };
             if e.hook != CT_HOOK_VETH {
                 // Translated at the uplink (masquerade, or an answer to an outside client):
@@ -143,31 +153,30 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
             if e.dir == CT_DIR_ORIGINAL && !policy::allowed(cfg, src.identity, e.identity) {
                 return Verdict::Drop(DROP_POLICY);
             }
-            let (kind, to) = (e.kind, e.nat_tuple(p.proto));
             ct::touch(f, p, now, cfg);
-            if kind == CT_KIND_NONE {
+            if e.kind == CT_KIND_NONE {
                 // Issue 17: a flow to a container on another host goes on through the overlay.
                 return tunnel::onward(ctx, cfg, p, &src);
             }
-            if csum::rewrite(ctx, p, &to).is_err() {
+            if csum::rewrite_entry(ctx, p, e).is_err() {
                 return Verdict::Drop(DROP_MALFORMED);
             }
-            return nat::deliver(ctx, &to.daddr);
+            return nat::deliver(ctx, &e.nat_daddr);
         }
         if nat::is_host_addr(&p.daddr) && nat::opens_flow(p) {
             let target = nat::port_lookup(&p.daddr, p.dport, p.proto, true);
-            let reserved = target.is_some_and(|t| route::runtime_reserved(t));
+            let reserved = target.is_some_and(|t| route::runtime_reserved::<A>(t));
             if reserved || !route::host_socket(ctx, p.proto, p.saddr, p.sport, p.daddr, p.dport) {
                 if let Some(target) = target {
-                    let t = unsafe { *target };
+                    let (t_ip, _, identity) = A::target(target);
                     // An internal network reaches no other network, published ports
                     // included (Docker drops what it forwards to another bridge).
                     if nat::internal(src.net_id)
-                        && nat::endpoint(&t.ip).map(|d| d.net_id) != Some(src.net_id)
+                        && nat::endpoint(&t_ip).map(|d| d.net_id) != Some(src.net_id)
                     {
                         return Verdict::Drop(DROP_ISOLATION);
                     }
-                    if !policy::allowed(cfg, src.identity, t.identity) {
+                    if !policy::allowed(cfg, src.identity, identity) {
                         return Verdict::Drop(DROP_POLICY);
                     }
                     return nat::dnat_from_container(ctx, p, &src, target);
@@ -192,8 +201,12 @@ fn from_container(ctx: &TcContext, ifindex: u32, p: &Pkt, cfg: &Config) -> Verdi
 /// A container's packet for a routed destination: straight to the uplink's egress in the
 /// redirect datapath, through the bridge and the host stack otherwise.
 #[inline(always)]
-fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint, cfg: &Config) -> Verdict {
-    if fwd::redirecting(cfg) && !nat::is_host_addr(&p.daddr) && !nat::in_md_subnet(&p.daddr) {
+fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint, cfg: &Config) -> Verdict {
+    if fwd::redirecting(cfg)
+        && !p.daddr.link_scoped()
+        && !nat::is_host_addr(&p.daddr)
+        && !nat::in_md_subnet(&p.daddr)
+    {
         return fwd::outbound(ctx, p, src);
     }
     Verdict::Pass
@@ -204,7 +217,7 @@ fn outbound(ctx: &TcContext, p: &Pkt, src: &Endpoint, cfg: &Config) -> Verdict {
 /// routed network is open to the containers of other (not internal) networks too, on the
 /// container's own address (Docker's direct routing in `routed` mode).
 #[inline(always)]
-fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdict {
+fn to_container<A: Addr>(p: &Pkt<A>, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdict {
     if dst.net_id != src.net_id && !nat::internal(src.net_id) && routed_port(p) {
         if !policy::allowed(cfg, src.identity, dst.identity) {
             return Verdict::Drop(DROP_POLICY);
@@ -212,8 +225,7 @@ fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdic
     } else if let Some(drop) = between(src, dst, cfg) {
         return drop;
     }
-    if p.l4 == L4::Ports {
-        let mut same = p.key();
+    if p.l4 == L4::Ports && ct::nat_tuple(&p.saddr, &p.daddr, p.sport, p.dport, p.proto).is_some() {
         let spec = Spec {
             kind: CT_KIND_NONE,
             hook: CT_HOOK_VETH,
@@ -224,7 +236,7 @@ fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdic
             reply_identity: src.identity,
         };
         // A clash only means the flow is already known the other way round.
-        let _ = ct::open(p, &mut same, &spec);
+        let _ = ct::open(p, &spec);
     }
     Verdict::Pass
 }
@@ -232,7 +244,7 @@ fn to_container(p: &Pkt, src: &Endpoint, dst: &Endpoint, cfg: &Config) -> Verdic
 /// Whether `p` goes to a port its destination publishes on a routed network (keyed by the
 /// container's own address and port).
 #[inline(always)]
-fn routed_port(p: &Pkt) -> bool {
+fn routed_port<A: Addr>(p: &Pkt<A>) -> bool {
     p.l4 == L4::Ports
         && nat::routed(&p.daddr)
         && nat::port_lookup(&p.daddr, p.dport, p.proto, false).is_some()

@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -78,6 +78,8 @@ pub struct IfaceSpec {
     pub network: String,
     /// A static address (checked against the subnet and the addresses in use).
     pub ip: Option<Ipv4Addr>,
+    /// A static IPv6 address on a dual-stack network.
+    pub ip6: Option<Ipv6Addr>,
     /// A static MAC; by default derived from the address.
     pub mac: Option<[u8; 6]>,
     /// Name inside the namespace (eth0, ...).
@@ -132,13 +134,14 @@ pub async fn reserve(
                 iface.network
             );
         }
+        // A mapping for both families publishes only IPv4 on an IPv4-only network.
+        let ipv6 = net.subnet6.is_some();
+        crate::portmap::check_families(&ports, &iface.network, ipv6)?;
+        ports = crate::portmap::for_network(&ports, ipv6);
         if net.routed() {
-            // Docker's routed mode: the container's own address and port, no host port.
-            for p in &mut ports {
-                p.routed = true;
-                p.host_ip = Some(iface.ip);
-                p.host_port = p.container_port;
-            }
+            // Docker's routed mode: the container's own address and port, no host port (for
+            // IPv4; the IPv6 side keeps its own mode).
+            ports = crate::portmap::routed4(&ports, iface.ip);
         }
     }
     let nat_min = if ctx.dp.is_loaded() {
@@ -269,9 +272,11 @@ fn allocate(state: &State, want: &IfaceSpec, veth: &str) -> Result<Interface> {
             .find(|m| !macs.contains(m))
             .expect("an unused MAC"),
     };
+    let ip6 = network::allocate6(state, net, &want.network, want.ip6)?;
     Ok(Interface {
         network: want.network.clone(),
         ip,
+        ip6,
         mac,
         veth: veth.to_string(),
         ifindex: 0,
@@ -496,8 +501,9 @@ pub fn unpublish_ports(ctx: &Ctx, locked: &mut Locked, name: &str) -> Result<()>
     let Some(c) = locked.state.containers.get_mut(name) else {
         return Ok(());
     };
+    let ip6 = c.primary_ip6();
     let ports = std::mem::take(&mut c.ports);
-    endpoint::unpublish(&ctx.dp, &ports);
+    endpoint::unpublish(&ctx.dp, &ports, ip6);
     if let Err(e) = crate::hostports::release(&mut locked.state) {
         eprintln!(
             "md-user: giving back reserved ports: {}",

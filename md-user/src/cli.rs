@@ -41,6 +41,14 @@ pub struct GlobalOpts {
     /// subcommand, like --bridge: `network create` has a --subnet of its own).
     #[arg(long, env = "MD_SUBNET", default_value = "172.18.0.0/16")]
     pub subnet: String,
+    /// Make the default network dual-stack (Docker's daemon `ipv6: true`; before the
+    /// subcommand, like --subnet).
+    #[arg(long, env = "MD_IPV6")]
+    pub ipv6: bool,
+    /// IPv6 subnet of the default network [default: a /64 of a ULA /48 derived from the
+    /// host's machine id, as Docker 27 does]; implies --ipv6.
+    #[arg(long, env = "MD_SUBNET6")]
+    pub subnet6: Option<String>,
     /// Where container DNS forwards names it does not know: this file's nameservers.
     #[arg(
         long,
@@ -265,6 +273,17 @@ pub enum NetworkCmd {
         /// com.docker.network.driver.mtu, com.docker.network.bridge.gateway_mode_ipv4.
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
         opt: Vec<String>,
+        /// Dual-stack: containers get an IPv6 address too.
+        #[arg(long)]
+        ipv6: bool,
+        /// IPv6 CIDR [default: the next free /64 of a ULA /48 derived from the host's
+        /// machine id]; implies --ipv6.
+        #[arg(long)]
+        subnet6: Option<String>,
+        /// `nat` (masquerade, as IPv4) or `routed` (no NAT66: container addresses are
+        /// reachable directly, on their published ports only); Docker's gateway_mode_ipv6.
+        #[arg(long, value_parser = ["nat", "routed"], default_value = "nat")]
+        gateway_mode_ipv6: String,
     },
     /// Show a network as `docker network inspect` does (--json: its JSON array).
     Inspect {
@@ -289,6 +308,9 @@ pub enum NetworkCmd {
         container: String,
         #[arg(long)]
         ip: Option<std::net::Ipv4Addr>,
+        /// Static IPv6 address on a dual-stack NETWORK.
+        #[arg(long)]
+        ip6: Option<std::net::Ipv6Addr>,
         /// Another name for the container on NETWORK (repeatable; any number of containers
         /// may share one: DNS answers with all of them).
         #[arg(long = "alias", value_name = "NAME")]
@@ -380,6 +402,9 @@ pub struct RunArgs {
     /// Static address on the network (checked for conflicts).
     #[arg(long)]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Static IPv6 address on a dual-stack network.
+    #[arg(long)]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// Keep every capability and the host's PID namespace. By default CMD gets Docker's
     /// default capabilities and a PID namespace of its own.
     #[arg(long)]
@@ -411,6 +436,12 @@ impl GlobalOpts {
         }
         if let Some(d) = &self.datapath {
             cmd.arg("--datapath").arg(d);
+        }
+        if self.ipv6 {
+            cmd.arg("--ipv6");
+        }
+        if let Some(s) = &self.subnet6 {
+            cmd.arg("--subnet6").arg(s);
         }
         if let Some(s) = &self.store {
             cmd.arg("--store").arg(s);

@@ -11,7 +11,7 @@ use std::{
     borrow::Cow,
     ffi::CString,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
@@ -31,8 +31,9 @@ use aya::{
     Btf, EbpfLoader, Pod,
 };
 use md_common::{
-    maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Ip4, Network, PolicyKey, PolicyRule,
-    PortKey, PortTarget, Remote, Tunnel, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL,
+    maps as m, Config, CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf, Endpoint, IfStats,
+    Ip4, Ip6, Network, PolicyKey, PolicyRule, PortKey, PortKey6, PortTarget, PortTarget6, Remote,
+    Tunnel, HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -101,13 +102,17 @@ const TC_PROGRAMS: &[&str] = &[
     m::PROG_TUNNEL_INGRESS,
 ];
 
-fn sock_programs() -> [(&'static str, aya::programs::CgroupSockAddrAttachType); 4] {
+fn sock_programs() -> [(&'static str, aya::programs::CgroupSockAddrAttachType); 8] {
     use aya::programs::CgroupSockAddrAttachType as T;
     [
         (m::PROG_SOCK_CONNECT4, T::Connect4),
         (m::PROG_SOCK_SENDMSG4, T::UDPSendMsg4),
         (m::PROG_SOCK_RECVMSG4, T::UDPRecvMsg4),
         (m::PROG_SOCK_GETPEERNAME4, T::GetPeerName4),
+        (m::PROG_SOCK_CONNECT6, T::Connect6),
+        (m::PROG_SOCK_SENDMSG6, T::UDPSendMsg6),
+        (m::PROG_SOCK_RECVMSG6, T::UDPRecvMsg6),
+        (m::PROG_SOCK_GETPEERNAME6, T::GetPeerName6),
     ]
 }
 
@@ -221,6 +226,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
             .map_max_entries(m::HOST_ADDRS, host_addrs_max)
+            .map_max_entries(m::HOST_ADDRS6, host_addrs_max)
             .load(&bytes)
             .context("loading md's eBPF object")?;
         for name in TC_PROGRAMS {
@@ -425,6 +431,37 @@ impl Datapath {
         self.hash(m::HOST_ADDRS)
     }
 
+    pub fn endpoints6(&self) -> Result<HashMap<MapData, Ip6, Endpoint>> {
+        self.hash(m::ENDPOINTS6)
+    }
+
+    pub fn host_addrs6(&self) -> Result<HashMap<MapData, Ip6, u32>> {
+        self.hash(m::HOST_ADDRS6)
+    }
+
+    pub fn port_map6(&self) -> Result<HashMap<MapData, PortKey6, PortTarget6>> {
+        self.hash(m::PORT_MAP6)
+    }
+
+    /// Tells the datapath a dual-stack network's IPv6 subnet.
+    pub fn add_subnet6(&self, network: Ipv6Addr, prefix_len: u8, net_id: u32) -> Result<()> {
+        let mut trie: LpmTrie<MapData, Ip6, u32> =
+            LpmTrie::try_from(self.map_data(m::MD_SUBNETS6)?)?;
+        let key = LpmKey::new(prefix_len as u32, network.octets());
+        trie.insert(&key, net_id, 0).context("writing MD_SUBNETS6")
+    }
+
+    pub fn remove_subnet6(&self, network: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        let mut trie: LpmTrie<MapData, Ip6, u32> =
+            LpmTrie::try_from(self.map_data(m::MD_SUBNETS6)?)?;
+        let key = LpmKey::new(prefix_len as u32, network.octets());
+        match trie.remove(&key) {
+            Ok(()) => Ok(()),
+            Err(e) if missing(&e) => Ok(()),
+            Err(e) => Err(e).context("removing from MD_SUBNETS6"),
+        }
+    }
+
     pub fn md_subnets(&self) -> Result<LpmTrie<MapData, Ip4, u32>> {
         Ok(LpmTrie::try_from(self.map_data(m::MD_SUBNETS)?)?)
     }
@@ -443,11 +480,7 @@ impl Datapath {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             // Already gone (an overlay's span and its block, a teardown run again, the default
             // network of a host that only ran Docker's): an LPM trie says ENOENT.
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
+            Err(e) if missing(&e) => Ok(()),
             Err(e) => Err(e).context("removing from MD_SUBNETS"),
         }
     }
@@ -523,6 +556,11 @@ impl Datapath {
         m::TRACKERS.iter().map(|n| self.hash(n)).collect()
     }
 
+    /// The IPv6 tracker maps, in the same order.
+    pub fn trackers6(&self) -> Result<Vec<HashMap<MapData, CtKey6, CtEntry6>>> {
+        m::TRACKERS6.iter().map(|n| self.hash(n)).collect()
+    }
+
     pub fn if_stats(&self) -> Result<PerCpuHashMap<MapData, u32, IfStats>> {
         Ok(PerCpuHashMap::try_from(self.map_data(m::IF_STATS)?)?)
     }
@@ -556,57 +594,79 @@ impl Datapath {
             .flatten()
             .map(|(_, n)| n.gateway)
             .collect();
-        let mut map = self.host_addrs()?;
         let want: Vec<Ip4> = addrs.iter().map(|a| a.octets()).collect();
-        let stale: Vec<Ip4> = map.keys().flatten().filter(|k| !want.contains(k)).collect();
-        for k in &stale {
-            let _ = map.remove(k);
-        }
-        for a in want {
-            let flags = if gateways.contains(&a) {
-                HOST_ADDR_LOCAL | HOST_ADDR_GATEWAY
-            } else {
-                HOST_ADDR_LOCAL
-            };
-            if map.get(&a, 0).ok() != Some(flags) {
-                map.insert(a, flags, 0).context("writing HOST_ADDRS")?;
-            }
-        }
+        let stale = sync_host_addrs(&mut self.host_addrs()?, &want, &gateways)?;
         Ok(stale.into_iter().map(Ipv4Addr::from).collect())
+    }
+
+    /// The same for HOST_ADDRS6 and the host's IPv6 addresses.
+    pub fn set_host_addrs6(&self, addrs: &[Ipv6Addr]) -> Result<Vec<Ipv6Addr>> {
+        let gateways: Vec<Ip6> = self
+            .networks()?
+            .iter()
+            .flatten()
+            .filter(|(_, n)| n.flags & md_common::NET_IPV6 != 0)
+            .map(|(_, n)| n.gateway6)
+            .collect();
+        let want: Vec<Ip6> = addrs.iter().map(|a| a.octets()).collect();
+        let stale = sync_host_addrs(&mut self.host_addrs6()?, &want, &gateways)?;
+        Ok(stale.into_iter().map(Ipv6Addr::from).collect())
     }
 
     /// Deletes tracker entries involving `ip` (before or after translation), so flows of a
     /// container that is gone never reach whoever gets its address or port next.
     pub fn purge_conntrack(&self, ip: Ipv4Addr) -> Result<usize> {
         let ip = ip.octets();
-        let per_map = self.purge_conntrack_where(|k, v| {
-            k.saddr == ip || k.daddr == ip || v.nat_saddr == ip || v.nat_daddr == ip
-        })?;
+        let per_map = self.purge_conntrack_where(m::TRACKERS, |k, v| involves(k, v, &ip))?;
+        Ok(per_map.iter().map(|(removed, _)| removed).sum())
+    }
+
+    /// The same in the IPv6 trackers.
+    pub fn purge_conntrack6(&self, ip: Ipv6Addr) -> Result<usize> {
+        let ip = ip.octets();
+        let per_map = self.purge_conntrack_where(m::TRACKERS6, |k, v| involves(k, v, &ip))?;
         Ok(per_map.iter().map(|(removed, _)| removed).sum())
     }
 
     /// Deletes expired tracker entries; returns (collected, live ones remaining) per tracker
-    /// map (answered, then unanswered).
+    /// map (answered, then unanswered), the IPv6 trackers' counts added to the IPv4 ones.
     pub fn gc_conntrack(&self) -> Result<Vec<(usize, usize)>> {
-        let expired = |_: &CtKey, v: &CtEntry| v.expires_ns <= monotonic_ns();
-        Ok(self
-            .purge_conntrack_where(expired)?
+        let now = monotonic_ns();
+        let v4 =
+            self.purge_conntrack_where(m::TRACKERS, |_: &CtKey, v: &CtEntry| v.expires_ns <= now)?;
+        let v6 = self
+            .purge_conntrack_where(m::TRACKERS6, |_: &CtKeyOf<Ip6>, v: &CtEntryOf<Ip6>| {
+                v.expires_ns <= now
+            })
+            .unwrap_or_default();
+        Ok(v4
             .into_iter()
-            .map(|(removed, seen)| (removed, seen - removed))
+            .enumerate()
+            .map(|(i, (removed, seen))| {
+                let (r6, s6) = v6.get(i).copied().unwrap_or((0, 0));
+                (removed + r6, seen + s6 - removed - r6)
+            })
             .collect())
     }
 
-    /// One pass over each tracker map: deletes the entries `pred` picks. Returns how many it
-    /// deleted and how many it saw, per map. An entry is checked again just before it goes:
-    /// the datapath may have reused the key for a new flow since the listing.
-    fn purge_conntrack_where(
+    /// One pass over each tracker map of `maps`: deletes the entries `pred` picks. Returns how
+    /// many it deleted and how many it saw, per map. An entry is checked again just before it
+    /// goes: the datapath may have reused the key for a new flow since the listing.
+    fn purge_conntrack_where<A: Copy + PartialEq>(
         &self,
-        pred: impl Fn(&CtKey, &CtEntry) -> bool,
-    ) -> Result<Vec<(usize, usize)>> {
+        maps: &[&str],
+        pred: impl Fn(&CtKeyOf<A>, &CtEntryOf<A>) -> bool,
+    ) -> Result<Vec<(usize, usize)>>
+    where
+        CtKeyOf<A>: Pod,
+        CtEntryOf<A>: Pod,
+    {
         let mut out = Vec::new();
-        for mut ct in self.trackers()? {
+        let trackers: Vec<HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>> =
+            maps.iter().map(|n| self.hash(n)).collect::<Result<_>>()?;
+        for mut ct in trackers {
             let mut seen = 0;
-            let doomed: Vec<CtKey> = ct
+            let doomed: Vec<CtKeyOf<A>> = ct
                 .iter()
                 .flatten()
                 .inspect(|_| seen += 1)
@@ -623,6 +683,44 @@ impl Datapath {
         }
         Ok(out)
     }
+}
+
+/// A delete of a key that is not there (a network whose bridge was never made): aya reports
+/// the LPM trie's ENOENT as a plain syscall error.
+fn missing(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Whether a tracker entry involves `ip`, before or after translation.
+fn involves<A: PartialEq>(k: &CtKeyOf<A>, v: &CtEntryOf<A>, ip: &A) -> bool {
+    k.saddr == *ip || k.daddr == *ip || v.nat_saddr == *ip || v.nat_daddr == *ip
+}
+
+/// Makes a host-address map say `want` (gateways flagged); returns the addresses removed.
+fn sync_host_addrs<A: Pod + PartialEq>(
+    map: &mut HashMap<MapData, A, u32>,
+    want: &[A],
+    gateways: &[A],
+) -> Result<Vec<A>> {
+    let stale: Vec<A> = map.keys().flatten().filter(|k| !want.contains(k)).collect();
+    for k in &stale {
+        let _ = map.remove(k);
+    }
+    for a in want {
+        let flags = if gateways.contains(a) {
+            HOST_ADDR_LOCAL | HOST_ADDR_GATEWAY
+        } else {
+            HOST_ADDR_LOCAL
+        };
+        if map.get(a, 0).ok() != Some(flags) {
+            map.insert(a, flags, 0).context("writing host addresses")?;
+        }
+    }
+    Ok(stale)
 }
 
 /// The interface of the TCX link pinned at `pin` (0 once its interface is gone). None when the

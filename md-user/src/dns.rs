@@ -3,13 +3,15 @@
 //! resolver Podman's aardvark-dns is the model for: one small process per network, listening
 //! on the gateway address in the host namespace, started with the network's first container
 //! and gone with its last. It answers container names that share a network with the asker and
-//! forwards everything else to the upstream servers of the host's resolv.conf.
+//! forwards everything else to the upstream servers of the host's resolv.conf (over IPv4 or
+//! IPv6, whichever each server's address is). Containers on dual-stack networks are known by
+//! both addresses: A and AAAA records, PTR for both, and both in /etc/hosts.
 
 use std::{
     collections::HashSet,
     fs::{self, OpenOptions},
     io::Write,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -22,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use hickory_proto::{
     op::{Message, MessageType, ResponseCode},
     rr::{
-        rdata::{A, PTR},
+        rdata::{A, AAAA, PTR},
         DNSClass, Name, RData, Record, RecordType,
     },
 };
@@ -31,7 +33,9 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use crate::state::{Container, DnsSettings, ExtraHost, Network, State, StateDir, StateReader};
+use crate::state::{
+    Container, DnsSettings, ExtraHost, Interface, Network, State, StateDir, StateReader,
+};
 
 /// What `run --dns`, `--dns-search` and `--dns-option` asked for (None: the host's).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -182,9 +186,13 @@ pub fn upstreams(resolv_conf: &Path) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// The address a container knows a peer by: the peer's address on a network both are on,
+/// The interface a container knows a peer by: the peer's interface on a network both are on,
 /// preferring `network`.
-fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option<Ipv4Addr> {
+fn shared_iface<'a>(
+    peer: &'a Container,
+    nets: &[String],
+    network: Option<&str>,
+) -> Option<&'a Interface> {
     network
         .and_then(|n| {
             peer.interfaces
@@ -192,7 +200,13 @@ fn shared_ip(peer: &Container, nets: &[String], network: Option<&str>) -> Option
                 .find(|i| i.network == n && nets.iter().any(|m| m == n))
         })
         .or_else(|| peer.interfaces.iter().find(|i| nets.contains(&i.network)))
-        .map(|i| i.ip)
+}
+
+/// An interface's addresses: IPv4, and IPv6 on a dual-stack network.
+pub type Addrs = (Ipv4Addr, Option<Ipv6Addr>);
+
+fn addrs(i: &Interface) -> Addrs {
+    (i.ip, i.ip6)
 }
 
 fn is_a_name(state: &State, name: &str) -> bool {
@@ -237,32 +251,42 @@ fn hosts_line(names: &NameSet, ip: impl std::fmt::Display, c: &Container) -> Str
     }
 }
 
+/// The lines of an interface in hosts files: its IPv4 address, and its IPv6 one on a
+/// dual-stack network.
+fn hosts_lines(names: &NameSet, i: &Interface, c: &Container) -> String {
+    let mut s = hosts_line(names, i.ip, c);
+    if let Some(ip6) = i.ip6 {
+        s.push_str(&hosts_line(names, ip6, c));
+    }
+    s
+}
+
 /// Resolves a name for someone on `nets`: the container of that name (one address), else
 /// every container with that network alias, alias or hostname on a network they share (a
 /// service scaled to several containers answers with all of them). Names win over aliases and
 /// hostnames.
-pub fn lookup(state: &State, nets: &[String], network: Option<&str>, name: &str) -> Vec<Ipv4Addr> {
+pub fn lookup(state: &State, nets: &[String], network: Option<&str>, name: &str) -> Vec<Addrs> {
     let name = name.trim_end_matches('.');
     let local = local_lookup(state, nets, network, name);
     if !local.is_empty() {
         return local;
     }
-    remote_lookup(state, nets, name).into_iter().collect()
+    // Overlay networks are IPv4 only: a remote container has no IPv6 address.
+    remote_lookup(state, nets, name)
+        .map(|ip| (ip, None))
+        .into_iter()
+        .collect()
 }
 
-fn local_lookup(
-    state: &State,
-    nets: &[String],
-    network: Option<&str>,
-    name: &str,
-) -> Vec<Ipv4Addr> {
+fn local_lookup(state: &State, nets: &[String], network: Option<&str>, name: &str) -> Vec<Addrs> {
     let is = |s: &str| s.eq_ignore_ascii_case(name);
     if is_a_name(state, name) {
         return state
             .containers
             .values()
             .filter(|c| is(&c.name))
-            .filter_map(|c| shared_ip(c, nets, network))
+            .filter_map(|c| shared_iface(c, nets, network))
+            .map(addrs)
             .take(1)
             .collect();
     }
@@ -275,10 +299,10 @@ fn local_lookup(
             .iter()
             .filter(|i| nets.contains(&i.network) && i.aliases.iter().any(|a| is(a)))
             .min_by_key(|i| Some(i.network.as_str()) != network)
-            .map(|i| i.ip);
+            .map(addrs);
         let ip = aliased.or_else(|| {
             (is(&c.hostname) || c.aliases.iter().any(|a| is(a)))
-                .then(|| shared_ip(c, nets, network))
+                .then(|| shared_iface(c, nets, network).map(addrs))
                 .flatten()
         });
         if let Some(ip) = ip.filter(|ip| !out.contains(ip)) {
@@ -289,7 +313,7 @@ fn local_lookup(
 }
 
 /// `NAME.NETWORK` (what PTR answers give) for someone on NETWORK: NAME looked up there.
-fn lookup_qualified(state: &State, nets: &[String], name: &str) -> Vec<Ipv4Addr> {
+fn lookup_qualified(state: &State, nets: &[String], name: &str) -> Vec<Addrs> {
     let name = name.trim_end_matches('.');
     for n in nets {
         let Some(short) = name
@@ -310,32 +334,45 @@ fn lookup_qualified(state: &State, nets: &[String], name: &str) -> Vec<Ipv4Addr>
     Vec::new()
 }
 
-/// The address a reverse name (`4.3.2.1.in-addr.arpa.`) is about.
-fn reverse_addr(name: &str) -> Option<Ipv4Addr> {
-    let rest = name
-        .trim_end_matches('.')
-        .to_ascii_lowercase()
-        .strip_suffix(".in-addr.arpa")?
-        .to_string();
+/// The address a reverse name (`4.3.2.1.in-addr.arpa.`, or IPv6's 32 nibbles under
+/// `ip6.arpa.`) is about.
+fn reverse_addr(name: &str) -> Option<IpAddr> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if let Some(rest) = name.strip_suffix(".ip6.arpa") {
+        let nibbles: Vec<u8> = rest
+            .split('.')
+            .map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 1))
+            .collect::<Option<_>>()?;
+        if nibbles.len() != 32 {
+            return None;
+        }
+        // Least significant nibble first.
+        let mut o = [0u8; 16];
+        for (k, n) in nibbles.iter().rev().enumerate() {
+            o[k / 2] |= if k % 2 == 0 { n << 4 } else { *n };
+        }
+        return Some(IpAddr::V6(Ipv6Addr::from(o)));
+    }
+    let rest = name.strip_suffix(".in-addr.arpa")?;
     let o: Vec<u8> = rest
         .split('.')
         .map(|p| p.parse().ok())
         .collect::<Option<_>>()?;
     match o[..] {
-        [a, b, c, d] => Some(Ipv4Addr::new(d, c, b, a)),
+        [a, b, c, d] => Some(IpAddr::V4(Ipv4Addr::new(d, c, b, a))),
         _ => None,
     }
 }
 
 /// PTR: a container address on a network the asker is on names `NAME.NETWORK.` (Docker's).
-fn reverse(state: &State, nets: &[String], ip: Ipv4Addr) -> Option<String> {
+fn reverse(state: &State, nets: &[String], ip: IpAddr) -> Option<String> {
     state
         .containers
         .values()
         .find_map(|c| {
             c.interfaces
                 .iter()
-                .find(|i| i.ip == ip && nets.contains(&i.network))
+                .find(|i| has_ip(i, ip) && nets.contains(&i.network))
                 .map(|i| format!("{}.{}.", c.name, i.network))
         })
         .or_else(|| {
@@ -343,7 +380,7 @@ fn reverse(state: &State, nets: &[String], ip: Ipv4Addr) -> Option<String> {
             state
                 .remote
                 .iter()
-                .find(|(_, r)| r.ip == ip && nets.contains(&r.network))
+                .find(|(_, r)| IpAddr::V4(r.ip) == ip && nets.contains(&r.network))
                 .map(|(n, r)| format!("{n}.{}.", r.network))
         })
 }
@@ -384,14 +421,14 @@ fn render_hosts_with(state: &State, names: &NameSet, c: &Container) -> String {
     for h in &c.extra_hosts {
         s.push_str(&format!("{}\t{}\n", h.ip, h.name));
     }
-    match c.primary_ip() {
-        Some(ip) => s.push_str(&hosts_line(names, ip, c)),
+    match c.interfaces.first() {
+        Some(i) => s.push_str(&hosts_lines(names, i, c)),
         None => s.push_str(&hosts_line(names, "127.0.1.1", c)),
     }
     let nets = networks_of(c);
     for peer in state.containers.values().filter(|p| p.name != c.name) {
-        if let Some(ip) = shared_ip(peer, &nets, None) {
-            s.push_str(&hosts_line(names, ip, peer));
+        if let Some(i) = shared_iface(peer, &nets, None) {
+            s.push_str(&hosts_lines(names, i, peer));
         }
     }
     s
@@ -507,11 +544,11 @@ pub fn added(dir: &StateDir, state: &State, name: &str) -> Result<()> {
         .values()
         .filter(|p| p.name != c.name && has_files(p))
     {
-        let Some(ip) = shared_ip(c, &networks_of(peer), None) else {
+        let Some(i) = shared_iface(c, &networks_of(peer), None) else {
             continue;
         };
         let (hosts, _) = files(dir, &peer.name);
-        let line = hosts_line(&names, ip, c);
+        let line = hosts_lines(&names, i, c);
         let appended = OpenOptions::new()
             .append(true)
             .open(&hosts)
@@ -529,16 +566,25 @@ pub fn remove_files(dir: &StateDir, name: &str) {
     let _ = fs::remove_dir_all(dir.container_dir(name));
 }
 
-/// Builds the answer to a query for a container name (A: every address of the name, rotated by
-/// `turn` so clients of a scaled service spread over its containers) or a container address
-/// (PTR), or None to forward it.
+/// Whether interface `i` has address `ip`.
+fn has_ip(i: &Interface, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => i.ip == v4,
+        IpAddr::V6(v6) => i.ip6 == Some(v6),
+    }
+}
+
+/// Builds the answer to a query for a container name (A and AAAA: every address of the name,
+/// rotated by `turn` so clients of a scaled service spread over its containers) or a container
+/// address (PTR), or None to forward it.
 pub fn answer(
     state: &State,
     network: &str,
-    asker: Ipv4Addr,
+    asker: impl Into<IpAddr>,
     query: &Message,
     turn: usize,
 ) -> Option<Message> {
+    let asker = asker.into();
     let q = query.queries().first()?;
     if q.query_class() != DNSClass::IN {
         return None;
@@ -546,7 +592,7 @@ pub fn answer(
     let asker_nets: Vec<String> = state
         .containers
         .values()
-        .find(|c| c.interfaces.iter().any(|i| i.ip == asker))
+        .find(|c| c.interfaces.iter().any(|i| has_ip(i, asker)))
         .map(networks_of)
         .unwrap_or_else(|| vec![network.to_string()]);
     let name = q.name().to_ascii();
@@ -578,14 +624,24 @@ pub fn answer(
     }
     let n = ips.len();
     ips.rotate_left(turn % n);
-    match q.query_type() {
-        RecordType::A | RecordType::ANY => {
-            for ip in ips {
-                m.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(ip))));
-            }
-        }
+    let (want_a, want_aaaa) = match q.query_type() {
+        RecordType::A => (true, false),
+        RecordType::AAAA => (false, true),
+        RecordType::ANY => (true, true),
         // The name exists, with no address of that type: NOERROR, empty.
-        _ => {}
+        _ => (false, false),
+    };
+    for (ip, ip6) in ips {
+        if want_a {
+            m.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(ip))));
+        }
+        if let (true, Some(ip6)) = (want_aaaa, ip6) {
+            m.add_answer(Record::from_rdata(
+                q.name().clone(),
+                0,
+                RData::AAAA(AAAA(ip6)),
+            ));
+        }
     }
     Some(m)
 }
@@ -635,15 +691,17 @@ fn reply(
     query: &[u8],
     turn: usize,
 ) -> Reply {
-    let std::net::IpAddr::V4(asker) = asker else {
-        return Reply::Nothing;
+    // An IPv4-mapped address is the IPv4 address it maps.
+    let asker = match asker {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(asker),
+        v4 => v4,
     };
     // Only md's containers may ask: the gateway address may be reachable from elsewhere, and
     // an open forwarder is not what md runs.
     let Some(c) = state
         .containers
         .values()
-        .find(|c| c.interfaces.iter().any(|i| i.ip == asker))
+        .find(|c| c.interfaces.iter().any(|i| has_ip(i, asker)))
     else {
         return refused(query).map_or(Reply::Nothing, Reply::Now);
     };
@@ -897,6 +955,7 @@ mod tests {
                 .map(|(n, ip)| Interface {
                     network: n.to_string(),
                     ip: Ipv4Addr::from(*ip),
+                    ip6: None,
                     mac: [0; 6],
                     veth: String::new(),
                     ifindex: 0,
@@ -933,6 +992,8 @@ mod tests {
                     id,
                     bridge: format!("b{id}"),
                     subnet: sub.parse::<Subnet>().unwrap(),
+                    subnet6: None,
+                    routed6: false,
                     dns_pid: 0,
                     dns_start: 0,
                     overlay: None,
@@ -1215,9 +1276,51 @@ mod tests {
         assert!(ask(&s, "bridge", [172, 18, 0, 2], "c.back", RecordType::A).is_none());
         assert_eq!(
             reverse_addr("1.2.3.4.IN-ADDR.ARPA"),
-            Some(Ipv4Addr::new(4, 3, 2, 1))
+            Some(Ipv4Addr::new(4, 3, 2, 1).into())
         );
         assert_eq!(reverse_addr("2.3.4.in-addr.arpa."), None);
+    }
+
+    #[test]
+    fn dual_stack_names_aaaa_and_ip6_ptr() {
+        let mut s = lab();
+        let ip6: Ipv6Addr = "fd00:1::3".parse().unwrap();
+        let b = s.containers.get_mut("b").unwrap();
+        b.interfaces[1].ip6 = Some(ip6);
+        b.interfaces[1].aliases = vec!["svc".into()];
+        let aaaa = |m: &Message| -> Vec<Ipv6Addr> {
+            m.answers()
+                .iter()
+                .filter_map(|r| match r.data() {
+                    RData::AAAA(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Asked over IPv4 or IPv6 (c has no IPv6: its IPv4 address asks).
+        let m = ask(&s, "back", [10, 9, 0, 4], "b", RecordType::AAAA).unwrap();
+        assert_eq!((aaaa(&m), a_records(&m)), (vec![ip6], vec![]));
+        let mut q = Message::new();
+        q.add_query(Query::query(
+            Name::from_ascii("svc").unwrap(),
+            RecordType::ANY,
+        ));
+        let m = answer(&s, "back", ip6, &q, 0).unwrap();
+        assert_eq!(
+            (aaaa(&m), a_records(&m)),
+            (vec![ip6], vec![Ipv4Addr::new(10, 9, 0, 3)])
+        );
+        // No IPv6 address: the name exists, with no AAAA.
+        let m = ask(&s, "back", [10, 9, 0, 3], "c", RecordType::AAAA).unwrap();
+        assert!(m.answers().is_empty());
+        let rev = "3.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.0.0.d.f.ip6.arpa.";
+        assert_eq!(reverse_addr(rev), Some(ip6.into()));
+        let m = ask(&s, "back", [10, 9, 0, 4], rev, RecordType::PTR).unwrap();
+        assert_eq!(m.answers().len(), 1);
+        assert!(reverse_addr("1.ip6.arpa.").is_none());
+        // Both addresses in the peers' hosts files.
+        let hosts = render_hosts(&s, &s.containers["c"]);
+        assert!(hosts.contains("fd00:1::3\tb\n"), "{hosts}");
     }
 
     #[test]
@@ -1379,27 +1482,32 @@ mod tests {
         fs::remove_file(&p).unwrap();
     }
 
+    /// The IPv4 half of `lookup`'s answers.
+    fn v4(v: Vec<(Ipv4Addr, Option<std::net::Ipv6Addr>)>) -> Vec<Ipv4Addr> {
+        v.into_iter().map(|(a, _)| a).collect()
+    }
+
     #[test]
     fn only_addresses_on_the_askers_networks() {
         let s = lab();
         // a asks through the "back" resolver but is on "bridge" only: b's bridge address,
         // never its address on a network a is not on.
         assert_eq!(
-            lookup(&s, &["bridge".to_string()], Some("back"), "b"),
+            v4(lookup(&s, &["bridge".to_string()], Some("back"), "b")),
             vec![Ipv4Addr::new(172, 18, 0, 3)]
         );
         // b is on both: the network the query came in on wins.
         let both = ["bridge".to_string(), "back".to_string()];
         assert_eq!(
-            lookup(&s, &both, Some("back"), "b"),
+            v4(lookup(&s, &both, Some("back"), "b")),
             vec![Ipv4Addr::new(10, 9, 0, 3)]
         );
         assert_eq!(
-            lookup(&s, &both, Some("bridge"), "b"),
+            v4(lookup(&s, &both, Some("bridge"), "b")),
             vec![Ipv4Addr::new(172, 18, 0, 3)]
         );
         assert_eq!(
-            lookup(&s, &["none".to_string()], None, "b"),
+            v4(lookup(&s, &["none".to_string()], None, "b")),
             Vec::<Ipv4Addr>::new()
         );
     }
@@ -1410,9 +1518,9 @@ mod tests {
         s.containers.get_mut("a").unwrap().hostname = "alpha".into();
         let nets = ["bridge".to_string()];
         let a = vec![Ipv4Addr::new(172, 18, 0, 2)];
-        assert_eq!(lookup(&s, &nets, None, "a"), a);
-        assert_eq!(lookup(&s, &nets, None, "ALPHA."), a);
-        assert_eq!(lookup(&s, &nets, None, "alph"), Vec::<Ipv4Addr>::new());
+        assert_eq!(v4(lookup(&s, &nets, None, "a")), a);
+        assert_eq!(v4(lookup(&s, &nets, None, "ALPHA.")), a);
+        assert_eq!(v4(lookup(&s, &nets, None, "alph")), Vec::<Ipv4Addr>::new());
         let h = render_hosts(&s, &s.containers["b"]);
         assert!(h.contains("172.18.0.2\talpha a\n"), "{h}");
     }

@@ -3,7 +3,7 @@
 //! in reverse order (map entries, programs, link).
 
 use anyhow::{Context, Result};
-use md_common::{Endpoint, PortKey, PortTarget};
+use md_common::{Endpoint, PortKey, PortKey6, PortTarget, PortTarget6};
 
 use crate::{
     datapath::{Datapath, Hook},
@@ -81,30 +81,11 @@ fn attach(
     primary: bool,
     host_index: u32,
 ) -> Result<()> {
-    if let Some(netns) = netns {
-        crate::netlink::configure_container_side(
-            netns,
-            Some((iface.name.clone(), iface.ip, net.subnet.prefix_len)),
-            // An internal network has no way out: no default route.
-            primary.then(|| net.default_route()).flatten(),
-        )?;
-    }
-    crate::timing::mark("container side");
+    // Map entries first, then programs, then the container's side up: the first frames a
+    // container sends (IPv6 sends MLD reports as its link comes up) must meet a complete
+    // datapath, not be dropped as spoofed.
     dp.reset_if_stats(host_index)?;
     crate::timing::mark("stats");
-    dp.attach_tc(
-        &iface.veth,
-        Hook::Ingress,
-        md_common::maps::PROG_VETH_INGRESS,
-        &iface.veth,
-    )?;
-    dp.attach_tc(
-        &iface.veth,
-        Hook::Egress,
-        md_common::maps::PROG_VETH_EGRESS,
-        &iface.veth,
-    )?;
-    crate::timing::mark("tc");
     let ep = Endpoint {
         ifindex: host_index,
         identity,
@@ -119,6 +100,43 @@ fn attach(
     dp.endpoints()?
         .insert(iface.ip.octets(), ep, 0)
         .context("writing ENDPOINTS")?;
+    if let Some(ip6) = iface.ip6 {
+        dp.endpoints6()?
+            .insert(ip6.octets(), ep, 0)
+            .context("writing ENDPOINTS6")?;
+    }
+    dp.attach_tc(
+        &iface.veth,
+        Hook::Ingress,
+        md_common::maps::PROG_VETH_INGRESS,
+        &iface.veth,
+    )?;
+    dp.attach_tc(
+        &iface.veth,
+        Hook::Egress,
+        md_common::maps::PROG_VETH_EGRESS,
+        &iface.veth,
+    )?;
+    crate::timing::mark("tc");
+    // An interface handed over to Docker is configured by Docker in its container.
+    let Some(netns) = netns else {
+        return Ok(());
+    };
+    crate::netlink::configure_container_side(
+        netns,
+        Some(crate::netlink::ContainerIface {
+            name: iface.name.clone(),
+            ip: iface.ip,
+            prefix_len: net.subnet.prefix_len,
+            ip6: iface.ip6.zip(net.subnet6.map(|s| s.prefix_len)),
+        }),
+        // An internal network has no way out: no default route, in either family.
+        primary.then(|| crate::netlink::Gateways {
+            v4: net.default_route(),
+            v6: net.subnet6.filter(|_| !net.internal).map(|s| s.gateway()),
+        }),
+    )?;
+    crate::timing::mark("container side");
     Ok(())
 }
 
@@ -136,6 +154,12 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
     let Some(ip) = c.primary_ip() else {
         return Ok(());
     };
+    let ip6 = c.primary_ip6();
+    let routed6 = c
+        .interfaces
+        .first()
+        .and_then(|i| locked.state.networks.get(&i.network))
+        .is_some_and(|n| n.routed6);
     // A runtime may hold its ports itself (Podman's conmon does, to reserve them).
     if c.cni.is_none() {
         hostports::check_free(&c.ports, &locked.state)?;
@@ -147,7 +171,7 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
         hostports::reserve(&add)?;
     }
     let mut map = dp.port_map()?;
-    for p in &c.ports {
+    for p in c.ports.iter().filter(|p| p.applies_v4()) {
         map.insert(
             port_key(p),
             PortTarget {
@@ -166,25 +190,95 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
         )
         .with_context(|| format!("publishing {p}"))?;
     }
+    if let Some(ip6) = ip6 {
+        let mut map6 = dp.port_map6()?;
+        for p in c.ports.iter().filter(|p| p.applies_v6()) {
+            map6.insert(
+                port_key6(p, ip6, routed6),
+                PortTarget6 {
+                    ip: ip6.octets(),
+                    port: p.container_port,
+                    identity,
+                    ..Default::default()
+                },
+                0,
+            )
+            .with_context(|| format!("publishing {p} over IPv6"))?;
+        }
+    }
     Ok(())
 }
 
 /// Removes published ports from PORT_MAP (best effort: a missing entry is fine). The host ports
 /// are given back once no container publishes them (`network::containers_changed`).
-pub fn unpublish(dp: &Datapath, ports: &[PortMapping]) {
+/// Removes `ports` from PORT_MAP, and from PORT_MAP6 for a container whose address there is
+/// `ip6`.
+pub fn unpublish(dp: &Datapath, ports: &[PortMapping], ip6: Option<std::net::Ipv6Addr>) {
     if !dp.is_loaded() {
         return;
     }
     if let Ok(mut map) = dp.port_map() {
-        for p in ports {
+        for p in ports.iter().filter(|p| p.applies_v4()) {
             let _ = map.remove(&port_key(p));
+        }
+    }
+    if let (Some(ip6), Ok(mut map6)) = (ip6, dp.port_map6()) {
+        for p in ports.iter().filter(|p| p.applies_v6()) {
+            // Both key shapes: whichever the network's mode made, only ours.
+            for routed in [false, true] {
+                let k = port_key6(p, ip6, routed);
+                if map6.get(&k, 0).is_ok_and(|t| t.ip == ip6.octets()) {
+                    let _ = map6.remove(&k);
+                }
+            }
         }
     }
 }
 
 pub fn port_key(p: &PortMapping) -> PortKey {
     PortKey::new(
-        p.host_ip.map(|i| i.octets()).unwrap_or([0; 4]),
+        p.host_v4().map(|i| i.octets()).unwrap_or([0; 4]),
+        p.host_port,
+        p.proto.number(),
+    )
+}
+
+/// Connections translated through a published port, in both families.
+pub fn port_hits(
+    dp: &Datapath,
+    state: &crate::state::State,
+    c: &Container,
+    p: &PortMapping,
+) -> u64 {
+    let mut hits = 0;
+    if p.applies_v4() {
+        if let Ok(map) = dp.port_map() {
+            hits += map.get(&port_key(p), 0).map(|t| t.hits).unwrap_or(0);
+        }
+    }
+    if let (true, Some(ip6), Ok(map6)) = (p.applies_v6(), c.primary_ip6(), dp.port_map6()) {
+        let routed = c
+            .interfaces
+            .first()
+            .and_then(|i| state.networks.get(&i.network))
+            .is_some_and(|n| n.routed6);
+        hits += map6
+            .get(&port_key6(p, ip6, routed), 0)
+            .map(|t| t.hits)
+            .unwrap_or(0);
+    }
+    hits
+}
+
+/// A mapping's PORT_MAP6 key: the host address (`::` for all) and port; on a routed network
+/// the container's own address and port (reachable directly; the host part only picks the
+/// family, as in Docker's routed mode).
+pub fn port_key6(p: &PortMapping, container_ip6: std::net::Ipv6Addr, routed: bool) -> PortKey6 {
+    if routed {
+        return PortKey6::new(container_ip6.octets(), p.container_port, p.proto.number());
+    }
+    PortKey6::new(
+        p.host_v6().map(|i| i.octets()).unwrap_or([0; 16]),
         p.host_port,
         p.proto.number(),
     )
@@ -218,6 +312,14 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
                 let _ = eps.remove(&iface.ip.octets());
             }
         }
+        if let (Some(ip6), Ok(mut eps)) = (iface.ip6, dp.endpoints6()) {
+            if eps
+                .get(&ip6.octets(), 0)
+                .is_ok_and(|e| ifindexes.contains(&e.ifindex))
+            {
+                let _ = eps.remove(&ip6.octets());
+            }
+        }
         for ifindex in &ifindexes {
             if let Ok(mut owners) = dp.veth_owners() {
                 let _ = owners.remove(ifindex);
@@ -228,6 +330,11 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
         }
         if let Err(e) = dp.purge_conntrack(iface.ip) {
             errors.push(e);
+        }
+        if let Some(ip6) = iface.ip6 {
+            if let Err(e) = dp.purge_conntrack6(ip6) {
+                errors.push(e);
+            }
         }
     }
     if let Err(e) = dp.detach_tc(&iface.veth) {
@@ -251,7 +358,7 @@ pub async fn teardown_iface(nl: &Netlink, dp: &Datapath, iface: &Interface) -> V
 /// (`network::containers_changed`).
 pub async fn teardown(nl: &Netlink, dp: &Datapath, c: &Container) -> Vec<anyhow::Error> {
     let mut errors = Vec::new();
-    unpublish(dp, &c.ports);
+    unpublish(dp, &c.ports, c.primary_ip6());
     for iface in &c.interfaces {
         errors.extend(teardown_iface(nl, dp, iface).await);
     }

@@ -5,51 +5,129 @@
 use std::{
     fs::OpenOptions,
     io::Write,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
 use file_rotate::{compression::Compression, suffix::AppendCount, ContentLimit, FileRotate};
-use md_common::{CtEntry, Event, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, EVENT_NAT};
+#[cfg(test)]
+use md_common::{CtEntry, CtEntry6};
+use md_common::{Event, Event6, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, EVENT_NAT};
 
 /// Source and destination of a packet (ICMP echo: the identifier is the port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuple {
-    pub src: (Ipv4Addr, u16),
-    pub dst: (Ipv4Addr, u16),
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
 }
 
-impl Tuple {
-    pub fn of(ev: &Event) -> Tuple {
-        Tuple {
-            src: (ev.saddr.into(), ev.sport),
-            dst: (ev.daddr.into(), ev.dport),
+/// A datapath event of either family (EVENTS holds [`Event`]s and [`Event6`]s).
+#[derive(Debug, Clone, Copy)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    pub kind: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub ifindex: u32,
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
+    pub nat: (IpAddr, u16),
+}
+
+impl From<&Event> for FlowEvent {
+    fn from(e: &Event) -> FlowEvent {
+        FlowEvent {
+            ts_ns: e.ts_ns,
+            kind: e.kind,
+            reason: e.reason,
+            proto: e.proto,
+            ifindex: e.ifindex,
+            src: (Ipv4Addr::from(e.saddr).into(), e.sport),
+            dst: (Ipv4Addr::from(e.daddr).into(), e.dport),
+            nat: (Ipv4Addr::from(e.nat_addr).into(), e.nat_port),
         }
     }
 }
 
-pub fn endpoint((ip, port): (Ipv4Addr, u16)) -> String {
-    format!("{ip}:{port}")
+impl From<&Event6> for FlowEvent {
+    fn from(e: &Event6) -> FlowEvent {
+        FlowEvent {
+            ts_ns: e.ts_ns,
+            kind: e.kind,
+            reason: e.reason,
+            proto: e.proto,
+            ifindex: e.ifindex,
+            src: (Ipv6Addr::from(e.saddr).into(), e.sport),
+            dst: (Ipv6Addr::from(e.daddr).into(), e.dport),
+            nat: (Ipv6Addr::from(e.nat_addr).into(), e.nat_port),
+        }
+    }
+}
+
+/// The event in the ring buffer item `item`: an [`Event6`] by its size, else an [`Event`].
+pub fn parse_event(item: &[u8]) -> Option<FlowEvent> {
+    if item.len() >= std::mem::size_of::<Event6>() {
+        let e: Event6 = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<Event6>()]);
+        return Some((&e).into());
+    }
+    if item.len() >= std::mem::size_of::<Event>() {
+        let e: Event = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<Event>()]);
+        return Some((&e).into());
+    }
+    None
+}
+
+impl Tuple {
+    pub fn of_flow(ev: &FlowEvent) -> Tuple {
+        Tuple {
+            src: ev.src,
+            dst: ev.dst,
+        }
+    }
+}
+
+/// `ip:port`, `[ip6]:port`.
+pub fn endpoint((ip, port): (IpAddr, u16)) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
 }
 
 /// The tuple the event's packet left with. SNAT rewrites the source to the event's NAT
 /// address and port, DNAT the destination. A hairpin to the caller's own published port also
 /// gets the gateway as its source, which the event does not carry: `tracked` (the tracker
-/// entry of the event's original tuple, when it is still there) does.
+/// entry of the event's original tuple, when it is still there) does. (What `monitor` does
+/// with [`translated_flow`], on the raw event.)
+#[cfg(test)]
 pub fn translated(ev: &Event, tracked: Option<&CtEntry>) -> Tuple {
-    let mut t = Tuple::of(ev);
+    let hairpin_src = tracked
+        .filter(|e| e.kind == CT_KIND_HAIRPIN)
+        .map(|e| (Ipv4Addr::from(e.nat_saddr).into(), e.nat_sport));
+    translated_flow(&ev.into(), hairpin_src)
+}
+
+/// [`translated`] for an IPv6 event.
+#[cfg(test)]
+pub fn translated6(ev: &Event6, tracked: Option<&CtEntry6>) -> Tuple {
+    let hairpin_src = tracked
+        .filter(|e| e.kind == CT_KIND_HAIRPIN)
+        .map(|e| (Ipv6Addr::from(e.nat_saddr).into(), e.nat_sport));
+    translated_flow(&ev.into(), hairpin_src)
+}
+
+/// The same for an event of either family; `hairpin_src` is a hairpin's new source from the
+/// tracker.
+pub fn translated_flow(ev: &FlowEvent, hairpin_src: Option<(IpAddr, u16)>) -> Tuple {
+    let mut t = Tuple::of_flow(ev);
     if ev.kind != EVENT_NAT {
         return t;
     }
-    let nat = (Ipv4Addr::from(ev.nat_addr), ev.nat_port);
     match ev.reason {
-        CT_KIND_SNAT => t.src = nat,
+        CT_KIND_SNAT => t.src = ev.nat,
         CT_KIND_DNAT | CT_KIND_HAIRPIN => {
-            t.dst = nat;
-            if let Some(e) = tracked.filter(|e| e.kind == CT_KIND_HAIRPIN) {
-                t.src = (e.nat_saddr.into(), e.nat_sport);
+            t.dst = ev.nat;
+            if let Some(src) = hairpin_src {
+                t.src = src;
             }
         }
         _ => {}
@@ -182,9 +260,33 @@ mod tests {
         }
     }
 
-    fn ep(s: &str) -> (Ipv4Addr, u16) {
-        let (ip, port) = s.rsplit_once(':').unwrap();
-        (ip.parse().unwrap(), port.parse().unwrap())
+    fn ep(s: &str) -> (IpAddr, u16) {
+        let a: std::net::SocketAddr = s.parse().unwrap();
+        (a.ip(), a.port())
+    }
+
+    #[test]
+    fn ipv6_events_and_endpoints() {
+        let e = Event6 {
+            kind: EVENT_NAT,
+            reason: CT_KIND_SNAT,
+            saddr: "fd00:1::2".parse::<Ipv6Addr>().unwrap().octets(),
+            daddr: "2001:db8:1::2".parse::<Ipv6Addr>().unwrap().octets(),
+            sport: 40000,
+            dport: 80,
+            nat_addr: "2001:db8:1::1".parse::<Ipv6Addr>().unwrap().octets(),
+            nat_port: 61000,
+            ..Event6::default()
+        };
+        let bytes = bytemuck::bytes_of(&e).to_vec();
+        let f = parse_event(&bytes).unwrap();
+        assert_eq!(endpoint(f.src), "[fd00:1::2]:40000");
+        let t = translated6(&e, None);
+        assert_eq!(t.src, ep("[2001:db8:1::1]:61000"));
+        assert_eq!(t.dst, ep("[2001:db8:1::2]:80"));
+        let v4 = bytemuck::bytes_of(&Event::default()).to_vec();
+        assert!(parse_event(&v4).unwrap().src.0.is_ipv4());
+        assert!(parse_event(&v4[..10]).is_none());
     }
 
     #[test]

@@ -73,9 +73,10 @@ pub async fn ensure_datapath(
         .map(|(_, ip, _)| *ip)
         .with_context(|| format!("uplink {} has no IPv4 address", uplink.name))?;
 
+    let addrs6 = nl.ipv6_addresses().await?;
     let fresh = !dp.is_loaded();
     if fresh {
-        dp.load(addrs.len())?;
+        dp.load(addrs.len().max(addrs6.len()))?;
     }
     // Forwarding between the bridges and the uplinks; written through procfs in this
     // namespace. The uplink programs keep the host from forwarding anything else.
@@ -106,6 +107,7 @@ pub async fn ensure_datapath(
         sync_uplinks(nl, dp, &owned_links(state), &opts.state_dir).await?;
         dp.attach_cgroup()?;
         set_host_addrs(dp, &addrs)?;
+        set_host_addrs6(dp, &addrs6)?;
     }
     state.datapath = Some(DatapathState {
         uplink: uplink.name.clone(),
@@ -117,6 +119,31 @@ pub async fn ensure_datapath(
     });
     ensure_watcher(opts)?;
     Ok(())
+}
+
+/// Turns IPv6 forwarding on in md's host namespace (for its first dual-stack network), as
+/// Docker does. A forwarding host ignores router advertisements on interfaces whose accept_ra
+/// is 1, which would take a SLAAC host's default route away: those are set to 2 (accept them
+/// while forwarding), what Docker's documentation asks of its users.
+pub fn ipv6_forwarding() -> Result<()> {
+    let all = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if fs::read_to_string(all).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    for e in fs::read_dir("/proc/sys/net/ipv6/conf")
+        .context("reading /proc/sys/net/ipv6/conf")?
+        .flatten()
+    {
+        let ra = e.path().join("accept_ra");
+        let name = e.file_name();
+        if name == "all" || name == "default" || name == "lo" {
+            continue;
+        }
+        if fs::read_to_string(&ra).is_ok_and(|v| v.trim() == "1") {
+            netns::write_sysctl(&ra.to_string_lossy(), "2")?;
+        }
+    }
+    netns::write_sysctl(all, "1")
 }
 
 /// Whether this kernel can deliver packets itself: bpf_redirect_peer and bpf_redirect_neigh
@@ -241,7 +268,22 @@ pub fn uplink_ifindexes(dp: &Datapath) -> Vec<u32> {
 /// Tells the datapath the host's addresses (published ports answer on them). Never loopback:
 /// a packet from the wire to 127.0.0.1 must not reach a port published on 127.0.0.1.
 pub async fn refresh_host_addrs(nl: &Netlink, dp: &Datapath) -> Result<Vec<Ipv4Addr>> {
+    set_host_addrs6(dp, &nl.ipv6_addresses().await?)?;
     set_host_addrs(dp, &nl.ipv4_addresses().await?)
+}
+
+/// The host's IPv6 addresses that went away since the last refresh are returned by
+/// [`set_host_addrs6`]; the watcher forgets their flows.
+async fn refresh_host_addrs6(nl: &Netlink, dp: &Datapath) -> Result<Vec<std::net::Ipv6Addr>> {
+    set_host_addrs6(dp, &nl.ipv6_addresses().await?)
+}
+
+fn set_host_addrs6(
+    dp: &Datapath,
+    addrs: &[(u32, std::net::Ipv6Addr, u8)],
+) -> Result<Vec<std::net::Ipv6Addr>> {
+    let ips: Vec<std::net::Ipv6Addr> = addrs.iter().map(|(_, ip, _)| *ip).collect();
+    dp.set_host_addrs6(&ips)
 }
 
 fn set_host_addrs(dp: &Datapath, addrs: &[(u32, Ipv4Addr, u8)]) -> Result<Vec<Ipv4Addr>> {
@@ -355,6 +397,7 @@ pub async fn watch(opts: &GlobalOpts, dp: &Datapath, ready: Option<File>) -> Res
     let (conn, _, mut events) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
         MulticastGroup::Ipv4Route,
     ])
     .context("subscribing to link, address and route events")?;
@@ -430,6 +473,9 @@ async fn preload(nl: &Netlink, dp: &Datapath, sd: &StateDir, opts: &GlobalOpts) 
 async fn follow_host(nl: &Netlink, dp: &Datapath, sd: &StateDir, state_dir: &Path) -> Result<()> {
     let state = sd.peek()?;
     sync_uplinks(nl, dp, &owned_links(&state), state_dir).await?;
+    for gone in refresh_host_addrs6(nl, dp).await? {
+        dp.purge_conntrack6(gone)?;
+    }
     for gone in refresh_host_addrs(nl, dp).await? {
         dp.purge_conntrack(gone)?;
     }

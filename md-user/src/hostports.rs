@@ -63,17 +63,34 @@ impl Holder {
         }
     }
 
-    /// Whether publishing `p` would take packets this socket is waiting for. The same rule as
-    /// bind(2): a wildcard on either side overlaps every address.
+    /// The IPv6 address this socket takes packets for (`::`: all), None if it takes no IPv6.
+    fn ipv6(&self) -> Option<std::net::Ipv6Addr> {
+        match self.addr.ip() {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => None,
+            IpAddr::V6(a) => Some(a),
+        }
+    }
+
+    /// Whether publishing `p` would take packets this socket is waiting for, in either family.
+    /// The same rule as bind(2): a wildcard on either side overlaps every address.
     pub fn clashes_with(&self, p: &PortMapping) -> bool {
         if self.proto != p.proto || self.addr.port() != p.host_port {
             return false;
         }
-        match (self.ipv4(), p.host_ip) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(mine), Some(theirs)) => mine.is_unspecified() || mine == theirs,
-        }
+        let v4 = p.applies_v4()
+            && match (self.ipv4(), p.host_v4()) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(mine), Some(theirs)) => mine.is_unspecified() || mine == theirs,
+            };
+        let v6 = p.applies_v6()
+            && match (self.ipv6(), p.host_v6()) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(mine), Some(theirs)) => mine.is_unspecified() || mine == theirs,
+            };
+        v4 || v6
     }
 }
 
@@ -409,8 +426,14 @@ mod tests {
         }
     }
 
+    /// A mapping as published on an IPv4-only network.
     fn publish(spec: &str) -> PortMapping {
-        crate::portmap::parse_spec(spec).unwrap()[0]
+        crate::portmap::for_network(&crate::portmap::parse_spec(spec).unwrap(), false)[0]
+    }
+
+    /// A mapping as published on a dual-stack network.
+    fn publish_dual(spec: &str) -> PortMapping {
+        crate::portmap::for_network(&crate::portmap::parse_spec(spec).unwrap(), true)[0]
     }
 
     #[test]
@@ -439,6 +462,17 @@ mod tests {
         assert!(udp.clashes_with(&publish("8080:53/udp")));
         assert!(!udp.clashes_with(&publish("192.0.2.1:8080:53/udp")));
         assert!(!any.clashes_with(&publish("8081:80")));
+        // On a dual-stack network a mapping for both families also takes IPv6 sockets, and
+        // one bound to an IPv6 address only its own.
+        let both = publish_dual("8080:80");
+        for (h, clash) in [(&v6only, true), (&v6, true), (&lo, true), (&udp, false)] {
+            assert_eq!(h.clashes_with(&both), clash, "{h:?} vs {both} (dual-stack)");
+        }
+        let on_v6 = publish_dual("[2001:db8::1]:8080:80");
+        for (h, clash) in [(&v6only, true), (&v6, true), (&any, false), (&lo, false)] {
+            assert_eq!(h.clashes_with(&on_v6), clash, "{h:?} vs {on_v6}");
+        }
+        assert!(!v6.clashes_with(&publish_dual("[2001:db8::2]:8080:80")));
         assert_eq!(lo.to_string(), "listening on 127.0.0.1:8080");
         assert_eq!(udp.to_string(), "bound to 127.0.0.53:8080");
     }

@@ -3,7 +3,12 @@
 //! Allocation happens under the state lock, from the addresses recorded in the state, so an
 //! address is never handed out twice however many `run` commands race.
 
-use std::{collections::HashSet, fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -163,6 +168,136 @@ impl FromStr for Subnet {
     }
 }
 
+/// An IPv6 subnet of a dual-stack network. The gateway is its first address (`::1`), the
+/// containers get the next ones in order, as Docker allocates them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet6 {
+    pub network: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+impl Subnet6 {
+    pub fn new(addr: Ipv6Addr, prefix_len: u8) -> Result<Self> {
+        if !(1..=126).contains(&prefix_len) {
+            bail!(
+                "IPv6 prefix length /{prefix_len} leaves no room for containers (use /1 to /126)"
+            );
+        }
+        let network = Ipv6Addr::from(u128::from(addr) & Self::mask_of(prefix_len));
+        if network.is_loopback() || network.is_multicast() || network.is_unspecified() {
+            bail!("{network}/{prefix_len} is no subnet for containers");
+        }
+        Ok(Subnet6 {
+            network,
+            prefix_len,
+        })
+    }
+
+    fn mask_of(prefix_len: u8) -> u128 {
+        u128::MAX << (128 - prefix_len as u32)
+    }
+
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & Self::mask_of(self.prefix_len) == u128::from(self.network)
+    }
+
+    pub fn overlaps(&self, other: &Subnet6) -> bool {
+        self.contains(other.network) || other.contains(self.network)
+    }
+
+    pub fn gateway(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.network) + 1)
+    }
+
+    fn last(&self) -> u128 {
+        u128::from(self.network) | !Self::mask_of(self.prefix_len)
+    }
+
+    /// Lowest address after the gateway that is not in `used`.
+    pub fn allocate(&self, used: &HashSet<Ipv6Addr>) -> Result<Ipv6Addr> {
+        let first = u128::from(self.gateway()) + 1;
+        let last = self.last();
+        (first..=last)
+            .take(used.len() + 1)
+            .map(Ipv6Addr::from)
+            .find(|ip| !used.contains(ip))
+            .with_context(|| format!("subnet {self} has no free address"))
+    }
+
+    pub fn check_static(&self, ip: Ipv6Addr, used: &HashSet<Ipv6Addr>) -> Result<()> {
+        if !self.contains(ip) {
+            bail!("address {ip} is outside subnet {self}");
+        }
+        if ip == self.network || ip == self.gateway() {
+            bail!("address {ip} is reserved in subnet {self}");
+        }
+        if used.contains(&ip) {
+            bail!("address {ip} is already in use");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Subnet6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+impl FromStr for Subnet6 {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, len) = s
+            .split_once('/')
+            .with_context(|| format!("subnet {s:?} must be CIDR, like fd00:1::/64"))?;
+        let addr: Ipv6Addr = addr
+            .parse()
+            .with_context(|| format!("subnet {s:?}: {addr:?} is not an IPv6 address"))?;
+        let len: u8 = len
+            .parse()
+            .with_context(|| format!("subnet {s:?}: {len:?} is not a prefix length"))?;
+        Subnet6::new(addr, len)
+    }
+}
+
+/// The ULA /48 md takes IPv6 subnets from when none is given, as Docker 27 does: `fd` and 40
+/// bits of a SHA-256 of a stable host id (RFC 4193's global ID). The same host always gets the
+/// same prefix; another host almost surely another.
+pub fn ula_base(host_id: &str) -> Ipv6Addr {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(host_id.as_bytes());
+    let mut b = [0u8; 16];
+    b[0] = 0xfd;
+    b[1..6].copy_from_slice(&h[..5]);
+    Ipv6Addr::from(b)
+}
+
+/// The host's stable id: systemd's machine id, else the hostname.
+pub fn host_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "md".to_string())
+}
+
+/// The first /64 of the ULA /48 `base` that overlaps none of `taken`.
+pub fn next_ula64(base: Ipv6Addr, taken: &[Subnet6]) -> Result<Subnet6> {
+    (0u128..=0xffff)
+        .map(|i| Subnet6 {
+            network: Ipv6Addr::from(u128::from(base) | (i << 64)),
+            prefix_len: 64,
+        })
+        .find(|s| !taken.iter().any(|t| t.overlaps(s)))
+        .with_context(|| format!("no free /64 left in {base}/48; pass --subnet6"))
+}
+
 /// The MAC md gives a container interface: locally administered, derived from its address
 /// (Docker's 02:42:<ip> scheme), so it is unique wherever the address is.
 pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
@@ -302,6 +437,62 @@ mod tests {
         let c: Subnet = "11.0.0.0/16".parse().unwrap();
         assert!(a.overlaps(&b) && b.overlaps(&a));
         assert!(!a.overlaps(&c));
+    }
+
+    #[test]
+    fn ipv6_subnets() {
+        let s: Subnet6 = "2001:db8:5::7/64".parse().unwrap();
+        assert_eq!(s.to_string(), "2001:db8:5::/64");
+        assert_eq!(s.gateway(), "2001:db8:5::1".parse::<Ipv6Addr>().unwrap());
+        let mut used = HashSet::new();
+        let a = s.allocate(&used).unwrap();
+        assert_eq!(a, "2001:db8:5::2".parse::<Ipv6Addr>().unwrap());
+        used.insert(a);
+        assert_eq!(
+            s.allocate(&used).unwrap(),
+            "2001:db8:5::3".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(s
+            .check_static("2001:db8:5::1".parse().unwrap(), &used)
+            .is_err());
+        assert!(s
+            .check_static("2001:db8:6::9".parse().unwrap(), &used)
+            .is_err());
+        assert!(s
+            .check_static("2001:db8:5::9".parse().unwrap(), &used)
+            .is_ok());
+        for bad in [
+            "2001:db8::",
+            "2001:db8::/129",
+            "10.0.0.0/8",
+            "::1/128",
+            "ff02::/16",
+            "x/64",
+        ] {
+            assert!(bad.parse::<Subnet6>().is_err(), "{bad}");
+        }
+        let big: Subnet6 = "2001:db8::/32".parse().unwrap();
+        assert!(big.overlaps(&s) && s.overlaps(&big));
+        let tiny: Subnet6 = "2001:db8:5::/126".parse().unwrap();
+        let full: HashSet<_> = ["2001:db8:5::2", "2001:db8:5::3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert!(tiny.allocate(&full).is_err());
+    }
+
+    #[test]
+    fn ula_from_host_id() {
+        let a = ula_base("host-a");
+        assert_eq!(a, ula_base("host-a"), "stable");
+        assert_ne!(a, ula_base("host-b"));
+        assert_eq!(a.octets()[0], 0xfd);
+        assert_eq!(&a.octets()[6..], &[0; 10]);
+        let first = next_ula64(a, &[]).unwrap();
+        assert_eq!((first.network, first.prefix_len), (a, 64));
+        let second = next_ula64(a, &[first]).unwrap();
+        assert_eq!(second.network.octets()[7], 1);
+        assert!(!second.overlaps(&first));
     }
 
     #[test]

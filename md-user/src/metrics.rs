@@ -8,7 +8,6 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
-    net::Ipv4Addr,
 };
 
 use anyhow::Result;
@@ -37,7 +36,7 @@ use prometheus_client::{
 use crate::{
     commands::stats::add,
     datapath::{monotonic_ns, Datapath},
-    endpoint::port_key,
+    endpoint::port_hits,
     portmap::PortMapping,
     proc,
     state::StateDir,
@@ -196,6 +195,7 @@ pub fn proto_name(p: u8) -> String {
         IPPROTO_TCP => "tcp".into(),
         IPPROTO_UDP => "udp".into(),
         IPPROTO_ICMP => "icmp".into(),
+        md_common::IPPROTO_ICMPV6 => "icmpv6".into(),
         n => n.to_string(),
     }
 }
@@ -236,7 +236,6 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
         }
         t
     };
-    let port_map = dp.port_map()?;
     for c in &containers {
         for i in &c.interfaces {
             snap.interfaces.push(Interface {
@@ -246,7 +245,7 @@ pub fn collect(state_dir: &StateDir, dp: &Datapath, stats_held: bool) -> Result<
             });
         }
         for p in &c.ports {
-            let hits = port_map.get(&port_key(p), 0).map(|t| t.hits).unwrap_or(0);
+            let hits = port_hits(dp, &state, c, p);
             snap.ports.push(PortHits {
                 container: c.name.clone(),
                 port: *p,
@@ -476,7 +475,7 @@ impl Collector for Snapshot {
             self.ports
                 .iter()
                 .map(|p| {
-                    let host_ip = p.port.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).to_string();
+                    let host_ip = p.port.host_ip_text();
                     let l = labels([
                         ("container", &p.container),
                         ("protocol", &p.port.proto.to_string()),
@@ -644,6 +643,7 @@ mod tests {
                     host_port: 8080,
                     container_port: 80,
                     proto: Proto::Tcp,
+                    family: Default::default(),
                     routed: false,
                 },
                 hits: 4,

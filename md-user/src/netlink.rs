@@ -1,6 +1,6 @@
 //! Links, addresses and routes over rtnetlink: one connection per namespace per command.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use futures_util::TryStreamExt;
@@ -391,6 +391,39 @@ impl Netlink {
         }
     }
 
+    /// Adds an IPv6 address without duplicate address detection (md's addresses are md's to
+    /// hand out; a tentative address would not answer for a second or two).
+    pub async fn ensure_address6(&self, index: u32, ip: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+        let mut req = self.handle.address().add(index, IpAddr::V6(ip), prefix_len);
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every global IPv6 address in this namespace with its link index (no loopback, no
+    /// link-local: neither is an address outside clients reach published ports on).
+    pub async fn ipv6_addresses(&self) -> Result<Vec<(u32, Ipv6Addr, u8)>> {
+        let mut out = Vec::new();
+        let mut s = self.handle.address().get().execute();
+        while let Some(msg) = s.try_next().await.context("listing addresses")? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V6(ip)) = attr {
+                    let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+                    if !ip.is_loopback() && !link_local && !ip.is_multicast() {
+                        out.push((msg.header.index, *ip, msg.header.prefix_len));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every IPv4 address in this namespace with its link index.
     pub async fn ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
         let mut out = Vec::new();
@@ -512,6 +545,19 @@ impl Netlink {
         Ok(None)
     }
 
+    pub async fn add_default_route6(&self, gateway: Ipv6Addr) -> Result<()> {
+        self.handle
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .gateway(gateway)
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("adding IPv6 default route via {gateway}"))
+    }
+
     /// The gateway of the IPv4 default route in the main table, if it has one.
     pub async fn default_gateway(&self) -> Result<Option<Ipv4Addr>> {
         for r in self.ipv4_routes().await? {
@@ -544,37 +590,90 @@ impl Netlink {
     }
 }
 
+/// A container interface to configure (see [`configure_container_side`]).
+pub struct ContainerIface {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    /// On a dual-stack network: the IPv6 address and prefix length.
+    pub ip6: Option<(Ipv6Addr, u8)>,
+}
+
+/// The default routes of a container's primary interface.
+pub struct Gateways {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
 /// Configures the container side from inside its namespace: lo up, then (with an interface)
-/// the interface up with its address and, for the primary one, the default route via the
-/// gateway. IPv6 is switched off there (md's datapath is IPv4; no link-local chatter).
+/// the interface up with its addresses and, for the primary one, the default routes via the
+/// gateway. IPv6 stays off in the namespace unless the interface is on a dual-stack network:
+/// then without duplicate address detection (md hands out the addresses), without router
+/// advertisements (the routes are md's), with the EUI-64 link-local address md's NDP checks
+/// expect.
 pub fn configure_container_side(
     netns: &crate::netns::Netns,
-    iface: Option<(String, Ipv4Addr, u8)>,
-    gateway: Option<Ipv4Addr>,
+    iface: Option<ContainerIface>,
+    gateway: Option<Gateways>,
 ) -> Result<()> {
     netns.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(async move {
-            crate::netns::write_sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1").ok();
-            crate::netns::write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1").ok();
+            let ipv6 = iface.as_ref().is_some_and(|i| i.ip6.is_some());
+            let conf = "/proc/sys/net/ipv6/conf";
+            if ipv6 {
+                for dev in ["all", "default"] {
+                    crate::netns::write_sysctl(&format!("{conf}/{dev}/accept_dad"), "0").ok();
+                    crate::netns::write_sysctl(&format!("{conf}/{dev}/accept_ra"), "0").ok();
+                    crate::netns::write_sysctl(&format!("{conf}/{dev}/disable_ipv6"), "0")?;
+                }
+            } else if iface.is_none() || gateway.is_some() {
+                // A namespace md made (its first, primary interface, or none): IPv6 off
+                // unless a dual-stack interface turns it on.
+                crate::netns::write_sysctl(&format!("{conf}/all/disable_ipv6"), "1").ok();
+                crate::netns::write_sysctl(&format!("{conf}/default/disable_ipv6"), "1").ok();
+            }
             let nl = Netlink::connect()?;
             let lo = nl.link_by_name("lo").await?.context("no lo")?;
             nl.set_up(lo.index).await?;
-            let Some((name, ip, prefix_len)) = iface else {
+            let Some(ContainerIface {
+                name,
+                ip,
+                prefix_len,
+                ip6,
+            }) = iface
+            else {
                 return Ok(());
             };
             let link = nl
                 .link_by_name(&name)
                 .await?
                 .with_context(|| format!("no {name} in the container"))?;
+            let dev = format!("{conf}/{name}");
+            if let Some((ip6, len6)) = ip6 {
+                crate::netns::write_sysctl(&format!("{dev}/accept_dad"), "0")?;
+                crate::netns::write_sysctl(&format!("{dev}/accept_ra"), "0")?;
+                crate::netns::write_sysctl(&format!("{dev}/addr_gen_mode"), "0")?;
+                crate::netns::write_sysctl(&format!("{dev}/disable_ipv6"), "0")?;
+                nl.ensure_address6(link.index, ip6, len6)
+                    .await
+                    .with_context(|| format!("adding {ip6}/{len6} to {name}"))?;
+            } else {
+                crate::netns::write_sysctl(&format!("{dev}/disable_ipv6"), "1").ok();
+            }
             nl.ensure_address(link.index, ip, prefix_len)
                 .await
                 .with_context(|| format!("adding {ip}/{prefix_len} to {name}"))?;
             nl.set_up(link.index).await?;
             if let Some(gw) = gateway {
-                nl.add_default_route(gw).await?;
+                if let Some(gw4) = gw.v4 {
+                    nl.add_default_route(gw4).await?;
+                }
+                if let (Some(gw6), true) = (gw.v6, ipv6) {
+                    nl.add_default_route6(gw6).await?;
+                }
             }
             Ok(())
         })

@@ -1,7 +1,11 @@
 //! md networks: a bridge and a subnet each, their NETWORKS entry (the datapath isolates
 //! networks from each other by id), and their DNS resolver.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use md_common::Network as NetworkEntry;
@@ -10,17 +14,29 @@ use crate::{
     cli::GlobalOpts,
     datapath::Datapath,
     dns,
-    ipam::{mac_for, Subnet},
+    ipam::{mac_for, Subnet, Subnet6},
     netlink::Netlink,
     proc,
     state::{GatewayMode, Network, State, StateDir, DEFAULT_NETWORK},
 };
 
-/// Makes sure the default network exists in the state with the configured bridge and subnet.
+/// Makes sure the default network exists in the state with the configured bridge and subnet,
+/// dual-stack when `--ipv6` (or `--subnet6`) says so.
 pub fn ensure_default(state: &mut State, opts: &GlobalOpts) -> Result<()> {
     let subnet: Subnet = opts.subnet.parse()?;
+    let subnet6 = opts
+        .subnet6
+        .as_deref()
+        .map(str::parse::<Subnet6>)
+        .transpose()?;
+    let ipv6 = opts.ipv6 || subnet6.is_some();
     if let Some(net) = state.networks.get(DEFAULT_NETWORK) {
-        if net.subnet == subnet && net.bridge == opts.bridge {
+        let same6 = match (net.subnet6, subnet6) {
+            (Some(have), Some(want)) => have == want,
+            (have, None) => have.is_some() == ipv6,
+            (None, Some(_)) => false,
+        };
+        if net.subnet == subnet && net.bridge == opts.bridge && same6 && !net.routed6 {
             return Ok(());
         }
         if state
@@ -29,24 +45,36 @@ pub fn ensure_default(state: &mut State, opts: &GlobalOpts) -> Result<()> {
             .any(|c| c.on_network(DEFAULT_NETWORK))
         {
             bail!(
-                "the default network is {} on {}; stop its containers or run `md-user down` before changing --bridge or --subnet",
+                "the default network is {} on {}; stop its containers or run `md-user down` before changing --bridge, --subnet, --ipv6 or --subnet6",
                 net.subnet,
                 net.bridge
             );
         }
         state.networks.remove(DEFAULT_NETWORK);
     }
-    add(state, DEFAULT_NETWORK, opts.bridge.clone(), subnet)?;
+    let v6 = ipv6.then_some((subnet6, false));
+    add(state, DEFAULT_NETWORK, opts.bridge.clone(), subnet, v6)?;
     Ok(())
 }
 
-pub fn add(state: &mut State, name: &str, bridge: String, subnet: Subnet) -> Result<Network> {
+/// The IPv6 side of a new network: its subnet (the given one, else the next free /64 of the
+/// host's ULA /48) and whether it is routed.
+pub type V6 = Option<(Option<Subnet6>, bool)>;
+
+pub fn add(
+    state: &mut State,
+    name: &str,
+    bridge: String,
+    subnet: Subnet,
+    v6: V6,
+) -> Result<Network> {
     add_with(
         state,
         name,
         Settings {
             subnet: Some(subnet),
             bridge: Some(bridge),
+            v6,
             ..Settings::default()
         },
     )
@@ -65,12 +93,16 @@ pub struct Settings {
     pub bridge: Option<String>,
     /// The `--opt`s as given, for `network inspect`.
     pub options: BTreeMap<String, String>,
+    /// Dual-stack (`--ipv6`, `--subnet6`, `--gateway-mode-ipv6`).
+    pub v6: V6,
 }
 
 /// Docker's bridge driver options md understands.
 pub const OPT_BRIDGE_NAME: &str = "com.docker.network.bridge.name";
 pub const OPT_MTU: &str = "com.docker.network.driver.mtu";
 pub const OPT_GATEWAY_MODE: &str = "com.docker.network.bridge.gateway_mode_ipv4";
+/// Shown by `network inspect` for a routed IPv6 side (set with `--gateway-mode-ipv6`).
+pub const OPT_GATEWAY_MODE6: &str = "com.docker.network.bridge.gateway_mode_ipv6";
 
 impl Settings {
     /// Settings from `network create`'s flags and `--opt KEY=VALUE`s; a flag and the option
@@ -158,6 +190,7 @@ impl Settings {
             gateway_mode,
             bridge,
             options,
+            v6: None,
         })
     }
 }
@@ -202,6 +235,27 @@ fn add_with(state: &mut State, name: &str, set: Settings) -> Result<Network> {
     {
         bail!("subnet {subnet} overlaps {pool}, a pool md's IPAM driver gave Docker");
     }
+    let taken: Vec<Subnet6> = state.networks.values().filter_map(|n| n.subnet6).collect();
+    let (subnet6, routed6) = match set.v6 {
+        None => (None, false),
+        Some((Some(s), routed)) => {
+            if let Some((other, n)) = state
+                .networks
+                .iter()
+                .find(|(_, n)| n.subnet6.is_some_and(|t| t.overlaps(&s)))
+            {
+                bail!(
+                    "subnet {s} overlaps network {other} ({})",
+                    n.subnet6.expect("checked")
+                );
+            }
+            (Some(s), routed)
+        }
+        Some((None, routed)) => {
+            let base = crate::ipam::ula_base(&crate::ipam::host_id());
+            (Some(crate::ipam::next_ula64(base, &taken)?), routed)
+        }
+    };
     let ip_range = set
         .ip_range
         .as_deref()
@@ -224,6 +278,8 @@ fn add_with(state: &mut State, name: &str, set: Settings) -> Result<Network> {
         id,
         bridge,
         subnet,
+        subnet6,
+        routed6,
         dns_pid: 0,
         dns_start: 0,
         overlay: None,
@@ -244,12 +300,13 @@ fn add_with(state: &mut State, name: &str, set: Settings) -> Result<Network> {
 }
 
 /// A user-defined network, with the first free 172.19-31.0.0/16 when no subnet is given.
-pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>) -> Result<Network> {
+pub fn create(state: &mut State, name: &str, subnet: Option<Subnet>, v6: V6) -> Result<Network> {
     create_with(
         state,
         name,
         Settings {
             subnet,
+            v6,
             ..Settings::default()
         },
     )
@@ -280,6 +337,30 @@ pub fn create_with(state: &mut State, name: &str, mut set: Settings) -> Result<N
     add_with(state, name, set)
 }
 
+/// A container's IPv6 address on `net` (None on an IPv4-only network): `want` if it is free,
+/// else the lowest free one.
+pub fn allocate6(
+    state: &State,
+    net: &Network,
+    name: &str,
+    want: Option<Ipv6Addr>,
+) -> Result<Option<Ipv6Addr>> {
+    let Some(s6) = net.subnet6 else {
+        if want.is_some() {
+            bail!("network {name} has no IPv6 (create it with --ipv6)");
+        }
+        return Ok(None);
+    };
+    let used = state.used_ips6(name);
+    Ok(Some(match want {
+        Some(ip) => {
+            s6.check_static(ip, &used)?;
+            ip
+        }
+        None => s6.allocate(&used)?,
+    }))
+}
+
 /// Bridge names are short (IFNAMSIZ) and never clash with md's veths (md + 8 hex): the first
 /// mdnN no network uses (a user may have named a bridge so).
 pub fn next_bridge_name(state: &State) -> String {
@@ -302,6 +383,28 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
             net.mtu,
         )
         .await?;
+    if let Some(s6) = net.subnet6 {
+        // No DAD on md's addresses (the gateway answers at once) and no router
+        // advertisements taken from containers (CVE-2020-13401); the host forwards IPv6.
+        let conf = format!("/proc/sys/net/ipv6/conf/{}", net.bridge);
+        crate::netns::write_sysctl(&format!("{conf}/disable_ipv6"), "0")?;
+        crate::netns::write_sysctl(&format!("{conf}/accept_dad"), "0")?;
+        crate::netns::write_sysctl(&format!("{conf}/accept_ra"), "0")?;
+        // An isolated network's bridge has no address in either family.
+        if net.has_gateway() {
+            nl.ensure_address6(link.index, s6.gateway(), s6.prefix_len)
+                .await
+                .with_context(|| {
+                    format!(
+                        "adding {}/{} to {}",
+                        s6.gateway(),
+                        s6.prefix_len,
+                        net.bridge
+                    )
+                })?;
+        }
+        crate::host::ipv6_forwarding()?;
+    }
     let mut networks = dp.networks()?;
     networks
         .insert(
@@ -313,12 +416,19 @@ pub async fn ensure_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
                 _pad: [0],
                 gateway_mac: mac,
                 bridge_ifindex: link.index,
+                gateway6: net
+                    .subnet6
+                    .map(|s| s.gateway().octets())
+                    .unwrap_or_default(),
                 flags: net.datapath_flags(),
             },
             0,
         )
         .context("writing NETWORKS")?;
     dp.add_subnet(net.subnet.network, net.subnet.prefix_len, net.id)?;
+    if let Some(s6) = net.subnet6 {
+        dp.add_subnet6(s6.network, s6.prefix_len, net.id)?;
+    }
     // An overlay's whole subnet too (issue 17).
     let span = net.span();
     dp.add_subnet(span.network, span.prefix_len, net.id)?;
@@ -331,6 +441,9 @@ pub async fn remove_bridge(nl: &Netlink, dp: &Datapath, net: &Network) -> Result
     if dp.is_loaded() {
         let _ = dp.networks()?.remove(&net.id);
         dp.remove_subnet(net.subnet.network, net.subnet.prefix_len)?;
+        if let Some(s6) = net.subnet6 {
+            dp.remove_subnet6(s6.network, s6.prefix_len)?;
+        }
     }
     if let Some(link) = nl.link_by_name(&net.bridge).await? {
         if link.kind.as_deref() == Some("bridge") {
@@ -539,7 +652,7 @@ mod tests {
         assert_eq!(a.datapath_flags(), md_common::NET_INTERNAL);
         assert_eq!(a.docker_id().len(), 64);
         // The next network's bridge skips the name the user took.
-        let b = create(&mut state, "b", None).unwrap();
+        let b = create(&mut state, "b", None, None).unwrap();
         assert_eq!(b.bridge, "mdn2");
         assert_eq!(b.default_route(), Some(b.subnet.gateway()));
         let c = create_with(
@@ -552,6 +665,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.datapath_flags(), md_common::NET_ROUTED4);
+        // Each family's gateway mode is its own flag; internal holds for both.
+        let v6 = |internal| Settings {
+            internal,
+            v6: Some((None, true)),
+            ..Settings::default()
+        };
+        let d = create_with(&mut state, "v6", v6(false)).unwrap();
+        assert_eq!(
+            d.datapath_flags(),
+            md_common::NET_IPV6 | md_common::NET_ROUTED6
+        );
+        let i = create_with(&mut state, "v6i", v6(true)).unwrap();
+        assert_eq!(
+            i.datapath_flags(),
+            md_common::NET_IPV6 | md_common::NET_INTERNAL
+        );
+        for n in ["v6", "v6i"] {
+            state.networks.remove(n);
+        }
         // A bridge name another network has, a subnet that overlaps: refused.
         let dup = Settings {
             bridge: Some("mdn1".into()),

@@ -422,7 +422,7 @@ pub async fn create_network(
         } else {
             cluster.underlay_mtu
         };
-        let mut net = network::add(state, name, network::next_bridge_name(state), block)?;
+        let mut net = network::add(state, name, network::next_bridge_name(state), block, None)?;
         net.overlay = Some(Overlay {
             subnet,
             mode: def.mode.clone(),
@@ -981,6 +981,8 @@ mod tests {
                 id: 4,
                 bridge: "mdn4".into(),
                 subnet: "172.30.1.0/24".parse().unwrap(),
+                subnet6: None,
+                routed6: false,
                 dns_pid: 0,
                 dns_start: 0,
                 overlay: Some(Overlay {

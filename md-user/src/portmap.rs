@@ -1,8 +1,13 @@
-//! Port publishing: Docker's `-p` forms, parsed and checked before anything is created. A
-//! mapping without a host port (`-p 80`, `-p 127.0.0.1::80`, `-P` with `--expose`) gets a
-//! random free one when the container is created (under the state lock).
+//! Port publishing: Docker's `-p` forms, parsed and checked before anything is created. As in
+//! Docker 27+, a mapping without an address publishes one host port on both families (on a
+//! dual-stack network), `0.0.0.0:` only on IPv4, `[::]:` only on IPv6, and an address only on
+//! its own family. A mapping without a host port (`-p 80`, `-p 127.0.0.1::80`, `-P` with
+//! `--expose`) gets a random free one when the container is created (under the state lock).
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{bail, Context, Result};
 use md_common::{IPPROTO_TCP, IPPROTO_UDP};
@@ -11,15 +16,34 @@ use serde::{Deserialize, Serialize};
 /// One published port (a range expands to one mapping per port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {
-    /// `None` publishes on every host address.
-    pub host_ip: Option<Ipv4Addr>,
+    /// `None` publishes on every host address (of `family`).
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
     pub container_port: u16,
     pub proto: Proto,
+    /// Which families a mapping without an address covers: both, or only one (`0.0.0.0:`,
+    /// `[::]:`).
+    #[serde(default, skip_serializing_if = "Family::is_both")]
+    pub family: Family,
     /// Published on a routed network: reachable at the container's own address and port
     /// (`host_ip` and `host_port` say so), no host port is taken.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub routed: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Both,
+    V4,
+    V6,
+}
+
+impl Family {
+    fn is_both(&self) -> bool {
+        *self == Family::Both
+    }
 }
 
 /// `host_port` of a mapping whose host port is still to be chosen.
@@ -53,13 +77,19 @@ impl fmt::Display for Proto {
 impl fmt::Display for PortMapping {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.routed {
-            if let Some(ip) = self.host_ip {
-                write!(f, "{ip}:")?;
+            match self.host_ip {
+                Some(IpAddr::V4(ip)) => write!(f, "{ip}:")?,
+                Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:")?,
+                None => {}
             }
             return write!(f, "{}/{} (routed)", self.container_port, self.proto);
         }
-        if let Some(ip) = self.host_ip {
-            write!(f, "{ip}:")?;
+        match (self.host_ip, self.family) {
+            (Some(IpAddr::V4(ip)), _) => write!(f, "{ip}:")?,
+            (Some(IpAddr::V6(ip)), _) => write!(f, "[{ip}]:")?,
+            (None, Family::V6) => write!(f, "[::]:")?,
+            // Every IPv4 address: shown as before IPv6 existed (0.0.0.0 is the default).
+            (None, Family::V4 | Family::Both) => {}
         }
         write!(
             f,
@@ -77,10 +107,41 @@ impl PortMapping {
             && other.uses_host_port()
             && self.proto == other.proto
             && self.host_port == other.host_port
+            && ((self.applies_v4() && other.applies_v4())
+                || (self.applies_v6() && other.applies_v6()))
             && match (self.host_ip, other.host_ip) {
                 (Some(a), Some(b)) => a == b,
                 _ => true,
             }
+    }
+
+    pub fn applies_v4(&self) -> bool {
+        match self.host_ip {
+            Some(ip) => ip.is_ipv4(),
+            None => self.family != Family::V6,
+        }
+    }
+
+    pub fn applies_v6(&self) -> bool {
+        match self.host_ip {
+            Some(ip) => ip.is_ipv6(),
+            None => self.family != Family::V4,
+        }
+    }
+
+    /// The IPv4 host address it is bound to (None: every address).
+    pub fn host_v4(&self) -> Option<Ipv4Addr> {
+        match self.host_ip {
+            Some(IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        }
+    }
+
+    pub fn host_v6(&self) -> Option<Ipv6Addr> {
+        match self.host_ip {
+            Some(IpAddr::V6(ip)) => Some(ip),
+            _ => None,
+        }
     }
 
     /// Whether the mapping takes a host port (all but routed ones).
@@ -93,12 +154,83 @@ impl PortMapping {
         self.uses_host_port() && self.host_port == RANDOM_PORT
     }
 
-    /// The host address as Docker prints it (`0.0.0.0`: every address).
+    /// The host address as Docker prints it (`0.0.0.0` and `::` for every address of a
+    /// family; a mapping for both families shows as `0.0.0.0`).
     pub fn host_ip_text(&self) -> String {
-        self.host_ip
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "0.0.0.0".into())
+        match (self.host_ip, self.family) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Family::V6) => "::".into(),
+            (None, _) => "0.0.0.0".into(),
+        }
     }
+}
+
+/// The mappings as published on a network: for both families only on a dual-stack one, else
+/// IPv4 only.
+pub fn for_network(ports: &[PortMapping], ipv6: bool) -> Vec<PortMapping> {
+    ports
+        .iter()
+        .map(|p| match p.family {
+            Family::Both if !ipv6 => PortMapping {
+                family: Family::V4,
+                ..*p
+            },
+            _ => *p,
+        })
+        .collect()
+}
+
+/// Refuses IPv6-only mappings on a network without IPv6 (a mapping for both families only
+/// publishes IPv4 there, as Docker does for an IPv4-only network).
+pub fn check_families(ports: &[PortMapping], network: &str, ipv6: bool) -> Result<()> {
+    if let Some(p) = ports.iter().find(|p| !ipv6 && !p.applies_v4()) {
+        bail!("port {p} is IPv6-only, and network {network} has no IPv6 (create it with --ipv6)");
+    }
+    Ok(())
+}
+
+/// Splits `[IPv6]:rest` or `IPv4:rest`: the address (if any) and what follows it.
+fn host_part(body: &str) -> Result<(Option<IpAddr>, Option<Family>, &str)> {
+    if let Some(rest) = body.strip_prefix('[') {
+        let (ip, rest) = rest
+            .split_once("]:")
+            .context("an IPv6 address goes in brackets: [::1]:8080:80")?;
+        let ip: Ipv6Addr = ip
+            .parse()
+            .with_context(|| format!("{ip:?} is not an IPv6 address"))?;
+        // [::] means every IPv6 address, as in Docker.
+        return Ok(if ip.is_unspecified() {
+            (None, Some(Family::V6), rest)
+        } else {
+            (Some(IpAddr::V6(ip)), Some(Family::V6), rest)
+        });
+    }
+    Ok((None, None, body))
+}
+
+/// The mappings of a container on a network whose IPv4 is routed (Docker's routed mode): the
+/// IPv4 side at the container's own address and port, no host port; a mapping that covers
+/// IPv6 too keeps its IPv6 side as it is (published by the network's IPv6 mode).
+pub fn routed4(ports: &[PortMapping], ip: Ipv4Addr) -> Vec<PortMapping> {
+    let mut out = Vec::new();
+    for p in ports {
+        if p.applies_v6() {
+            out.push(PortMapping {
+                family: Family::V6,
+                ..*p
+            });
+        }
+        if p.applies_v4() {
+            out.push(PortMapping {
+                host_ip: Some(IpAddr::V4(ip)),
+                host_port: p.container_port,
+                family: Family::V4,
+                routed: true,
+                ..*p
+            });
+        }
+    }
+    out
 }
 
 /// Parses one `-p` value: `H:C`, `H:C/tcp`, `H:C/udp`, `IP:H:C`, `H1-H2:C1-C2` (equal length),
@@ -111,22 +243,26 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
         Some((_, p)) => bail!("invalid port spec {spec:?}: unknown protocol {p:?} (tcp or udp)"),
         None => (spec, Proto::Tcp),
     };
+    let (ip6, family6, body) = host_part(body).with_context(bad)?;
     let parts: Vec<&str> = body.split(':').collect();
-    let (host_ip, host, container) = match parts.as_slice() {
-        [c] => (None, "", *c),
-        [h, c] => (None, *h, *c),
-        [ip, h, c] => {
+    let (host_ip, family, host, container) = match (parts.as_slice(), family6) {
+        ([c], None) => (None, Family::Both, "", *c),
+        ([h, c], Some(f)) => (ip6, f, *h, *c),
+        ([h, c], None) => (None, Family::Both, *h, *c),
+        ([ip, h, c], None) => {
             let ip: Ipv4Addr = ip
                 .parse()
                 .with_context(|| format!("{}: {ip:?} is not an IPv4 address", bad()))?;
-            // 0.0.0.0 means every address, as in Docker.
-            (if ip.is_unspecified() { None } else { Some(ip) }, *h, *c)
+            // 0.0.0.0 means every IPv4 address, as in Docker.
+            let host_ip = (!ip.is_unspecified()).then_some(IpAddr::V4(ip));
+            (host_ip, Family::V4, *h, *c)
         }
-        _ => bail!("{}: too many ':'", bad()),
+        (_, Some(_)) => bail!("{}: expected [IPv6]:HOST:CONTAINER", bad()),
+        (_, None) => bail!("{}: too many ':' (an IPv6 address goes in brackets)", bad()),
     };
     let (c1, c2) = parse_range(container).with_context(bad)?;
     if host.is_empty() {
-        if parts.len() == 2 {
+        if parts.len() == 2 && family6.is_none() {
             bail!(
                 "{}: no host port before ':' (leave out HOST: for a random one)",
                 bad()
@@ -138,6 +274,7 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
                 host_port: RANDOM_PORT,
                 container_port: c,
                 proto,
+                family,
                 routed: false,
             })
             .collect());
@@ -155,6 +292,7 @@ pub fn parse_spec(spec: &str) -> Result<Vec<PortMapping>> {
             host_port: h1 + i,
             container_port: c1 + i,
             proto,
+            family,
             routed: false,
         })
         .collect())
@@ -184,6 +322,7 @@ pub fn publish_all(exposed: &[(u16, Proto)], ports: &mut Vec<PortMapping>) {
                 host_port: RANDOM_PORT,
                 container_port: port,
                 proto,
+                family: Family::Both,
                 routed: false,
             });
         }
@@ -248,6 +387,23 @@ mod tests {
             "127.0.0.1:8081:80/tcp"
         );
         assert_eq!(one("0.0.0.0:8081:80").host_ip, None);
+        assert!(one("0.0.0.0:8081:80").applies_v4() && !one("0.0.0.0:8081:80").applies_v6());
+        assert!(one("8081:80").applies_v4() && one("8081:80").applies_v6());
+        let v6 = one("[::1]:8080:80/udp");
+        assert_eq!(v6.to_string(), "[::1]:8080:80/udp");
+        assert!(v6.applies_v6() && !v6.applies_v4());
+        assert_eq!(v6.host_v6(), Some(Ipv6Addr::LOCALHOST));
+        let any6 = one("[::]:8080:80");
+        assert_eq!(
+            (any6.host_ip, any6.to_string().as_str()),
+            (None, "[::]:8080:80/tcp")
+        );
+        assert!(!any6.applies_v4());
+        assert_eq!(
+            one("[2001:db8:1::1]:9000:90").to_string(),
+            "[2001:db8:1::1]:9000:90/tcp"
+        );
+        assert!(one("127.0.0.1:8081:80").applies_v4() && !one("127.0.0.1:8081:80").applies_v6());
         let r = parse_spec("9000-9002:7000-7002/udp").unwrap();
         assert_eq!(
             r.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
@@ -271,6 +427,11 @@ mod tests {
             "9002-9000:7000-7002",
             "",
             ":80",
+            "::1:8080:80",
+            "[::1:8080:80",
+            "[x]:8080:80",
+            "[127.0.0.1]:8080:80",
+            "[::1]:1:8080:80",
         ] {
             assert!(parse_spec(bad).is_err(), "{bad} should be refused");
         }
@@ -286,7 +447,12 @@ mod tests {
         let m = one("127.0.0.1::80/udp");
         assert_eq!(
             (m.host_ip, m.host_port, m.container_port, m.proto),
-            (Some(Ipv4Addr::LOCALHOST), 0, 80, Proto::Udp)
+            (Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0, 80, Proto::Udp)
+        );
+        let m = one("[::1]::80");
+        assert_eq!(
+            (m.host_ip, m.host_port, m.applies_v4()),
+            (Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), 0, false)
         );
         assert_eq!(parse_spec("8000-8002").unwrap().len(), 3);
         assert!(parse_spec("0.0.0.0::80").unwrap()[0].host_ip.is_none());
@@ -313,14 +479,23 @@ mod tests {
         let shown: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
         assert_eq!(shown, ["8080:80/tcp", "0:81/tcp", "0:80/udp"]);
         let routed = PortMapping {
-            host_ip: Some(Ipv4Addr::new(172, 19, 0, 2)),
+            host_ip: Some(Ipv4Addr::new(172, 19, 0, 2).into()),
             host_port: 80,
             container_port: 80,
             proto: Proto::Tcp,
+            family: Family::V4,
             routed: true,
         };
         assert_eq!(routed.to_string(), "172.19.0.2:80/tcp (routed)");
         assert!(!routed.conflicts_with(&one("80:80")));
+        // On a routed IPv4 network a mapping for both families keeps its IPv6 side.
+        let split = routed4(&[one("8080:80")], Ipv4Addr::new(172, 19, 0, 2));
+        let shown: Vec<String> = split.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown, ["[::]:8080:80/tcp", "172.19.0.2:80/tcp (routed)"]);
+        assert_eq!(
+            routed4(&[one("[::1]:8080:80")], Ipv4Addr::LOCALHOST).len(),
+            1
+        );
     }
 
     #[test]
@@ -329,6 +504,14 @@ mod tests {
         assert!(parse_all(&["8080:80".into(), "8080:80/udp".into()]).is_ok());
         assert!(parse_all(&["127.0.0.1:8080:80".into(), "8080:81".into()]).is_err());
         assert!(parse_all(&["127.0.0.1:8080:80".into(), "127.0.0.2:8080:81".into()]).is_ok());
+        // One host port, both families; or each family to its own container port.
+        assert!(parse_all(&["[::1]:8080:80".into(), "8080:81".into()]).is_err());
+        assert!(parse_all(&["0.0.0.0:8080:80".into(), "[::]:8080:81".into()]).is_ok());
+        assert!(parse_all(&["127.0.0.1:8080:80".into(), "[::1]:8080:81".into()]).is_ok());
+        assert!(
+            check_families(&parse_all(&["[::1]:8080:80".into()]).unwrap(), "n", false).is_err()
+        );
+        assert!(check_families(&parse_all(&["8080:80".into()]).unwrap(), "n", false).is_ok());
     }
 
     #[test]
@@ -356,10 +539,11 @@ mod tests {
     #[test]
     fn conflicts_need_same_proto_port_and_overlapping_address() {
         let m = |ip: Option<[u8; 4]>, port, proto| PortMapping {
-            host_ip: ip.map(Ipv4Addr::from),
+            host_ip: ip.map(|a| IpAddr::V4(Ipv4Addr::from(a))),
             host_port: port,
             container_port: 1,
             proto,
+            family: Family::Both,
             routed: false,
         };
         let (a, b) = (Some([127, 0, 0, 1]), Some([10, 0, 0, 1]));

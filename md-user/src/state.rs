@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs::{self, DirBuilder, File, OpenOptions, Permissions},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{
         fd::AsRawFd,
         unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::{
-    ipam::Subnet,
+    ipam::{Subnet, Subnet6},
     policy::{PolicyState, Rule, Verdict},
     portmap::PortMapping,
 };
@@ -142,6 +142,12 @@ pub struct Network {
     pub id: u32,
     pub bridge: String,
     pub subnet: Subnet,
+    /// Dual-stack networks: the IPv6 subnet (`--ipv6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Subnet6>,
+    /// IPv6 routed, not masqueraded (Docker's gateway_mode_ipv6=routed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub routed6: bool,
     /// The network's DNS resolver (md-user __dns), while it has containers.
     #[serde(default)]
     pub dns_pid: u32,
@@ -244,6 +250,12 @@ impl Network {
         if self.routed() {
             f |= md_common::NET_ROUTED4;
         }
+        if self.subnet6.is_some() {
+            f |= md_common::NET_IPV6;
+            if self.routed6 && !self.internal {
+                f |= md_common::NET_ROUTED6;
+            }
+        }
         f
     }
 
@@ -286,6 +298,9 @@ pub enum Status {
 pub struct Interface {
     pub network: String,
     pub ip: Ipv4Addr,
+    /// The interface's IPv6 address on a dual-stack network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     /// Host-side veth and its ifindex.
     pub veth: String,
@@ -466,6 +481,10 @@ impl Container {
         self.interfaces.first().map(|i| i.ip)
     }
 
+    pub fn primary_ip6(&self) -> Option<Ipv6Addr> {
+        self.interfaces.first().and_then(|i| i.ip6)
+    }
+
     /// Every alias the container answers to on some network, each once (`ps` and `inspect`
     /// list them all; the per-network lists are under each network).
     pub fn all_aliases(&self) -> Vec<String> {
@@ -520,6 +539,16 @@ impl State {
             .flat_map(|c| c.interfaces.iter())
             .filter(|i| i.network == network)
             .map(|i| i.ip)
+            .collect()
+    }
+
+    /// Every IPv6 address handed out on `network`.
+    pub fn used_ips6(&self, network: &str) -> HashSet<Ipv6Addr> {
+        self.containers
+            .values()
+            .flat_map(|c| c.interfaces.iter())
+            .filter(|i| i.network == network)
+            .filter_map(|i| i.ip6)
             .collect()
     }
 
@@ -1454,6 +1483,7 @@ mod tests {
             name: "eth0".into(),
             handover: None,
             aliases: vec![],
+            ip6: None,
         }
     }
 

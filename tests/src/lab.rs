@@ -4,9 +4,12 @@
 //! ```text
 //!   <prefix>-h (host)                          <prefix>-o (outside)
 //!   up0 192.0.2.1/24  <------- veth ------->   eth0 192.0.2.2/24
-//!   default via 192.0.2.2                      no route to 172.18.0.0/16
+//!       2001:db8:1::1/64                            2001:db8:1::2/64
+//!   default via 192.0.2.2, 2001:db8:1::2       no route to md's subnets
 //!   md-user, bridge md0, containers
 //! ```
+//! Both sides are dual-stack; their IPv6 addresses skip duplicate address detection, so they
+//! answer at once.
 //! Both ends of the uplink are created directly inside their namespaces, so no interface of the
 //! lab ever exists in the root namespace.
 
@@ -34,6 +37,10 @@ pub const UPLINK: &str = "up0";
 pub const HOST_UPLINK_IP: &str = "192.0.2.1";
 /// The outside namespace's address (the host's default gateway).
 pub const OUTSIDE_IP: &str = "192.0.2.2";
+/// The host namespace's IPv6 address on the uplink.
+pub const HOST_UPLINK_IP6: &str = "2001:db8:1::1";
+/// The outside namespace's IPv6 address (the host's IPv6 default gateway).
+pub const OUTSIDE_IP6: &str = "2001:db8:1::2";
 /// md's bridge gateway with the default subnet.
 pub const GATEWAY: &str = "172.18.0.1";
 /// Default deadline of one md-user command.
@@ -376,6 +383,43 @@ impl Lab {
         ip4(
             h,
             &["route", "add", "default", "via", OUTSIDE_IP, "dev", UPLINK],
+        );
+        ip4(
+            h,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{HOST_UPLINK_IP6}/64"),
+                "dev",
+                UPLINK,
+                "nodad",
+            ],
+        );
+        ip4(
+            o,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{OUTSIDE_IP6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        ip4(
+            h,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                OUTSIDE_IP6,
+                "dev",
+                UPLINK,
+            ],
         );
     }
 

@@ -26,8 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use lab::{
-    is_md_veth, is_mountpoint, remove_pin_dir, Lab, Segment, GATEWAY, HOST_UPLINK_IP, MD_TIMEOUT,
-    OUTSIDE_IP, UPLINK,
+    is_md_veth, is_mountpoint, remove_pin_dir, Lab, Segment, GATEWAY, HOST_UPLINK_IP,
+    HOST_UPLINK_IP6, MD_TIMEOUT, OUTSIDE_IP, OUTSIDE_IP6, UPLINK,
 };
 pub use process::Bg;
 

@@ -27,8 +27,10 @@ pub fn busybox_rootfs(dir: &Path, nameserver: &str) {
     }
     let busybox = crate::which("busybox").expect("busybox (busybox-static) on PATH");
     std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
+    // The applets from the original: executing the fresh copy races with other test threads'
+    // forks, which hold its write descriptor until they exec (ETXTBSY).
     let list = run_timeout(
-        Command::new(bin.join("busybox")).arg("--list"),
+        Command::new(&busybox).arg("--list"),
         Duration::from_secs(10),
     );
     for applet in String::from_utf8_lossy(&list.stdout).lines() {

@@ -1,8 +1,8 @@
 //! `cargo xtask bench [--quick]`: md's datapath against plain routing, Docker-style iptables,
 //! Docker's own daemon (20.10, bridge driver and iptables), Podman's netavark and the reference
 //! CNI plugins (bridge + host-local + portmap), on the same lab topology, in one run (issues
-//! 8, 15 and 16); and containers across two hosts over md's overlay (VXLAN and native routing)
-//! against plain routing between them (issue 17).
+//! 8, 15 and 16); the base again over IPv6 (issue 14); and containers across two hosts over
+//! md's overlay (VXLAN and native routing) against plain routing between them (issue 17).
 //!
 //! Every measurement runs inside network namespaces the bench makes and removes itself (see
 //! `bench/lab.rs`); nothing touches the machine's interfaces, routes or firewall. Output: a
@@ -62,6 +62,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
     ("iptables", "iptables"),
+    ("ip6tables-restore", "iptables"),
     // The reference CNI stack (cni-reference): bridge, host-local, portmap.
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     // Docker's own daemon (docker-daemon) and the image its containers run.
@@ -346,51 +347,73 @@ fn attempt(
     Ok(())
 }
 
-/// `MD_BENCH_ONLY=docker-daemon,md` measures those datapaths only (md's own sections run when
-/// md is among them): for working on one peer without a whole run.
+/// `MD_BENCH_ONLY` narrows a run, for working on one part of it: datapath names
+/// (`docker-daemon,md`) measure those datapaths only (md's own sections run when md is among
+/// them); section names (`base`, `ipv6`, `hosts`, `scaling`, `control`, `bpf`) run those
+/// sections only; the two combine. A full comparison names nothing.
+const SECTIONS: [&str; 6] = ["base", "ipv6", "hosts", "scaling", "control", "bpf"];
+
+fn only() -> String {
+    std::env::var("MD_BENCH_ONLY").unwrap_or_default()
+}
+
+fn items(only: &str) -> impl Iterator<Item = &str> {
+    only.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
 fn selected() -> Vec<Dp> {
-    let only = std::env::var("MD_BENCH_ONLY").unwrap_or_default();
-    pick(&only)
+    pick(&only())
 }
 
 fn pick(only: &str) -> Vec<Dp> {
-    let names: Vec<&str> = only
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+    let names: Vec<&str> = items(only).filter(|s| !SECTIONS.contains(s)).collect();
     ALL.into_iter()
         .filter(|d| names.is_empty() || names.contains(&d.name()))
         .collect()
+}
+
+fn wanted(section: &str) -> bool {
+    let only = only();
+    let sections: Vec<&str> = items(&only).filter(|s| SECTIONS.contains(s)).collect();
+    sections.is_empty() || sections.contains(&section)
 }
 
 fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
     let all = selected();
     if all.is_empty() {
         bail!(
-            "MD_BENCH_ONLY names no datapath (they are: {})",
+            "MD_BENCH_ONLY names no datapath (they are: {}) and no section (they are: {})",
             pick("")
                 .iter()
                 .map(|d| d.name())
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            SECTIONS.join(", ")
         );
+    }
+    if !only().is_empty() {
+        r.note(format!("only what MD_BENCH_ONLY={} names", only()));
     }
     // 1. The datapaths themselves, interleaved: each round builds every datapath afresh, in a
     //    rotated order, so slow drift of a shared machine spreads over all of them.
-    for rep in 0..plan.reps {
+    for rep in (0..plan.reps).filter(|_| wanted("base")) {
         for i in 0..all.len() {
             let dp = all[(i + rep) % all.len()];
             eprintln!("bench: base round {}/{} {}", rep + 1, plan.reps, dp.name());
             attempt(r, &format!("{} base round {}", dp.name(), rep + 1), |r| {
                 let s = datapaths::build(dp, env, Extra::None)?;
-                measure_base(plan, env, &s, r, rep)
+                measure_base(plan, env, &s, r, rep, Extra::None)
             })?;
         }
     }
-    // 1b. Across hosts (issue 17): plain routing, md's VXLAN overlay and md's native routing
+    // 1b. The same over IPv6 (a dual-stack lab; md's NAT66 against Docker's ip6tables rules
+    //     and netavark's dual-stack network), rebuilt per round like the base.
+    if wanted("ipv6") {
+        ipv6_rounds(plan, env, r)?;
+    }
+    // 1c. Across hosts (issue 17): plain routing, md's VXLAN overlay and md's native routing
     //     between containers on two hosts, rotated likewise.
-    for rep in 0..plan.reps {
+    for rep in (0..plan.reps).filter(|_| wanted("hosts")) {
         for i in 0..3 {
             let which = (i + rep) % 3;
             let what = ["plain", "md vxlan", "md native"][which];
@@ -407,6 +430,7 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
         .iter()
         .map(|&n| Extra::Ports(n))
         .chain(plan.policy_scales.iter().map(|&n| Extra::Policies(n)))
+        .filter(|_| wanted("scaling"))
         .collect();
     for extra in extras {
         let sc = extra.scenario();
@@ -461,6 +485,9 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
         return Ok(());
     }
     // 3. Control plane.
+    if !wanted("control") {
+        return bpf_section(plan, env, r);
+    }
     for rep in 0..plan.reps {
         attempt(r, &format!("md control plane round {}", rep + 1), |r| {
             control_md(env, r, rep)
@@ -476,8 +503,14 @@ fn measure_all(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
     attempt(r, "md control plane at scale", |r| {
         control_md_many(env, r, plan.containers)
     })?;
-    // 4. Where md's time goes: per-program BPF run time.
-    attempt(r, "md BPF run-time stats", |r| bpf_cost(plan, env, r))?;
+    bpf_section(plan, env, r)
+}
+
+/// 4. Where md's time goes: per-program BPF run time.
+fn bpf_section(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
+    if wanted("bpf") {
+        attempt(r, "md BPF run-time stats", |r| bpf_cost(plan, env, r))?;
+    }
     Ok(())
 }
 
@@ -548,10 +581,36 @@ fn iperf(env: &Env, ns: &Path, addr: std::net::SocketAddr, secs: u32) -> Result<
     bail!("{}", last.unwrap_or_default())
 }
 
-fn measure_base(plan: &Plan, env: &Env, s: &Setup, r: &mut Results, rep: usize) -> Result<()> {
+/// The base rounds over IPv6, for the datapaths that have it.
+fn ipv6_rounds(plan: &Plan, env: &Env, r: &mut Results) -> Result<()> {
+    let v6: Vec<Dp> = ALL
+        .into_iter()
+        .filter(|&d| datapaths::supports(d, Extra::Ipv6))
+        .collect();
+    for rep in 0..plan.reps {
+        for i in 0..v6.len() {
+            let dp = v6[(i + rep) % v6.len()];
+            eprintln!("bench: IPv6 round {}/{} {}", rep + 1, plan.reps, dp.name());
+            attempt(r, &format!("{} IPv6 round {}", dp.name(), rep + 1), |r| {
+                let s = datapaths::build(dp, env, Extra::Ipv6)?;
+                measure_base(plan, env, &s, r, rep, Extra::Ipv6)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn measure_base(
+    plan: &Plan,
+    env: &Env,
+    s: &Setup,
+    r: &mut Results,
+    rep: usize,
+    extra: Extra,
+) -> Result<()> {
     let dp = s.dp.name();
     let o = s.lab.outside.path.as_path();
-    let sc = "base";
+    let sc = &extra.scenario();
     let g = iperf(env, o, s.iperf, plan.iperf_secs)?;
     r.add(
         dp,
@@ -575,7 +634,7 @@ fn measure_base(plan: &Plan, env: &Env, s: &Setup, r: &mut Results, rep: usize) 
     r.add(dp, sc, "connection p50", crr.p50_us, "µs", rep);
     check_interrupt()?;
     // East-west: container to container over the bridge (md's veth programs, no NAT).
-    let c2c = format!("{}:{ECHO_PORT}", s.c1_ip).parse()?;
+    let c2c = std::net::SocketAddr::new(s.c1_ip.parse()?, ECHO_PORT);
     let rr = client(env, &s.c2.path, "rr", c2c, plan.rr_secs)?;
     r.add(dp, sc, "container → container rr p50", rr.p50_us, "µs", rep);
     Ok(())

@@ -244,6 +244,9 @@ impl NetConf {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let default_net = self.md_network() == DEFAULT_NETWORK;
         GlobalOpts {
+            // The plugin attaches IPv4 only: the default network keeps what md-user made it.
+            ipv6: env("MD_IPV6").is_some_and(|v| v != "0" && v != "false"),
+            subnet6: env("MD_SUBNET6"),
             state_dir: self
                 .state_dir
                 .clone()
@@ -364,7 +367,7 @@ pub fn request(conf: &NetConf, env: &Env) -> Result<Request, CniError> {
         let host_ip = match p.host_ip.as_deref().unwrap_or("") {
             "" | "0.0.0.0" => None,
             s => match s.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(ip)) => Some(ip),
+                Ok(std::net::IpAddr::V4(ip)) => Some(std::net::IpAddr::V4(ip)),
                 // md's datapath is IPv4: mappings on IPv6 host addresses are not md's to make.
                 Ok(std::net::IpAddr::V6(_)) => continue,
                 Err(_) => return Err(bad(format!("portMappings: hostIP {s:?}"))),
@@ -375,6 +378,7 @@ pub fn request(conf: &NetConf, env: &Env) -> Result<Request, CniError> {
             host_port: port(p.host_port, "hostPort")?,
             container_port: port(p.container_port, "containerPort")?,
             proto,
+            family: crate::portmap::Family::V4,
             routed: false,
         };
         if let Some(q) = ports.iter().find(|q| q.conflicts_with(&m) && **q != m) {

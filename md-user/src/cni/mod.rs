@@ -114,6 +114,8 @@ async fn add(ctx: &Ctx, conf: &NetConf, v: Version, env: &Env) -> Result<Value, 
     let want = IfaceSpec {
         network: md_net.clone(),
         ip: req.ip,
+        // The CNI plugin attaches IPv4 only (no ranges of type IPv6 in its configuration).
+        ip6: None,
         mac: req.mac,
         name: env.ifname.clone(),
         reserved: false,
@@ -221,7 +223,7 @@ fn ensure_network(locked: &mut Locked, conf: &NetConf, md_net: &str) -> Result<(
         ));
     };
     let subnet = subnet.parse().map_err(CniError::from)?;
-    network::create(state, md_net, Some(subnet))?;
+    network::create(state, md_net, Some(subnet), None)?;
     locked.save()?;
     Ok(())
 }

@@ -24,6 +24,9 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
                 "IPAddress": i.ip.to_string(),
                 "IPPrefixLen": net.map(|n| n.subnet.prefix_len),
                 "Gateway": net.and_then(|n| n.default_route()).map(|g| g.to_string()),
+                "GlobalIPv6Address": i.ip6.map(|a| a.to_string()).unwrap_or_default(),
+                "GlobalIPv6PrefixLen": net.and_then(|n| n.subnet6).map(|s| s.prefix_len).unwrap_or(0),
+                "IPv6Gateway": net.filter(|n| !n.internal).and_then(|n| n.subnet6).map(|s| s.gateway().to_string()).unwrap_or_default(),
                 "Aliases": i.aliases,
                 "MTU": net.and_then(|n| n.mtu),
                 "MacAddress": mac(&i.mac),
@@ -108,6 +111,10 @@ pub async fn inspect(ctx: &Ctx, name: &str, as_json: bool) -> Result<ExitCode> {
             n["IPPrefixLen"]
         );
         println!("  Gateway:   {}", n["Gateway"].as_str().unwrap_or(""));
+        if let Some(ip6) = n["GlobalIPv6Address"].as_str().filter(|s| !s.is_empty()) {
+            println!("  IPv6:      {ip6}/{}", n["GlobalIPv6PrefixLen"]);
+            println!("  Gateway6:  {}", n["IPv6Gateway"].as_str().unwrap_or(""));
+        }
         println!("  MAC:       {}", n["MacAddress"].as_str().unwrap_or(""));
         println!(
             "  Interface: {} (host side {} on {})",

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     process::ExitCode,
     time::{Duration, Instant, SystemTime},
 };
@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData, RingBuf};
 use md_common::{
-    drop_reason_name, CtKey, Event, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, EVENT_DROP,
+    drop_reason_name, CtKey, CtKey6, CT_KIND_DNAT, CT_KIND_HAIRPIN, CT_KIND_SNAT, EVENT_DROP,
     EVENT_NAT, EVENT_POLICY,
 };
 use serde_json::json;
@@ -20,13 +20,13 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use super::Ctx;
 use crate::{
     datapath::monotonic_ns,
-    flowlog::{self, endpoint, FlowLog, Rotation, Tuple},
+    flowlog::{self, endpoint, FlowEvent, FlowLog, Rotation, Tuple},
     metrics::proto_name,
 };
 
 /// Container names by address, refreshed as containers come and go.
 struct Names {
-    by_ip: HashMap<Ipv4Addr, String>,
+    by_ip: HashMap<IpAddr, String>,
     by_ifindex: HashMap<u32, String>,
     at: Instant,
 }
@@ -41,7 +41,10 @@ impl Names {
         };
         for c in state.containers.values() {
             for i in &c.interfaces {
-                n.by_ip.insert(i.ip, c.name.clone());
+                n.by_ip.insert(i.ip.into(), c.name.clone());
+                if let Some(ip6) = i.ip6 {
+                    n.by_ip.insert(ip6.into(), c.name.clone());
+                }
                 n.by_ifindex.insert(i.ifindex, c.name.clone());
             }
         }
@@ -51,14 +54,14 @@ impl Names {
         n
     }
 
-    fn ip(&self, ip: Ipv4Addr) -> Option<&str> {
+    fn ip(&self, ip: IpAddr) -> Option<&str> {
         self.by_ip.get(&ip).map(|s| s.as_str())
     }
 }
 
 /// One event as a flow log record: `src`/`dst` as the packet came, `src_after`/`dst_after` as
 /// it left (the same unless translated), `time` the wall clock of the datapath's timestamp.
-fn describe(ev: &Event, names: &Names, after: Tuple, time: SystemTime) -> serde_json::Value {
+fn describe(ev: &FlowEvent, names: &Names, after: Tuple, time: SystemTime) -> serde_json::Value {
     let (kind, verdict, reason) = match ev.kind {
         EVENT_DROP => ("drop", "dropped", drop_reason_name(ev.reason).to_string()),
         EVENT_POLICY => (
@@ -78,7 +81,7 @@ fn describe(ev: &Event, names: &Names, after: Tuple, time: SystemTime) -> serde_
         ),
         _ => ("unknown", "unknown", ev.reason.to_string()),
     };
-    let before = Tuple::of(ev);
+    let before = Tuple::of_flow(ev);
     // The datapath reports a hairpin to the caller's own port as DNAT; its tuple says more.
     let reason = if ev.kind == EVENT_NAT && after.src != before.src && after.dst != before.dst {
         "hairpin".to_string()
@@ -87,7 +90,7 @@ fn describe(ev: &Event, names: &Names, after: Tuple, time: SystemTime) -> serde_
     };
     // A published port's client names no container until translated; a masqueraded one no
     // longer does after.
-    let who = |a: (Ipv4Addr, u16), b: (Ipv4Addr, u16)| names.ip(a.0).or_else(|| names.ip(b.0));
+    let who = |a: (IpAddr, u16), b: (IpAddr, u16)| names.ip(a.0).or_else(|| names.ip(b.0));
     let mut v = json!({
         "time": flowlog::rfc3339(time),
         "ts_ns": ev.ts_ns,
@@ -104,7 +107,7 @@ fn describe(ev: &Event, names: &Names, after: Tuple, time: SystemTime) -> serde_
         "interface": names.by_ifindex.get(&ev.ifindex),
     });
     if ev.kind == EVENT_NAT {
-        v["nat"] = json!(format!("{}:{}", Ipv4Addr::from(ev.nat_addr), ev.nat_port));
+        v["nat"] = json!(endpoint(ev.nat));
     }
     v
 }
@@ -144,6 +147,7 @@ pub async fn monitor(ctx: &Ctx, as_json: bool, output: Option<Rotation>) -> Resu
     let ring = RingBuf::try_from(Map::from_map_data(data)?)?;
     // Where a translated flow went when the event cannot say (a hairpin's new source).
     let trackers = ctx.dp.trackers()?;
+    let trackers6 = ctx.dp.trackers6()?;
     // SAFETY: the ring owns its fd and lives inside the AsyncFd until both are dropped.
     let mut ring = ring;
     // Events queued while nobody listened are history, not what is happening now.
@@ -165,18 +169,31 @@ pub async fn monitor(ctx: &Ctx, as_json: bool, output: Option<Rotation>) -> Resu
                 }
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    if item.len() < std::mem::size_of::<Event>() {
+                    let Some(ev) = flowlog::parse_event(&item) else {
                         continue;
-                    }
-                    let ev: Event = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<Event>()]);
+                    };
                     let time = flowlog::wall_clock(ev.ts_ns, monotonic_ns(), SystemTime::now());
-                    let tracked = (ev.kind == EVENT_NAT)
-                        .then(|| {
-                            let key = CtKey::new(ev.saddr, ev.daddr, ev.sport, ev.dport, ev.proto);
-                            trackers.iter().find_map(|t| t.get(&key, 0).ok())
-                        })
-                        .flatten();
-                    let v = describe(&ev, &names, flowlog::translated(&ev, tracked.as_ref()), time);
+                    // A hairpin's new source, from the tracker entry of the event's tuple.
+                    let hairpin_src = if ev.kind != EVENT_NAT {
+                        None
+                    } else {
+                        match (ev.src.0, ev.dst.0) {
+                            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                                let key = CtKey::new(s.octets(), d.octets(), ev.src.1, ev.dst.1, ev.proto);
+                                trackers.iter().find_map(|t| t.get(&key, 0).ok())
+                                    .filter(|e| e.kind == CT_KIND_HAIRPIN)
+                                    .map(|e| (IpAddr::from(e.nat_saddr), e.nat_sport))
+                            }
+                            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                                let key = CtKey6::new(s.octets(), d.octets(), ev.src.1, ev.dst.1, ev.proto);
+                                trackers6.iter().find_map(|t| t.get(&key, 0).ok())
+                                    .filter(|e| e.kind == CT_KIND_HAIRPIN)
+                                    .map(|e| (IpAddr::from(e.nat_saddr), e.nat_sport))
+                            }
+                            _ => None,
+                        }
+                    };
+                    let v = describe(&ev, &names, flowlog::translated_flow(&ev, hairpin_src), time);
                     let text = if as_json { v.to_string() } else { line(&v) };
                     match &mut out {
                         Some(log) => log.write_line(&text)?,

@@ -12,10 +12,10 @@ use crate::{
     attach::{self, IfaceSpec},
     cli::NetworkCmd,
     host,
-    ipam::{format_mac, Subnet},
+    ipam::{format_mac, Subnet, Subnet6},
     netlink::Netlink,
     netns::Netns,
-    network::{self, Settings, OPT_BRIDGE_NAME, OPT_GATEWAY_MODE, OPT_MTU},
+    network::{self, Settings, OPT_BRIDGE_NAME, OPT_GATEWAY_MODE, OPT_GATEWAY_MODE6, OPT_MTU},
     proc,
     state::{GatewayMode, Network, State, Status, DEFAULT_NETWORK},
 };
@@ -35,6 +35,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             internal,
             gateway_mode,
             opt,
+            ipv6,
+            subnet6,
+            gateway_mode_ipv6,
         } => {
             validate_name(name)?;
             if driver != "overlay" && (store.is_some() || mode.is_some()) {
@@ -50,6 +53,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 {
                     bail!("--gateway, --ip-range, --mtu, --internal, --gateway-mode and --opt are options of --driver bridge (an overlay's MTU is the underlay's less VXLAN's)");
                 }
+                if *ipv6 || subnet6.is_some() || gateway_mode_ipv6 != "nat" {
+                    bail!("overlay networks are IPv4 only: --ipv6, --subnet6 and --gateway-mode-ipv6 are options of --driver bridge");
+                }
                 if let Some(s) = store {
                     crate::store::parse_url(s)?;
                 }
@@ -59,7 +65,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 }
                 (None, subnet)
             } else {
-                let settings = Settings::parse(
+                let mut settings = Settings::parse(
                     subnet.as_deref(),
                     *gateway,
                     ip_range.as_deref(),
@@ -68,6 +74,15 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                     gateway_mode.as_deref(),
                     opt,
                 )?;
+                let subnet6 = subnet6.as_deref().map(str::parse::<Subnet6>).transpose()?;
+                let routed = gateway_mode_ipv6 == "routed";
+                if routed && !ipv6 && subnet6.is_none() {
+                    bail!("--gateway-mode-ipv6 routed needs --ipv6");
+                }
+                if routed && *internal {
+                    bail!("an --internal network has no way out to route: --gateway-mode-ipv6 routed does not apply");
+                }
+                settings.v6 = (*ipv6 || subnet6.is_some()).then_some((subnet6, routed));
                 (Some(settings), None)
             }
         }
@@ -179,6 +194,9 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                         "gateway": n.gateway().to_string(),
                         "internal": n.internal,
                         "gateway_mode": n.gateway_mode.as_str(),
+                        "subnet6": n.subnet6.map(|s| s.to_string()),
+                        "gateway6": n.subnet6.map(|s| s.gateway().to_string()),
+                        "gateway_mode_ipv6": n.subnet6.map(|_| if n.routed6 { "routed" } else { "nat" }),
                         "containers": members,
                         "remote": remote,
                         "dns": proc::alive(n.dns_pid, n.dns_start),
@@ -195,8 +213,8 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<16} {:<8} {:<8} {:<18} {:<16} CONTAINERS",
-                    "NAME", "DRIVER", "BRIDGE", "SUBNET", "GATEWAY"
+                    "{:<16} {:<8} {:<8} {:<18} {:<16} {:<24} CONTAINERS",
+                    "NAME", "DRIVER", "BRIDGE", "SUBNET", "GATEWAY", "SUBNET6"
                 );
                 let names = |k: &str, r: &serde_json::Value| -> Vec<String> {
                     r[k].as_array()
@@ -216,12 +234,13 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
                             .map(|n| format!("{n}(remote)")),
                     );
                     println!(
-                        "{:<16} {:<8} {:<8} {:<18} {:<16} {}",
+                        "{:<16} {:<8} {:<8} {:<18} {:<16} {:<24} {}",
                         r["name"].as_str().unwrap_or(""),
                         r["driver"].as_str().unwrap_or(""),
                         r["bridge"].as_str().unwrap_or(""),
                         r["subnet"].as_str().unwrap_or(""),
                         r["gateway"].as_str().unwrap_or(""),
+                        r["subnet6"].as_str().unwrap_or("-"),
                         members.join(",")
                     );
                 }
@@ -258,6 +277,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             network: net_name,
             container,
             ip,
+            ip6,
             aliases,
         } => {
             if !state.networks.contains_key(&net_name) {
@@ -288,6 +308,7 @@ pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<ExitCode> {
             let want = IfaceSpec {
                 network: net_name,
                 ip,
+                ip6,
                 mac: None,
                 name,
                 reserved: false,
@@ -341,7 +362,10 @@ fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
                     "EndpointID": i.veth,
                     "MacAddress": format_mac(&i.mac),
                     "IPv4Address": format!("{}/{}", i.ip, net.subnet.prefix_len),
-                    "IPv6Address": "",
+                    "IPv6Address": match (i.ip6, net.subnet6) {
+                        (Some(ip6), Some(s6)) => format!("{ip6}/{}", s6.prefix_len),
+                        _ => String::new(),
+                    },
                 }),
             ))
         })
@@ -356,6 +380,16 @@ fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
     if net.gateway_mode != GatewayMode::Nat {
         options.insert(OPT_GATEWAY_MODE.into(), net.gateway_mode.as_str().into());
     }
+    if net.routed6 {
+        options.insert(OPT_GATEWAY_MODE6.into(), "routed".into());
+    }
+    let mut config = vec![ipam];
+    if let Some(s6) = net.subnet6 {
+        config.push(json!({
+            "Subnet": s6.to_string(),
+            "Gateway": s6.gateway().to_string(),
+        }));
+    }
     let created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(net.created_unix);
     json!({
         "Name": name,
@@ -365,11 +399,11 @@ fn inspect_json(state: &State, name: &str, net: &Network) -> Value {
         "Scope": if net.overlay.is_some() { "global" } else { "local" },
         "Driver": if net.overlay.is_some() { "overlay" } else { "bridge" },
         "EnableIPv4": true,
-        "EnableIPv6": false,
+        "EnableIPv6": net.subnet6.is_some(),
         "IPAM": {
             "Driver": "default",
             "Options": {},
-            "Config": [ipam],
+            "Config": config,
         },
         "Internal": net.internal,
         "Attachable": false,
@@ -396,6 +430,11 @@ fn print_inspect(n: &Value) {
         println!("IPRange:     {}", s(&cfg["IPRange"]));
     }
     println!("Gateway:     {}", s(&cfg["Gateway"]));
+    let cfg6 = &n["IPAM"]["Config"][1];
+    if cfg6["Subnet"].is_string() {
+        println!("Subnet6:     {}", s(&cfg6["Subnet"]));
+        println!("Gateway6:    {}", s(&cfg6["Gateway"]));
+    }
     if opt[OPT_MTU].is_string() {
         println!("MTU:         {}", s(&opt[OPT_MTU]));
     }

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 
 use super::Ctx;
-use crate::portmap::{PortMapping, Proto};
+use std::net::IpAddr;
+
+use crate::portmap::{Family, PortMapping, Proto};
 
 pub async fn port(ctx: &Ctx, name: &str, which: Option<&str>) -> Result<ExitCode> {
     let want = which.map(parse_private).transpose()?;
@@ -42,9 +44,19 @@ fn parse_private(s: &str) -> Result<(u16, Proto)> {
     Ok((port, proto))
 }
 
-/// Where a mapping is reached: the host address and port, or (routed) the container's own.
-fn frontend(p: &PortMapping) -> String {
-    format!("{}:{}", p.host_ip_text(), p.host_port)
+/// Where a mapping is reached: the host address and port, or (routed) the container's own;
+/// both families' for a mapping of both (stored only on a dual-stack network), IPv6 in
+/// brackets, as Docker prints them.
+fn frontends(p: &PortMapping) -> Vec<String> {
+    match (p.host_ip, p.family) {
+        (None, Family::Both) => vec![
+            format!("0.0.0.0:{}", p.host_port),
+            format!("[::]:{}", p.host_port),
+        ],
+        (Some(IpAddr::V6(ip)), _) => vec![format!("[{ip}]:{}", p.host_port)],
+        (None, Family::V6) => vec![format!("[::]:{}", p.host_port)],
+        _ => vec![format!("{}:{}", p.host_ip_text(), p.host_port)],
+    }
 }
 
 fn render(ports: &[PortMapping], want: Option<(u16, Proto)>) -> Vec<String> {
@@ -52,11 +64,15 @@ fn render(ports: &[PortMapping], want: Option<(u16, Proto)>) -> Vec<String> {
         Some((port, proto)) => ports
             .iter()
             .filter(|p| p.container_port == port && p.proto == proto)
-            .map(frontend)
+            .flat_map(frontends)
             .collect(),
         None => ports
             .iter()
-            .map(|p| format!("{}/{} -> {}", p.container_port, p.proto, frontend(p)))
+            .flat_map(|p| {
+                frontends(p)
+                    .into_iter()
+                    .map(move |f| format!("{}/{} -> {f}", p.container_port, p.proto))
+            })
             .collect(),
     };
     out.sort_by(|a, b| natural_cmp(a, b));
@@ -101,17 +117,19 @@ mod tests {
 
     #[test]
     fn docker_port_output() {
-        let mut ports = parse_all(&[
+        let specs = [
             "8080:80".into(),
             "127.0.0.1:9000:9/udp".into(),
             "10443:443".into(),
-        ])
-        .unwrap();
+        ];
+        // As stored for a container of an IPv4-only network.
+        let mut ports = crate::portmap::for_network(&parse_all(&specs).unwrap(), false);
         ports.push(PortMapping {
             host_ip: Some("172.19.0.2".parse().unwrap()),
             host_port: 53,
             container_port: 53,
             proto: Proto::Udp,
+            family: crate::portmap::Family::V4,
             routed: true,
         });
         assert_eq!(
@@ -125,6 +143,17 @@ mod tests {
         );
         assert_eq!(render(&ports, Some((80, Proto::Tcp))), ["0.0.0.0:8080"]);
         assert!(render(&ports, Some((80, Proto::Udp))).is_empty());
+        // On a dual-stack network a mapping without an address is both families'.
+        let mut dual = crate::portmap::for_network(&parse_all(&specs[..1]).unwrap(), true);
+        dual.extend(parse_all(&["[::1]:9001:9".into()]).unwrap());
+        assert_eq!(
+            render(&dual, None),
+            [
+                "9/tcp -> [::1]:9001",
+                "80/tcp -> 0.0.0.0:8080",
+                "80/tcp -> [::]:8080"
+            ]
+        );
         assert_eq!(parse_private("80").unwrap(), (80, Proto::Tcp));
         assert_eq!(parse_private("53/udp").unwrap(), (53, Proto::Udp));
         for bad in ["", "x", "0", "80/sctp", "70000"] {

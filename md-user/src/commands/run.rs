@@ -84,7 +84,7 @@ impl Mode {
         if !ports.is_empty() {
             bail!("{why}");
         }
-        if args.ip.is_some() {
+        if args.ip.is_some() || args.ip6.is_some() {
             bail!(
                 "--ip needs a bridge network, not --network {}",
                 args.network
@@ -253,6 +253,9 @@ fn detach(ctx: &Ctx, args: &RunArgs, name: &str) -> Result<ExitCode> {
     if let Some(ip) = &args.ip {
         cmd.arg("--ip").arg(ip.to_string());
     }
+    if let Some(ip) = &args.ip6 {
+        cmd.arg("--ip6").arg(ip.to_string());
+    }
     if args.privileged {
         cmd.arg("--privileged");
     }
@@ -394,6 +397,7 @@ async fn start(
             Mode::Net(net) => Some(IfaceSpec {
                 network: net.clone(),
                 ip: args.ip,
+                ip6: args.ip6,
                 mac: setup.mac,
                 name: "eth0".to_string(),
                 reserved: false,

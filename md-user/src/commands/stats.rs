@@ -5,7 +5,7 @@ use md_common::{drop_reason_name, maps as m, IfStats};
 use serde_json::{json, Value};
 
 use super::{reconcile, Ctx};
-use crate::{datapath::Datapath, endpoint::port_key, netlink::Netlink};
+use crate::{datapath::Datapath, endpoint::port_hits, netlink::Netlink};
 
 /// Sum of an interface's per-CPU counters.
 pub fn if_stats(dp: &Datapath, ifindex: u32) -> IfStats {
@@ -78,7 +78,6 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
     let loaded = dp.is_loaded();
     let mut containers = Vec::new();
     let mut ports = Vec::new();
-    let port_map = if loaded { dp.port_map().ok() } else { None };
     for c in state.containers.values() {
         let mut total = IfStats::default();
         if loaded {
@@ -89,13 +88,14 @@ pub async fn stats(ctx: &Ctx, as_json: bool, prometheus: bool) -> Result<ExitCod
         let mut row = counters(&total);
         row["name"] = json!(c.name);
         row["ip"] = json!(c.primary_ip().map(|i| i.to_string()));
+        row["ip6"] = json!(c.primary_ip6().map(|i| i.to_string()));
         containers.push(row);
         for p in &c.ports {
-            let hits = port_map
-                .as_ref()
-                .and_then(|m| m.get(&port_key(p), 0).ok())
-                .map(|t| t.hits)
-                .unwrap_or(0);
+            let hits = if loaded {
+                port_hits(dp, state, c, p)
+            } else {
+                0
+            };
             ports.push(json!({"container": c.name, "port": p.to_string(), "hits": hits}));
         }
     }

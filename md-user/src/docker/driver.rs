@@ -100,7 +100,7 @@ pub async fn create_network(pl: &Plugin, body: Value) -> Result<Value> {
         Some((name, _)) => name.clone(),
         None => {
             let name = placeholder(&req.network_id);
-            network::create(state, &name, Some(subnet))?;
+            network::create(state, &name, Some(subnet), None)?;
             state.docker.made.insert(name.clone());
             name
         }
@@ -356,6 +356,7 @@ pub async fn join(pl: &Plugin, body: Value) -> Result<Value> {
     let want = |n: u32| IfaceSpec {
         network: net_name.clone(),
         ip: Some(ep.ip),
+        ip6: None,
         mac: Some(ep.mac),
         name: format!("eth{n}"),
         reserved: true,
@@ -593,10 +594,10 @@ mod tests {
         let nid = "0123456789abcdef";
         let ph = placeholder(nid);
         assert_eq!(ph, "docker-0123456789ab");
-        network::create(&mut s, &ph, Some("10.8.0.0/24".parse().unwrap())).unwrap();
+        network::create(&mut s, &ph, Some("10.8.0.0/24".parse().unwrap()), None).unwrap();
         s.docker.made.insert(ph.clone());
         s.docker.networks.insert(nid.into(), ph.clone());
-        network::create(&mut s, "taken", None).unwrap();
+        network::create(&mut s, "taken", None, None).unwrap();
         assert!(!adopt_network_name(&mut s, nid, "taken"));
         assert!(!adopt_network_name(&mut s, nid, "no/slash"));
         assert!(adopt_network_name(&mut s, nid, "web"));

@@ -156,6 +156,8 @@ mod tests {
             store: None,
             store_ttl: 15,
             advertise_addr: None,
+            ipv6: false,
+            subnet6: None,
         }
     }
 
@@ -192,7 +194,7 @@ mod tests {
         let (_, sb) = request_pool(&mut s, &opts(), &pool("")).unwrap();
         assert_eq!(sb.to_string(), "172.20.0.0/16");
         // `md-user network create` skips them too.
-        let n = network::create(&mut s, "mine", None).unwrap();
+        let n = network::create(&mut s, "mine", None, None).unwrap();
         assert_eq!(n.subnet.to_string(), "172.21.0.0/16");
         // md's default network's subnet: shared, not refused.
         let (c, _) = request_pool(&mut s, &opts(), &pool("172.18.0.0/16")).unwrap();
@@ -224,14 +226,14 @@ mod tests {
         };
         assert!(request_pool(&mut s, &opts(), &v6).is_err());
         // A pool md's IPAM holds is not another md network's.
-        let e =
-            network::create(&mut s, "late", Some("172.19.0.0/24".parse().unwrap())).unwrap_err();
+        let e = network::create(&mut s, "late", Some("172.19.0.0/24".parse().unwrap()), None)
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "subnet 172.19.0.0/24 overlaps 172.19.0.0/16, a pool md's IPAM driver gave Docker"
         );
         release_pool(&mut s, &a);
-        network::create(&mut s, "late", Some("172.19.0.0/24".parse().unwrap())).unwrap();
+        network::create(&mut s, "late", Some("172.19.0.0/24".parse().unwrap()), None).unwrap();
     }
 
     #[test]
@@ -253,7 +255,7 @@ mod tests {
         assert!(request_address(&mut s, &addr(&id, "10.7.1.9", false)).is_err());
         // The md network on that subnet (made at CreateNetwork) sees the leases: `md-user run`
         // takes the next address.
-        network::create(&mut s, "dk", Some("10.7.0.0/24".parse().unwrap())).unwrap();
+        network::create(&mut s, "dk", Some("10.7.0.0/24".parse().unwrap()), None).unwrap();
         let used = s.used_ips("dk");
         assert!(used.contains(&a) && used.contains(&b));
         assert_eq!(

@@ -198,7 +198,7 @@ pub fn mappings(
         let host_ip = match b.host_ip.as_str() {
             "" | "0.0.0.0" => None,
             ip => match ip.parse::<Ipv4Addr>() {
-                Ok(ip) => Some(ip),
+                Ok(ip) => Some(std::net::IpAddr::V4(ip)),
                 Err(_) => bail!(
                     "port {}/{proto} on {ip}: md publishes on IPv4 addresses only",
                     b.port
@@ -217,6 +217,8 @@ pub fn mappings(
             host_port: first,
             container_port: b.port,
             proto,
+            // Docker's networks on md are IPv4-only (the plugin refuses IPv6).
+            family: crate::portmap::Family::V4,
             routed: false,
         };
         if first != last {
@@ -355,10 +357,11 @@ mod tests {
     #[test]
     fn md_ports_shown_as_docker_bindings() {
         let m = PortMapping {
-            host_ip: Some(Ipv4Addr::LOCALHOST),
+            host_ip: Some(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)),
             host_port: 8080,
             container_port: 80,
             proto: Proto::Udp,
+            family: crate::portmap::Family::V4,
             routed: false,
         };
         let v = serde_json::to_value(PortBinding::of(&m, Ipv4Addr::new(172, 19, 0, 2))).unwrap();

@@ -19,16 +19,24 @@
 //! - md: `md-user run -d -p ...` in the host namespace.
 //! - docker-md: the same Docker daemon with `--iptables=false` and md as its network and IPAM
 //!   driver (`md-user docker-plugin`): md's datapath as a Docker user gets it.
+//!
+//! The IPv6 scenario ([`Extra::Ipv6`]) makes the lab dual-stack (uplink 2001:db8::/64,
+//! containers fd00:88::/64) and measures over IPv6 what the base measures over IPv4: plain
+//! routing, Docker's ip6tables rules (NAT66 and DNAT, as Docker 27+ writes them beside the
+//! IPv4 ones), netavark's dual-stack network, md with its default network dual-stack.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::lab::{Lab, Ns, BRIDGE, DOCKER_IMAGE, GATEWAY, HOST_IP, OUTSIDE_IP, SUBNET};
+use super::lab::{
+    Lab, Ns, BRIDGE, DOCKER_IMAGE, GATEWAY, GATEWAY6, HOST_IP, HOST_IP6, OUTSIDE_IP, OUTSIDE_IP6,
+    SUBNET, SUBNET6,
+};
 use super::sys::{in_ns, run_ok, sh};
 
 /// Container-side ports of the server, and the host ports they are published on.
@@ -43,6 +51,8 @@ pub const EXTRA_PORTS_BASE: u16 = 20000;
 const C1_IP: &str = "10.88.0.2";
 const C2_IP: &str = "10.88.0.3";
 const C3_IP: &str = "10.88.0.4";
+const C1_IP6: &str = "fd00:88::2";
+const C2_IP6: &str = "fd00:88::3";
 const NETAVARK_NET_ID: &str = "2f259bab93aaaaa2542ba43ef33eb990d0999ee1b9924b557b7be53c0b7a1bb9";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +110,8 @@ pub enum Extra {
     Ports(usize),
     /// N inter-container policy rules between addresses/names that carry no measured traffic.
     Policies(usize),
+    /// The base over IPv6: a dual-stack lab and network, every measurement to IPv6 addresses.
+    Ipv6,
 }
 
 impl Extra {
@@ -108,6 +120,7 @@ impl Extra {
             Extra::None => "base".into(),
             Extra::Ports(n) => format!("{} ports", thousands(n)),
             Extra::Policies(n) => format!("{} policies", thousands(n)),
+            Extra::Ipv6 => "IPv6".into(),
         }
     }
 }
@@ -172,7 +185,7 @@ pub struct Setup {
 }
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
-    format!("{ip}:{port}").parse().expect("valid address")
+    SocketAddr::new(ip.parse::<IpAddr>().expect("valid address"), port)
 }
 
 pub fn supports(dp: Dp, extra: Extra) -> bool {
@@ -188,11 +201,18 @@ pub fn supports(dp: Dp, extra: Extra) -> bool {
         }
         // Neither plain routing nor netavark has inter-container policy.
         Extra::Policies(_) => matches!(dp, Dp::Docker | Dp::Md),
+        // The reference CNI stack is IPv4-only here as md's CNI plugin is; md's stack mode
+        // is measured at the base.
+        Extra::Ipv6 => matches!(dp, Dp::Plain | Dp::Docker | Dp::Netavark | Dp::Md),
     }
 }
 
 pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
     let mut lab = Lab::new(&format!("{} {}", dp.name(), extra.scenario()))?;
+    let v6 = extra == Extra::Ipv6;
+    if v6 {
+        lab.enable_ipv6()?;
+    }
     let tool = env.tool.to_string_lossy().into_owned();
     let outside = lab.outside.clone();
     let mut iperf_s = vec![
@@ -205,6 +225,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
     }
     let iperf_refs: Vec<&str> = iperf_s.iter().map(String::as_str).collect();
     lab.spawn(&outside, Path::new("iperf3"), &iperf_refs)?;
+    let host_ip = if v6 { HOST_IP6 } else { HOST_IP };
     let published = |ip: &str| (addr(ip, ECHO_PUBLISHED), addr(ip, IPERF_PORT));
     let (echo_s, iperf_p) = (ECHO_PORT.to_string(), IPERF_PORT.to_string());
     let serve_c1 = env.tool_args(&["serve", "--echo", &echo_s, "--iperf", &iperf_p]);
@@ -213,6 +234,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
     let c2_refs: Vec<&str> = serve_c2.iter().map(String::as_str).collect();
     let mut install_secs = None;
     let mut install_how = match (dp, extra) {
+        (Dp::Docker, Extra::Ipv6) => "iptables-restore and ip6tables-restore",
         (Dp::Docker, _) => "one iptables-restore",
         (Dp::Netavark, _) => "netavark setup of the helper container",
         (Dp::CniRef, _) => "CNI ADD (bridge, portmap) of the helper container",
@@ -229,31 +251,45 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
                 lab.add_container("c3", C3_IP)?;
             }
             let c1 = lab.add_container("c1", C1_IP)?;
+            if v6 {
+                lab.add_bridge_ip6()?;
+                lab.add_container_ip6(&c1, C1_IP6)?;
+                lab.add_container_ip6(&c2, C2_IP6)?;
+            }
+            let c1_ip = if v6 { C1_IP6 } else { C1_IP };
             if dp == Dp::Plain {
                 let o = lab.outside.name.clone();
                 sh(&["ip", "-n", &o, "route", "add", SUBNET, "via", HOST_IP])?;
+                if v6 {
+                    sh(&[
+                        "ip", "-n", &o, "-6", "route", "add", SUBNET6, "via", HOST_IP6,
+                    ])?;
+                }
                 (
                     c1,
                     c2,
-                    C1_IP.to_string(),
-                    addr(C1_IP, ECHO_PORT),
-                    addr(C1_IP, IPERF_PORT),
+                    c1_ip.to_string(),
+                    addr(c1_ip, ECHO_PORT),
+                    addr(c1_ip, IPERF_PORT),
                 )
             } else {
-                let rules = docker_rules(extra);
                 let t = Instant::now();
-                restore(&lab, "iptables-restore", &rules)?;
-                if extra != Extra::None {
+                restore(&lab, "iptables-restore", &docker_rules(extra))?;
+                if v6 {
+                    restore(&lab, "ip6tables-restore", &docker_rules6())?;
+                }
+                if !matches!(extra, Extra::None | Extra::Ipv6) {
                     install_secs = Some(t.elapsed().as_secs_f64());
                 }
-                let (e, i) = published(HOST_IP);
-                (c1, c2, C1_IP.to_string(), e, i)
+                let (e, i) = published(host_ip);
+                (c1, c2, c1_ip.to_string(), e, i)
             }
         }
         Dp::Netavark => {
             let (c1, c2) = netavark_setup(&mut lab, &env.netavark, extra, &mut install_secs)?;
-            let (e, i) = published(HOST_IP);
-            (c1, c2, C1_IP.to_string(), e, i)
+            let (e, i) = published(host_ip);
+            let c1_ip = if v6 { C1_IP6 } else { C1_IP };
+            (c1, c2, c1_ip.to_string(), e, i)
         }
         Dp::CniRef => {
             let (c1, c2) = cni_reference_setup(&mut lab, extra, &mut install_secs)?;
@@ -269,9 +305,10 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
             (c1, c2, C1_IP.to_string(), e, i)
         }
         Dp::Md | Dp::MdStack => {
-            lab.enable_md_mode(
+            lab.enable_md_with(
                 &env.md_bin,
                 Some(if dp == Dp::Md { "redirect" } else { "stack" }),
+                v6.then_some(SUBNET6),
             );
             let mut c2_args = vec!["run", "-d", "--name", "c2", "--", tool.as_str()];
             c2_args.extend_from_slice(&c2_refs);
@@ -294,7 +331,7 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
                     install_how = md_policies(&lab, n)?;
                     install_secs = Some(t.elapsed().as_secs_f64());
                 }
-                Extra::None => {}
+                Extra::None | Extra::Ipv6 => {}
             }
             let p1 = format!("{ECHO_PUBLISHED}:{ECHO_PORT}");
             let p2 = format!("{IPERF_PORT}:{IPERF_PORT}");
@@ -312,9 +349,12 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
             ];
             c1_args.extend_from_slice(&c1_refs);
             lab.md(&c1_args)?;
-            let (c1, ip) = lab.md_container("c1")?;
+            let (c1, mut ip) = lab.md_container("c1")?;
             let (c2, _) = lab.md_container("c2")?;
-            let (e, i) = published(HOST_IP);
+            if v6 {
+                ip = lab.md_ip6("c1")?;
+            }
+            let (e, i) = published(host_ip);
             (c1, c2, ip, e, i)
         }
     };
@@ -330,7 +370,10 @@ pub fn build(dp: Dp, env: &Env, extra: Extra) -> Result<Setup> {
         c1_ip,
         echo,
         iperf,
-        outside_iperf: addr(OUTSIDE_IP, OUTSIDE_IPERF_PORT),
+        outside_iperf: addr(
+            if v6 { OUTSIDE_IP6 } else { OUTSIDE_IP },
+            OUTSIDE_IPERF_PORT,
+        ),
         install_secs,
         install_how,
     };
@@ -480,24 +523,62 @@ struct DockerPort {
 /// newest container, while its filter ACCEPTs are first: Docker appends DNATs and inserts
 /// ACCEPTs at the head). Policy rules go where Docker tells users to put theirs: DOCKER-USER.
 pub fn docker_rules(extra: Extra) -> String {
+    docker_rules_for(extra, &V4)
+}
+
+/// The ip6tables-restore input Docker 27+ writes beside the IPv4 rules when the same bridge
+/// is dual-stack (same chains; NAT66 masquerade and DNAT to the containers' IPv6 addresses).
+pub fn docker_rules6() -> String {
+    docker_rules_for(Extra::None, &V6)
+}
+
+/// What differs between Docker's iptables and ip6tables rules.
+struct Family {
+    subnet: &'static str,
+    /// c1, c2, c3
+    ips: [&'static str; 3],
+    host_len: &'static str,
+    loopback: &'static str,
+    v6: bool,
+}
+
+const V4: Family = Family {
+    subnet: SUBNET,
+    ips: [C1_IP, C2_IP, C3_IP],
+    host_len: "/32",
+    loopback: "127.0.0.0/8",
+    v6: false,
+};
+
+const V6: Family = Family {
+    subnet: SUBNET6,
+    ips: [C1_IP6, C2_IP6, "fd00:88::4"],
+    host_len: "/128",
+    loopback: "::1/128",
+    v6: true,
+};
+
+fn docker_rules_for(extra: Extra, f: &Family) -> String {
+    let [c1_ip, c2_ip, c3_ip] = f.ips;
+    let hl = f.host_len;
     let mut ports: Vec<DockerPort> = Vec::new();
-    let mut ctrs = vec![C2_IP];
+    let mut ctrs = vec![c2_ip];
     if let Extra::Ports(n) = extra {
-        ctrs.push(C3_IP);
+        ctrs.push(c3_ip);
         for i in 0..n {
             let p = EXTRA_PORTS_BASE + i as u16;
             ports.push(DockerPort {
                 host: p,
-                ip: C3_IP,
+                ip: c3_ip,
                 port: p,
             });
         }
     }
-    ctrs.push(C1_IP);
+    ctrs.push(c1_ip);
     for (host, port) in [(ECHO_PUBLISHED, ECHO_PORT), (IPERF_PORT, IPERF_PORT)] {
         ports.push(DockerPort {
             host,
-            ip: C1_IP,
+            ip: c1_ip,
             port,
         });
     }
@@ -506,20 +587,29 @@ pub fn docker_rules(extra: Extra) -> String {
     // raw: direct routing to a container address from outside the bridge is dropped (28.0+).
     s += "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n";
     for ip in &ctrs {
-        let _ = writeln!(s, "-A PREROUTING -d {ip}/32 ! -i {br} -j DROP");
+        let _ = writeln!(s, "-A PREROUTING -d {ip}{hl} ! -i {br} -j DROP");
     }
     s += "COMMIT\n";
     s += "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
           :POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n";
     s += "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n";
-    s += "-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER\n";
-    let _ = writeln!(s, "-A POSTROUTING -s {SUBNET} ! -o {br} -j MASQUERADE");
+    let _ = writeln!(
+        s,
+        "-A OUTPUT ! -d {} -m addrtype --dst-type LOCAL -j DOCKER",
+        f.loopback
+    );
+    let _ = writeln!(s, "-A POSTROUTING -s {} ! -o {br} -j MASQUERADE", f.subnet);
     let _ = writeln!(s, "-A DOCKER -i {br} -j RETURN");
     for p in &ports {
+        let to = if f.v6 {
+            format!("[{}]:{}", p.ip, p.port)
+        } else {
+            format!("{}:{}", p.ip, p.port)
+        };
         let _ = writeln!(
             s,
-            "-A DOCKER ! -i {br} -p tcp -m tcp --dport {} -j DNAT --to-destination {}:{}",
-            p.host, p.ip, p.port
+            "-A DOCKER ! -i {br} -p tcp -m tcp --dport {} -j DNAT --to-destination {to}",
+            p.host
         );
     }
     s += "COMMIT\n";
@@ -530,7 +620,7 @@ pub fn docker_rules(extra: Extra) -> String {
     for p in ports.iter().rev() {
         let _ = writeln!(
             s,
-            "-A DOCKER -d {}/32 ! -i {br} -o {br} -p tcp -m tcp --dport {} -j ACCEPT",
+            "-A DOCKER -d {}{hl} ! -i {br} -o {br} -p tcp -m tcp --dport {} -j ACCEPT",
             p.ip, p.port
         );
     }
@@ -557,26 +647,32 @@ pub fn docker_rules(extra: Extra) -> String {
 struct NvCtr {
     name: &'static str,
     ip: &'static str,
+    /// Its IPv6 address on a dual-stack network.
+    ip6: Option<&'static str>,
     /// (host port, container port, range)
     ports: Vec<(u16, u16, u16)>,
 }
 
 fn netavark_ctrs(extra: Extra) -> Vec<NvCtr> {
+    let v6 = |ip: &'static str| (extra == Extra::Ipv6).then_some(ip);
     let mut v = vec![NvCtr {
         name: "c2",
         ip: C2_IP,
+        ip6: v6(C2_IP6),
         ports: vec![],
     }];
     if let Extra::Ports(n) = extra {
         v.push(NvCtr {
             name: "c3",
             ip: C3_IP,
+            ip6: None,
             ports: vec![(EXTRA_PORTS_BASE, EXTRA_PORTS_BASE, n as u16)],
         });
     }
     v.push(NvCtr {
         name: "c1",
         ip: C1_IP,
+        ip6: v6(C1_IP6),
         ports: vec![(ECHO_PUBLISHED, ECHO_PORT, 1), (IPERF_PORT, IPERF_PORT, 1)],
     });
     v
@@ -598,18 +694,24 @@ fn netavark_json(c: &NvCtr) -> String {
             json!({"host_ip": "", "host_port": h, "container_port": p, "range": r, "protocol": "tcp"})
         })
         .collect();
+    let mut ips = vec![c.ip];
+    let mut subnets = vec![json!({"subnet": SUBNET, "gateway": GATEWAY})];
+    if let Some(ip6) = c.ip6 {
+        ips.push(ip6);
+        subnets.push(json!({"subnet": SUBNET6, "gateway": GATEWAY6}));
+    }
     json!({
         "container_id": id,
         "container_name": c.name,
         "port_mappings": ports,
-        "networks": {"bench": {"static_ips": [c.ip], "interface_name": "eth0"}},
+        "networks": {"bench": {"static_ips": ips, "interface_name": "eth0"}},
         "network_info": {"bench": {
             "name": "bench",
             "id": NETAVARK_NET_ID,
             "driver": "bridge",
             "network_interface": BRIDGE,
-            "subnets": [{"subnet": SUBNET, "gateway": GATEWAY}],
-            "ipv6_enabled": false,
+            "subnets": subnets,
+            "ipv6_enabled": c.ip6.is_some(),
             "internal": false,
             "dns_enabled": false,
             "ipam_options": {"driver": "host-local"}
@@ -648,12 +750,19 @@ fn netavark_setup(
         }
         NetavarkMode::Rules => {
             lab.add_bridge()?;
+            if extra == Extra::Ipv6 {
+                lab.add_bridge_ip6()?;
+            }
             for c in &ctrs {
-                nss.push(lab.add_container(c.name, c.ip)?);
+                let ns = lab.add_container(c.name, c.ip)?;
+                if let Some(ip6) = c.ip6 {
+                    lab.add_container_ip6(&ns, ip6)?;
+                }
+                nss.push(ns);
             }
             let t = Instant::now();
             restore(lab, "nft", &netavark_nft_rules(&ctrs))?;
-            if extra != Extra::None {
+            if !matches!(extra, Extra::None | Extra::Ipv6) {
                 *install_secs = Some(t.elapsed().as_secs_f64());
             }
         }
@@ -796,8 +905,24 @@ fn cni_reference_setup(
 /// `ctrs` in order on one bridge network (read off `nft list ruleset` after the real thing).
 fn netavark_nft_rules(ctrs: &[NvCtr]) -> String {
     let net = "nv_2f259bab_10_88_0_0_nm16";
+    let net6 = "nv_2f259bab_fd00_88__nm64";
+    let v6 = ctrs.iter().any(|c| c.ip6.is_some());
     let mut dnat = String::new();
     let mut hostport = String::new();
+    // A dual-stack network's IPv6 half: the same rules with `ip6`, in the same chains.
+    let (mut input6, mut forward6, mut post6, mut chain6) =
+        (String::new(), String::new(), String::new(), String::new());
+    if v6 {
+        input6 =
+            format!("\n    ip6 saddr {SUBNET6} meta l4proto {{ tcp, udp }} th dport 53 accept");
+        forward6 = format!(
+            "\n    ip6 daddr {SUBNET6} ct state established,related accept\n    ip6 saddr {SUBNET6} accept"
+        );
+        post6 = format!("\n    ip6 saddr {SUBNET6} jump {net6}");
+        chain6 = format!(
+            "  chain {net6} {{\n    ip6 daddr {SUBNET6} accept\n    ip6 daddr != ff00::/8 masquerade\n  }}\n"
+        );
+    }
     for c in ctrs {
         for &(h, p, r) in &c.ports {
             let dport = if r > 1 {
@@ -811,6 +936,13 @@ fn netavark_nft_rules(ctrs: &[NvCtr]) -> String {
                 "    ip saddr {SUBNET} tcp dport {dport} jump NETAVARK-HOSTPORT-SETMARK\n    \
                  ip saddr 127.0.0.1 tcp dport {dport} jump NETAVARK-HOSTPORT-SETMARK"
             );
+            if c.ip6.is_some() {
+                let _ = writeln!(
+                    dnat,
+                    "    ip6 saddr {SUBNET6} tcp dport {dport} jump NETAVARK-HOSTPORT-SETMARK\n    \
+                     ip6 saddr ::1 tcp dport {dport} jump NETAVARK-HOSTPORT-SETMARK"
+                );
+            }
             for i in 0..r {
                 let _ = writeln!(
                     dnat,
@@ -819,6 +951,14 @@ fn netavark_nft_rules(ctrs: &[NvCtr]) -> String {
                     c.ip,
                     p + i
                 );
+                if let Some(ip6) = c.ip6 {
+                    let _ = writeln!(
+                        dnat,
+                        "    tcp dport {} ct mark set meta mark | 0x00001000 dnat ip6 to [{ip6}]:{}",
+                        h + i,
+                        p + i
+                    );
+                }
             }
         }
     }
@@ -826,7 +966,7 @@ fn netavark_nft_rules(ctrs: &[NvCtr]) -> String {
         "table inet netavark {{
   chain INPUT {{
     type filter hook input priority filter; policy accept;
-    ip saddr {SUBNET} meta l4proto {{ tcp, udp }} th dport 53 accept
+    ip saddr {SUBNET} meta l4proto {{ tcp, udp }} th dport 53 accept{input6}
   }}
   chain FORWARD {{
     type filter hook forward priority filter; policy accept;
@@ -834,12 +974,12 @@ fn netavark_nft_rules(ctrs: &[NvCtr]) -> String {
     ct mark & 0x00001000 == 0x00001000 accept
     jump NETAVARK-ISOLATION-1
     ip daddr {SUBNET} ct state established,related accept
-    ip saddr {SUBNET} accept
+    ip saddr {SUBNET} accept{forward6}
   }}
   chain POSTROUTING {{
     type nat hook postrouting priority srcnat; policy accept;
     meta mark & 0x00002000 == 0x00002000 masquerade
-    ip saddr {SUBNET} jump {net}
+    ip saddr {SUBNET} jump {net}{post6}
   }}
   chain PREROUTING {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -867,7 +1007,7 @@ fn netavark_nft_rules(ctrs: &[NvCtr]) -> String {
     ip daddr {SUBNET} accept
     ip daddr != 224.0.0.0/4 masquerade
   }}
-  chain {net}_dnat {{
+{chain6}  chain {net}_dnat {{
 {dnat}  }}
 }}
 "
@@ -880,6 +1020,7 @@ pub fn netavark_control_container(lab: &mut Lab, env: &Env, bin: &Path, port: u1
     let c = NvCtr {
         name: "a",
         ip: C1_IP,
+        ip6: None,
         ports: vec![(port, ECHO_PORT, 1)],
     };
     let cfg = lab.dir.join("netavark");
@@ -1055,5 +1196,27 @@ mod tests {
         assert!(r.contains("tcp dport 20000-20003 jump"));
         let last = r.lines().rfind(|l| l.contains("dnat ip to")).unwrap();
         assert!(last.contains("10.88.0.2:5201"), "{last}");
+        assert!(!r.contains("ip6"));
+    }
+
+    #[test]
+    fn ipv6_rules_are_the_ipv4_ones_in_ipv6_terms() {
+        let r = docker_rules6();
+        assert!(r.contains("-A POSTROUTING -s fd00:88::/64 ! -o br-bench -j MASQUERADE"));
+        assert!(r.contains("-A OUTPUT ! -d ::1/128 -m addrtype"));
+        let last = r.lines().rfind(|l| l.contains("-j DNAT")).unwrap();
+        assert!(last.contains("--dport 5201 ") && last.ends_with("[fd00:88::2]:5201"));
+        assert!(r.contains("-A DOCKER -d fd00:88::2/128 ! -i br-bench -o br-bench"));
+        assert!(!r.contains("10.88."));
+        let ctrs = netavark_ctrs(Extra::Ipv6);
+        let v: serde_json::Value = serde_json::from_str(&netavark_json(&ctrs[1])).unwrap();
+        assert_eq!(v["networks"]["bench"]["static_ips"][1], C1_IP6);
+        assert_eq!(v["network_info"]["bench"]["ipv6_enabled"], true);
+        let n = netavark_nft_rules(&ctrs);
+        assert_eq!(n.matches("dnat ip to").count(), 2);
+        assert_eq!(n.matches("dnat ip6 to").count(), 2);
+        assert!(n.contains("dnat ip6 to [fd00:88::2]:7000"));
+        assert!(n.contains("ip6 saddr fd00:88::/64 jump nv_2f259bab_fd00_88__nm64"));
+        assert_eq!(Extra::Ipv6.scenario(), "IPv6");
     }
 }

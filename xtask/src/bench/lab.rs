@@ -8,6 +8,9 @@
 //!     +-- vb-c1 <-> eth0 10.88.0.2  mdb-<key>-c1 (container)
 //!     +-- vb-c2 <-> eth0 10.88.0.3  mdb-<key>-c2
 //! ```
+//! A dual-stack lab ([`Lab::enable_ipv6`], the IPv6 scenario) adds 2001:db8::1/64 and ::2/64 on
+//! the uplink, and fd00:88::1/64 (gateway), ::2, ::3 (c1, c2) on the bridge side.
+//!
 //! Both uplink ends are created directly inside their namespaces, so no interface of the lab
 //! ever exists in the root namespace, and nothing is sent anywhere but between them. For md the
 //! bridge and containers are md's own (`md-user run` in the host namespace); netavark creates
@@ -34,6 +37,12 @@ pub const OUTSIDE_IP: &str = "192.0.2.2";
 pub const SUBNET: &str = "10.88.0.0/16";
 pub const GATEWAY: &str = "10.88.0.1";
 pub const BRIDGE: &str = "br-bench";
+/// The IPv6 side of a dual-stack lab ([`Lab::enable_ipv6`]): the uplink's /64 and the
+/// containers' ULA /64.
+pub const HOST_IP6: &str = "2001:db8::1";
+pub const OUTSIDE_IP6: &str = "2001:db8::2";
+pub const SUBNET6: &str = "fd00:88::/64";
+pub const GATEWAY6: &str = "fd00:88::1";
 
 const PREFIX: &str = "mdb-";
 const PIN_PREFIX: &str = "md-bench-";
@@ -55,6 +64,8 @@ pub struct MdEnv {
     pub pin_dir: PathBuf,
     /// `--datapath` of every command (None: md's default).
     pub datapath: Option<&'static str>,
+    /// The default network dual-stack on this IPv6 subnet (`MD_SUBNET6`).
+    pub subnet6: Option<&'static str>,
 }
 
 pub struct Lab {
@@ -213,6 +224,54 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes the lab dual-stack: IPv6 on the uplink (no DAD: the addresses answer at once),
+    /// the host's IPv6 default route via the outside, IPv6 forwarding in the host namespace.
+    pub fn enable_ipv6(&self) -> Result<()> {
+        let (h, o) = (self.host.name.as_str(), self.outside.name.as_str());
+        for (ns, ip, dev) in [(h, HOST_IP6, UPLINK), (o, OUTSIDE_IP6, "eth0")] {
+            let a = format!("{ip}/64");
+            sh(&["ip", "-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"])?;
+        }
+        sh(&[
+            "ip",
+            "-n",
+            h,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            OUTSIDE_IP6,
+            "dev",
+            UPLINK,
+        ])?;
+        self.sysctl(&self.host, "net.ipv6.conf.all.forwarding", "1")?;
+        Ok(())
+    }
+
+    /// IPv6 on a hand-made bridge (after [`Lab::add_bridge`]).
+    pub fn add_bridge_ip6(&self) -> Result<()> {
+        let h = self.host.name.as_str();
+        let a = format!("{GATEWAY6}/64");
+        sh(&[
+            "ip", "-n", h, "-6", "addr", "add", &a, "dev", BRIDGE, "nodad",
+        ])?;
+        Ok(())
+    }
+
+    /// IPv6 in a hand-made container: `ip6`/64 and the IPv6 default route via the gateway.
+    pub fn add_container_ip6(&self, ns: &Ns, ip6: &str) -> Result<()> {
+        let n = ns.name.as_str();
+        let a = format!("{ip6}/64");
+        sh(&[
+            "ip", "-n", n, "-6", "addr", "add", &a, "dev", "eth0", "nodad",
+        ])?;
+        sh(&[
+            "ip", "-n", n, "-6", "route", "add", "default", "via", GATEWAY6,
+        ])?;
+        Ok(())
+    }
+
     /// The bridge for hand-made containers (plain routing, Docker-style iptables).
     pub fn add_bridge(&self) -> Result<()> {
         let h = self.host.name.as_str();
@@ -311,11 +370,22 @@ impl Lab {
 
     /// [`Lab::enable_md`] with md's datapath mode (`redirect`, `stack`) for every command.
     pub fn enable_md_mode(&mut self, bin: &Path, datapath: Option<&'static str>) {
+        self.enable_md_with(bin, datapath, None);
+    }
+
+    /// [`Lab::enable_md_mode`], the default network dual-stack on `subnet6` when given.
+    pub fn enable_md_with(
+        &mut self,
+        bin: &Path,
+        datapath: Option<&'static str>,
+        subnet6: Option<&'static str>,
+    ) {
         let env = MdEnv {
             bin: bin.to_path_buf(),
             state_dir: self.dir.join("md-state"),
             pin_dir: Path::new(BPFFS).join(format!("{PIN_PREFIX}{}", self.key)),
             datapath,
+            subnet6,
         };
         self.md = Some(env);
         let down = self.md_cmd(&["down"]);
@@ -331,6 +401,19 @@ impl Lab {
     /// Runs md-user; returns stdout, failing with its output unless it exits 0.
     pub fn md(&self, args: &[&str]) -> Result<String> {
         run_ok(&mut self.md_cmd(args), STEP)
+    }
+
+    /// The IPv6 address of md container `name` (`ps --json`'s `ip6`).
+    pub fn md_ip6(&self, name: &str) -> Result<String> {
+        let out = self.md(&["ps", "--json"])?;
+        let v: Value = serde_json::from_str(&out).context("md-user ps --json")?;
+        v.as_array()
+            .context("ps --json is not an array")?
+            .iter()
+            .find(|c| c["name"] == name)
+            .and_then(|c| c["ip6"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("md-user ps shows no IPv6 address for {name}"))
     }
 
     /// `md-user ps --json`: (name, ip, pid) of each container; remembers their namespaces.
@@ -529,6 +612,9 @@ fn md_command(md: &MdEnv, host: &Path, args: &[&str]) -> Command {
     if let Some(d) = md.datapath {
         c.env("MD_DATAPATH", d);
     }
+    if let Some(s) = md.subnet6 {
+        c.env("MD_SUBNET6", s);
+    }
     c
 }
 
@@ -626,6 +712,7 @@ pub fn sweep_stale(md_bin: Option<&Path>) {
                 state_dir: dir.join("md-state"),
                 pin_dir: pin.clone(),
                 datapath: None,
+                subnet6: None,
             };
             let mut c = if host.exists() {
                 md_command(&md, &host, &["down"])

@@ -317,7 +317,9 @@ pub fn chart(sum: &[Summary]) -> String {
         if !matches!(unit.as_str(), "Gbit/s" | "req/s" | "conn/s" | "µs") {
             continue;
         }
-        let Some(base) = find(sum, PLAIN, "base", &m).map(|s| s.median) else {
+        // Relative to plain routing in the same scenario (IPv6), else at the base.
+        let plain = find(sum, PLAIN, &sc, &m).or_else(|| find(sum, PLAIN, "base", &m));
+        let Some(base) = plain.map(|s| s.median) else {
             continue;
         };
         let up = higher_is_better(&unit);
@@ -402,6 +404,8 @@ pub fn chart(sum: &[Summary]) -> String {
             y += header;
             let title = if sc == "base" {
                 "no extra ports or rules".to_string()
+            } else if sc == "IPv6" {
+                "over IPv6, no extra ports or rules".to_string()
             } else {
                 format!("with {sc}")
             };

@@ -151,7 +151,10 @@ fn serve(port: u16, iperf: Option<u16>, workers: usize) -> Result<()> {
         }
         None => None,
     };
-    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind :{port}"))?;
+    // Both families on one socket (the IPv6 scenario); IPv4 alone where IPv6 is off.
+    let l = TcpListener::bind(("::", port))
+        .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+        .with_context(|| format!("bind :{port}"))?;
     let mut handles = Vec::new();
     for _ in 0..workers.max(1) {
         let l = l.try_clone()?;
