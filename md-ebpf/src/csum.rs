@@ -72,7 +72,10 @@ pub fn set_port<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: bool, from: u16, to: 
     let to_be = to.to_be_bytes();
     match p.proto {
         proto if proto == A::ICMP => {
-            ctx.l4_csum_replace(p.l4_off + ICMP_CSUM, raw16(from), raw16(to), 2)?;
+            // The checksum follows the identifier the field holds: an echo's flow carries it as
+            // either "port", and an untracked reply's `from` is the other one (0).
+            let cur = u16::from_be_bytes(ctx.load::<[u8; 2]>(p.l4_off + ICMP_ID)?);
+            ctx.l4_csum_replace(p.l4_off + ICMP_CSUM, raw16(cur), raw16(to), 2)?;
             ctx.store(p.l4_off + ICMP_ID, &to_be, 0)?;
         }
         _ => {

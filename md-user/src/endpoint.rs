@@ -160,6 +160,20 @@ pub fn publish(dp: &Datapath, locked: &mut Locked, name: &str, identity: u32) ->
         .first()
         .and_then(|i| locked.state.networks.get(&i.network))
         .is_some_and(|n| n.routed6);
+    // A gateway or container address is not the host's to publish on: its answers would
+    // leave the uplink with an md source (the datapath translates what PORT_MAP says).
+    for p in c.ports.iter().filter(|p| !p.routed) {
+        let Some(h) = p.host_ip else { continue };
+        let inside = |n: &crate::state::Network| match h {
+            std::net::IpAddr::V4(a) => n.span().contains(a),
+            std::net::IpAddr::V6(a) => n.subnet6.is_some_and(|s| s.contains(a)),
+        };
+        if let Some((name, _)) = locked.state.networks.iter().find(|(_, n)| inside(n)) {
+            anyhow::bail!(
+                "port {p}: {h} is in md network {name}; publish on one of the host's own addresses"
+            );
+        }
+    }
     // A runtime may hold its ports itself (Podman's conmon does, to reserve them).
     if c.cni.is_none() {
         hostports::check_free(&c.ports, &locked.state)?;

@@ -380,7 +380,9 @@ fn set_addr(s: &mut Skb, p: &Pkt, src: bool, from: Ip4, to: Ip4) -> R {
 fn set_port(s: &mut Skb, p: &Pkt, src: bool, from: u16, to: u16) -> R {
     match p.proto {
         IPPROTO_ICMP => {
-            s.l4_csum_replace(p.l4_off + 2, raw16(from), raw16(to), 2)?;
+            // As csum::set_port: from the identifier the field holds.
+            let cur = u16::from_be_bytes(s.load::<2>(p.l4_off + 4).ok_or(Fault)?);
+            s.l4_csum_replace(p.l4_off + 2, raw16(cur), raw16(to), 2)?;
             s.store(p.l4_off + 4, &to.to_be_bytes())
         }
         _ => {

@@ -1648,9 +1648,10 @@ impl<'a> Case<'a> {
 const KNOWN: &[(&str, &str)] = &[
     (
         "F1",
-        "an ICMP echo reply from an md address leaving an uplink untracked is masqueraded: \
-         csum::set_port rewrites its identifier as the 'source port' but updates the ICMP \
-         checksum from p.sport (0), not from the identifier the field held",
+        "an ICMP error quoting an ICMP echo whose flow holds the identifier as both 'ports' \
+         (opened by an untracked echo reply from an md address) gets a wrong ICMP checksum: \
+         the quoted rewrite writes both into the one identifier field (the echo reply itself \
+         is fixed: csum::set_port updates from the identifier the field holds)",
     ),
     (
         "F2",
@@ -1666,21 +1667,14 @@ fn known(hook: Hook, frame: &[u8], what: &str) -> bool {
         return false;
     }
     let ip = frame.get(pkt::ETH_HLEN..).unwrap_or_default();
-    // F1: the echo reply itself, or an ICMP error quoting an echo of such a flow (it has an
-    // identifier in both "ports", which the quoted rewrite writes into one field).
+    // F1: an ICMP error quoting an echo of such a flow.
     let l4 = ip.get(usize::from(ip.first().copied().unwrap_or(0) & 0x0f) * 4..);
-    let echo_reply = |ip: &[u8], l4: Option<&[u8]>| {
-        ip.len() > 20 && ip[9] == IPPROTO_ICMP && l4.and_then(|l| l.first()) == Some(&0)
-    };
     let echo = |ip: &[u8], l4: Option<&[u8]>| {
         ip.len() > 20 && ip[9] == IPPROTO_ICMP && matches!(l4.and_then(|l| l.first()), Some(0 | 8))
     };
     let quoted = l4.and_then(|l| l.get(8..)).unwrap_or_default();
     let quoted_l4 = quoted.get(usize::from(quoted.first().copied().unwrap_or(0) & 0x0f) * 4..);
-    let f1 = what == "L4"
-        && ip.len() > 20
-        && ((hook == Hook::UplinkEgress && ip[12] == 172 && echo_reply(ip, l4))
-            || (ip[9] == IPPROTO_ICMP && echo(quoted, quoted_l4)));
+    let f1 = what == "L4" && ip.len() > 20 && ip[9] == IPPROTO_ICMP && echo(quoted, quoted_l4);
     let f2 = hook == Hook::UplinkEgress
         && what == "md source"
         && ip.len() >= 20

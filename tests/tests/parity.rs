@@ -1471,6 +1471,15 @@ fn bad_values_leave_nothing() {
             run_args("bad", &["--network", "inner", "-p", "80"], &sleep),
         ),
         (
+            // md's gateway is a host address, but answers would leave with an md source.
+            "-p on the default network's gateway",
+            run_args("bad", &["-p", "172.18.0.1:8080:80"], &sleep),
+        ),
+        (
+            "-p on an address inside an md network",
+            run_args("bad", &["-p", "10.67.0.9:8080:80"], &sleep),
+        ),
+        (
             "-p with an empty host port",
             run_args("bad", &["-p", ":80"], &sleep),
         ),
