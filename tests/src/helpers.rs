@@ -294,3 +294,48 @@ pub fn md_resolv(lab: &Lab, resolv: &Path, args: &[&str]) -> Output {
     c.env("MD_RESOLV_CONF", resolv);
     run_timeout(&mut c, MD_TIMEOUT)
 }
+
+/// md's eBPF object as `cargo xtask build-ebpf` leaves it, or `MD_EBPF_OBJ`.
+pub fn ebpf_object_path() -> std::path::PathBuf {
+    match std::env::var_os("MD_EBPF_OBJ") {
+        Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
+        _ => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/md-ebpf/md-ebpf.o")
+        }
+    }
+}
+
+/// md's eBPF object loaded privately (maps created, nothing pinned) with the TC programs
+/// `names` loaded; panics on failure. The verifier gives up with EAGAIN when a signal is
+/// pending for the loading thread: such a load is tried again, up to 5 times.
+pub fn load_tc_programs(names: &[&str]) -> aya::Ebpf {
+    let path = ebpf_object_path();
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "reading {}: {e} (run `cargo xtask build-ebpf`, or set MD_EBPF_OBJ)",
+            path.display()
+        )
+    });
+    let btf = aya::Btf::from_sys_fs().ok();
+    let mut ebpf = aya::EbpfLoader::new()
+        .btf(btf.as_ref())
+        .load(&bytes)
+        .expect("loading md's eBPF object");
+    for &name in names {
+        let prog: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("program {name} missing"))
+            .try_into()
+            .unwrap();
+        let mut tries = 0;
+        while let Err(e) = prog.load() {
+            let again = matches!(&e, aya::programs::ProgramError::LoadError { io_error, .. }
+                if io_error.raw_os_error() == Some(libc::EAGAIN));
+            tries += 1;
+            if !again || tries > 5 {
+                panic!("loading {name}: {e:?}");
+            }
+        }
+    }
+    ebpf
+}

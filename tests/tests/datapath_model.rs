@@ -29,14 +29,13 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues},
     programs::{SchedClassifier, TestRun, TestRunOptions},
-    Btf, Ebpf, EbpfLoader, Pod,
+    Ebpf, Pod,
 };
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, FragEntry, FragKey, IfStats, Network, PolicyKey,
@@ -138,13 +137,6 @@ fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn object_path() -> PathBuf {
-    match std::env::var_os("MD_EBPF_OBJ") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/md-ebpf/md-ebpf.o"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The private namespace
 
@@ -221,28 +213,12 @@ struct Bpf {
 
 impl Bpf {
     fn load(uplink: u32, veths: Vec<u32>) -> Self {
-        let path = object_path();
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-            panic!(
-                "reading {}: {e} (run `cargo xtask build-ebpf`, or set MD_EBPF_OBJ)",
-                path.display()
-            )
-        });
-        let btf = Btf::from_sys_fs().ok();
-        let mut ebpf = EbpfLoader::new()
-            .btf(btf.as_ref())
-            .load(&bytes)
-            .expect("loading md's eBPF object");
-        for name in [
+        let ebpf = md_tests::helpers::load_tc_programs(&[
             m::PROG_VETH_INGRESS,
             m::PROG_VETH_EGRESS,
             m::PROG_UPLINK_INGRESS,
             m::PROG_UPLINK_EGRESS,
-        ] {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
-        }
+        ]);
         let mut b = Bpf {
             ebpf,
             uplink,

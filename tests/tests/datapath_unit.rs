@@ -13,15 +13,13 @@
 //! Needs root (CAP_BPF + CAP_NET_ADMIN): gated by `md_tests::require_e2e()` like the e2e tests.
 //! The object is `target/md-ebpf/md-ebpf.o` (`cargo xtask build-ebpf`) or `$MD_EBPF_OBJ`.
 
-use std::path::PathBuf;
-
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
         Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues,
     },
     programs::{SchedClassifier, TestRun, TestRunOptions},
-    Btf, Ebpf, EbpfLoader, Pod,
+    Ebpf, Pod,
 };
 use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
@@ -81,13 +79,6 @@ fn mac(ip: Ip4) -> Mac {
 
 fn identity(ip: Ip4) -> u32 {
     100 + u32::from(ip[3])
-}
-
-fn object_path() -> PathBuf {
-    match std::env::var_os("MD_EBPF_OBJ") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/md-ebpf/md-ebpf.o"),
-    }
 }
 
 /// md's datapath, loaded privately for one test.
@@ -171,35 +162,12 @@ impl Dp {
     /// counters for ifindex 1. Maps otherwise empty.
     fn bare() -> Self {
         let uplink = private_netns();
-        let path = object_path();
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-            panic!(
-                "reading {}: {e} (run `cargo xtask build-ebpf`, or set MD_EBPF_OBJ)",
-                path.display()
-            )
-        });
-        let btf = Btf::from_sys_fs().ok();
-        let mut ebpf = EbpfLoader::new()
-            .btf(btf.as_ref())
-            .load(&bytes)
-            .expect("loading md's eBPF object");
-        for name in [VETH_INGRESS, VETH_EGRESS, UPLINK_INGRESS, UPLINK_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing"))
-                .try_into()
-                .unwrap();
-            // The verifier gives up with EAGAIN when a signal is pending: load again.
-            let mut tries = 0;
-            while let Err(e) = prog.load() {
-                let again = matches!(&e, aya::programs::ProgramError::LoadError { io_error, .. }
-                    if io_error.raw_os_error() == Some(libc::EAGAIN));
-                tries += 1;
-                if !again || tries > 5 {
-                    panic!("loading {name}: {e:?}");
-                }
-            }
-        }
+        let ebpf = md_tests::helpers::load_tc_programs(&[
+            VETH_INGRESS,
+            VETH_EGRESS,
+            UPLINK_INGRESS,
+            UPLINK_EGRESS,
+        ]);
         let mut dp = Dp { ebpf, uplink };
         dp.set_config(|_| {});
         dp.add_if_stats(LO);

@@ -8,15 +8,13 @@
 //! on what the program left. One test runs the skb as CHECKSUM_COMPLETE (the kernel checks
 //! skb->csum after the program): an IPv6 address change has no header checksum to absorb it.
 
-use std::path::PathBuf;
-
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
         Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues,
     },
     programs::{SchedClassifier, TestRun, TestRunOptions},
-    Btf, Ebpf, EbpfLoader, Pod,
+    Ebpf, Pod,
 };
 use md_common::{
     maps as m, Config, CtEntry6, CtKey6, Endpoint, IfStats, Network, PortKey6, PortTarget6,
@@ -66,13 +64,6 @@ fn mac(ip: &str) -> Mac {
 
 fn identity(ip: &str) -> u32 {
     100 + u32::from(v6(ip)[15])
-}
-
-fn object_path() -> PathBuf {
-    match std::env::var_os("MD_EBPF_OBJ") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/md-ebpf/md-ebpf.o"),
-    }
 }
 
 /// Moves the calling thread into a new network namespace shaped like a small dual-stack md
@@ -136,17 +127,12 @@ impl Dp {
     /// IPv6 address and the gateways in HOST_ADDRS6.
     fn lab() -> Self {
         let uplink = private_netns();
-        let bytes = std::fs::read(object_path()).expect("reading md's eBPF object");
-        let btf = Btf::from_sys_fs().ok();
-        let mut ebpf = EbpfLoader::new()
-            .btf(btf.as_ref())
-            .load(&bytes)
-            .expect("loading md's eBPF object");
-        for name in [VETH_INGRESS, VETH_EGRESS, UPLINK_INGRESS, UPLINK_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load()
-                .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
-        }
+        let ebpf = md_tests::helpers::load_tc_programs(&[
+            VETH_INGRESS,
+            VETH_EGRESS,
+            UPLINK_INGRESS,
+            UPLINK_EGRESS,
+        ]);
         let c = std::ffi::CString::new("peer0").unwrap();
         // SAFETY: a valid NUL-terminated name.
         let v4only = unsafe { libc::if_nametoindex(c.as_ptr()) };
