@@ -246,6 +246,10 @@ fn on_uplink(ctx: &TcContext, ingress: bool, l3: usize) -> i32 {
             s.egress_bytes += len;
         }
     });
+    if !ingress && unsafe { (*ctx.skb.skb).mark } == fwd::MARK_TRANSLATED {
+        ctx.skb.set_mark(0);
+        return TCX_NEXT;
+    }
     let v = match (config(), parse::proto_at(ctx, l3)) {
         (Some(cfg), Proto::Ipv4) => uplink_family::<Ip4>(ctx, cfg, ingress, l3, ifindex),
         (Some(cfg), Proto::Ipv6) => uplink_family::<Ip6>(ctx, cfg, ingress, l3, ifindex),

@@ -195,6 +195,20 @@ fn parse_into<A: Addr>(ctx: &TcContext, l3: usize, p: &mut Pkt<A>) -> bool {
 #[inline(always)]
 fn l4_header<A: Addr>(ctx: &TcContext, p: &mut Pkt<A>, l4_len: u32) {
     let l4 = p.l4_off;
+    // The whole header in one read: the common case, one helper call rather than three.
+    if p.proto == IPPROTO_TCP {
+        if let Ok(t) = ctx.load::<[u8; 20]>(l4) {
+            tcp_header(p, &t, l4_len);
+            return;
+        }
+    } else if p.proto == IPPROTO_UDP {
+        if let Ok(u) = ctx.load::<[u8; 8]>(l4) {
+            p.sport = u16::from_be_bytes([u[0], u[1]]);
+            p.dport = u16::from_be_bytes([u[2], u[3]]);
+            p.l4 = L4::Ports;
+            return;
+        }
+    }
     match p.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             if let Ok(ports) = ctx.load::<[u8; 4]>(l4) {
@@ -206,18 +220,6 @@ fn l4_header<A: Addr>(ctx: &TcContext, p: &mut Pkt<A>, l4_len: u32) {
             // a quoted header inside an ICMP error may stop after the ports (see `quoted`).
             let full = if p.proto == IPPROTO_TCP { 20 } else { 8 };
             match ctx.load::<u8>(l4 + full - 1) {
-                Ok(_) if p.proto == IPPROTO_TCP => {
-                    if let Ok(t) = ctx.load::<[u8; 14]>(l4) {
-                        p.seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
-                        p.ack_seq = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
-                        p.tcp_flags = t[13];
-                        let doff = ((t[12] >> 4) as u32) * 4;
-                        let data = l4_len.saturating_sub(doff);
-                        p.seq_len = data
-                            + (p.tcp_flags & TCP_SYN != 0) as u32
-                            + (p.tcp_flags & TCP_FIN != 0) as u32;
-                    }
-                }
                 Ok(_) => {}
                 Err(_) => p.truncated = true,
             }
@@ -239,6 +241,20 @@ fn l4_header<A: Addr>(ctx: &TcContext, p: &mut Pkt<A>, l4_len: u32) {
         }
         _ => {}
     }
+}
+
+/// The fields of a whole TCP header `t`, `l4_len` bytes long with its data.
+#[inline(always)]
+fn tcp_header<A>(p: &mut Pkt<A>, t: &[u8; 20], l4_len: u32) {
+    p.sport = u16::from_be_bytes([t[0], t[1]]);
+    p.dport = u16::from_be_bytes([t[2], t[3]]);
+    p.l4 = L4::Ports;
+    p.seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    p.ack_seq = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+    p.tcp_flags = t[13];
+    let doff = ((t[12] >> 4) as u32) * 4;
+    let data = l4_len.saturating_sub(doff);
+    p.seq_len = data + (p.tcp_flags & TCP_SYN != 0) as u32 + (p.tcp_flags & TCP_FIN != 0) as u32;
 }
 
 /// Parses the packet at `l3` into the per-CPU slot `slot`.

@@ -103,10 +103,14 @@ fn to_remote<A: Addr>(
     send(ctx, cfg, p, src, dst)
 }
 
-/// A packet of a tracked flow (already allowed): to a remote container it goes on its way,
-/// anything else is left as it is.
+/// A packet of a tracked flow (already allowed): to a remote container it goes on its way; to
+/// a container of this host's (in the redirect datapath) straight into it, as the flow's first
+/// packet did; anything else is left as it is.
 #[inline(always)]
 pub fn onward<A: Addr>(ctx: &TcContext, cfg: &Config, p: &Pkt<A>, src: &Endpoint) -> Verdict {
+    if let Some(dst) = crate::nat::endpoint(&p.daddr) {
+        return fwd::between_containers(ctx, cfg, &dst);
+    }
     match remote(&p.daddr) {
         Some(dst) if dst.net_id == src.net_id => send(ctx, cfg, p, src, &dst),
         _ => Verdict::Pass,

@@ -15,7 +15,7 @@
 
 use aya_ebpf::programs::TcContext;
 use md_common::{
-    Config, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_FORWARD,
+    Config, CtEntryOf, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_KIND_ROUTED, CT_KIND_SNAT, DROP_FORWARD,
     DROP_ISOLATION, DROP_MALFORMED, DROP_NO_SOURCE, DROP_SPOOF, DROP_UNSOLICITED, DROP_UNSUPPORTED,
     NET_INTERNAL,
 };
@@ -125,10 +125,7 @@ fn tracked<A: Addr>(
     if e.hook != CT_HOOK_UPLINK {
         return None;
     }
-    // Masquerade and routed flows start leaving; published ports' start coming in.
-    let leaves_first = e.kind == CT_KIND_SNAT || e.kind == CT_KIND_ROUTED;
-    let way_in = leaves_first == (e.dir == CT_DIR_REPLY);
-    if way_in != l3.is_some() {
+    if inbound_half(e) != l3.is_some() {
         return None;
     }
     ct::touch(f, p, now, cfg);
@@ -140,6 +137,15 @@ fn tracked<A: Addr>(
         Some(l3) => fwd::inbound::<A>(ctx, cfg, l3, &e.nat_daddr),
         None => Verdict::Pass,
     })
+}
+
+/// Whether a tracker half translated at the uplink is one that comes in from the wire (rather
+/// than leaves by it): masquerade and routed flows start leaving, published ports' start
+/// coming in.
+#[inline(always)]
+pub fn inbound_half<A>(e: &CtEntryOf<A>) -> bool {
+    let leaves_first = e.kind == CT_KIND_SNAT || e.kind == CT_KIND_ROUTED;
+    leaves_first == (e.dir == CT_DIR_REPLY)
 }
 
 /// What arrives untranslated. Containers are reached from outside only through published

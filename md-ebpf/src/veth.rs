@@ -15,7 +15,7 @@ use crate::{
     csum,
     ct::{self, Spec},
     family::Addr,
-    fwd,
+    frag, fwd,
     nat::{self, Verdict},
     ndp,
     parse::{self, Pkt, L4},
@@ -145,7 +145,7 @@ fn from_container<A: Addr>(ctx: &TcContext, ifindex: u32, p: &Pkt<A>, cfg: &Conf
                 // Translated at the uplink (masquerade, or an answer to an outside client):
                 // on its way there, to an address that is neither the host's nor md's.
                 return if fwd::redirecting(cfg) {
-                    fwd::outbound(ctx, p, &src)
+                    leave(ctx, p, &src, f, now, cfg)
                 } else {
                     Verdict::Pass
                 };
@@ -210,6 +210,34 @@ fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint, cfg: &Config) 
         return fwd::outbound(ctx, p, src);
     }
     Verdict::Pass
+}
+
+/// Redirect datapath: a packet of flow `f`, translated at the uplink, on its way there. When
+/// the FIB sends it straight to the uplink, its half of the flow is applied here (the uplink's
+/// egress then lets it by, [`fwd::MARK_TRANSLATED`]): one tracker lookup on the way out, not
+/// two. Otherwise (no way out yet, or the half that comes in) the uplink does as it always
+/// does.
+#[inline(always)]
+fn leave<A: Addr>(
+    ctx: &TcContext,
+    p: &Pkt<A>,
+    src: &Endpoint,
+    f: ct::Found<A>,
+    now: u64,
+    cfg: &Config,
+) -> Verdict {
+    let v = fwd::outbound(ctx, p, src);
+    let e = unsafe { &*f.e };
+    if !matches!(v, Verdict::Redirect(_)) || crate::uplink::inbound_half(e) {
+        return v;
+    }
+    ct::touch(f, p, now, cfg);
+    if csum::rewrite_entry(ctx, p, e).is_err() {
+        return Verdict::Drop(DROP_MALFORMED);
+    }
+    frag::remember(p, &e.nat_saddr, &e.nat_daddr);
+    ctx.set_mark(fwd::MARK_TRANSLATED);
+    v
 }
 
 /// Container → container on md's bridges: network isolation, policy, and tracking so answers

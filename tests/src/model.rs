@@ -1412,7 +1412,12 @@ impl Model {
                 let to = e.nat_tuple(p.proto);
                 self.touch(f, p);
                 if e.kind == CT_KIND_NONE {
-                    return Ok(Verdict::Pass);
+                    // tunnel::onward: straight into a container of this host (no overlay
+                    // in the model).
+                    return Ok(match self.endpoint(&p.daddr) {
+                        Some(dst) => self.between_containers(s, &dst),
+                        None => Verdict::Pass,
+                    });
                 }
                 if rewrite(s, p, &to).is_err() {
                     return Ok(Verdict::Drop(DROP_MALFORMED));
