@@ -414,6 +414,12 @@ pub const DATAPATH_STACK: u8 = 0;
 /// or into another container (bpf_redirect_peer), skipping the bridge and the host stack.
 pub const DATAPATH_REDIRECT: u8 = 1;
 
+/// The skb mark of a frame whose uplink translation was done at the container's veth in the
+/// redirect datapath: the uplink's egress program lets it by, and clears the mark, instead of
+/// looking its flow up again. Marks never cross into another namespace (veth scrubs them), so
+/// no container can forge one.
+pub const MARK_TRANSLATED: u32 = 0x6d64_7478;
+
 /// Overlay modes (Remote.mode): VXLAN through the collect-metadata device, the sender's
 /// identity in the VNI; or native routing over a shared underlay (identity from the registry).
 pub const OVERLAY_TUNNEL: u8 = 1;

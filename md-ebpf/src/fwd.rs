@@ -108,12 +108,6 @@ pub fn between_containers(ctx: &TcContext, cfg: &Config, dst: &Endpoint) -> Verd
     Verdict::Redirect(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32)
 }
 
-/// The mark of a frame whose uplink translation was done at the container's veth (see
-/// `veth::leave`): the uplink's egress program lets it by, and clears the mark, instead of
-/// looking its flow up again. Marks never cross into another namespace (veth scrubs them), so
-/// no container can forge one.
-pub const MARK_TRANSLATED: u32 = 0x6d64_7478;
-
 /// Redirect datapath, at a container's veth ingress: a packet from container `src` to a
 /// routed destination goes straight to the egress of the interface the FIB names (as if the
 /// bridge had handed it to the host and the host had routed it).

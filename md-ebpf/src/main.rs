@@ -246,7 +246,7 @@ fn on_uplink(ctx: &TcContext, ingress: bool, l3: usize) -> i32 {
             s.egress_bytes += len;
         }
     });
-    if !ingress && unsafe { (*ctx.skb.skb).mark } == fwd::MARK_TRANSLATED {
+    if !ingress && unsafe { (*ctx.skb.skb).mark } == md_common::MARK_TRANSLATED {
         ctx.skb.set_mark(0);
         return TCX_NEXT;
     }

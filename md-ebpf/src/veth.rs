@@ -214,7 +214,7 @@ fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint, cfg: &Config) 
 
 /// Redirect datapath: a packet of flow `f`, translated at the uplink, on its way there. When
 /// the FIB sends it straight to the uplink, its half of the flow is applied here (the uplink's
-/// egress then lets it by, [`fwd::MARK_TRANSLATED`]): one tracker lookup on the way out, not
+/// egress then lets it by, [`md_common::MARK_TRANSLATED`]): one tracker lookup on the way out, not
 /// two. Otherwise (no way out yet, or the half that comes in) the uplink does as it always
 /// does.
 #[inline(always)]
@@ -236,7 +236,7 @@ fn leave<A: Addr>(
         return Verdict::Drop(DROP_MALFORMED);
     }
     frag::remember(p, &e.nat_saddr, &e.nat_daddr);
-    ctx.set_mark(fwd::MARK_TRANSLATED);
+    ctx.set_mark(md_common::MARK_TRANSLATED);
     v
 }
 

@@ -25,8 +25,9 @@ use md_common::{
     maps as m, Config, CtEntry, CtKey, Endpoint, IfStats, Network, PolicyKey, PolicyRule, PortKey,
     PortTarget, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_HOOK_UPLINK, CT_HOOK_VETH, CT_KIND_DNAT,
     CT_KIND_HAIRPIN, CT_KIND_NONE, CT_KIND_ROUTED, CT_KIND_SNAT, DATAPATH_REDIRECT, DATAPATH_STACK,
-    HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, NET_INTERNAL, NET_ROUTED4, POLICY_ALLOW, POLICY_DENY,
-    TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV, TCP_SYN_SENT,
+    HOST_ADDR_GATEWAY, HOST_ADDR_LOCAL, MARK_TRANSLATED, NET_INTERNAL, NET_ROUTED4, POLICY_ALLOW,
+    POLICY_DENY, TCP_CLOSING, TCP_ESTABLISHED, TCP_FIN_ORIGINAL, TCP_FIN_REPLY, TCP_SYN_RECV,
+    TCP_SYN_SENT,
 };
 use md_tests::{
     pkt::{
@@ -46,6 +47,8 @@ const REDIRECT: u32 = 7;
 const LO: u32 = 1;
 /// `offsetof(struct __sk_buff, ifindex)`; the struct is 192 bytes on 64-bit kernels.
 const SKB_IFINDEX_OFF: usize = 40;
+/// `__sk_buff.mark`.
+const SKB_MARK_OFF: usize = 8;
 const SKB_CTX_LEN: usize = 192;
 
 const HOST: Ip4 = [192, 0, 2, 1];
@@ -2807,9 +2810,10 @@ fn redirect_datapath_delivers_itself() {
     expect_rewrite(&dp, VETH_INGRESS, &out, REDIRECT, &want, "C2 -> OUT");
     assert_eq!(dp.stat(|s| s.redirected), 2);
     // A flow masqueraded at the uplink (opened in the stack mode, where the helper expects the
-    // answers to pass): its next packets take the same way out.
+    // answers to pass): its next packets take the same way out, masqueraded at the veth
+    // already, and the uplink's egress lets them by on the mark the veth set.
     dp.set_config(|c| c.datapath = DATAPATH_STACK);
-    let (_, _) = established_snat_flow(&mut dp, 40400);
+    let (flow, port) = established_snat_flow(&mut dp, 40400);
     dp.set_config(|c| c.datapath = DATAPATH_REDIRECT);
     let next = Ipv4Pkt::tcp(C2, 40400, OUT, 80, TCP_ACK | TCP_PSH)
         .seq_ack(1001, 5001)
@@ -2817,8 +2821,10 @@ fn redirect_datapath_delivers_itself() {
         .macs(mac(C2), GW_MAC);
     let want = Ipv4Pkt {
         ttl: 63,
-        ..next.clone().macs(uplink_mac(), OUT_MAC)
+        ..with_tuple(&next, CtKey::new(HOST, OUT, port, 80, IPPROTO_TCP))
+            .macs(uplink_mac(), OUT_MAC)
     };
+    let packets = dp.ct_must(&flow[0]).packets;
     let before = dp.stat(|s| s.redirected);
     expect_rewrite(
         &dp,
@@ -2829,12 +2835,33 @@ fn redirect_datapath_delivers_itself() {
         "C2's masqueraded flow",
     );
     assert_eq!(dp.stat(|s| s.redirected), before + 1);
+    assert_eq!(
+        dp.ct_must(&flow[0]).packets,
+        packets + 1,
+        "accounted at the veth"
+    );
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&dp.uplink.to_ne_bytes());
+    ctx[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&MARK_TRANSLATED.to_ne_bytes());
+    let frame = want.build();
+    let (rc, out) = dp.run_ctx(UPLINK_EGRESS, &frame, Some(&ctx));
+    assert_verdict(rc, PASS, "marked at the veth: let by");
+    assert_frame_eq(&out, &frame, "marked at the veth: untouched");
+    assert_eq!(
+        dp.ct_must(&flow[0]).packets,
+        packets + 1,
+        "not accounted twice"
+    );
 
     // C2 -> C3 on the same network, to C3's MAC: into C3, untouched.
     let c2c3 = Ipv4Pkt::tcp(C2, 41000, C3, 80, TCP_SYN).macs(mac(C2), mac(C3));
     let before = dp.stat(|s| s.redirected);
     expect_untouched(&dp, VETH_INGRESS, &c2c3, REDIRECT, "C2 -> C3");
     assert_eq!(dp.stat(|s| s.redirected), before + 1);
+    // The flow's next packets (tracked now) take the same way, the answer included.
+    let answer = Ipv4Pkt::tcp(C3, 80, C2, 41000, TCP_SYN | TCP_ACK).macs(mac(C3), mac(C2));
+    expect_untouched(&dp, VETH_INGRESS, &answer, REDIRECT, "C3 -> C2, tracked");
+    assert_eq!(dp.stat(|s| s.redirected), before + 2);
 
     // Whatever the host must handle takes the stack: to the host itself, broadcast, a TTL
     // that would run out (the stack sends time-exceeded).
