@@ -122,6 +122,7 @@ pub async fn trace(
             nl,
             count: 0,
             warnings: Vec::new(),
+            mark: 0,
         },
     };
     let start = t.request(&origin, dst, to).await?;

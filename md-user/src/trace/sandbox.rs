@@ -26,6 +26,8 @@ use crate::datapath::Datapath;
 
 /// `offsetof(struct __sk_buff, ifindex)` and the struct's size on 64-bit kernels.
 const SKB_IFINDEX_OFF: usize = 40;
+/// `__sk_buff.mark`.
+const SKB_MARK_OFF: usize = 8;
 const SKB_CTX_LEN: usize = 192;
 
 /// LRU maps evict before they are full (per-CPU free lists): the copy gets this much room
@@ -275,9 +277,15 @@ impl Sandbox {
     }
 
     /// Runs `frame` through program `prog` as if it arrived at interface `ifindex` (the
-    /// program sees it as `__sk_buff.ifindex`). Returns the TC return code and the frame as the
-    /// program left it.
-    pub fn run(&self, prog: &str, ifindex: u32, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
+    /// program sees it as `__sk_buff.ifindex`) carrying skb mark `mark`. Returns the TC return
+    /// code, the frame as the program left it, and the mark it left.
+    pub fn run(
+        &self,
+        prog: &str,
+        ifindex: u32,
+        mark: u32,
+        frame: &[u8],
+    ) -> Result<(i32, Vec<u8>, u32)> {
         let p: &SchedClassifier = self
             .ebpf
             .program(prog)
@@ -285,17 +293,22 @@ impl Sandbox {
             .try_into()?;
         let mut ctx = [0u8; SKB_CTX_LEN];
         ctx[SKB_IFINDEX_OFF..SKB_IFINDEX_OFF + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
         let mut out = vec![0u8; frame.len() + 2048];
         let r = p
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
+                ctx_out: Some(&mut ctx_out),
                 ..Default::default()
             })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {prog}"))?;
         out.truncate(r.data_size_out as usize);
-        Ok((r.return_value as i32, out))
+        let mut m = [0u8; 4];
+        m.copy_from_slice(&ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4]);
+        Ok((r.return_value as i32, out, u32::from_ne_bytes(m)))
     }
 
     pub fn has_program(&self, prog: &str) -> bool {

@@ -228,6 +228,9 @@ pub struct Walker<'a> {
     pub count: usize,
     /// Where the trace may differ from the real packet.
     pub warnings: Vec<String>,
+    /// The skb mark of the frame in flight: the veth sets `MARK_TRANSLATED` on what it
+    /// translated for the uplink, whose egress program clears it.
+    pub mark: u32,
 }
 
 fn ip_forwarding() -> bool {
@@ -237,6 +240,8 @@ fn ip_forwarding() -> bool {
 impl Walker<'_> {
     /// Follows a frame from `step` until it is delivered, dropped or lost.
     pub async fn walk(&mut self, mut step: Step, mut frame: Vec<u8>) -> Result<Leg> {
+        // A leg starts in a namespace of its own (a container, the outside): no mark crosses.
+        self.mark = 0;
         let mut leg = Leg {
             before: Vec::new(),
             hops: Vec::new(),
@@ -406,7 +411,8 @@ impl Walker<'_> {
             .map(|h| lookups::lookups(self.sb, self.topo, h, now))
             .unwrap_or_default();
         let mut before = Snapshot::take(self.sb, &keys);
-        let (code, out) = self.sb.run(runs, ifindex, frame)?;
+        let (code, out, mark) = self.sb.run(runs, ifindex, self.mark, frame)?;
+        self.mark = mark;
         let packet_out = PacketView::of(&out);
         if let Some(k) = packet_out.headers.as_ref().and_then(lookups::ct_key) {
             for k in [k, k.reversed()] {
