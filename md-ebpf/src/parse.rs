@@ -216,13 +216,10 @@ fn l4_header<A: Addr>(ctx: &TcContext, p: &mut Pkt<A>, l4_len: u32) {
                 p.dport = u16::from_be_bytes([ports[2], ports[3]]);
                 p.l4 = L4::Ports;
             }
-            // The whole header must be there for a translation (its checksum is at the end);
-            // a quoted header inside an ICMP error may stop after the ports (see `quoted`).
-            let full = if p.proto == IPPROTO_TCP { 20 } else { 8 };
-            match ctx.load::<u8>(l4 + full - 1) {
-                Ok(_) => {}
-                Err(_) => p.truncated = true,
-            }
+            // Here the whole header is not there (its read above failed), which a translation
+            // needs (the checksum is at its end); a quoted header inside an ICMP error may stop
+            // after the ports (see `quoted`).
+            p.truncated = true;
         }
         proto if proto == A::ICMP => {
             if let Ok(h) = ctx.load::<[u8; 6]>(l4) {
