@@ -17,12 +17,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     cli::GlobalOpts,
-    datapath::Datapath,
+    datapath::{Datapath, Hook},
     dns, endpoint,
     error::one_line,
     host,
     ipam::mac_for,
-    netlink::Netlink,
+    netlink::{Link, Netlink},
     netns::Netns,
     network, proc,
     state::{CniOwner, Container, DockerOwner, Interface, Locked, State, StateDir, Status},
@@ -525,7 +525,6 @@ pub async fn check(
     ifname: &str,
     netns: &Netns,
 ) -> Result<Vec<String>> {
-    use crate::datapath::Hook;
     use md_common::maps as m;
     let mut drift = Vec::new();
     let (pos, iface) = c
@@ -560,7 +559,7 @@ pub async fn check(
                 (Hook::Ingress, m::PROG_VETH_INGRESS),
                 (Hook::Egress, m::PROG_VETH_EGRESS),
             ] {
-                if !ctx.dp.tc_attached(&iface.veth, hook, prog).unwrap_or(false) {
+                if !veth_runs(ctx, nl, &l, hook, prog).await {
                     drift.push(format!("program {prog} is not attached to {}", iface.veth));
                 }
             }
@@ -635,6 +634,19 @@ pub async fn check(
         }
     }
     Ok(drift)
+}
+
+/// Whether `prog` runs at `hook` of a container's host veth: a clsact filter, or a TCX link
+/// (what md attached before it used filters on its own veths).
+async fn veth_runs(ctx: &Ctx, nl: &Netlink, veth: &Link, hook: Hook, prog: &str) -> bool {
+    let filter = match ctx.dp.program_id(prog) {
+        Ok(id) => nl
+            .tc_filter_programs(veth.index, matches!(hook, Hook::Ingress))
+            .await
+            .is_ok_and(|ids| ids.contains(&id)),
+        Err(_) => false,
+    };
+    filter || ctx.dp.tc_attached(&veth.name, hook, prog).unwrap_or(false)
 }
 
 /// Tears down containers whose owner is gone (a foreground run killed with -9 included).

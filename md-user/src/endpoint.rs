@@ -105,18 +105,12 @@ fn attach(
             .insert(ip6.octets(), ep, 0)
             .context("writing ENDPOINTS6")?;
     }
-    dp.attach_tc(
+    dp.attach_owned(
         &iface.veth,
         Hook::Ingress,
         md_common::maps::PROG_VETH_INGRESS,
-        &iface.veth,
     )?;
-    dp.attach_tc(
-        &iface.veth,
-        Hook::Egress,
-        md_common::maps::PROG_VETH_EGRESS,
-        &iface.veth,
-    )?;
+    dp.attach_owned(&iface.veth, Hook::Egress, md_common::maps::PROG_VETH_EGRESS)?;
     crate::timing::mark("tc");
     // An interface handed over to Docker is configured by Docker in its container.
     let Some(netns) = netns else {

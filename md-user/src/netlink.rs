@@ -382,6 +382,38 @@ impl Netlink {
         }
     }
 
+    /// The ids of the BPF programs in the clsact filters at one end of a link (what
+    /// [`crate::datapath::Datapath::attach_owned`] puts there).
+    pub async fn tc_filter_programs(&self, index: u32, ingress: bool) -> Result<Vec<u32>> {
+        use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+        let req = self.handle.traffic_filter(index as i32).get();
+        let req = if ingress { req.ingress() } else { req.egress() };
+        let mut s = req.execute();
+        let mut out = Vec::new();
+        loop {
+            let msg = match s.try_next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                // No clsact qdisc (or no such link): nothing attached.
+                Err(e) if matches!(errno(&e), Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)) => {
+                    break
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("listing the filters of link {index}"))
+                }
+            };
+            for a in &msg.attributes {
+                if let TcAttribute::Options(opts) = a {
+                    out.extend(opts.iter().filter_map(|o| match o {
+                        TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => Some(*id),
+                        _ => None,
+                    }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes a link; a link that is already gone is not an error.
     pub async fn delete_link(&self, index: u32) -> Result<()> {
         match self.handle.link().del(index).execute().await {

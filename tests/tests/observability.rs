@@ -894,41 +894,19 @@ fn programs_and_links_have_clear_names() {
         assert_eq!(p["name"].as_str(), Some(name.as_str()), "{p}");
     }
 
-    // Pinned links: each attaches one of md's programs; every program is attached; each
-    // container has one link per veth program.
+    // Pinned links (the uplink's TCX links, the socket programs'): each attaches one of md's
+    // programs, and bpftool lists it.
     let links_dir = lab.pin_dir().join("links");
-    let link_ids = || -> Vec<(u64, String)> {
-        dir_names(&links_dir)
-            .into_iter()
-            .map(|n| {
-                let f = links_dir.join(&n);
-                let l = bpftool_json(&["link", "show", "pinned", f.to_str().unwrap()]);
-                let prog = l["prog_id"].as_u64().expect("link prog_id");
-                let pname = by_id
-                    .get(&prog)
-                    .unwrap_or_else(|| panic!("link {n} runs program {prog}, not one of md's"));
-                (l["id"].as_u64().expect("link id"), pname.clone())
-            })
-            .collect()
-    };
-    let links = link_ids();
-    let count = |links: &[(u64, String)], p: &str| links.iter().filter(|(_, n)| n == p).count();
-    for want in all {
-        assert!(
-            count(&links, want) >= 1,
-            "no pinned link runs {want}: {links:?}"
-        );
+    let mut links = Vec::new();
+    for n in dir_names(&links_dir) {
+        let f = links_dir.join(&n);
+        let l = bpftool_json(&["link", "show", "pinned", f.to_str().unwrap()]);
+        let prog = l["prog_id"].as_u64().expect("link prog_id");
+        let pname = by_id
+            .get(&prog)
+            .unwrap_or_else(|| panic!("link {n} runs program {prog}, not one of md's"));
+        links.push((l["id"].as_u64().expect("link id"), pname.clone()));
     }
-    assert_eq!(
-        count(&links, m::PROG_VETH_INGRESS),
-        2,
-        "two containers: {links:?}"
-    );
-    assert_eq!(
-        count(&links, m::PROG_VETH_EGRESS),
-        2,
-        "two containers: {links:?}"
-    );
     let listed = bpftool_json(&["link", "show"]);
     for (id, prog) in &links {
         assert!(
@@ -938,25 +916,67 @@ fn programs_and_links_have_clear_names() {
             "bpftool link show does not list the link of {prog} (id {id})"
         );
     }
-    // The host veth of c names its links.
-    let veth = lab.host_veth_of("c");
-    assert!(
-        dir_names(&links_dir).iter().any(|n| n.contains(&veth)),
-        "no pinned link is named after c's veth {veth}: {:?}",
-        dir_names(&links_dir)
+    // A container's host veth: its two programs in clsact filters, which `bpftool net` names.
+    let veth_filters = || -> Vec<(String, String, String)> {
+        let out = lab.host_ok(&["bpftool", "net", "show", "-j"]);
+        let v: Value = serde_json::from_str(&out).expect("bpftool net show -j");
+        v[0]["tc"]
+            .as_array()
+            .expect("bpftool net: tc")
+            .iter()
+            .filter(|f| f["devname"].as_str().is_some_and(|d| d.starts_with("md")))
+            .map(|f| {
+                let id = f["id"].as_u64().expect("filter prog id");
+                let pname = by_id
+                    .get(&id)
+                    .unwrap_or_else(|| panic!("filter {f} runs program {id}, not one of md's"));
+                assert_eq!(f["name"].as_str(), Some(pname.as_str()), "{f}");
+                let s = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+                (s("devname"), s("kind"), pname.clone())
+            })
+            .collect()
+    };
+    let count = |fs: &[(String, String, String)], p: &str| fs.iter().filter(|f| f.2 == p).count();
+    let filters = veth_filters();
+    for want in all {
+        let veth_prog = [m::PROG_VETH_INGRESS, m::PROG_VETH_EGRESS].contains(&want);
+        let n = if veth_prog {
+            count(&filters, want)
+        } else {
+            links.iter().filter(|(_, n)| n == want).count()
+        };
+        assert!(n >= 1, "{want} is attached nowhere: {links:?} {filters:?}");
+    }
+    assert_eq!(
+        count(&filters, m::PROG_VETH_INGRESS),
+        2,
+        "two containers: {filters:?}"
     );
+    assert_eq!(
+        count(&filters, m::PROG_VETH_EGRESS),
+        2,
+        "two containers: {filters:?}"
+    );
+    let veth = lab.host_veth_of("c");
+    for (kind, prog) in [
+        ("clsact/ingress", m::PROG_VETH_INGRESS),
+        ("clsact/egress", m::PROG_VETH_EGRESS),
+    ] {
+        let want = (veth.clone(), kind.to_string(), prog.to_string());
+        assert!(filters.contains(&want), "no {want:?}: {filters:?}");
+    }
 
     lab.md_ok(&["stop", "b"]);
-    let links = link_ids();
+    let filters = veth_filters();
     assert_eq!(
-        count(&links, m::PROG_VETH_INGRESS),
+        count(&filters, m::PROG_VETH_INGRESS),
         1,
-        "after stopping b: {links:?}"
+        "after stopping b: {filters:?}"
     );
     assert_eq!(
-        count(&links, m::PROG_VETH_EGRESS),
+        count(&filters, m::PROG_VETH_EGRESS),
         1,
-        "after stopping b: {links:?}"
+        "after stopping b: {filters:?}"
     );
 }
 

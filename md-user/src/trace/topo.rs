@@ -51,7 +51,7 @@ pub struct Topo {
     pub links: BTreeMap<u32, Link>,
     /// Programs md attached, by interface and end, by name.
     pub attached: BTreeMap<(u32, Dir), Vec<String>>,
-    /// Whether `attached` comes from pinned TCX links (false: guessed from roles).
+    /// Whether `attached` comes from the kernel (TCX links and filters; false: guessed from roles).
     pub attached_from_links: bool,
     pub ports: Vec<Port>,
     pub networks: BTreeMap<u32, (Network, String)>,
@@ -89,7 +89,6 @@ impl Topo {
                 .unwrap_or_else(|| format!("program id {}", l.prog_id));
             attached.entry((l.ifindex, dir)).or_default().push(name);
         }
-        let attached_from_links = !attached.is_empty();
         let mut ports = Vec::new();
         for (_, ep) in sb.entries::<Ip4, Endpoint>(m::ENDPOINTS)? {
             let ip = ip4(ep.ip);
@@ -117,6 +116,26 @@ impl Topo {
                 inside,
             });
         }
+        // Containers' host veths carry clsact filters, not TCX links.
+        for p in &ports {
+            for (ingress, dir) in [(true, Dir::Ingress), (false, Dir::Egress)] {
+                for id in nl
+                    .tc_filter_programs(p.ep.ifindex, ingress)
+                    .await
+                    .unwrap_or_default()
+                {
+                    let name = by_id
+                        .get(&id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("program id {id}"));
+                    let at = attached.entry((p.ep.ifindex, dir)).or_default();
+                    if !at.contains(&name) {
+                        at.push(name);
+                    }
+                }
+            }
+        }
+        let attached_from_links = !attached.is_empty();
         let mut networks = BTreeMap::new();
         for (id, net) in sb.entries::<u32, Network>(m::NETWORKS)? {
             let name = state
@@ -234,8 +253,8 @@ impl Topo {
             .is_some_and(|l| l.layer == Layer::Ip)
     }
 
-    /// The programs that run at one end of an interface. Without pinned TCX links (kernels
-    /// before 6.6 get clsact filters) they are inferred from the interface's role.
+    /// The programs that run at one end of an interface, as the kernel lists them (or, when
+    /// it listed none, inferred from the interface's role).
     pub fn programs(&self, ifindex: u32, dir: Dir) -> Vec<String> {
         if self.attached_from_links {
             return self
