@@ -96,14 +96,38 @@ pub struct IfaceSpec {
 
 /// Takes the state lock and reconciles (saving when something was reclaimed).
 pub async fn lock(ctx: &Ctx, nl: &Netlink) -> Result<Locked> {
+    lock_reclaiming(ctx, nl, |_| true).await
+}
+
+/// [`lock`], reclaiming only the dead containers `concerns` picks (those in the way of what
+/// the command is about to do): a look at every container's owner costs milliseconds per
+/// thousand, which `run` spends after its container is up ([`settle`]).
+pub async fn lock_reclaiming(
+    ctx: &Ctx,
+    nl: &Netlink,
+    concerns: impl Fn(&Container) -> bool,
+) -> Result<Locked> {
     crate::timing::mark("start");
     let mut locked = ctx.state_dir.lock()?;
     crate::timing::mark("locked");
-    if !reconcile(ctx, nl, &mut locked.state).await.is_empty() {
+    if !reconcile_some(ctx, nl, &mut locked.state, concerns)
+        .await
+        .is_empty()
+    {
         locked.save()?;
     }
     crate::timing::mark("reconciled");
     Ok(locked)
+}
+
+/// What [`create_quietly`] left for later: the hosts files of the new container's peers, and
+/// the containers whose owners died (whatever [`lock_reclaiming`] did not look at).
+pub async fn settle(ctx: &Ctx, nl: &Netlink, locked: &mut Locked, name: &str) -> Result<()> {
+    dns::added_to_peers(&ctx.state_dir, &locked.state, name)?;
+    if !reconcile(ctx, nl, &mut locked.state).await.is_empty() {
+        locked.save()?;
+    }
+    Ok(())
 }
 
 /// Validates a spec and records the container (status `Creating`, owned by this process) with
@@ -339,13 +363,30 @@ pub async fn create(
     netns: Option<&Netns>,
 ) -> Result<Container> {
     let name = spec.name.clone();
+    let c = create_quietly(ctx, nl, locked, spec, netns).await?;
+    if let Err(e) = dns::added_to_peers(&ctx.state_dir, &locked.state, &name) {
+        discard(ctx, nl, locked, &name).await?;
+        return Err(e);
+    }
+    Ok(c)
+}
+
+/// [`create`] up to the container's own hosts files: its peers learn of it in [`settle`].
+pub async fn create_quietly(
+    ctx: &Ctx,
+    nl: &Netlink,
+    locked: &mut Locked,
+    spec: Spec,
+    netns: Option<&Netns>,
+) -> Result<Container> {
+    let name = spec.name.clone();
     let has_iface = spec.iface.is_some();
     reserve(ctx, nl, locked, spec).await?;
     let attached = async {
         if has_iface {
             attach(ctx, nl, locked, &name, netns).await?;
         }
-        let names = dns::added(&ctx.state_dir, &locked.state, &name);
+        let names = dns::added_self(&ctx.state_dir, &locked.state, &name);
         crate::timing::mark("names");
         names
     }
@@ -652,8 +693,18 @@ async fn veth_runs(ctx: &Ctx, nl: &Netlink, veth: &Link, hook: Hook, prog: &str)
 /// Tears down containers whose owner is gone (a foreground run killed with -9 included).
 /// Returns their names.
 pub async fn reconcile(ctx: &Ctx, nl: &Netlink, state: &mut State) -> Vec<String> {
+    reconcile_some(ctx, nl, state, |_| true).await
+}
+
+/// [`reconcile`] among the containers `concerns` picks.
+async fn reconcile_some(
+    ctx: &Ctx,
+    nl: &Netlink,
+    state: &mut State,
+    concerns: impl Fn(&Container) -> bool,
+) -> Vec<String> {
     let mut dead = Vec::new();
-    for c in state.containers.values() {
+    for c in state.containers.values().filter(|c| concerns(c)) {
         if !owner_alive(nl, c).await {
             dead.push(c.name.clone());
         }

@@ -515,23 +515,31 @@ pub fn refresh(dir: &StateDir, state: &State) -> Result<()> {
     Ok(())
 }
 
-/// Container `name` was just added: its own files, and one line appended to each peer's hosts
-/// file, instead of rewriting every file (with a thousand containers on a network that is a
-/// thousand small appends, not thirty megabytes). When the new name takes a peer's hostname
-/// (names win, so that alias goes), everything is rewritten.
-pub fn added(dir: &StateDir, state: &State, name: &str) -> Result<()> {
+// Container `name` was just added: its own files ([`added_self`]), and one line appended to
+// each peer's hosts file ([`added_to_peers`]), instead of rewriting every file (with a
+// thousand containers on a network that is a thousand small appends, not thirty megabytes).
+// When the new name takes a peer's hostname (names win, so that alias goes), everything is
+// rewritten.
+
+/// Whether `c`'s name takes another container's hostname (then every file is rewritten).
+fn shadows(state: &State, c: &Container) -> bool {
+    state
+        .containers
+        .values()
+        .any(|p| p.name != c.name && p.hostname.eq_ignore_ascii_case(&c.name))
+}
+
+/// The first half of [`added`]: the container's own files (what it needs before CMD starts),
+/// or every file when its name shadows a hostname.
+pub fn added_self(dir: &StateDir, state: &State, name: &str) -> Result<()> {
     let Some(c) = state.containers.get(name) else {
         return Ok(());
     };
-    let names = NameSet::of(state);
-    let shadows = state
-        .containers
-        .values()
-        .any(|p| p.name != c.name && p.hostname.eq_ignore_ascii_case(&c.name));
-    if shadows {
+    if shadows(state, c) {
         return refresh(dir, state);
     }
     if has_files(c) {
+        let names = NameSet::of(state);
         let (hosts, resolv) = files(dir, &c.name);
         fs::create_dir_all(hosts.parent().expect("dir"))?;
         write_in_place(&hosts, &render_hosts_with(state, &names, c))?;
@@ -539,6 +547,19 @@ pub fn added(dir: &StateDir, state: &State, name: &str) -> Result<()> {
             write_in_place(&resolv, &r)?;
         }
     }
+    Ok(())
+}
+
+/// The second half of [`added`]: a line for the new container in the hosts file of every
+/// container that shares a network with it (nothing when [`added_self`] rewrote them all).
+pub fn added_to_peers(dir: &StateDir, state: &State, name: &str) -> Result<()> {
+    let Some(c) = state.containers.get(name) else {
+        return Ok(());
+    };
+    if shadows(state, c) {
+        return Ok(());
+    }
+    let names = NameSet::of(state);
     for peer in state
         .containers
         .values()

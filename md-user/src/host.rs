@@ -73,8 +73,16 @@ pub async fn ensure_datapath(
         .map(|(_, ip, _)| *ip)
         .with_context(|| format!("uplink {} has no IPv4 address", uplink.name))?;
 
-    let addrs6 = nl.ipv6_addresses().await?;
     let fresh = !dp.is_loaded();
+    // Uplinks and host addresses follow the host through the watcher; without one (or on a
+    // fresh load) they are set here. With a thousand containers that saves dumps of a
+    // thousand links and their IPv6 addresses per container.
+    let sync = fresh || !watcher_running(&opts.state_dir);
+    let addrs6 = if sync {
+        nl.ipv6_addresses().await?
+    } else {
+        Vec::new()
+    };
     if fresh {
         dp.load(addrs.len().max(addrs6.len()))?;
     }
@@ -100,10 +108,7 @@ pub async fn ensure_datapath(
     if fresh {
         crate::policy::sync(dp, state)?;
     }
-    // Uplinks and host addresses follow the host through the watcher; without one (or on a
-    // fresh load) they are set here. With a thousand containers that saves a dump of a
-    // thousand links per container.
-    if fresh || !watcher_running(&opts.state_dir) {
+    if sync {
         sync_uplinks(nl, dp, &owned_links(state), &opts.state_dir).await?;
         dp.attach_cgroup()?;
         set_host_addrs(dp, &addrs)?;

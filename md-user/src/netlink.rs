@@ -9,6 +9,7 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
         route::{RouteAttribute, RouteMessage},
+        AddressFamily,
     },
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
 };
@@ -442,7 +443,11 @@ impl Netlink {
     /// link-local: neither is an address outside clients reach published ports on).
     pub async fn ipv6_addresses(&self) -> Result<Vec<(u32, Ipv6Addr, u8)>> {
         let mut out = Vec::new();
-        let mut s = self.handle.address().get().execute();
+        let mut req = self.handle.address().get();
+        // One family: an unspecified one dumps both (with a thousand veths, a thousand
+        // link-local IPv6 addresses in every IPv4 listing).
+        req.message_mut().header.family = AddressFamily::Inet6;
+        let mut s = req.execute();
         while let Some(msg) = s.try_next().await.context("listing addresses")? {
             for attr in &msg.attributes {
                 if let AddressAttribute::Address(IpAddr::V6(ip)) = attr {
@@ -459,7 +464,9 @@ impl Netlink {
     /// Every IPv4 address in this namespace with its link index.
     pub async fn ipv4_addresses(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
         let mut out = Vec::new();
-        let mut s = self.handle.address().get().execute();
+        let mut req = self.handle.address().get();
+        req.message_mut().header.family = AddressFamily::Inet;
+        let mut s = req.execute();
         while let Some(msg) = s.try_next().await.context("listing addresses")? {
             for attr in &msg.attributes {
                 if let AddressAttribute::Local(IpAddr::V4(ip)) = attr {

@@ -1048,6 +1048,8 @@ impl Locked {
             self.fresh = false;
         }
         let (state, saved) = (&self.state, &self.saved);
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
         state.store.with(|conn| {
             let json = serde_json::to_string(state)?;
             if json != serde_json::to_string(saved)? {
@@ -1064,12 +1066,14 @@ impl Locked {
                         params![name, serde_json::to_string(c)?],
                     )
                     .map_err(sql_context("writing a container"))?;
+                    changed.push(name.clone());
                 }
             }
             for name in saved.containers.keys() {
                 if !state.containers.contains_key(name) {
                     conn.execute("DELETE FROM containers WHERE name = ?1", params![name])
                         .map_err(sql_context("removing a container"))?;
+                    removed.push(name.clone());
                 }
             }
             conn.execute_batch("COMMIT")
@@ -1082,7 +1086,19 @@ impl Locked {
             conn.execute_batch("BEGIN IMMEDIATE")
                 .map_err(sql_context("beginning"))
         })?;
+        // The stored copy follows by the containers that changed: cloning a thousand
+        // unchanged ones on every save cost milliseconds.
+        let mut containers = std::mem::take(&mut self.saved.containers);
+        for name in removed {
+            containers.remove(&name);
+        }
+        for name in changed {
+            containers.insert(name.clone(), self.state.containers[&name].clone());
+        }
+        let current = std::mem::take(&mut self.state.containers);
         self.saved = self.state.clone();
+        self.state.containers = current;
+        self.saved.containers = containers;
         Ok(())
     }
 }

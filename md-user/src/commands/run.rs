@@ -321,7 +321,7 @@ async fn supervise(
     // Registered before CMD exists so a signal can't slip between spawn and wait.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let (mut child, netns) = match start(ctx, &nl, args, &setup).await {
+    let (mut child, netns, mut locked) = match start(ctx, &nl, args, &setup).await {
         Ok(started) => started,
         Err(e) => {
             if let Some(r) = ready {
@@ -334,6 +334,12 @@ async fn supervise(
         crate::timing::mark("ready");
         r.send("ok");
     }
+    // The container is up: now the peers' hosts files and the rest of the dead, then the
+    // lock goes to whoever waits for it.
+    if let Err(e) = attach::settle(ctx, &nl, &mut locked, &setup.name).await {
+        eprintln!("md-user: {}", one_line(&e));
+    }
+    drop(locked);
     let pid = child.id().unwrap_or(0) as i32;
     let status = loop {
         tokio::select! {
@@ -369,14 +375,28 @@ async fn supervise(
 }
 
 /// Creates the container's network (through the core, under the state lock) and starts CMD.
-/// On any failure everything created so far is removed again.
+/// On any failure everything created so far is removed again. Returns with the lock held:
+/// [`attach::settle`] is left to do.
 async fn start(
     ctx: &Ctx,
     nl: &Netlink,
     args: &RunArgs,
     setup: &Setup,
-) -> Result<(tokio::process::Child, Option<Netns>)> {
-    let mut locked = attach::lock(ctx, nl).await?;
+) -> Result<(tokio::process::Child, Option<Netns>, Locked)> {
+    // Only the dead in this container's way are reclaimed before it is up.
+    let mut locked = attach::lock_reclaiming(ctx, nl, |c| {
+        c.name == setup.name
+            || matches!(&setup.mode, Mode::Container(o) if *o == c.name)
+            || c.ports
+                .iter()
+                .any(|q| setup.ports.iter().any(|p| q.conflicts_with(p)))
+            || c.interfaces.iter().any(|i| {
+                args.ip == Some(i.ip)
+                    || (args.ip6.is_some() && args.ip6 == i.ip6)
+                    || setup.mac == Some(i.mac)
+            })
+    })
+    .await?;
     let state = &locked.state;
     let netns = match &setup.mode {
         Mode::Net(_) | Mode::None => Some(Netns::create()?),
@@ -416,12 +436,28 @@ async fn start(
         extra_hosts: setup.extra_hosts.clone(),
         exposed: setup.exposed.clone(),
     };
-    let container = attach::create(ctx, nl, &mut locked, spec, netns.as_ref()).await?;
+    let container =
+        match attach::create_quietly(ctx, nl, &mut locked, spec.clone(), netns.as_ref()).await {
+            Ok(c) => c,
+            // Perhaps the dead not looked at hold what it needs (the last free address): reclaim
+            // them all and try once more.
+            Err(e) => {
+                if attach::reconcile(ctx, nl, &mut locked.state)
+                    .await
+                    .is_empty()
+                {
+                    return Err(e);
+                }
+                locked.save()?;
+                attach::create_quietly(ctx, nl, &mut locked, spec, netns.as_ref()).await?
+            }
+        };
     match spawn(ctx, &mut locked, setup, &container, netns.as_ref()) {
         // Kept for the container's life when it is its own, so its leftovers can be found.
         Ok(child) => Ok((
             child,
             netns.filter(|_| matches!(setup.mode, Mode::Net(_) | Mode::None)),
+            locked,
         )),
         Err(e) => {
             attach::discard(ctx, nl, &mut locked, &setup.name).await?;
