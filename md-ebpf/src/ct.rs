@@ -205,7 +205,7 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     let partner = entry.reply_tuple(p.proto);
     let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
     let mut other = if rst || !f.answered {
-        A::ct_get(f.answered, &partner)
+        other_half(f.answered, &partner, &p.tuple)
     } else {
         None
     };
@@ -229,7 +229,7 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
         return;
     }
     if other.is_none() {
-        other = A::ct_get(f.answered, &partner);
+        other = other_half(f.answered, &partner, &p.tuple);
     }
     match other {
         Some(o) => unsafe {
@@ -242,6 +242,19 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     if !f.answered && answered_by(p.proto, state, entry.dir) {
         promote(&p.tuple, &partner);
     }
+}
+
+/// The entry under a flow's partner tuple, if it is the flow's other half: it leads back to
+/// `key`. After LRU evicted a half, another flow may hold the tuple (F5 in the README); its
+/// entry is not ours to refresh or promote.
+#[inline(always)]
+fn other_half<A: Addr>(
+    answered: bool,
+    partner: &CtKeyOf<A>,
+    key: &CtKeyOf<A>,
+) -> Option<*mut CtEntryOf<A>> {
+    let o = A::ct_get(answered, partner)?;
+    (unsafe { (*o).reply_tuple(key.proto) } == *key).then_some(o)
 }
 
 /// LRU eviction (or a collector racing us) took a flow's reply half: put it back, or the
@@ -268,11 +281,16 @@ fn restore_reply<A: Addr>(answered: bool, partner: &CtKeyOf<A>, orig: &CtEntryOf
     let _ = A::ct_insert(answered, partner, back, BPF_NOEXIST as u64);
 }
 
-/// Moves both halves of a flow from CONNTRACK_NEW to CONNTRACK.
+/// Moves both halves of a flow from CONNTRACK_NEW to CONNTRACK (the entry under `partner`
+/// only if it is the flow's other half).
 #[inline(never)]
 fn promote<A: Addr>(key: &CtKeyOf<A>, partner: &CtKeyOf<A>) {
-    for k in [key, partner] {
-        if let Some(e) = A::ct_get(false, k) {
+    for (k, back) in [(key, None), (partner, Some(key))] {
+        let found = match back {
+            None => A::ct_get(false, k),
+            Some(b) => other_half(false, k, b),
+        };
+        if let Some(e) = found {
             let copy = unsafe { *e };
             if A::ct_insert(true, k, &copy, BPF_ANY as u64).is_ok() {
                 A::ct_remove(false, k);

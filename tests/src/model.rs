@@ -803,7 +803,14 @@ impl Model {
         let answered = f.map == ANSWERED;
         let partner = entry.nat_tuple(p.proto).reversed();
         let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
-        let lookup_other = |m: &Model| m.ct[f.map].get(&k(&partner)).map(|o| o.e);
+        // Only an entry that leads back is the other half (ct::other_half).
+        let key = p.key();
+        let lookup_other = |m: &Model| {
+            m.ct[f.map]
+                .get(&k(&partner))
+                .map(|o| o.e)
+                .filter(|o| o.nat_tuple(p.proto).reversed() == key)
+        };
         let other = if rst || !answered {
             lookup_other(self)
         } else {
@@ -855,9 +862,16 @@ impl Model {
             None => {}
         }
         if !answered && answered_by(p.proto, state, entry.dir) {
-            for key in [k(&p.key()), k(&partner)] {
-                if let Some(e) = self.ct[NEW].remove(&key) {
-                    self.ct[ANSWERED].insert(key, e);
+            let mut halves = vec![k(&p.key())];
+            if self.ct[NEW]
+                .get(&k(&partner))
+                .is_some_and(|o| o.e.nat_tuple(p.proto).reversed() == key)
+            {
+                halves.push(k(&partner));
+            }
+            for h in halves {
+                if let Some(e) = self.ct[NEW].remove(&h) {
+                    self.ct[ANSWERED].insert(h, e);
                 }
             }
         }

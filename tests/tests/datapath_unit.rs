@@ -740,6 +740,36 @@ fn test_run_context_is_lo() {
 // ---------------------------------------------------------------------------------------------
 // 1-3. Masquerade
 
+/// F5: after LRU evicted a flow's original half, the same tuple opens a second flow on another
+/// NAT port; a late answer to the first must not take the second flow's original half (which
+/// sits under the first one's partner tuple) along into the answered tracker, away from its
+/// own reply half.
+#[test]
+fn a_late_answer_leaves_the_flow_that_took_its_tuple_alone() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let q = Ipv4Pkt::udp(C2, 443, OUT, 53);
+    let orig = key_of(&q);
+    let (a, _) = expect_snat(&mut dp, &q, "first query");
+    dp.hash::<CtKey, CtEntry>(m::CONNTRACK_NEW)
+        .remove(&orig)
+        .expect("evicting the original half");
+    let (b, _) = expect_snat(&mut dp, &q, "the same query, a new flow");
+    assert_ne!(a, b, "the first flow's reply half still holds port {a}");
+    let reply_b = CtKey::new(OUT, HOST, 53, b, IPPROTO_UDP);
+    let (rc, _) = dp.run(UPLINK_INGRESS, &Ipv4Pkt::udp(OUT, 53, HOST, a).build());
+    assert_verdict(rc, PASS, "the answer to the first query");
+    assert_eq!(
+        dp.ct_map_of(&orig),
+        Some(m::CONNTRACK_NEW),
+        "the second flow's original half was promoted by the first flow's answer"
+    );
+    assert_eq!(dp.ct_map_of(&reply_b), Some(m::CONNTRACK_NEW));
+    assert_eq!(dp.ct_must(&orig).nat_sport, b, "the second flow's half");
+}
+
 #[test]
 fn snat_tcp_and_reverse() {
     if !require_e2e() {

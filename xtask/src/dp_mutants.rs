@@ -104,6 +104,13 @@ pub const MUTANTS: &[Mutant] = &[
         replace: "        None if entry.dir == CT_DIR_ORIGINAL && entry.packets == 0 => restore_reply(",
     },
     Mutant {
+        name: "partner-unchecked",
+        what: "the entry under a flow's partner tuple is taken as its other half without leading back (F5)",
+        file: "ct.rs",
+        find: "    (unsafe { (*o).reply_tuple(key.proto) } == *key).then_some(o)",
+        replace: "    Some(o)",
+    },
+    Mutant {
         name: "never-promoted",
         what: "answered flows stay in CONNTRACK_NEW (a SYN flood can evict them)",
         file: "ct.rs",
