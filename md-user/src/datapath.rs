@@ -271,10 +271,10 @@ impl Datapath {
             }
             remove_file_if_exists(&pin)?;
         }
-        let mut prog = SchedClassifier::from_pin(self.prog_pin(program))
-            .with_context(|| format!("opening pinned program {program}"))?;
-        let ctx = || format!("attaching {program} to {ifname} {}", hook.name());
         if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            let mut prog = SchedClassifier::from_pin(self.prog_pin(program))
+                .with_context(|| format!("opening pinned program {program}"))?;
+            let ctx = || format!("attaching {program} to {ifname} {}", hook.name());
             let id = prog
                 .attach_with_options(
                     ifname,
@@ -285,16 +285,7 @@ impl Datapath {
             let link: FdLink = prog.take_link(id)?.try_into().with_context(ctx)?;
             link.pin(&pin).with_context(ctx)?;
         } else {
-            let _ = tc::qdisc_add_clsact(ifname);
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    hook.tc(),
-                    TcAttachOptions::Netlink(Default::default()),
-                )
-                .with_context(ctx)?;
-            // Keep the filter when `prog` is dropped.
-            std::mem::forget(prog.take_link(id)?);
+            self.attach_filter(ifname, hook, program)?;
         }
         Ok(())
     }
