@@ -318,10 +318,13 @@ pub struct CtEntryOf<A> {
     pub seq_next: u32,
     /// TCP: the last acknowledgement number this direction sent (0: none yet).
     pub ack: u32,
+    /// The `expires_ns` this half last gave the other half: a packet refreshes the other half
+    /// when its own lifetime has moved a second past it, so the other never trails by more.
+    pub partner_expires_ns: u64,
 }
 pub type CtEntry = CtEntryOf<Ip4>;
 pub type CtEntry6 = CtEntryOf<Ip6>;
-pod_instances!(CtEntryOf: Ip4 = 56, Ip6 = 80);
+pod_instances!(CtEntryOf: Ip4 = 64, Ip6 = 88);
 
 /// A published port. `ip` is all zeros for "every host address" of the family.
 #[repr(C)]

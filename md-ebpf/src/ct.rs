@@ -21,7 +21,8 @@ use crate::{
     parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// How far a flow's other half may lag behind in lifetime before a packet refreshes it.
+/// How far a flow's other half may lag behind in lifetime before a packet refreshes it
+/// (measured from what this half last gave it: `partner_expires_ns`).
 const REFRESH_NS: u64 = 1_000_000_000;
 
 /// How many ports SNAT tries before giving up on a flow (Cilium uses 32-128).
@@ -201,7 +202,10 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     let entry = unsafe { &mut *f.e };
     // The other half is keyed by what this packet becomes, reversed. It is looked up only when
     // something needs it: a RST to check against its window, a flow not answered yet, a state
-    // change, or its lifetime falling a second behind; a steady flow costs one lookup a packet.
+    // change, or its lifetime falling a second behind what this half last gave it (not behind
+    // this half's previous expiry: packets under a second apart would then never refresh it,
+    // and a one-way flow's reply half would die under a live original half); a steady flow
+    // costs one lookup a packet.
     let partner = entry.reply_tuple(p.proto);
     let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
     let mut other = if rst || !f.answered {
@@ -220,7 +224,7 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     let refresh = !f.answered
         || rst
         || state != entry.tcp_state
-        || expires > entry.expires_ns.saturating_add(REFRESH_NS);
+        || expires > entry.partner_expires_ns.saturating_add(REFRESH_NS);
     entry.tcp_state = state;
     entry.expires_ns = expires;
     entry.packets += 1;
@@ -235,10 +239,12 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
         Some(o) => unsafe {
             (*o).tcp_state = state;
             (*o).expires_ns = expires;
+            (*o).partner_expires_ns = expires;
         },
         None if entry.dir == CT_DIR_ORIGINAL => restore_reply(f.answered, &partner, entry, p),
         None => {}
     }
+    entry.partner_expires_ns = expires;
     if !f.answered && answered_by(p.proto, state, entry.dir) {
         promote(&p.tuple, &partner);
     }
@@ -278,6 +284,7 @@ fn restore_reply<A: Addr>(answered: bool, partner: &CtKeyOf<A>, orig: &CtEntryOf
     );
     back.tcp_state = orig.tcp_state;
     back.expires_ns = orig.expires_ns;
+    back.partner_expires_ns = orig.expires_ns;
     let _ = A::ct_insert(answered, partner, back, BPF_NOEXIST as u64);
 }
 
@@ -324,6 +331,7 @@ fn fill<A: Copy>(
     e.identity = identity;
     e.seq_next = 0;
     e.ack = 0;
+    e.partner_expires_ns = 0;
 }
 
 /// Both halves of a new flow about to be tracked. Built in a per-CPU scratch slot
@@ -445,6 +453,7 @@ fn create<A: Addr>(f: &mut NewFlow<A>, p: &Pkt<A>) -> i64 {
     let expires = now + lifetime_ns::<A>(cfg, p.proto, state);
     f.orig_e.tcp_state = state;
     f.orig_e.expires_ns = expires;
+    f.orig_e.partner_expires_ns = expires;
     f.orig_e.packets = 1;
     f.orig_e.bytes = p.len as u64;
     if p.proto == IPPROTO_TCP {
@@ -452,6 +461,7 @@ fn create<A: Addr>(f: &mut NewFlow<A>, p: &Pkt<A>) -> i64 {
     }
     f.reply_e.tcp_state = state;
     f.reply_e.expires_ns = expires;
+    f.reply_e.partner_expires_ns = expires;
     if A::ct_insert(false, &f.reply, &f.reply_e, BPF_NOEXIST as u64).is_err() {
         if let Some(old) = A::ct_get(false, &f.reply) {
             if live(old, now) {

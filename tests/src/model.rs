@@ -75,11 +75,13 @@ impl Expiry {
     }
 }
 
-/// One tracker entry: the map's value (its `expires_ns` unused) and its expiry.
+/// One tracker entry: the map's value (its `expires_ns` and `partner_expires_ns` unused), its
+/// expiry and the expiry it last gave its other half.
 #[derive(Clone, Copy, Debug)]
 pub struct Ent {
     pub e: CtEntry,
     pub exp: Expiry,
+    pub pexp: Expiry,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -799,7 +801,7 @@ impl Model {
     /// leaves it alone.
     fn touch(&mut self, f: Found, p: &Pkt) {
         let mut entry = self.ct[f.map][&f.key].e;
-        let old_exp = self.ct[f.map][&f.key].exp;
+        let old_pexp = self.ct[f.map][&f.key].pexp;
         let answered = f.map == ANSWERED;
         let partner = entry.nat_tuple(p.proto).reversed();
         let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
@@ -824,9 +826,10 @@ impl Model {
             TCP_NONE
         };
         let exp = self.expiry(p.proto, state);
-        // Steps run in milliseconds: a lifetime moving more than a second means a new class
-        // (that is a state change anyway) or an entry set long ago.
-        let aged = match (old_exp, exp) {
+        // Steps run in milliseconds: a lifetime moving more than a second past what the other
+        // half was given means a new class (that is a state change anyway) or an entry set
+        // long ago.
+        let aged = match (old_pexp, exp) {
             (Expiry::Window(_, hi), Expiry::Window(lo, _)) => lo > hi + NS,
             _ => true,
         };
@@ -834,7 +837,14 @@ impl Model {
         entry.tcp_state = state;
         entry.packets += 1;
         entry.bytes += p.len as u64;
-        self.ct[f.map].insert(f.key, Ent { e: entry, exp });
+        self.ct[f.map].insert(
+            f.key,
+            Ent {
+                e: entry,
+                exp,
+                pexp: old_pexp,
+            },
+        );
         if !refresh {
             return;
         }
@@ -844,6 +854,7 @@ impl Model {
                 let o = self.ct[f.map].get_mut(&k(&partner)).unwrap();
                 o.e.tcp_state = state;
                 o.exp = exp;
+                o.pexp = exp;
             }
             None if entry.dir == CT_DIR_ORIGINAL => {
                 let mut back = self::entry(
@@ -855,11 +866,16 @@ impl Model {
                     0,
                 );
                 back.tcp_state = state;
-                self.ct[f.map]
-                    .entry(k(&partner))
-                    .or_insert(Ent { e: back, exp });
+                self.ct[f.map].entry(k(&partner)).or_insert(Ent {
+                    e: back,
+                    exp,
+                    pexp: exp,
+                });
             }
             None => {}
+        }
+        if let Some(me) = self.ct[f.map].get_mut(&f.key) {
+            me.pexp = exp;
         }
         if !answered && answered_by(p.proto, state, entry.dir) {
             let mut halves = vec![k(&p.key())];
@@ -902,8 +918,22 @@ impl Model {
         if self.ct[NEW].get(&kr).is_some_and(|e| e.exp.live()) {
             return Err(Fault);
         }
-        self.ct[NEW].insert(kr, Ent { e: *reply_e, exp });
-        self.ct[NEW].insert(ko, Ent { e: *orig_e, exp });
+        self.ct[NEW].insert(
+            kr,
+            Ent {
+                e: *reply_e,
+                exp,
+                pexp: exp,
+            },
+        );
+        self.ct[NEW].insert(
+            ko,
+            Ent {
+                e: *orig_e,
+                exp,
+                pexp: exp,
+            },
+        );
         Ok(())
     }
 

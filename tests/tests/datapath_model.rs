@@ -1043,14 +1043,16 @@ impl<'a> Case<'a> {
         self.evicted_partner.insert(key);
     }
 
-    /// A flow's lifetime runs out: both halves carry the same expiry (every packet refreshes
-    /// both), so both die together.
+    /// A flow's lifetime runs out: its halves' expiries are within a second of each other
+    /// (ct::touch), so both die together. Both live in one map (ct::promote moves them
+    /// together); a half under the same keys in the other map is another flow's: a dead
+    /// answered flow's tuple reopened as a new one leaves the new one alone.
     fn expire(&mut self, idx: u16) {
         let Some((map, key, e)) = self.pick(idx) else {
             return;
         };
         let partner = k(&e.e.nat_tuple(key.4).reversed());
-        for (map, half) in [(map, key), (0, partner), (1, partner)] {
+        for half in [key, partner] {
             let Some(m) = self.model.ct[map].get_mut(&half) else {
                 continue;
             };
@@ -1059,6 +1061,8 @@ impl<'a> Case<'a> {
                 continue;
             }
             m.exp = Expiry::Dead;
+            // Written with the model's zero: the next packet refreshes the other half.
+            m.pexp = Expiry::Dead;
             let mut v = m.e;
             v.expires_ns = 1;
             self.bpf
@@ -1158,6 +1162,7 @@ impl<'a> Case<'a> {
                 };
                 let mut a = *e;
                 a.expires_ns = 0;
+                a.partner_expires_ns = 0;
                 ensure!(
                     a == w.e,
                     "{name}[{}]: {a:?}\n model:  {:?}",
@@ -1171,6 +1176,13 @@ impl<'a> Case<'a> {
                     e.expires_ns,
                     w.exp,
                     e.tcp_state
+                );
+                ensure!(
+                    w.pexp.admits(e.partner_expires_ns),
+                    "{name}[{}]: gave its other half {} where the model says {:?}",
+                    fmt_key(key),
+                    e.partner_expires_ns,
+                    w.pexp
                 );
             }
             for key in want.keys() {
@@ -1730,17 +1742,20 @@ fn datapath_matches_model() {
         let r = runner.run(&ops(), |ops| {
             let mut b = bpf.borrow_mut();
             let mut case = Case::new(&mut b);
+            // Kept per case and printed with its failure: the shrunk case's, not every try's.
             let trace = std::env::var("MD_PROPTEST_TRACE").is_ok_and(|v| v == "1");
+            let mut steps = String::new();
             for (i, op) in ops.iter().enumerate() {
                 if trace {
-                    println!("step {i}: {op:?}");
+                    steps += &format!("step {i}: {op:?}\n");
                     for (map, key, e) in case.entries() {
-                        println!("    {} {} -> {:?}", ["CT ", "NEW"][map], fmt_key(&key), e);
+                        steps +=
+                            &format!("    {} {} -> {:?}\n", ["CT ", "NEW"][map], fmt_key(&key), e);
                     }
                 }
                 case.log.push(format!("{op:?}"));
                 case.apply(op)
-                    .map_err(|e| TestCaseError::fail(format!("step {i} ({op:?}): {e}")))?;
+                    .map_err(|e| TestCaseError::fail(format!("step {i} ({op:?}): {e}\n{steps}")))?;
             }
             Ok(())
         });

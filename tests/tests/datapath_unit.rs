@@ -2418,6 +2418,32 @@ fn hardening_tcp_dnat_opens_only_on_syn() {
     );
 }
 
+/// An answered flow that only sends one way (a UDP stream its peer answered once) keeps its
+/// reply half alive: a packet refreshes the other half once its lifetime moved a second past
+/// what it last gave it. Before, a packet compared with its own previous expiry, so packets
+/// under a second apart never refreshed the reply half: it died under a live original half,
+/// and with it the late answers (or another flow took its NAT tuple).
+#[test]
+fn a_one_way_flow_keeps_its_reply_half_alive() {
+    if !require_e2e() {
+        return;
+    }
+    let mut dp = Dp::lab();
+    let cfg = dp.config();
+    let q = Ipv4Pkt::udp(C2, 40000, OUT, 53);
+    let (port, _) = expect_snat(&mut dp, &q, "UDP C2:40000 -> OUT:53");
+    let answer = Ipv4Pkt::udp(OUT, 53, HOST, port).payload(b"answer");
+    timed_run(&dp, UPLINK_INGRESS, &answer, PASS, "the one answer");
+    // Two seconds of datagrams 100 ms apart, all one way.
+    let mut t = (0, 0);
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        t = timed_run(&dp, UPLINK_EGRESS, &q, PASS, "C2's next datagram");
+    }
+    let flow = [key_of(&q), CtKey::new(OUT, HOST, 53, port, IPPROTO_UDP)];
+    assert_ct_state(&mut dp, &flow, 0, cfg.ct_udp_secs, t, "after 2 s one way");
+}
+
 /// A flow first seen mid-stream (no SYN) is not known to be alive: it gets the SYN lifetime,
 /// not the established one (6 h), until the other side answers.
 #[test]

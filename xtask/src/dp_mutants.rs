@@ -111,6 +111,13 @@ pub const MUTANTS: &[Mutant] = &[
         replace: "    Some(o)",
     },
     Mutant {
+        name: "refresh-from-own-expiry",
+        what: "a packet refreshes the other half only when its own lifetime jumps a second (a one-way flow's reply half dies)",
+        file: "ct.rs",
+        find: "        || expires > entry.partner_expires_ns.saturating_add(REFRESH_NS);",
+        replace: "        || expires > entry.expires_ns.saturating_add(REFRESH_NS);",
+    },
+    Mutant {
         name: "never-promoted",
         what: "answered flows stay in CONNTRACK_NEW (a SYN flood can evict them)",
         file: "ct.rs",
