@@ -175,6 +175,8 @@ fn soak_established_flows_survive_tracker_capacity_and_syn_flood() {
         samples.push(row);
     }
 
+    // md's own counters (drops by reason) say whether a lost exchange was md's doing.
+    println!("md-user stats at the end: {}", lab.stats());
     let churned = {
         churn.wait_timeout(Duration::from_secs(60));
         last_json(&churn.stdout())
