@@ -84,6 +84,13 @@ pub struct Ent {
     pub pexp: Expiry,
 }
 
+impl Ent {
+    /// An entry that has just given its other half its own expiry.
+    fn synced(e: CtEntry, exp: Expiry) -> Self {
+        Ent { e, exp, pexp: exp }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct FragM {
     pub saddr: Ip4,
@@ -842,7 +849,7 @@ impl Model {
             Ent {
                 e: entry,
                 exp,
-                pexp: old_pexp,
+                pexp: if refresh { exp } else { old_pexp },
             },
         );
         if !refresh {
@@ -866,16 +873,11 @@ impl Model {
                     0,
                 );
                 back.tcp_state = state;
-                self.ct[f.map].entry(k(&partner)).or_insert(Ent {
-                    e: back,
-                    exp,
-                    pexp: exp,
-                });
+                self.ct[f.map]
+                    .entry(k(&partner))
+                    .or_insert(Ent::synced(back, exp));
             }
             None => {}
-        }
-        if let Some(me) = self.ct[f.map].get_mut(&f.key) {
-            me.pexp = exp;
         }
         if !answered && answered_by(p.proto, state, entry.dir) {
             let mut halves = vec![k(&p.key())];
@@ -918,22 +920,8 @@ impl Model {
         if self.ct[NEW].get(&kr).is_some_and(|e| e.exp.live()) {
             return Err(Fault);
         }
-        self.ct[NEW].insert(
-            kr,
-            Ent {
-                e: *reply_e,
-                exp,
-                pexp: exp,
-            },
-        );
-        self.ct[NEW].insert(
-            ko,
-            Ent {
-                e: *orig_e,
-                exp,
-                pexp: exp,
-            },
-        );
+        self.ct[NEW].insert(kr, Ent::synced(*reply_e, exp));
+        self.ct[NEW].insert(ko, Ent::synced(*orig_e, exp));
         Ok(())
     }
 
