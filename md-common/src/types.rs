@@ -281,7 +281,10 @@ pub struct CtKeyOf<A> {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Scalars, not [u8; 3]: zeroing a byte array becomes a call to the eBPF side's
+    // byte-at-a-time memset, twice for every packet parsed.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 pub type CtKey = CtKeyOf<Ip4>;
 pub type CtKey6 = CtKeyOf<Ip6>;
@@ -500,7 +503,8 @@ impl<A: Copy> CtKeyOf<A> {
             sport,
             dport,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 

@@ -219,7 +219,10 @@ fn quoted_port(ctx: &TcContext, icmp_csum: usize, off: usize, from: u16, to: u16
 /// Sets the Ethernet addresses (before a redirect into a container).
 #[inline(always)]
 pub fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> R {
-    ctx.store(0, dst, 0)?;
-    ctx.store(6, src, 0)?;
+    // One helper call for both: each store makes the skb writable again.
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dst);
+    macs[6..].copy_from_slice(src);
+    ctx.store(0, &macs, 0)?;
     Ok(())
 }

@@ -208,13 +208,16 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     // costs one lookup a packet.
     let partner = entry.reply_tuple(p.proto);
     let rst = p.proto == IPPROTO_TCP && p.tcp_flags & TCP_RST != 0;
+    // Null for none: an Option's pointer is undefined when None, and the verifier refuses
+    // the spill of an undefined register once the pointer lives across a call.
     let mut other = if rst || !f.answered {
-        other_half(f.answered, &partner, &p.tuple)
+        other_half(f.answered, &partner, &p.tuple).unwrap_or(core::ptr::null_mut())
     } else {
-        None
+        core::ptr::null_mut()
     };
     let state = if p.proto == IPPROTO_TCP {
-        let s = next_state(entry.tcp_state, entry.dir, p, entry, other);
+        let known = (!other.is_null()).then_some(other);
+        let s = next_state(entry.tcp_state, entry.dir, p, entry, known);
         track_seq(entry, p);
         s
     } else {
@@ -232,21 +235,30 @@ pub fn touch<A: Addr>(f: Found<A>, p: &Pkt<A>, now: u64, cfg: &Config) {
     if !refresh {
         return;
     }
-    if other.is_none() {
-        other = other_half(f.answered, &partner, &p.tuple);
+    if other.is_null() {
+        other = other_half(f.answered, &partner, &p.tuple).unwrap_or(core::ptr::null_mut());
     }
-    match other {
+    // Answered now: both halves move to CONNTRACK as found above (the other one only if it
+    // leads back here), without looking them up again.
+    let promoting = !f.answered && answered_by(p.proto, state, entry.dir);
+    match (!other.is_null()).then_some(other) {
         Some(o) => unsafe {
             (*o).tcp_state = state;
             (*o).expires_ns = expires;
             (*o).partner_expires_ns = expires;
+            if promoting {
+                promote(&partner, o);
+            }
         },
-        None if entry.dir == CT_DIR_ORIGINAL => restore_reply(f.answered, &partner, entry, p),
+        // Put back where the flow is headed.
+        None if entry.dir == CT_DIR_ORIGINAL => {
+            restore_reply(f.answered || promoting, &partner, entry, p)
+        }
         None => {}
     }
     entry.partner_expires_ns = expires;
-    if !f.answered && answered_by(p.proto, state, entry.dir) {
-        promote(&p.tuple, &partner);
+    if promoting {
+        promote(&p.tuple, f.e);
     }
 }
 
@@ -288,21 +300,12 @@ fn restore_reply<A: Addr>(answered: bool, partner: &CtKeyOf<A>, orig: &CtEntryOf
     let _ = A::ct_insert(answered, partner, back, BPF_NOEXIST as u64);
 }
 
-/// Moves both halves of a flow from CONNTRACK_NEW to CONNTRACK (the entry under `partner`
-/// only if it is the flow's other half).
+/// Moves one half of a flow, `e` under `key`, from CONNTRACK_NEW to CONNTRACK.
 #[inline(never)]
-fn promote<A: Addr>(key: &CtKeyOf<A>, partner: &CtKeyOf<A>) {
-    for (k, back) in [(key, None), (partner, Some(key))] {
-        let found = match back {
-            None => A::ct_get(false, k),
-            Some(b) => other_half(false, k, b),
-        };
-        if let Some(e) = found {
-            let copy = unsafe { *e };
-            if A::ct_insert(true, k, &copy, BPF_ANY as u64).is_ok() {
-                A::ct_remove(false, k);
-            }
-        }
+fn promote<A: Addr>(key: &CtKeyOf<A>, e: *mut CtEntryOf<A>) {
+    let copy = unsafe { *e };
+    if A::ct_insert(true, key, &copy, BPF_ANY as u64).is_ok() {
+        A::ct_remove(false, key);
     }
 }
 
@@ -324,14 +327,18 @@ fn fill<A: Copy>(
     e.dir = dir;
     e.tcp_state = 0;
     e.hook = hook;
-    e.expires_ns = 0;
-    e.packets = 0;
-    e.bytes = 0;
     e.ifindex = ifindex;
     e.identity = identity;
-    e.seq_next = 0;
-    e.ack = 0;
-    e.partner_expires_ns = 0;
+    // Volatile: neighbouring zero stores are otherwise merged into calls to the eBPF side's
+    // byte-at-a-time memset, on every new flow.
+    unsafe {
+        core::ptr::write_volatile(&mut e.expires_ns, 0);
+        core::ptr::write_volatile(&mut e.packets, 0);
+        core::ptr::write_volatile(&mut e.bytes, 0);
+        core::ptr::write_volatile(&mut e.seq_next, 0);
+        core::ptr::write_volatile(&mut e.ack, 0);
+        core::ptr::write_volatile(&mut e.partner_expires_ns, 0);
+    }
 }
 
 /// Both halves of a new flow about to be tracked. Built in a per-CPU scratch slot

@@ -122,16 +122,17 @@ pub fn outbound<A: Addr>(ctx: &TcContext, p: &Pkt<A>, src: &Endpoint) -> Verdict
         return Verdict::Pass;
     }
     let bridge_ifindex = net.bridge_ifindex;
-    let mut f = crate::route::fib_zeroed();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let f = crate::route::zeroed_in::<bpf_fib_lookup>(&mut slot);
     f.l4_protocol = p.proto;
     f.sport = p.sport.to_be();
     f.dport = p.dport.to_be();
     f.ifindex = bridge_ifindex;
-    A::fib_set(&mut f, Some(&p.saddr), &p.daddr);
+    A::fib_set(f, Some(&p.saddr), &p.daddr);
     let ret = unsafe {
         aya_ebpf::helpers::bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut f,
+            f,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )

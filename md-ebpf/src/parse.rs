@@ -100,7 +100,8 @@ pub fn set_tuple<A: Copy>(
     t.sport = sport;
     t.dport = dport;
     t.proto = proto;
-    t._pad = [0; 3];
+    t._pad = 0;
+    t._pad2 = 0;
 }
 
 /// What a frame carries, as far as md's programs tell them apart.

@@ -13,33 +13,40 @@ use aya_ebpf::{
 };
 use md_common::{IPPROTO_TCP, IPPROTO_UDP};
 
+use core::mem::MaybeUninit;
+
 use crate::{family::Addr, parse::Pkt};
 
 /// Look sockets up in the namespace of the packet's device (BPF_F_CURRENT_NETNS).
 const CURRENT_NETNS: u64 = u64::MAX;
 
-/// A zeroed parameter block. Word stores: a zeroed() here becomes a call to the byte-at-a-time
-/// memset (60 iterations a packet).
+/// `slot` zeroed in place, with word stores: a zeroed() (or a block zeroed elsewhere and moved
+/// here) becomes a call to the byte-at-a-time memset. For helper parameter blocks whose size
+/// is a multiple of 4 (checked when the program is built), all zeroes being a valid value.
 #[inline(always)]
-pub fn fib_zeroed() -> bpf_fib_lookup {
-    const WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 8;
-    let mut f = core::mem::MaybeUninit::<[u64; WORDS]>::uninit();
-    let w = f.as_mut_ptr() as *mut u64;
-    for i in 0..WORDS {
+pub fn zeroed_in<T>(slot: &mut MaybeUninit<T>) -> &mut T {
+    const { assert!(core::mem::size_of::<T>() % 4 == 0) };
+    let w = slot.as_mut_ptr() as *mut u32;
+    for i in 0..core::mem::size_of::<T>() / 4 {
         // Volatile, or LLVM folds the stores back into that memset.
         unsafe { core::ptr::write_volatile(w.add(i), 0) };
     }
-    unsafe { core::mem::transmute::<[u64; WORDS], bpf_fib_lookup>(f.assume_init()) }
+    unsafe { slot.assume_init_mut() }
 }
 
 #[inline(always)]
-fn fib_params<A: Addr>(p: &Pkt<A>, ifindex: u32, src: bool) -> bpf_fib_lookup {
-    let mut f = fib_zeroed();
+fn fib_params<'a, A: Addr>(
+    slot: &'a mut MaybeUninit<bpf_fib_lookup>,
+    p: &Pkt<A>,
+    ifindex: u32,
+    src: bool,
+) -> &'a mut bpf_fib_lookup {
+    let f = zeroed_in(slot);
     f.l4_protocol = p.proto;
     f.sport = p.sport.to_be();
     f.dport = p.dport.to_be();
     f.ifindex = ifindex;
-    A::fib_set(&mut f, src.then_some(&p.saddr), &p.daddr);
+    A::fib_set(f, src.then_some(&p.saddr), &p.daddr);
     f
 }
 
@@ -62,12 +69,13 @@ pub fn masquerade_source<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> 
 /// the host has no route or no address for it.
 #[inline(never)]
 fn fib_source<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32, out: &mut A) -> bool {
-    let mut f = fib_params(p, ifindex, false);
+    let mut slot = MaybeUninit::uninit();
+    let f = fib_params(&mut slot, p, ifindex, false);
     let flags = BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC;
     let ret = unsafe {
         aya_ebpf::helpers::bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut f,
+            f,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             flags,
         )
@@ -75,7 +83,7 @@ fn fib_source<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32, out: &mut A) -
     if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return false;
     }
-    *out = A::fib_src(&f);
+    *out = A::fib_src(f);
     true
 }
 
@@ -83,11 +91,12 @@ fn fib_source<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32, out: &mut A) -
 /// but itself: local, broadcast and multicast addresses are not forwarded).
 #[inline(never)]
 pub fn forwarded<A: Addr>(ctx: &TcContext, p: &Pkt<A>, ifindex: u32) -> bool {
-    let mut f = fib_params(p, ifindex, true);
+    let mut slot = MaybeUninit::uninit();
+    let f = fib_params(&mut slot, p, ifindex, true);
     let ret = unsafe {
         aya_ebpf::helpers::bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut f,
+            f,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
@@ -116,12 +125,13 @@ pub fn host_socket<C: EbpfContext, A: Addr>(
     daddr: A,
     dport: u16,
 ) -> bool {
-    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = A::sock_tuple(&mut t, &saddr, sport, &daddr, dport);
+    let mut slot = MaybeUninit::<bpf_sock_tuple>::uninit();
+    let t = zeroed_in(&mut slot);
+    let size = A::sock_tuple(t, &saddr, sport, &daddr, dport);
     let sk = unsafe {
         match proto {
-            IPPROTO_TCP => bpf_sk_lookup_tcp(ctx.as_ptr(), &mut t, size, CURRENT_NETNS, 0),
-            IPPROTO_UDP => bpf_sk_lookup_udp(ctx.as_ptr(), &mut t, size, CURRENT_NETNS, 0),
+            IPPROTO_TCP => bpf_sk_lookup_tcp(ctx.as_ptr(), t, size, CURRENT_NETNS, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx.as_ptr(), t, size, CURRENT_NETNS, 0),
             _ => return false,
         }
     };

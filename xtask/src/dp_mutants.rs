@@ -100,8 +100,8 @@ pub const MUTANTS: &[Mutant] = &[
         name: "reply-half-not-restored",
         what: "an evicted reply half is not put back when the flow's other half is next refreshed",
         file: "ct.rs",
-        find: "        None if entry.dir == CT_DIR_ORIGINAL => restore_reply(",
-        replace: "        None if entry.dir == CT_DIR_ORIGINAL && entry.packets == 0 => restore_reply(",
+        find: "        None if entry.dir == CT_DIR_ORIGINAL => {",
+        replace: "        None if entry.dir == CT_DIR_ORIGINAL && entry.packets == 0 => {",
     },
     Mutant {
         name: "partner-unchecked",
@@ -121,8 +121,8 @@ pub const MUTANTS: &[Mutant] = &[
         name: "never-promoted",
         what: "answered flows stay in CONNTRACK_NEW (a SYN flood can evict them)",
         file: "ct.rs",
-        find: "    if !f.answered && answered_by(p.proto, state, entry.dir) {",
-        replace: "    if !f.answered && answered_by(p.proto, state, entry.dir) && p.len == 0 {",
+        find: "    let promoting = !f.answered && answered_by(p.proto, state, entry.dir);",
+        replace: "    let promoting = !f.answered && answered_by(p.proto, state, entry.dir) && p.len == 0;",
     },
     Mutant {
         name: "dnat-any-destination",
