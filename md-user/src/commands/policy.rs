@@ -12,9 +12,12 @@ use crate::{
 };
 
 pub async fn policy(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
+    crate::timing::mark("start");
     let nl = Netlink::connect()?;
     let mut locked = ctx.state_dir.lock()?;
+    crate::timing::mark("locked");
     reconcile(ctx, &nl, &mut locked.state).await;
+    crate::timing::mark("reconciled");
     let state = &mut locked.state;
     match cmd {
         PolicyCmd::Deny { from, to, both } => set(ctx, state, &from, &to, both, Verdict::Deny)?,
@@ -71,7 +74,9 @@ pub async fn policy(ctx: &Ctx, cmd: PolicyCmd) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
+    crate::timing::mark("set");
     locked.save()?;
+    crate::timing::mark("saved");
     Ok(ExitCode::SUCCESS)
 }
 
